@@ -1,0 +1,79 @@
+"""The error tree. Each class carries its HTTP status and `error_type`; the gateway renders it in the
+body shape of the route's protocol family. Leaf module: imports nothing from inferline."""
+
+from __future__ import annotations
+
+
+class InferlineError(Exception):
+    status = 500
+    error_type = "internal"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_body(self) -> dict[str, object]:
+        """The neutral body that crosses Redis and that TGI-style routes return as is."""
+        body: dict[str, object] = {"error": self.message, "error_type": self.error_type}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class ValidationFailed(InferlineError):
+    status = 422
+    error_type = "validation"
+
+
+class BadRequest(InferlineError):
+    status = 400
+    error_type = "validation"
+
+
+class InputError(ValidationFailed):
+    """Bad input for one item, found in a worker's preprocess. Only that request gets the 4xx."""
+
+
+class NotFound(InferlineError):
+    status = 404
+    error_type = "not_found"
+
+
+class PayloadTooLarge(InferlineError):
+    status = 413
+    error_type = "validation"
+
+
+class Overloaded(InferlineError):
+    """A model's queue is at its cap: 503 with Retry-After."""
+
+    status = 503
+    error_type = "overloaded"
+
+
+class Unavailable(InferlineError):
+    """Redis or every worker of a model is unreachable."""
+
+    status = 503
+    error_type = "unavailable"
+
+
+class DeadlineExceeded(InferlineError):
+    status = 504
+    error_type = "timeout"
+
+
+class ProcessingFailed(InferlineError):
+    """The workers could not process the request (a model error, or dead-lettered)."""
+
+    status = 500
+    error_type = "generation"
+
+
+def from_body(status: int, body: dict[str, object]) -> InferlineError:
+    """Rebuild an error from a worker's reply, keeping its status and error_type."""
+    err = InferlineError(str(body.get("error", "error")), body.get("field") if isinstance(body.get("field"), str) else None)  # type: ignore[arg-type]
+    err.status = status
+    err.error_type = str(body.get("error_type", "internal"))
+    return err
