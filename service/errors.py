@@ -12,6 +12,7 @@ class InferlineError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.headers: dict[str, str] = {}   # extra response headers, e.g. x-should-retry
 
     def to_body(self) -> dict[str, object]:
         """The neutral body that crosses Redis and that TGI-style routes return as is."""
@@ -71,9 +72,11 @@ class ProcessingFailed(InferlineError):
     error_type = "generation"
 
 
-def from_body(status: int, body: dict[str, object]) -> InferlineError:
-    """Rebuild an error from a worker's reply, keeping its status and error_type."""
-    err = InferlineError(str(body.get("error", "error")), body.get("field") if isinstance(body.get("field"), str) else None)  # type: ignore[arg-type]
+def from_body(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> InferlineError:
+    """Rebuild an error from a worker's reply, keeping its status, error_type and headers."""
+    field = body.get("field")
+    err = InferlineError(str(body.get("error", "error")), field if isinstance(field, str) else None)
     err.status = status
     err.error_type = str(body.get("error_type", "internal"))
+    err.headers = dict(headers or {})
     return err

@@ -1,0 +1,49 @@
+"""Every Redis key and stream name, and the sizes and TTLs that bound them. Nothing else names a key."""
+
+from __future__ import annotations
+
+PREFIX = "inferline"
+GROUP = "workers"                 # the consumer group every replica of a model reads with
+
+PAYLOAD_GRACE_MS = 60_000         # a payload outlives its deadline by this much, then expires unanswered
+REPLY_STREAM_TTL_S = 120          # a gateway refreshes its reply stream; a dead gateway's one expires
+HEARTBEAT_TTL_S = 5.0             # a worker silent this long is not live
+HEARTBEAT_EVERY_S = 1.0
+DEAD_LETTER_MAXLEN = 10_000
+CANCEL_MAXLEN = 10_000
+
+
+def request_stream(model: str) -> str:
+    return f"{PREFIX}:req:{model}"
+
+
+def payload(request_id: str) -> str:
+    return f"{PREFIX}:payload:{request_id}"
+
+
+def reply_stream(gateway_id: str) -> str:
+    return f"{PREFIX}:reply:{gateway_id}"
+
+
+def dead_letter_stream(model: str) -> str:
+    return f"{PREFIX}:dlq:{model}"
+
+
+def cancel_stream(model: str) -> str:
+    """Cancellations (client gone) fan out to every replica of a model; each drops what it holds."""
+    return f"{PREFIX}:cancel:{model}"
+
+
+def worker(model: str, worker_id: str) -> str:
+    """Hash: device, pid, host, version, batches, items, max_batch, active. Expires with the heartbeat."""
+    return f"{PREFIX}:worker:{model}:{worker_id}"
+
+
+def workers_index(model: str) -> str:
+    """Sorted set of a model's worker ids scored by last heartbeat (epoch ms)."""
+    return f"{PREFIX}:workers:{model}"
+
+
+def model_info(model: str) -> str:
+    """JSON the workers publish at start: version, platform, kind, v2 inputs/outputs. Read by gateways."""
+    return f"{PREFIX}:model:{model}"

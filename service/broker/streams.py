@@ -1,0 +1,216 @@
+"""Redis Streams operations for both sides. redis.asyncio only; all key names come from keys.py.
+
+Gateway side: `Enqueuer` puts requests on a model's stream, one pipelined round trip for all the
+requests of one event-loop tick, the queue cap checked atomically in the same script.
+Worker side: `ModelQueue` reads with the consumer group, acknowledges and deletes, replies, reclaims
+work left pending by a dead worker, and dead-letters what keeps failing.
+
+Ordering rules that keep work from being lost: an entry is XDEL'd only after it is XACK'd (XCLAIM and
+XAUTOCLAIM skip pending ids whose entries are gone), and only after its reply was sent (a crash in
+between redelivers instead of dropping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from service.broker import keys
+from service.protocol import Envelope, Reply
+
+log = logging.getLogger(__name__)
+
+REPLY_MAXLEN = 100_000
+
+# KEYS: request stream, payload key. ARGV: cap, payload, payload ttl ms, then the envelope fields.
+# Returns the queue length before the add, or -1 when the queue is at its cap (nothing written).
+_ENQUEUE = """
+local n = redis.call('XLEN', KEYS[1])
+if n >= tonumber(ARGV[1]) then return -1 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
+return n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One request as a worker received it. `payload` is None when it expired before being read."""
+
+    entry_id: bytes
+    envelope: Envelope
+    payload: bytes | None
+    tries: int = 1
+
+    @property
+    def request_id(self) -> str:
+        return self.envelope.request_id
+
+
+class Enqueuer:
+    """Coalesces the enqueues of one event-loop tick into one pipeline: one Redis round trip for many
+    concurrent requests, instead of one each."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.sha: str | None = None
+        self.pending: list[tuple[list[Any], asyncio.Future[int]]] = []
+        self.flushing: set[asyncio.Task[None]] = set()
+
+    async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, ttl_ms: int) -> int:
+        """Queue one request. Returns the queue depth it found, or -1 when the model's queue is full.
+        Raises redis errors (the caller answers 503)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        args = [keys.request_stream(model), keys.payload(envelope.request_id), cap, payload, ttl_ms,
+                envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op]
+        if not self.pending:
+            loop.call_soon(self._flush)
+        self.pending.append((args, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self.flushing.add(task)
+        task.add_done_callback(self.flushing.discard)
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[int]]]) -> None:
+        try:
+            results = await self._execute([args for args, _ in batch])
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(int(result))
+        except BaseException as exc:   # whatever happened, no caller may wait forever
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("enqueue cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _execute(self, calls: list[list[Any]]) -> list[Any]:
+        if self.sha is None:
+            self.sha = await self.redis.script_load(_ENQUEUE)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.evalsha(self.sha, 2, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, NoScriptError) for r in results):   # Redis restarted and forgot the script
+            self.sha = None
+            return await self._execute(calls)
+        return results
+
+
+class ModelQueue:
+    """A worker's view of one model's request stream."""
+
+    def __init__(self, redis: aioredis.Redis, model: str, consumer: str) -> None:
+        self.redis = redis
+        self.model = model
+        self.consumer = consumer
+        self.stream = keys.request_stream(model)
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (idempotent, safe across replicas)."""
+        try:
+            await self.redis.xgroup_create(self.stream, keys.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, count: int, block_s: float | None) -> list[Delivery]:
+        """New entries for this consumer, with their payloads (one more round trip per batch, not per item).
+        block_s None: do not block."""
+        block = None if block_s is None else max(1, int(block_s * 1000))
+        try:
+            res = await self.redis.xreadgroup(keys.GROUP, self.consumer, {self.stream: ">"}, count=count, block=block)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()   # the stream was deleted under us (e.g. FLUSHALL): start over
+            return []
+        entries = res[0][1] if res else []
+        return await self._with_payloads([(eid, fields, 1) for eid, fields in entries])
+
+    async def _with_payloads(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None, int]]) -> list[Delivery]:
+        good = [(eid, Envelope.from_fields(f), tries) for eid, f, tries in entries if f]
+        if not good:
+            return []
+        payloads = await self.redis.mget([keys.payload(env.request_id) for _, env, _ in good])
+        return [Delivery(eid, env, p, tries) for (eid, env, tries), p in zip(good, payloads, strict=True)]
+
+    async def reply(self, replies: Sequence[tuple[str, Reply]]) -> None:
+        """Send replies, one pipeline. NOMKSTREAM: a reply to a gateway that is gone is dropped, not kept."""
+        if not replies:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for reply_to, reply in replies:
+                pipe.xadd(reply_to, reply.fields(), maxlen=REPLY_MAXLEN, approximate=True, nomkstream=True)
+            await pipe.execute()
+
+    async def ack_delete(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge, then delete entries and payloads: the request is answered and gone."""
+        if not deliveries:
+            return
+        ids = [d.entry_id for d in deliveries]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream, keys.GROUP, *ids)
+            pipe.xdel(self.stream, *ids)
+            pipe.delete(*[keys.payload(d.request_id) for d in deliveries])
+            await pipe.execute()
+
+    async def reclaim(self, min_idle_ms: int, max_tries: int, count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
+        """Take over entries left pending longer than min_idle_ms (their worker died or hung).
+        Returns (claimed, exhausted): exhausted ones were already delivered max_tries times and must be
+        dead-lettered, not run again."""
+        pending = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
+                                                  idle=min_idle_ms)
+        if not pending:
+            return [], []
+        tries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        # XCLAIM with the same min-idle: if another worker claimed one first, it is not returned twice.
+        claimed = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
+        deleted = [eid for eid, fields in claimed if not fields]
+        if deleted:   # entries deleted under the PEL (Redis 6.2 still lists them): clear them for good
+            await self.redis.xack(self.stream, keys.GROUP, *deleted)
+        # XCLAIM counted this delivery: the tries are the old count + 1.
+        deliveries = await self._with_payloads([(eid, f, tries[eid] + 1) for eid, f in claimed if f])
+        fresh = [d for d in deliveries if d.tries <= max_tries]
+        exhausted = [d for d in deliveries if d.tries > max_tries]
+        return fresh, exhausted
+
+    async def dead_letter(self, deliveries: Sequence[Delivery], reason: str) -> None:
+        """Move deliveries to the dead-letter stream, answer 500 (not to be retried), ack and delete."""
+        if not deliveries:
+            return
+        dlq = keys.dead_letter_stream(self.model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for d in deliveries:
+                pipe.xadd(dlq, {"id": d.request_id, "entry": d.entry_id, "tries": d.tries, "reason": reason,
+                                "op": d.envelope.op, "payload": d.payload or b""},
+                          maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
+            await pipe.execute()
+        log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
+        await self.reply([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries])
+        await self.ack_delete(deliveries)
+
+
+def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:
+    return Reply.error(delivery.request_id, 500, "dead_letter",
+                       f"request {delivery.request_id} failed {delivery.tries - 1} times ({reason}) and was moved "
+                       "to the dead-letter stream", headers={"x-should-retry": "false"})
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)

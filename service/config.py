@@ -1,0 +1,144 @@
+"""Configuration: one TOML file declares the deployments; INFERLINE_* environment variables override it.
+
+    [gateway]
+    port = 8000
+    [models.cnn]
+    replicas = 1
+    device = "cpu"            # "cpu" | "cuda" | "cuda:N" | "auto" (round-robin over visible GPUs)
+    max_batch_size = 32
+
+Override any key from the environment with `__` between levels: INFERLINE_MODELS__CNN__REPLICAS=2,
+INFERLINE_GATEWAY__PORT=9000. REDIS_URL (or INFERLINE_REDIS_URL) picks the Redis; unset means
+`inferline up` starts a private one. A bad value fails at start with a message naming its key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
+DEFAULT_CONFIG = "inferline.toml"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; the message names the key."""
+
+
+class ModelSpec(BaseModel):
+    """One deployment: which model, where it runs and how it batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)
+    runtime: str | None = None            # "module:Class"; default: the artifact manifest's runtime
+    artifact: Path | None = None          # a store directory <store>/<name> or one version directory
+    replicas: int = Field(1, ge=0, le=64)
+    device: str = "cpu"
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    queue_cap: int = Field(2048, ge=1, le=10_000_000)
+    timeout_s: float = Field(30.0, gt=0, le=3600)
+    threads: int = Field(1, ge=1, le=256)
+    visibility_timeout_s: float = Field(30.0, gt=0, le=3600)   # pending this long -> another worker claims it
+    max_tries: int = Field(3, ge=1, le=100)                    # deliveries before the dead-letter stream
+    options: dict[str, Any] = Field(default_factory=dict)      # runtime-specific knobs (e.g. a hub id for gpt2)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError("must be cpu, cuda, cuda:N or auto")
+        return value
+
+
+class GatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    retry_after_s: int = Field(1, ge=1, le=3600)
+
+
+class Settings(BaseSettings):
+    """Everything a gateway, worker or supervisor needs. Build with Settings.load()."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERLINE_", env_nested_delimiter="__", extra="forbid",
+                                      populate_by_name=True)
+
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "INFERLINE_REDIS_URL", "redis_url"))
+    model_store: Path = Path("model_store")
+    state_dir: Path = Path(".inferline")   # the embedded Redis and logs of `inferline up`
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _name_models(self) -> Settings:
+        for key, spec in self.models.items():
+            if spec.name and spec.name != key:
+                raise ValueError(f"models.{key}.name is {spec.name!r}; it must match its key or be left out")
+            spec.name = key
+            if spec.artifact is None and spec.runtime is None:
+                spec.artifact = self.model_store / key
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, **overrides: Any) -> Settings:
+        """Read the config file (argument, else INFERLINE_CONFIG, else ./inferline.toml if present) and the
+        environment. Raises ConfigError naming the offending key."""
+        if config is not None:
+            os.environ["INFERLINE_CONFIG"] = str(config)
+        path = _config_path()
+        if path is not None and not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc, source=str(path or "environment"))) from None
+        except ValueError as exc:   # malformed TOML
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _config_path() -> Path | None:
+    explicit = os.environ.get("INFERLINE_CONFIG")
+    if explicit:
+        return Path(explicit)
+    return Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).is_file() else None
+
+
+def describe(exc: ValidationError, source: str) -> str:
+    """One line per problem: the dotted key, what is wrong, and the value given."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        given = "" if err["type"] == "missing" else f" (given {err.get('input')!r})"
+        lines.append(f"{key}: {err['msg']}{given}")
+    return f"invalid configuration in {source}:\n  " + "\n  ".join(lines)
+
+
+def spec_from_env() -> ModelSpec | None:
+    """A worker started by a supervisor or a test gets its spec as JSON in INFERLINE_MODEL_SPEC."""
+    raw = os.environ.get("INFERLINE_MODEL_SPEC")
+    if not raw:
+        return None
+    try:
+        return ModelSpec.model_validate(json.loads(raw))
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, source="INFERLINE_MODEL_SPEC")) from None

@@ -1,0 +1,83 @@
+"""The gateway: create_app(settings) -> an ASGI app. Validates, queues on Redis, awaits replies.
+Never imports torch, tensorflow or any model code: those live in workers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+import service
+from service.config import Settings
+from service.errors import InferlineError
+from service.gateway.directory import Directory
+from service.gateway.dispatch import Dispatcher
+from service.gateway.edge import Edge
+from service.gateway.errors import from_validation, http_error, render
+from service.gateway.routes import classify, forecast, health, kserve, models, sentiment
+from service.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Any:
+    """The full gateway app (FastAPI for the API surface and docs) wrapped in the Edge layer."""
+    if not settings.redis_url:
+        raise ValueError("the gateway needs settings.redis_url")
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = aioredis.Redis.from_url(settings.redis_url, socket_keepalive=True, max_connections=256)
+        dispatcher = Dispatcher(redis, settings, metrics)
+        app.state.settings = settings
+        app.state.redis = redis
+        app.state.dispatcher = dispatcher
+        app.state.directory = Directory(redis)
+        app.state.metrics = metrics
+        await dispatcher.start()
+        log.info("gateway up id=%s models=%s", dispatcher.gateway_id, sorted(settings.models))
+        try:
+            yield
+        finally:
+            await dispatcher.stop()
+            await redis.aclose()
+
+    app = FastAPI(title="inferline", version=service.__version__, lifespan=lifespan,
+                  description="Model serving: gateway -> Redis Streams -> batching workers.")
+
+    async def on_inferline_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, InferlineError)
+        return error_response(request, exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(request, from_validation(exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(request, http_error(exc.status_code, str(exc.detail), request.url.path))
+
+    app.add_exception_handler(InferlineError, on_inferline_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    for module in (health, models, classify, forecast, sentiment, kserve):
+        app.include_router(module.router)
+    return Edge(app, settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s)
+
+
+def error_response(request: Request, exc: InferlineError) -> Response:
+    settings: Settings = request.app.state.settings
+    status, body, headers = render(exc, request.url.path, request_id(request), settings.gateway.retry_after_s)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))

@@ -1,0 +1,192 @@
+"""Submit a request to a model's stream and await its reply by request id.
+
+One reply stream per gateway process, read by one task that hands each reply to the coroutine waiting
+for it. Queue at cap -> Overloaded (503 + Retry-After); Redis unreachable -> Unavailable (503);
+deadline passed -> DeadlineExceeded (504); the worker's error replies come back as InferlineErrors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.broker import keys
+from service.broker.streams import Enqueuer
+from service.config import ModelSpec, Settings
+from service.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, from_body
+from service.metrics import GatewayMetrics
+from service.protocol import Envelope, Reply, encode_payload, now_ms
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(self, redis: aioredis.Redis, settings: Settings, metrics: GatewayMetrics) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.metrics = metrics
+        self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.reply_stream = keys.reply_stream(self.gateway_id)
+        self.enqueuer = Enqueuer(redis)
+        self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start reading replies. Does not wait for Redis: until it answers, requests get 503 or 504 and
+        /readyz says why."""
+        self.tasks = [asyncio.create_task(self._read_replies()), asyncio.create_task(self._keep_alive())]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(self.reply_stream)
+
+    async def _create_reply_stream(self) -> bytes:
+        last: bytes = await self.redis.xadd(self.reply_stream, {"id": "", "status": 0, "body": b""})
+        await self.redis.expire(self.reply_stream, keys.REPLY_STREAM_TTL_S)
+        return last
+
+    def spec(self, model: str) -> ModelSpec:
+        spec = self.settings.models.get(model)
+        if spec is None:
+            raise NotFound(f"model {model!r} is not served here; served models: {sorted(self.settings.models)}",
+                           field="model")
+        return spec
+
+    def new_request_id(self, wanted: str | None = None) -> str:
+        """The caller's x-request-id when it is sane and not already in flight, else a fresh one."""
+        if wanted and len(wanted) <= 64 and wanted.isascii() and wanted.replace("-", "").replace("_", "").isalnum() \
+                and wanted not in self.waiters:
+            return wanted
+        return uuid.uuid4().hex
+
+    async def _enqueue(self, spec: ModelSpec, request_id: str, op: str, payload: bytes, timeout_s: float) -> None:
+        deadline_ms = now_ms() + int(timeout_s * 1000)
+        envelope = Envelope(request_id, self.reply_stream, deadline_ms, op)
+        try:
+            depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
+                                                int(timeout_s * 1000) + keys.PAYLOAD_GRACE_MS)
+        except (RedisError, OSError) as exc:
+            self.metrics.rejected.labels(spec.name, "redis").inc()
+            raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None
+        if depth < 0:
+            self.metrics.rejected.labels(spec.name, "queue_full").inc()
+            raise Overloaded(f"model {spec.name} has {spec.queue_cap} requests queued (its queue_cap); retry later")
+
+    async def call(self, model: str, op: str, params: dict[str, Any] | bytes, blob: bytes = b"",
+                   request_id: str | None = None, timeout_s: float | None = None) -> Reply:
+        """Queue one request and return its successful reply. Raises InferlineError for every failure."""
+        spec = self.spec(model)
+        request_id = request_id or uuid.uuid4().hex
+        timeout = timeout_s or spec.timeout_s
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.waiters[request_id] = future
+        try:
+            async with asyncio.timeout(timeout):
+                await self._enqueue(spec, request_id, op, encode_payload(params, blob), timeout)
+                reply = await future
+        except TimeoutError:
+            raise DeadlineExceeded(f"request {request_id} to model {model} was not answered within "
+                                   f"{timeout:g} s") from None
+        finally:
+            self.waiters.pop(request_id, None)
+        if reply.status != 200:
+            raise reply_error(reply)
+        return reply
+
+    async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str,
+                     timeout_s: float | None = None) -> AsyncIterator[Reply]:
+        """Queue one request and yield its replies as they come, the last one final. The first reply
+        (or an error before it) is awaited before anything is yielded, so callers can still answer
+        with a plain error status."""
+        spec = self.spec(model)
+        timeout = timeout_s or spec.timeout_s
+        inbox: asyncio.Queue[Reply] = asyncio.Queue()
+        self.waiters[request_id] = inbox
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            await self._enqueue(spec, request_id, op, encode_payload(params), timeout)
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                try:
+                    reply = await asyncio.wait_for(inbox.get(), max(left, 0.001))
+                except TimeoutError:
+                    raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
+                                           f"{timeout:g} s") from None
+                if reply.status != 200:
+                    raise reply_error(reply)
+                yield reply
+                if reply.final:
+                    return
+        finally:
+            self.waiters.pop(request_id, None)
+
+    async def cancel(self, model: str, request_id: str) -> None:
+        """Tell the model's workers the caller is gone, so they drop the request (best effort)."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.xadd(keys.cancel_stream(model), {"id": request_id}, maxlen=keys.CANCEL_MAXLEN,
+                                  approximate=True)
+
+    async def _read_replies(self) -> None:
+        while True:   # the reply stream is made here, never by workers: a dead gateway's one just expires
+            try:
+                last = await self._create_reply_stream()
+                break
+            except (RedisError, OSError):
+                log.warning("cannot create reply stream gateway=%s; retrying", self.gateway_id)
+                await asyncio.sleep(1.0)
+        while True:
+            try:
+                res = await self.redis.xread({self.reply_stream: last}, count=1000, block=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # Redis away: waiting callers hit their deadlines; keep trying
+                log.warning("reply stream read failed gateway=%s; retrying", self.gateway_id, exc_info=True)
+                await asyncio.sleep(0.5)
+                continue
+            if not res:
+                continue
+            entries = res[0][1]
+            for entry_id, fields in entries:
+                last = entry_id
+                if not fields.get(b"id"):
+                    continue
+                reply = Reply.from_fields(fields)
+                waiter = self.waiters.get(reply.request_id)
+                if isinstance(waiter, asyncio.Queue):
+                    waiter.put_nowait(reply)
+                elif waiter is not None and not waiter.done():
+                    waiter.set_result(reply)
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.xtrim(self.reply_stream, minid=last)   # everything before `last` is handled
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(keys.REPLY_STREAM_TTL_S / 4)
+            try:
+                if not await self.redis.expire(self.reply_stream, keys.REPLY_STREAM_TTL_S):
+                    await self._create_reply_stream()   # Redis lost it (restart or flush)
+            except (RedisError, OSError):
+                log.warning("could not refresh reply stream gateway=%s", self.gateway_id)
+
+
+def reply_error(reply: Reply) -> InferlineError:
+    try:
+        body = orjson.loads(reply.body)
+    except orjson.JSONDecodeError:
+        body = {"error": reply.body.decode(errors="replace")}
+    return from_body(reply.status, body, orjson.loads(reply.headers) if reply.headers else None)

@@ -1,0 +1,94 @@
+"""The outermost ASGI layer: request ids, body-size limit, metrics, and a last-resort 500 in the right
+error shape. Pure ASGI (no per-request object churn): it sits on every request's path."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import InferlineError, PayloadTooLarge
+from service.gateway.errors import render
+from service.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+def sane_id(value: str) -> bool:
+    return 0 < len(value) <= 64 and value.isascii() and value.replace("-", "").replace("_", "").isalnum()
+
+
+class Edge:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: GatewayMetrics, retry_after_s: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        wanted = ""
+        length = -1
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                wanted = value.decode("latin-1")
+            elif name == b"content-length":
+                length = int(value) if value.isdigit() else -1
+        request_id = wanted if sane_id(wanted) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
+        status = 500
+        started_response = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started_response
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                started_response = True
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        async def send_error(err: InferlineError) -> None:
+            code, body, headers = render(err, scope["path"], request_id, self.retry_after_s)
+            await send_with_id({"type": "http.response.start", "status": code,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode()),
+                                            *[(k.encode(), v.encode()) for k, v in headers.items()]]})
+            await send({"type": "http.response.body", "body": body})
+
+        limit = self.max_body_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"body is larger than {limit} bytes", field="body")
+            return message
+
+        try:
+            if length > limit:
+                await send_error(PayloadTooLarge(f"body is {length} bytes; the limit is {limit}", field="body"))
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        except Exception as exc:   # noqa: BLE001 - the last line of defence: never FastAPI's plain-text 500
+            if started_response:
+                raise
+            if isinstance(exc, InferlineError):
+                await send_error(exc)
+            else:
+                log.exception("unhandled error path=%s id=%s", scope["path"], request_id)
+                await send_error(InferlineError(f"internal error while handling request {request_id}"))
+        finally:
+            route: Any = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)

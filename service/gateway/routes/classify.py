@@ -1,0 +1,85 @@
+"""/classify-image: a multipart `file`, a JSON {"image": base64}, or a raw image/* body. The gateway
+only unwraps the image bytes; decoding them is the worker's job (it rejects a bad image with 422)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from service.errors import BadRequest, ValidationFailed
+from service.gateway.routes.common import run_task
+from service.schemas.tasks import ClassifyOptions
+
+router = APIRouter(tags=["tasks"])
+
+OPENAPI_BODY: dict[str, Any] = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "minimum": 1}}}},
+    "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "description": "base64 of a PNG/JPEG/... file"},
+        "top_k": {"type": "integer", "minimum": 1}}}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("/classify-image", summary="Classify an image (cnn); returns the top_k labels by score",
+             openapi_extra=OPENAPI_BODY)
+async def classify_image(request: Request) -> Response:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    options: dict[str, Any] = {}
+    if "top_k" in request.query_params:
+        options["top_k"] = request.query_params["top_k"]
+    if content_type == "multipart/form-data":
+        image, more = await from_form(request)
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        image, more = await request.body(), {}
+    else:   # JSON whatever the declared type, as clients often omit it
+        image, more = from_json(await request.body())
+    options.update(more)
+    if not image:
+        raise ValidationFailed("`file` is empty: send a PNG/JPEG/... image", field="file")
+    try:
+        parsed = ClassifyOptions.model_validate(options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "top_k"
+        raise ValidationFailed(f"`{field}`: {err['msg']}. Given: {err.get('input')!r}", field=field) from None
+    return await run_task(request, "cnn", {"top_k": parsed.top_k}, image)
+
+
+async def from_form(request: Request) -> tuple[bytes, dict[str, Any]]:
+    form = await request.form(max_files=1, max_fields=8)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ValidationFailed("multipart field `file` (an image file) is required", field="file")
+    image = await upload.read()
+    more = {k: v for k, v in form.items() if k == "top_k" and isinstance(v, str)}
+    unknown = sorted(k for k in form.keys() if k not in ("file", "top_k"))
+    if unknown:
+        raise ValidationFailed(f"unknown form field `{unknown[0]}`; expected `file` and optionally `top_k`",
+                               field=unknown[0])
+    return image, more
+
+
+def from_json(body: bytes) -> tuple[bytes, dict[str, Any]]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("body must be multipart/form-data with a `file`, an image/* body, or JSON "
+                         "{\"image\": base64}", field="body") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed("JSON body must be an object {\"image\": base64, \"top_k\"?: int}", field="body")
+    encoded = data.pop("image", None)
+    if not isinstance(encoded, str):
+        raise ValidationFailed("`image` (a base64 string) is required", field="image")
+    try:
+        image = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationFailed("`image` is not valid base64", field="image") from None
+    return image, data

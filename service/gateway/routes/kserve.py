@@ -1,0 +1,82 @@
+"""Open Inference Protocol (KServe v2) for every served model. Infer bodies go to the worker as raw
+bytes (JSON, or JSON + binary tensors per the binary-data extension) and are parsed there, once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+import service
+from service.errors import BadRequest, NotFound, Unavailable
+from service.gateway.directory import Directory
+from service.gateway.routes.common import JSON, dispatcher, request_id
+from service.gateway.routes.health import readiness
+from service.protocol import OP_V2
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "inferline", "version": service.__version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    ok, _ = await readiness(request)
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+async def model_info(request: Request, model: str, version: str | None) -> dict[str, Any]:
+    dispatcher(request).spec(model)   # 404 for a model this gateway does not serve
+    directory: Directory = request.app.state.directory
+    info = await directory.info(model)
+    if info is None:
+        raise Unavailable(f"model {model} has no worker that has published its metadata yet")
+    if version is not None and version != str(info.get("version")):
+        raise NotFound(f"model {model} has no version {version!r}; serving {info.get('version')!r}", field="version")
+    return info
+
+
+@router.get("/models/{model}")
+@router.get("/models/{model}/versions/{version}")
+async def metadata(model: str, request: Request, version: str | None = None) -> dict[str, Any]:
+    info = await model_info(request, model, version)
+    return {"name": model, "versions": [str(info["version"])], "platform": info.get("platform", ""),
+            "inputs": info.get("inputs", []), "outputs": info.get("outputs", [])}
+
+
+@router.get("/models/{model}/ready")
+@router.get("/models/{model}/versions/{version}/ready")
+async def model_ready(model: str, request: Request, version: str | None = None) -> Response:
+    await model_info(request, model, version)
+    status = await request.app.state.directory.status(model)
+    ok = status["live_replicas"] > 0
+    return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
+
+
+@router.post("/models/{model}/infer", summary="Run inference (JSON or binary tensors)")
+@router.post("/models/{model}/versions/{version}/infer")
+async def infer(model: str, request: Request, version: str | None = None) -> Response:
+    if version is not None:
+        await model_info(request, model, version)
+    body = await request.body()
+    header_length = None
+    raw = request.headers.get("inference-header-content-length")
+    if raw is not None:
+        if not raw.isdigit() or int(raw) > len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {raw!r} must be an integer within the body's "
+                             f"{len(body)} bytes", field="Inference-Header-Content-Length")
+        header_length = int(raw)
+    if not body:
+        raise BadRequest("empty body: expected a JSON inference request", field="body")
+    reply = await dispatcher(request).call(model, OP_V2, {"header_length": header_length}, body,
+                                           request_id=request_id(request))
+    return Response(reply.body, media_type=JSON)

@@ -1,0 +1,53 @@
+"""Wire models of the task routes' small requests (/forecast, /sentiment, /classify-image's options).
+Pydantic only: validated in the gateway so the error names the field before anything is queued."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SERIES = 100_000
+MAX_HORIZON = 1024
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 10_000
+
+
+class ForecastRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    series: list[float] = Field(min_length=1, max_length=MAX_SERIES)
+    horizon: int = Field(1, ge=1, le=MAX_HORIZON)   # the model's own max_horizon is checked by its worker
+
+    def to_params(self) -> dict[str, Any]:
+        return {"series": self.series, "horizon": self.horizon}
+
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+class SentimentRequest(BaseModel):
+    """Either one `text` or a list of `texts`, not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Text | None = None
+    texts: list[Text] | None = Field(None, min_length=1, max_length=MAX_TEXTS)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SentimentRequest:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of `text` (a string) or `texts` (a list of strings)")
+        return self
+
+    def to_params(self) -> dict[str, Any]:
+        single = self.text is not None
+        return {"texts": [self.text] if single else self.texts, "single": single}
+
+
+class ClassifyOptions(BaseModel):
+    """/classify-image options besides the image: from the query string, a form field or the JSON body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(5, ge=1, le=1000)   # the model's class count is checked by its worker

@@ -1,0 +1,298 @@
+"""The continuous-batching engine against a real, quick-built GPT-2 (models/gpt2/train.py, ~15 s) in a temporary
+store, loaded by the real loader. No mocks.
+
+Batch invariance and float rounding: a row's logits in a batch differ from the same row alone only by rounding
+(other matmul blockings, other mask widths), ~1e-6. That can flip a greedy choice only when the top two logits
+are within that distance, a near-tie. test_near_ties_measured counts it over 100 prompts; it found 0 flips on the
+quick model and on the full demo model (see the final report), so the exact-equality tests below are not flaky in
+practice, but a different model or BLAS could in principle flip one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.gpt2 import data
+from models.gpt2.loader import load
+from models.gpt2.train import train
+from service.errors import InputError
+from service.generation.detokenizer import TokenBytes, make_decoder
+from service.generation.engine import Engine, SamplingParams, TokenEvent, generate
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+Model = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+PROMPTS = [
+    "The function returns",
+    "If the file does not exist, the",
+    "This module provides a way to",
+    "Return",
+    "A list of all the names in the module that are defined and used by the class when it is called",
+    "The default value is",
+    "An object is",
+    "When the interpreter starts, the built-in variable",
+    "Raise an exception if",
+    "The second argument",
+    "It is an error to",
+    "Note that",
+    "A string is a sequence of characters and the method returns a new string with",
+    "The value",
+    "Keyword arguments are",
+    "This is the base class for all",
+]
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+    torch.set_num_threads(1)  # the suite shares 2 cores with other work
+    built = train(tmp_path_factory.mktemp("store"), quick=True)
+    yield load(built, "cpu", threads=1)
+
+
+@pytest.fixture
+def engine(model: Model) -> Engine:
+    return Engine(model[0], model[1], max_batch_size=32)
+
+
+def ids_of(events: list[TokenEvent]) -> list[int]:
+    return [e.token_id for e in events]
+
+
+def drain(engine: Engine, into: dict[str, list[TokenEvent]]) -> None:
+    while engine.has_work():
+        for ev in engine.step():
+            into[ev.request_id].append(ev)
+
+
+def check_stream(events: list[TokenEvent]) -> None:
+    """The event contract: indices 0..n-1, finish data on the last event only, pieces add up to generated_text."""
+    assert [e.index for e in events] == list(range(len(events)))
+    assert all(e.finish_reason is None and e.generated_text is None for e in events[:-1])
+    last = events[-1]
+    assert last.finish_reason in ("length", "eos_token", "stop_sequence")
+    assert "".join(e.text for e in events if not e.special) == last.generated_text
+
+
+def test_greedy_is_deterministic_and_streams_add_up(engine: Engine, model: Model) -> None:
+    a = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=24))
+    b = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=24))
+    assert ids_of(a) == ids_of(b) and len(a) == 24
+    check_stream(a)
+    assert a[-1].finish_reason == "length" and a[-1].seed is None
+    assert a[-1].generated_text == model[1].decode(ids_of(a), skip_special_tokens=True)
+    assert all(e.logprob <= 0.0 for e in a)
+    assert a[0].prompt_tokens == len(model[1](PROMPTS[0])["input_ids"])
+
+
+def test_same_seed_same_text_other_seed_other_text(engine: Engine) -> None:
+    def run(seed: int | None) -> list[TokenEvent]:
+        return generate(engine, PROMPTS[1], SamplingParams(max_new_tokens=24, do_sample=True, seed=seed,
+                                                           temperature=1.0))
+
+    assert ids_of(run(7)) == ids_of(run(7))
+    texts = {tuple(ids_of(run(s))) for s in (1, 2, 3)}
+    assert len(texts) > 1
+    drawn = run(None)
+    assert drawn[-1].seed is not None  # drawn and reported, so the client can replay it
+    assert ids_of(run(drawn[-1].seed)) == ids_of(drawn)
+    # Warpers switch sampling on, as in TGI, and the seed is reported.
+    warped = generate(engine, PROMPTS[1], SamplingParams(max_new_tokens=8, top_k=5, top_p=0.9, seed=3,
+                                                         repetition_penalty=1.3))
+    assert warped[-1].seed == 3
+    check_stream(warped)
+
+
+def test_seeded_sampling_is_batch_invariant(engine: Engine) -> None:
+    params = SamplingParams(max_new_tokens=20, do_sample=True, temperature=0.9, top_p=0.95, seed=11)
+    solo = ids_of(generate(engine, PROMPTS[2], params))
+    got: dict[str, list[TokenEvent]] = defaultdict(list)
+    for i, prompt in enumerate(PROMPTS[:6]):
+        engine.add(f"r{i}", prompt, SamplingParams(max_new_tokens=20, do_sample=True, seed=100 + i))
+    engine.add("mine", PROMPTS[2], params)
+    drain(engine, got)
+    assert ids_of(got["mine"]) == solo
+
+
+def test_finish_reason_length_and_stop_sequence(engine: Engine) -> None:
+    full = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=30))
+    text = full[-1].generated_text
+    assert text is not None
+    # A stop sequence that starts inside one token and may end inside another: matched on text, not tokens.
+    start = len(full[0].text) + 1
+    stop = text[start : start + 4]
+    assert len(stop) == 4 and stop in text
+    end = text.index(stop) + len(stop)
+    stopped = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=30, stop=["never appears", stop]))
+    check_stream(stopped)
+    assert stopped[-1].finish_reason == "stop_sequence"
+    assert stopped[-1].generated_text == text[:end]  # TGI keeps the stop sequence in generated_text
+    assert ids_of(stopped) == ids_of(full)[: len(stopped)]
+    short = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=3))
+    assert len(short) == 3 and short[-1].finish_reason == "length"
+
+
+def test_finish_reason_eos_token(engine: Engine, model: Model) -> None:
+    eos = model[1].eos_token_id
+    # The quick model rarely picks EOS greedily; sampling from it does within a few seeds (deterministic build).
+    for seed in range(64):
+        events = generate(engine, "Return the", SamplingParams(max_new_tokens=60, do_sample=True, seed=seed))
+        if events[-1].finish_reason == "eos_token":
+            break
+    else:
+        pytest.fail("no seed in 0..63 produced EOS")
+    check_stream(events)
+    last = events[-1]
+    assert last.token_id == eos and last.special and last.text == model[1].eos_token
+    assert "<|endoftext|>" not in (last.generated_text or "")
+    assert not any(e.special for e in events[:-1])
+
+
+def test_sixteen_concurrent_requests_match_their_solo_runs(engine: Engine) -> None:
+    params = [SamplingParams(max_new_tokens=4 + (7 * i) % 29) for i in range(len(PROMPTS))]
+    solo = {f"r{i}": ids_of(generate(engine, p, params[i])) for i, p in enumerate(PROMPTS)}
+    got: dict[str, list[TokenEvent]] = defaultdict(list)
+    for i, p in enumerate(PROMPTS):
+        engine.add(f"r{i}", p, params[i])
+    assert engine.num_waiting == 16
+    first = engine.step()  # all admitted and prefilled together, one event each
+    assert len(first) == 16 and engine.num_running == 16 and engine.num_waiting == 0
+    for ev in first:
+        got[ev.request_id].append(ev)
+    drain(engine, got)
+    for rid, events in got.items():
+        check_stream(events)
+        assert ids_of(events) == solo[rid], rid
+    assert engine.cache_columns == 0 and engine.num_running == 0
+
+
+def test_short_request_behind_long_ones_finishes_first(engine: Engine) -> None:
+    long_params = SamplingParams(max_new_tokens=60)
+    longs = [p for p in PROMPTS if generate(engine, p, long_params)[-1].finish_reason == "length"][:4]
+    assert len(longs) == 4
+    for i, p in enumerate(longs):
+        engine.add(f"long{i}", p, long_params)
+    for _ in range(5):
+        engine.step()
+    width = engine.cache_columns
+    engine.add("short", PROMPTS[5], SamplingParams(max_new_tokens=2))
+    done: list[str] = []
+    steps = 0
+    while engine.has_work():
+        events = engine.step()
+        steps += 1
+        done += [e.request_id for e in events if e.finish_reason]
+        if "short" in done:
+            break
+    assert done == ["short"] and steps == 2  # two tokens, two steps, while the long ones keep going
+    assert engine.num_running == 4 and engine.cache_columns >= width
+
+
+def test_request_added_mid_decode_joins_between_steps(engine: Engine) -> None:
+    solo_a = ids_of(generate(engine, PROMPTS[4], SamplingParams(max_new_tokens=30)))
+    solo_b = ids_of(generate(engine, PROMPTS[3], SamplingParams(max_new_tokens=10)))
+    got: dict[str, list[TokenEvent]] = defaultdict(list)
+    engine.add("a", PROMPTS[4], SamplingParams(max_new_tokens=30))
+    for _ in range(3):
+        for ev in engine.step():
+            got[ev.request_id].append(ev)
+    engine.add("b", PROMPTS[3], SamplingParams(max_new_tokens=10))
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    events = engine.step()
+    assert {(e.request_id, e.index) for e in events} == {("a", 3), ("b", 0)}
+    for ev in events:
+        got[ev.request_id].append(ev)
+    drain(engine, got)
+    assert ids_of(got["a"]) == solo_a and ids_of(got["b"]) == solo_b
+
+
+def test_cancel_drops_at_once(engine: Engine) -> None:
+    solo = ids_of(generate(engine, PROMPTS[1], SamplingParams(max_new_tokens=12)))
+    got: dict[str, list[TokenEvent]] = defaultdict(list)
+    engine.add("long", PROMPTS[4], SamplingParams(max_new_tokens=40))
+    engine.add("keep", PROMPTS[1], SamplingParams(max_new_tokens=12))
+    for ev in engine.step() + engine.step():
+        got[ev.request_id].append(ev)
+    engine.add("waiting", PROMPTS[2], SamplingParams())
+    assert engine.num_running == 2
+    width = engine.cache_columns
+    assert engine.cancel("long") is True
+    assert engine.num_running == 1
+    assert engine.cache_columns < width  # the longest row left: its padding columns went with it
+    assert engine.cancel("waiting") is True and engine.num_waiting == 0
+    assert engine.cancel("long") is False and engine.cancel("unknown") is False
+    drain(engine, got)
+    assert set(got) == {"long", "keep"} and len(got["long"]) == 2
+    assert ids_of(got["keep"]) == solo  # removing a row did not disturb its neighbour
+
+
+def test_prefill_details(engine: Engine, model: Model) -> None:
+    events = generate(engine, PROMPTS[2], SamplingParams(max_new_tokens=3, want_prefill=True))
+    prefill = events[0].prefill
+    assert prefill is not None and all(e.prefill is None for e in events[1:])
+    assert [p["id"] for p in prefill] == model[1](PROMPTS[2])["input_ids"]
+    assert prefill[0]["logprob"] is None and all(p["logprob"] <= 0.0 for p in prefill[1:])
+    assert "".join(p["text"] for p in prefill) == PROMPTS[2]
+    assert generate(engine, PROMPTS[2], SamplingParams(max_new_tokens=1))[0].prefill is None
+
+
+def test_validation_errors(engine: Engine) -> None:
+    ctx = engine.context_length
+    with pytest.raises(InputError) as err:
+        engine.add("e", "", SamplingParams())
+    assert err.value.field == "inputs"
+    with pytest.raises(InputError) as err:
+        engine.add("e", "word " * ctx, SamplingParams())
+    assert err.value.field == "inputs" and str(ctx) in err.value.message
+    with pytest.raises(InputError) as err:
+        engine.add("e", PROMPTS[0], SamplingParams(max_new_tokens=ctx))
+    assert err.value.field == "max_new_tokens"
+    assert f"<= {ctx}" in err.value.message and f"{ctx} `max_new_tokens`" in err.value.message
+    for bad, name in [(SamplingParams(top_p=1.5), "top_p"), (SamplingParams(temperature=0.0), "temperature"),
+                      (SamplingParams(max_new_tokens=0), "max_new_tokens"), (SamplingParams(top_k=0), "top_k")]:
+        with pytest.raises(InputError) as err:
+            engine.add("e", PROMPTS[0], bad)
+        assert err.value.field == name
+    assert not engine.has_work()
+    engine.add("dup", PROMPTS[0], SamplingParams())
+    with pytest.raises(ValueError):
+        engine.add("dup", PROMPTS[0], SamplingParams())
+
+
+def test_multibyte_characters_stream_whole(model: Model) -> None:
+    tokenizer = model[1]
+    text = "naïve café — 東京 ✓ ok"
+    ids = tokenizer(text)["input_ids"]
+    decoder = make_decoder(tokenizer, TokenBytes(tokenizer), [])
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) + decoder.flush() == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # some character spans tokens: held back, then emitted whole
+
+
+def test_near_ties_measured(engine: Engine) -> None:
+    """Greedy over 100 prompts of 3..42 words, alone and then all in one staggered batch: count requests whose
+    tokens differ (a rounding-flipped near-tie) and the largest logprob difference of identical tokens."""
+    paragraphs = [p for doc in data.topic_texts() for p in data.clean(doc)]
+    prompts = [" ".join(p.split()[: 3 + (7 * i) % 40]) for i, p in enumerate(paragraphs[::7][:100])]
+    params = SamplingParams(max_new_tokens=16)
+    solo = {str(i): generate(engine, p, params) for i, p in enumerate(prompts)}
+    got: dict[str, list[TokenEvent]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        engine.add(str(i), p, params)
+        if i % 3 == 0:  # arrivals while others decode: many different paddings and batch sizes
+            for ev in engine.step():
+                got[ev.request_id].append(ev)
+    drain(engine, got)
+    flipped = [rid for rid in solo if ids_of(solo[rid]) != ids_of(got[rid])]
+    drift = max(abs(a.logprob - b.logprob) for rid in solo if rid not in flipped
+                for a, b in zip(solo[rid], got[rid], strict=True))
+    print(f"\nnear-tie flips: {len(flipped)}/100 requests; max |logprob batched - solo| = {drift:.2e}")
+    assert len(flipped) <= 2  # more would be a masking/position bug, not rounding
+    assert drift < 1e-3
