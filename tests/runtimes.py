@@ -16,7 +16,7 @@ from service.runtimes.base import Runtime, TaskRequest, TensorSpec
 
 class Echo(Runtime[dict[str, Any], dict[str, Any]]):
     """Task: answers {"echo": params, "batch": size of the batch it ran in}. v2: y = 2 * x (FP32).
-    params {"reject": true} -> InputError; {"sleep_s": s} -> the batch sleeps s; {"raise": true} -> the model
+    params (task params or v2 request parameters) {"reject": true} -> InputError; {"sleep_s": s} -> the batch sleeps s; {"raise": true} -> the model
     raises; {"kill": true} -> the process dies mid-batch (a poison pill)."""
 
     platform = "inferline_test"
@@ -49,7 +49,9 @@ class Echo(Runtime[dict[str, Any], dict[str, Any]]):
     def v2_preprocess(self, tensors: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, Any]:
         if set(tensors) != {"x"}:
             raise InputError(f"expected one input `x`; given {sorted(tensors)}", field="inputs")
-        return {"x": tensors["x"].astype(np.float32)}
+        if parameters.get("reject"):
+            raise InputError("`reject` was set", field="parameters.reject")
+        return {"x": tensors["x"].astype(np.float32), **parameters}
 
     def v2_postprocess(self, output: dict[str, Any]) -> dict[str, np.ndarray]:
         return {"y": output["echo"]["x"] * 2}

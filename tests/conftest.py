@@ -1,0 +1,137 @@
+"""Shared fixtures: a private Redis (the same code path as `inferline up`), real worker processes, a real
+gateway process, and quick builds of the demo models. Nothing here mocks what we own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from service.broker import embedded, keys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(check: Callable[[], Any], timeout_s: float, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not met within {timeout_s} s")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERLINE_") and k != "REDIS_URL"}
+    return {**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+            "HF_HUB_OFFLINE": "1", **extra}
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with embedded.redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    """A clean Redis for each test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def quick_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Quick (seconds-long) builds of the classic demo models, shared by the whole session."""
+    from models.build import build_missing
+
+    store = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("store"))
+    build_missing(store, ["cnn", "lstm", "sentiment"], quick=True)
+    return store
+
+
+def live_workers(client: redis.Redis, model: str) -> list[dict[str, str]]:
+    ids = client.zrangebyscore(keys.workers_index(model), int(time.time() * 1000) - 5000, "+inf")
+    records = [client.hgetall(keys.worker(model, w.decode())) for w in ids]
+    return [{k.decode(): v.decode() for k, v in r.items()} for r in records if r]
+
+
+class Cluster:
+    """Real processes: one gateway and any number of workers, all killed at teardown."""
+
+    def __init__(self, redis_url: str, tmp: Path) -> None:
+        self.redis_url = redis_url
+        self.tmp = tmp
+        self.client = redis.Redis.from_url(redis_url)
+        self.specs: dict[str, dict[str, Any]] = {}
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def spec(self, model: str, **spec: Any) -> dict[str, Any]:
+        self.specs[model] = {"name": model, **spec}
+        return self.specs[model]
+
+    def start_worker(self, model: str, wait: bool = True) -> subprocess.Popen[bytes]:
+        before = {w.get("pid") for w in live_workers(self.client, model)}
+        env = child_env(REDIS_URL=self.redis_url, INFERLINE_MODEL_SPEC=json.dumps(self.specs[model], default=str))
+        with (self.tmp / f"worker-{model}-{len(self.workers)}.log").open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "service.worker.main"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)
+        self.workers.append(proc)
+        if wait:
+            wait_for(lambda: proc.poll() is not None or str(proc.pid) in
+                     {w.get("pid") for w in live_workers(self.client, model)} - before, 120, f"worker {model} live")
+            assert proc.poll() is None, (self.tmp / f"worker-{model}-{len(self.workers) - 1}.log").read_text()[-3000:]
+        return proc
+
+    def start_gateway(self) -> str:
+        config = self.tmp / "inferline.toml"
+        lines = []
+        for name, spec in self.specs.items():
+            lines.append(f"[models.{name}]")
+            lines += [f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in spec.items() if k != "name"]
+        config.write_text("\n".join(lines) + "\n")
+        port = embedded.free_port()
+        env = child_env(REDIS_URL=self.redis_url, INFERLINE_CONFIG=str(config))
+        with (self.tmp / "gateway.log").open("wb") as log:
+            self.gateway = subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", "--port", str(port)],
+                                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert self.gateway is not None and self.gateway.poll() is None, (self.tmp / "gateway.log").read_text()
+            try:
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 30, "gateway up")
+        return self.url
+
+    def close(self) -> None:
+        for proc in [*self.workers, *([self.gateway] if self.gateway else [])]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        self.client.close()
+
+
+@pytest.fixture
+def cluster(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(redis_url, tmp_path)
+    yield c
+    c.close()

@@ -1,0 +1,123 @@
+"""Nothing is lost, nothing hangs: dead workers, poison requests, full queues and deadlines, with real
+worker processes and a real gateway on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import httpx
+
+from service.broker import keys
+from tests.conftest import Cluster, live_workers, wait_for
+
+ECHO = "tests.runtimes:Echo"
+
+
+def v2_body(value: float, **params: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [value]}], "parameters": params}
+
+
+async def post_all(url: str, bodies: list[dict[str, Any]], timeout: float = 60) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        return await asyncio.gather(*[client.post(url, json=b) for b in bodies])
+
+
+def test_kill_9_worker_with_requests_in_flight_loses_nothing(cluster: Cluster) -> None:
+    cluster.spec("echo", runtime=ECHO, max_batch_size=4, visibility_timeout_s=1.0, timeout_s=60)
+    url = cluster.start_gateway() + "/v2/models/echo/infer"
+    victim = cluster.start_worker("echo")
+    stream = keys.request_stream("echo")
+
+    async def scenario() -> list[httpx.Response]:
+        sending = asyncio.create_task(post_all(url, [v2_body(i, sleep_s=0.4) for i in range(12)]))
+        # wait until the victim holds delivered-but-unanswered requests, then kill it without warning
+        await asyncio.to_thread(wait_for, lambda: cluster.client.xpending(stream, keys.GROUP)["pending"] > 0, 10,
+                                "requests in flight")
+        os.kill(victim.pid, signal.SIGKILL)
+        await asyncio.to_thread(victim.wait)
+        await asyncio.to_thread(cluster.start_worker, "echo")
+        return await sending
+
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 12
+    assert sorted(r.json()["outputs"][0]["data"][0] for r in responses) == [2.0 * i for i in range(12)]
+    wait_for(lambda: cluster.client.xlen(stream) == 0, 5, "stream emptied")   # answered entries are deleted
+
+
+def test_poison_request_is_dead_lettered_and_its_caller_gets_500(cluster: Cluster) -> None:
+    cluster.spec("echo", runtime=ECHO, visibility_timeout_s=0.5, max_tries=2, timeout_s=60)
+    url = cluster.start_gateway() + "/v2/models/echo/infer"
+    cluster.start_worker("echo")
+
+    async def scenario() -> list[httpx.Response]:
+        sending = asyncio.create_task(post_all(url, [v2_body(1, kill=True)]))
+        deaths = 0
+        while not sending.done() and deaths < 5:   # keep replacing the workers the poison kills
+            dead = [w for w in cluster.workers if w.poll() is not None]
+            if len(dead) > deaths:
+                deaths = len(dead)
+                await asyncio.to_thread(cluster.start_worker, "echo")
+            await asyncio.sleep(0.05)
+        return await sending
+
+    (poisoned,) = asyncio.run(scenario())
+    assert poisoned.status_code == 500
+    assert poisoned.headers["x-should-retry"] == "false"
+    assert "dead-letter" in poisoned.json()["error"]
+    assert sum(w.poll() is not None for w in cluster.workers) == 2   # it ran exactly max_tries times
+    (entry,) = cluster.client.xrange(keys.dead_letter_stream("echo"))
+    assert entry[1][b"id"].decode() == poisoned.headers["x-request-id"]
+    # the worker that survives still answers normal requests
+    (ok,) = asyncio.run(post_all(url, [v2_body(3)]))
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == [6.0]
+
+
+def test_exception_in_model_fails_only_that_item(cluster: Cluster) -> None:
+    cluster.spec("echo", runtime=ECHO, max_batch_size=8, max_batch_delay_ms=50)
+    url = cluster.start_gateway() + "/v2/models/echo/infer"
+    cluster.start_worker("echo")
+    bodies = [v2_body(i, sleep_s=0.05) for i in range(6)] + [v2_body(99, **{"raise": True}), v2_body(7, reject=True)]
+    responses = asyncio.run(post_all(url, bodies))
+    assert [r.status_code for r in responses] == [200] * 6 + [500, 422]
+    assert responses[7].json()["error"] == "`reject` was set"
+    assert "failed on request" in responses[6].json()["error"]
+
+
+def test_full_queue_answers_503_with_retry_after(cluster: Cluster) -> None:
+    cluster.spec("echo", runtime=ECHO, max_batch_size=1, queue_cap=2, timeout_s=30)
+    url = cluster.start_gateway() + "/v2/models/echo/infer"
+    cluster.start_worker("echo")
+    responses = asyncio.run(post_all(url, [v2_body(i, sleep_s=0.3) for i in range(8)]))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1"
+    assert "queue_cap" in refused.json()["error"]
+
+
+def test_deadline_answers_504_and_workers_skip_expired_work(cluster: Cluster) -> None:
+    cluster.spec("echo", runtime=ECHO, max_batch_size=1, timeout_s=0.5)
+    url = cluster.start_gateway() + "/v2/models/echo/infer"
+    cluster.start_worker("echo")
+    responses = asyncio.run(post_all(url, [v2_body(1, sleep_s=1.0), v2_body(2)]))
+    assert [r.status_code for r in responses] == [504, 504]
+    assert "within 0.5 s" in responses[0].json()["error"]
+    # the second request expired while queued: the worker answers it 504 without running it, then
+    # deletes it; the worker is still healthy
+    wait_for(lambda: cluster.client.xlen(keys.request_stream("echo")) == 0, 5, "expired entries removed")
+    time.sleep(2 * keys.HEARTBEAT_EVERY_S)   # let the heartbeat publish the final counters
+    (worker,) = live_workers(cluster.client, "echo")
+    assert int(worker["items"]) == 1   # only the first request ran
+
+
+def test_no_worker_means_504_not_a_hang(cluster: Cluster) -> None:
+    cluster.spec("echo", runtime=ECHO, timeout_s=0.3)
+    url = cluster.start_gateway()
+    (r,) = asyncio.run(post_all(url + "/v2/models/echo/infer", [v2_body(1)]))
+    assert r.status_code == 504
+    ready = httpx.get(url + "/readyz")
+    assert ready.status_code == 503 and "echo" in ready.json()["error"]
