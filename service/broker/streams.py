@@ -152,25 +152,30 @@ class ModelQueue:
 
     async def reply(self, replies: Sequence[tuple[str, Reply]]) -> None:
         """Send replies, one pipeline. NOMKSTREAM: a reply to a gateway that is gone is dropped, not kept."""
-        if not replies:
+        await self.reply_and_ack(replies, [])
+
+    async def ack_delete(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge, then delete entries and payloads: the request is answered and gone."""
+        await self.reply_and_ack([], deliveries)
+
+    async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
+        """Replies first, then acknowledge and delete, in one round trip. Redis runs a pipeline in order, so
+        an ack never lands before its reply; if the connection breaks in between, the entry stays pending
+        and is redelivered (the gateway ignores a second reply)."""
+        if not replies and not deliveries:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for reply_to, reply in replies:
                 pipe.xadd(reply_to, reply.fields(), maxlen=REPLY_MAXLEN, approximate=True, nomkstream=True)
+            if deliveries:
+                ids = [d.entry_id for d in deliveries]
+                pipe.xack(self.stream, keys.GROUP, *ids)
+                pipe.xdel(self.stream, *ids)
+                pipe.delete(*[keys.payload(d.request_id) for d in deliveries])
             await pipe.execute()
 
-    async def ack_delete(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge, then delete entries and payloads: the request is answered and gone."""
-        if not deliveries:
-            return
-        ids = [d.entry_id for d in deliveries]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, keys.GROUP, *ids)
-            pipe.xdel(self.stream, *ids)
-            pipe.delete(*[keys.payload(d.request_id) for d in deliveries])
-            await pipe.execute()
-
-    async def reclaim(self, min_idle_ms: int, max_tries: int, count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
+    async def reclaim(self, min_idle_ms: int, max_tries: int,
+                      count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
         """Take over entries left pending longer than min_idle_ms (their worker died or hung).
         Returns (claimed, exhausted): exhausted ones were already delivered max_tries times and must be
         dead-lettered, not run again."""

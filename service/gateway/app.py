@@ -21,6 +21,7 @@ from service.gateway.directory import Directory
 from service.gateway.dispatch import Dispatcher
 from service.gateway.edge import Edge
 from service.gateway.errors import from_validation, http_error, render
+from service.gateway.hot import HotPath
 from service.gateway.routes import classify, forecast, health, kserve, models, sentiment
 from service.metrics import GatewayMetrics
 
@@ -70,7 +71,7 @@ def create_app(settings: Settings) -> Any:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     for module in (health, models, classify, forecast, sentiment, kserve):
         app.include_router(module.router)
-    return Edge(app, settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s)
+    return Edge(HotPath(app), settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s)
 
 
 def error_response(request: Request, exc: InferlineError) -> Response:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,8 @@ from service.metrics import GatewayMetrics
 from service.protocol import Envelope, Reply, encode_payload, now_ms
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 0.2
 
 
 class Dispatcher:
@@ -91,7 +94,9 @@ class Dispatcher:
                    request_id: str | None = None, timeout_s: float | None = None) -> Reply:
         """Queue one request and return its successful reply. Raises InferlineError for every failure."""
         spec = self.spec(model)
-        request_id = request_id or uuid.uuid4().hex
+        # Replies are matched by id: a caller's id that is already in flight (a client reusing one x-request-id)
+        # must not take over the other request's waiter.
+        request_id = self.new_request_id(request_id)
         timeout = timeout_s or spec.timeout_s
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self.waiters[request_id] = future
@@ -149,6 +154,7 @@ class Dispatcher:
             except (RedisError, OSError):
                 log.warning("cannot create reply stream gateway=%s; retrying", self.gateway_id)
                 await asyncio.sleep(1.0)
+        trimmed_at = time.monotonic()
         while True:
             try:
                 res = await self.redis.xread({self.reply_stream: last}, count=1000, block=1000)
@@ -171,8 +177,11 @@ class Dispatcher:
                     waiter.put_nowait(reply)
                 elif waiter is not None and not waiter.done():
                     waiter.set_result(reply)
-            with contextlib.suppress(RedisError, OSError):
-                await self.redis.xtrim(self.reply_stream, minid=last)   # everything before `last` is handled
+            now = time.monotonic()
+            if now - trimmed_at > TRIM_EVERY_S:   # everything before `last` is handled; trim now and then
+                trimmed_at = now
+                with contextlib.suppress(RedisError, OSError):
+                    await self.redis.xtrim(self.reply_stream, minid=last)
 
     async def _keep_alive(self) -> None:
         while True:

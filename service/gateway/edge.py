@@ -89,6 +89,6 @@ class Edge:
                 await send_error(InferlineError(f"internal error while handling request {request_id}"))
         finally:
             route: Any = scope.get("route")
-            label = getattr(route, "path", "unmatched")
+            label = scope.get("inferline.route") or getattr(route, "path", "unmatched")
             self.metrics.requests.labels(label, str(status)).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - started)

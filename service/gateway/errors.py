@@ -23,7 +23,8 @@ def family(path: str) -> str:
     return "tgi"
 
 
-def render(err: InferlineError, path: str, request_id: str, retry_after_s: int = 1) -> tuple[int, bytes, dict[str, str]]:
+def render(err: InferlineError, path: str, request_id: str,
+           retry_after_s: int = 1) -> tuple[int, bytes, dict[str, str]]:
     """(status, JSON body, extra headers) for an error on `path`."""
     kind = family(path)
     body: dict[str, Any]

@@ -57,7 +57,7 @@ class TokenEvent:
     prefill: list[dict[str, Any]] | None  # on the first event when want_prefill: [{"id", "text", "logprob"}]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are compared with `in` on the batch list
 class _Request:
     request_id: str
     prompt_ids: list[int]
@@ -106,6 +106,7 @@ class Engine:
         self._waiting: OrderedDict[str, _Request] = OrderedDict()
         self._ids: set[str] = set()             # waiting or running: duplicates are a caller bug
         self._running: list[_Request] = []      # row i of the cache is _running[i]
+        self._admitting: list[_Request] = []
         self._cache: DynamicCache | None = None
         self._lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # real tokens in the cache, per row
 
@@ -185,11 +186,13 @@ class Engine:
             try:
                 return self._step()
             except BaseException:
-                log.exception("step failed running=%d; dropping the batch", len(self._running))
+                lost = self._running + [r for r in self._admitting if r not in self._running]
+                log.exception("step failed running=%d admitted=%d; dropping them", len(self._running),
+                              len(self._admitting))
                 with self._queue_lock:
-                    for req in self._running:
+                    for req in lost:
                         self._ids.discard(req.request_id)
-                self._running, self._cache = [], None
+                self._running, self._cache, self._admitting = [], None, []
                 self._lengths = self._lengths[:0]
                 raise
 
@@ -199,6 +202,7 @@ class Engine:
         with self._queue_lock:
             while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
                 admitted.append(self._waiting.popitem(last=False)[1])
+        self._admitting = admitted  # out of the queue, not yet in the batch: step()'s error path must see them
 
         events: list[TokenEvent] = []
         if self._running:
@@ -206,6 +210,7 @@ class Engine:
         if admitted:
             events += self._prefill(admitted)
         self._drop_finished()
+        self._admitting = []
         return events
 
     def _decode(self) -> list[TokenEvent]:

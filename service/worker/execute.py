@@ -49,7 +49,8 @@ class Executor:
                 replies[d.request_id] = Reply.error(d.request_id, exc.status, exc.error_type, exc.message, exc.field)
             except Exception:
                 log.exception("decode failed model=%s id=%s", self.model, d.request_id)
-                replies[d.request_id] = Reply.error(d.request_id, 500, "internal", "the worker could not decode this request")
+                replies[d.request_id] = Reply.error(d.request_id, 500, "internal",
+                                                    "the worker could not decode this request")
         if ready:
             for item, reply in zip(ready, self.predict(ready), strict=True):
                 replies[item.delivery.request_id] = reply

@@ -67,9 +67,9 @@ class BatchLoop:
             if record:
                 self.traffic.record(len(live))
             self.stats.record_batch(len(live))
-            log.debug("batch model=%s size=%d ms=%.1f", self.spec.name, len(live), (time.perf_counter() - started) * 1e3)
-        await self.queue.reply(replies)
-        await self.queue.ack_delete(batch)
+            log.debug("batch model=%s size=%d ms=%.1f", self.spec.name, len(live),
+                      (time.perf_counter() - started) * 1e3)
+        await self.queue.reply_and_ack(replies, batch)   # replies before acks: a crash in between redelivers
 
     async def reclaim_stale(self) -> None:
         """Claim entries pending past the visibility timeout. Each is run alone: one of them may be the

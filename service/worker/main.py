@@ -54,7 +54,7 @@ def locate(spec: ModelSpec) -> tuple[str, Path | None, dict[str, Any]]:
     manifest: dict[str, Any] = {}
     version_dir = None
     if spec.artifact is not None:
-        from models import store   # light: no frameworks
+        from models import store  # light: no frameworks
         version_dir = store.resolve(Path(spec.artifact))
         manifest = store.read_manifest(version_dir)
     runtime = spec.runtime or manifest.get("runtime")
@@ -88,7 +88,8 @@ async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
 
     if manifest.get("kind") == "generation":
         from service.worker.generate_loop import build_generation_loop
-        serving, version, info = await build_generation_loop(spec, redis, worker_id, version_dir, manifest, device, stats)
+        serving, version, info = await build_generation_loop(spec, redis, worker_id, version_dir, manifest, device,
+                                                             stats)
         await redis.set(keys.model_info(spec.name), orjson.dumps(info))
     else:
         from service.worker.execute import Executor

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, Request
@@ -14,7 +16,8 @@ from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from service.errors import BadRequest, ValidationFailed
-from service.gateway.routes.common import run_task
+from service.gateway.dispatch import Dispatcher
+from service.gateway.routes.common import JSON, answer, dispatcher, request_id, run_task
 from service.schemas.tasks import ClassifyOptions
 
 router = APIRouter(tags=["tasks"])
@@ -28,20 +31,34 @@ OPENAPI_BODY: dict[str, Any] = {"requestBody": {"content": {
     "image/png": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
+async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+                 query: str) -> bytes:
+    """A raw image/* body, or JSON {"image": base64, "top_k"?} (whatever the declared Content-Type)."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        image, options = body, {}
+    else:
+        image, options = from_json(body)
+    return await classify(d, rid, image, {**query_options(query), **options})
+
+
 @router.post("/classify-image", summary="Classify an image (cnn); returns the top_k labels by score",
              openapi_extra=OPENAPI_BODY)
 async def classify_image(request: Request) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    options: dict[str, Any] = {}
-    if "top_k" in request.query_params:
-        options["top_k"] = request.query_params["top_k"]
-    if content_type == "multipart/form-data":
-        image, more = await from_form(request)
-    elif content_type.startswith("image/") or content_type == "application/octet-stream":
-        image, more = await request.body(), {}
-    else:   # JSON whatever the declared type, as clients often omit it
-        image, more = from_json(await request.body())
-    options.update(more)
+    if content_type != "multipart/form-data":
+        return await answer(request, handle)
+    image, options = await from_form(request)
+    body = await classify(dispatcher(request), request_id(request), image,
+                          {**query_options(request.url.query), **options})
+    return Response(body, media_type=JSON)
+
+
+def query_options(query: str) -> dict[str, Any]:
+    return {k: v for k, v in parse_qsl(query) if k == "top_k"}
+
+
+async def classify(d: Dispatcher, rid: str, image: bytes, options: dict[str, Any]) -> bytes:
     if not image:
         raise ValidationFailed("`file` is empty: send a PNG/JPEG/... image", field="file")
     try:
@@ -50,7 +67,7 @@ async def classify_image(request: Request) -> Response:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "top_k"
         raise ValidationFailed(f"`{field}`: {err['msg']}. Given: {err.get('input')!r}", field=field) from None
-    return await run_task(request, "cnn", {"top_k": parsed.top_k}, image)
+    return await run_task(d, rid, "cnn", {"top_k": parsed.top_k}, image)
 
 
 async def from_form(request: Request) -> tuple[bytes, dict[str, Any]]:

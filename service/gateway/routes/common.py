@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -10,18 +11,22 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from service.gateway.dispatch import Dispatcher
+from service.gateway.errors import from_validation
 from service.protocol import OP_TASK
 
 JSON = "application/json"
 Model = TypeVar("Model", bound=BaseModel)
+# (dispatcher, request id, body, headers, path params, query string) -> the 200 response's JSON body.
+Handler = Callable[[Dispatcher, str, bytes, Mapping[str, str], dict[str, str], str], Awaitable[bytes]]
 
 
-async def parse_json(request: Request, model: type[Model]) -> Model:
-    """The body as `model`, whatever the declared Content-Type (clients often send none)."""
+def parse_json(body: bytes, model: type[Model]) -> Model:
+    """The body as `model`, whatever the declared Content-Type (clients often send none). Raises the
+    InferlineError that names the first bad field."""
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(body)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+        raise from_validation(RequestValidationError(exc.errors(include_url=False))) from None
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -38,7 +43,14 @@ def request_id(request: Request) -> str:
     return str(request.scope["state"]["request_id"])
 
 
-async def run_task(request: Request, model: str, params: dict[str, Any], blob: bytes = b"") -> Response:
-    """Queue a task request and answer with the worker's JSON body as is (no re-encoding here)."""
-    reply = await dispatcher(request).call(model, OP_TASK, params, blob, request_id=request_id(request))
-    return Response(reply.body, media_type=JSON)
+async def run_task(d: Dispatcher, rid: str, model: str, params: dict[str, Any], blob: bytes = b"") -> bytes:
+    """Queue a task request; the worker's JSON body is the answer as is (no re-encoding here)."""
+    reply = await d.call(model, OP_TASK, params, blob, request_id=rid)
+    return reply.body
+
+
+async def answer(request: Request, handler: Handler) -> Response:
+    """Run a hot-path handler for a FastAPI route (the same code serves both ways)."""
+    body = await handler(dispatcher(request), request_id(request), await request.body(), request.headers,
+                         dict(request.path_params), request.url.query)
+    return Response(body, media_type=JSON)

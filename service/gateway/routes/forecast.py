@@ -1,16 +1,23 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.gateway.routes.common import json_body, parse_json, run_task
+from service.gateway.dispatch import Dispatcher
+from service.gateway.routes.common import answer, json_body, parse_json, run_task
 from service.schemas.tasks import ForecastRequest
 
 router = APIRouter(tags=["tasks"])
 
 
+async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+                 query: str) -> bytes:
+    return await run_task(d, rid, "lstm", parse_json(body, ForecastRequest).to_params())
+
+
 @router.post("/forecast", summary="Forecast the next `horizon` values of a time series (lstm)",
              openapi_extra=json_body(ForecastRequest))
 async def forecast(request: Request) -> Response:
-    body = await parse_json(request, ForecastRequest)
-    return await run_task(request, "lstm", body.to_params())
+    return await answer(request, handle)

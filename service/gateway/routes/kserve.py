@@ -3,6 +3,7 @@ bytes (JSON, or JSON + binary tensors per the binary-data extension) and are par
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,7 +12,8 @@ from starlette.responses import JSONResponse, Response
 import service
 from service.errors import BadRequest, NotFound, Unavailable
 from service.gateway.directory import Directory
-from service.gateway.routes.common import JSON, dispatcher, request_id
+from service.gateway.dispatch import Dispatcher
+from service.gateway.routes.common import answer, dispatcher
 from service.gateway.routes.health import readiness
 from service.protocol import OP_V2
 
@@ -62,14 +64,10 @@ async def model_ready(model: str, request: Request, version: str | None = None) 
     return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
 
 
-@router.post("/models/{model}/infer", summary="Run inference (JSON or binary tensors)")
-@router.post("/models/{model}/versions/{version}/infer")
-async def infer(model: str, request: Request, version: str | None = None) -> Response:
-    if version is not None:
-        await model_info(request, model, version)
-    body = await request.body()
+async def handle_infer(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+                       query: str) -> bytes:
     header_length = None
-    raw = request.headers.get("inference-header-content-length")
+    raw = headers.get("inference-header-content-length")
     if raw is not None:
         if not raw.isdigit() or int(raw) > len(body):
             raise BadRequest(f"Inference-Header-Content-Length {raw!r} must be an integer within the body's "
@@ -77,6 +75,13 @@ async def infer(model: str, request: Request, version: str | None = None) -> Res
         header_length = int(raw)
     if not body:
         raise BadRequest("empty body: expected a JSON inference request", field="body")
-    reply = await dispatcher(request).call(model, OP_V2, {"header_length": header_length}, body,
-                                           request_id=request_id(request))
-    return Response(reply.body, media_type=JSON)
+    reply = await d.call(path["model"], OP_V2, {"header_length": header_length}, body, request_id=rid)
+    return reply.body
+
+
+@router.post("/models/{model}/infer", summary="Run inference (JSON or binary tensors)")
+@router.post("/models/{model}/versions/{version}/infer")
+async def infer(model: str, request: Request, version: str | None = None) -> Response:
+    if version is not None:
+        await model_info(request, model, version)
+    return await answer(request, handle_infer)

@@ -1,0 +1,54 @@
+"""The inference routes as bare ASGI, in front of FastAPI. FastAPI's routing and request objects were the
+largest per-request cost of the gateway (../shared/ENVIRONMENT.md: 5.3k -> 9k req/s for the same logic).
+The handlers are the very ones the FastAPI routes call, so behaviour and docs stay one thing; anything
+not matched here (GET routes, multipart uploads, versioned infer) falls through to FastAPI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
+from service.gateway.routes import classify, forecast, kserve, sentiment
+from service.gateway.routes.common import Handler
+
+EXACT: dict[str, Handler] = {"/forecast": forecast.handle, "/sentiment": sentiment.handle,
+                             "/classify-image": classify.handle}
+V2_PREFIX, V2_SUFFIX = "/v2/models/", "/infer"
+
+
+class HotPath:
+    def __init__(self, app: Any) -> None:
+        self.app = app   # the FastAPI app: its state holds the dispatcher once the lifespan ran
+
+    def match(self, scope: Scope) -> tuple[Handler, str, dict[str, str]] | None:
+        path: str = scope["path"]
+        handler = EXACT.get(path)
+        if handler is not None:
+            return handler, path, {}
+        if path.startswith(V2_PREFIX) and path.endswith(V2_SUFFIX):
+            model = path[len(V2_PREFIX):-len(V2_SUFFIX)]
+            if model and "/" not in model:
+                return kserve.handle_infer, "/v2/models/{model}/infer", {"model": model}
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self.match(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
+        headers = Headers(scope=scope) if found else None
+        if found is None or headers is None or headers.get("content-type", "").startswith("multipart/"):
+            await self.app(scope, receive, send)
+            return
+        handler, route, path_params = found
+        scope["inferline.route"] = route
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = await handler(self.app.state.dispatcher, scope["state"]["request_id"], b"".join(chunks), headers,
+                             path_params, scope.get("query_string", b"").decode("latin-1"))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
