@@ -41,6 +41,7 @@ def build_missing(settings: Settings, quick: bool) -> None:
 
     wanted = [name for name, spec in settings.models.items()
               if spec.replicas > 0 and spec.runtime is None and spec.artifact is not None
+              and not spec.options.get("source")
               and Path(spec.artifact).resolve().parent == settings.model_store.resolve()
               and store.latest(settings.model_store.resolve(), name) is None]
     if wanted:

@@ -36,6 +36,12 @@ class InputError(ValidationFailed):
     """Bad input for one item, found in a worker's preprocess. Only that request gets the 4xx."""
 
 
+class MalformedInput(InputError):
+    """Input a worker cannot parse at all (not JSON): 400, as the gateway answers for an unparsable body."""
+
+    status = 400
+
+
 class NotFound(InferlineError):
     status = 404
     error_type = "not_found"

@@ -22,7 +22,7 @@ from service.gateway.dispatch import Dispatcher
 from service.gateway.edge import Edge
 from service.gateway.errors import from_validation, http_error, render
 from service.gateway.hot import HotPath
-from service.gateway.routes import classify, forecast, health, kserve, models, sentiment
+from service.gateway.routes import classify, forecast, generate, health, kserve, models, openai, sentiment
 from service.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def create_app(settings: Settings) -> Any:
     app.add_exception_handler(InferlineError, on_inferline_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    for module in (health, models, classify, forecast, sentiment, kserve):
+    for module in (health, models, classify, forecast, sentiment, kserve, generate, openai):
         app.include_router(module.router)
     return Edge(HotPath(app), settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s)
 

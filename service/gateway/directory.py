@@ -27,7 +27,8 @@ class Directory:
             return hit[1]
         raw = await self.redis.get(keys.model_info(model))
         info = orjson.loads(raw) if raw else None
-        self.cache[model] = (time.monotonic(), info)
+        if info is not None:   # a miss is not cached: a worker that just published must be seen at once
+            self.cache[model] = (time.monotonic(), info)
         return info
 
     async def status(self, model: str) -> dict[str, Any]:

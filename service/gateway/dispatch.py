@@ -175,7 +175,7 @@ class Dispatcher:
                 waiter = self.waiters.get(reply.request_id)
                 if isinstance(waiter, asyncio.Queue):
                     waiter.put_nowait(reply)
-                elif waiter is not None and not waiter.done():
+                elif waiter is not None and not waiter.done() and (reply.final or reply.status != 200):
                     waiter.set_result(reply)
             now = time.monotonic()
             if now - trimmed_at > TRIM_EVERY_S:   # everything before `last` is handled; trim now and then

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SERIES = 100_000
 MAX_HORIZON = 1024
@@ -14,7 +14,8 @@ MAX_TEXT_CHARS = 10_000
 
 
 class ForecastRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: lax mode would turn `true` into 1 and "4.5" into 4.5; a series holds numbers, a horizon an integer.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     series: list[float] = Field(min_length=1, max_length=MAX_SERIES)
     horizon: int = Field(1, ge=1, le=MAX_HORIZON)   # the model's own max_horizon is checked by its worker
@@ -51,3 +52,11 @@ class ClassifyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(5, ge=1, le=1000)   # the model's class count is checked by its worker
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _not_bool(cls, value: Any) -> Any:
+        # Lax, for the query string's and form's "3"; but a JSON `true` is not a count (lax mode reads it as 1).
+        if isinstance(value, bool):
+            raise ValueError("must be an integer, not a boolean")
+        return value

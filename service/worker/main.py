@@ -53,11 +53,13 @@ def locate(spec: ModelSpec) -> tuple[str, Path | None, dict[str, Any]]:
     """(runtime dotted path, version directory or None, manifest) for a spec."""
     manifest: dict[str, Any] = {}
     version_dir = None
+    if spec.options.get("source"):   # a generation model loaded from a hub id or a save_pretrained directory
+        return "generation", None, {"kind": "generation"}
     if spec.artifact is not None:
         from models import store  # light: no frameworks
         version_dir = store.resolve(Path(spec.artifact))
         manifest = store.read_manifest(version_dir)
-    runtime = spec.runtime or manifest.get("runtime")
+    runtime = spec.runtime or manifest.get("runtime") or ("generation" if manifest.get("kind") == "generation" else None)
     if not runtime:
         raise ConfigError(f"models.{spec.name}.runtime is not set and {version_dir} has no runtime in its manifest")
     return runtime, version_dir, manifest
@@ -86,7 +88,7 @@ async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    if manifest.get("kind") == "generation":
+    if manifest.get("kind") == "generation" or spec.options.get("source"):
         from service.worker.generate_loop import build_generation_loop
         serving, version, info = await build_generation_loop(spec, redis, worker_id, version_dir, manifest, device,
                                                              stats)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import InputError
+from service.errors import InputError, MalformedInput
 
 DTYPES: dict[str, Any] = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -31,7 +31,7 @@ def decode_request(body: bytes, header_length: int | None) -> tuple[dict[str, An
     try:
         request = orjson.loads(head)
     except orjson.JSONDecodeError as exc:
-        raise InputError(f"body is not valid JSON: {exc}", field="body") from None
+        raise MalformedInput(f"body is not valid JSON: {exc}", field="body") from None
     if not isinstance(request, dict):
         raise InputError("body must be a JSON object", field="body")
     inputs = request.get("inputs")

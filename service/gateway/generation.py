@@ -1,0 +1,84 @@
+"""Token streams from a generation worker, shared by the TGI and OpenAI routes: parse each token reply,
+skip indexes already seen (a request restarted on another replica repeats them), collect the whole
+answer, and tell the workers when the client leaves mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from service.gateway.dispatch import Dispatcher
+from service.protocol import OP_GENERATE
+
+_cancelling: set[asyncio.Task[None]] = set()
+
+
+@dataclass
+class Generation:
+    """A finished generation."""
+
+    text: str = ""
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "length"
+    seed: int | None = None
+    prompt_tokens: int = 0
+    prefill: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def token_of(event: dict[str, Any]) -> dict[str, Any]:
+    return {"id": event["id"], "text": event["text"], "logprob": event["logprob"], "special": event["special"]}
+
+
+async def token_events(d: Dispatcher, model: str, params: dict[str, Any], rid: str) -> AsyncIterator[dict[str, Any]]:
+    """The token events of one request in order, each once; the last has `finish_reason`. Errors before the
+    first token raise as InferlineErrors (so routes can still answer with a status). If the consumer stops
+    early (client gone), the workers are told to drop the sequence."""
+    expected = 0
+    finished = False
+    try:
+        async for reply in d.stream(model, OP_GENERATE, params, rid):
+            event = orjson.loads(reply.body)
+            if event["index"] < expected:
+                continue
+            expected = event["index"] + 1
+            finished = event.get("finish_reason") is not None
+            yield event
+    finally:
+        if not finished:   # we may be inside a cancellation: fire and forget, keeping a reference
+            task = asyncio.get_running_loop().create_task(d.cancel(model, rid))
+            _cancelling.add(task)
+            task.add_done_callback(_cancelling.discard)
+
+
+async def collect(events: AsyncIterator[dict[str, Any]]) -> Generation:
+    result = Generation()
+    async for event in events:
+        result.tokens.append(token_of(event))
+        result.prompt_tokens = event["prompt_tokens"]
+        result.seed = event.get("seed")
+        if event.get("prefill") is not None:
+            result.prefill = event["prefill"]
+        if event.get("finish_reason") is not None:
+            result.finish_reason = event["finish_reason"]
+            result.text = event.get("generated_text") or ""
+    return result
+
+
+async def first_then_rest(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Wait for the first event before a streaming response starts, so an error can still be a 4xx/5xx."""
+    first = await events.__anext__()
+
+    async def chained() -> AsyncIterator[dict[str, Any]]:
+        yield first
+        async for event in events:
+            yield event
+
+    return chained()
