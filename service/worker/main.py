@@ -59,7 +59,8 @@ def locate(spec: ModelSpec) -> tuple[str, Path | None, dict[str, Any]]:
         from models import store  # light: no frameworks
         version_dir = store.resolve(Path(spec.artifact))
         manifest = store.read_manifest(version_dir)
-    runtime = spec.runtime or manifest.get("runtime") or ("generation" if manifest.get("kind") == "generation" else None)
+    runtime = spec.runtime or manifest.get("runtime") or ("generation" if manifest.get("kind") == "generation"
+                                                          else None)
     if not runtime:
         raise ConfigError(f"models.{spec.name}.runtime is not set and {version_dir} has no runtime in its manifest")
     return runtime, version_dir, manifest
