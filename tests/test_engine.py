@@ -253,10 +253,10 @@ def test_cancel_drops_at_once(engine: Engine) -> None:
     for ev in engine.step() + engine.step():
         got[ev.request_id].append(ev)
     engine.add("waiting", PROMPTS[2], SamplingParams())
-    assert engine.num_running == 2
+    assert engine.num_running == 2 and engine.has_request("long") and engine.has_request("waiting")
     width = engine.cache_columns
     assert engine.cancel("long") is True
-    assert engine.num_running == 1
+    assert engine.num_running == 1 and not engine.has_request("long")
     assert engine.cache_columns < width  # the longest row left: its padding columns went with it
     assert engine.cancel("waiting") is True and engine.num_waiting == 0
     assert engine.cancel("long") is False and engine.cancel("unknown") is False

@@ -126,6 +126,10 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._running) or bool(self._waiting)
 
+    def has_request(self, request_id: str) -> bool:
+        """True while the request is waiting or running; False once it finished, was cancelled or failed."""
+        return request_id in self._ids
+
     @property
     def cache_columns(self) -> int:
         """Width of the running KV cache (for tests and metrics: it must shrink when long requests leave)."""
