@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +32,6 @@ from models.gpt2 import data
 from models.gpt2.loader import load
 from service.generation.engine import Engine, SamplingParams
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger(__name__)
 
 

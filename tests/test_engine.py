@@ -12,7 +12,6 @@ keeps counting it.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -33,8 +32,6 @@ from service.errors import InputError
 from service.generation.detokenizer import TokenBytes, make_decoder
 from service.generation.engine import Engine, SamplingParams, TokenEvent, generate
 from service.generation.sampling import Sampler
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 Model = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
