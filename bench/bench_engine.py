@@ -151,12 +151,13 @@ def print_table(results: list[Result]) -> None:
         print(f"{r.name:<10} {r.streams:>7} {len(r.records):>8} {r.tokens:>7} {r.tokens_per_s:>8.0f} "
               f"{r.ttft_ms(0.5):>12.1f} {r.ttft_ms(0.99):>12.1f}")
     by = {(r.name, r.streams): r for r in results}
-    print("\nratios engine / generate (tok/s: higher is better; ttft: lower is better)")
-    for streams in sorted({r.streams for r in results}):
-        e, g = by.get(("engine", streams)), by.get(("generate", streams))
-        if e and g:
-            print(f"  {streams:>2} streams: tok/s x{e.tokens_per_s / g.tokens_per_s:.2f}, "
-                  f"ttft p50 x{e.ttft_ms(0.5) / g.ttft_ms(0.5):.2f}, p99 x{e.ttft_ms(0.99) / g.ttft_ms(0.99):.2f}")
+    pairs = [(s, by[("engine", s)], by[("generate", s)]) for s in sorted({r.streams for r in results})
+             if ("engine", s) in by and ("generate", s) in by]
+    if pairs:
+        print("\nratios engine / generate (tok/s: higher is better; ttft: lower is better)")
+    for streams, e, g in pairs:
+        print(f"  {streams:>2} streams: tok/s x{e.tokens_per_s / g.tokens_per_s:.2f}, "
+              f"ttft p50 x{e.ttft_ms(0.5) / g.ttft_ms(0.5):.2f}, p99 x{e.ttft_ms(0.99) / g.ttft_ms(0.99):.2f}")
 
 
 def main() -> None:
