@@ -165,7 +165,7 @@ class GenerationLoop:
             try:
                 events = await asyncio.to_thread(self.engine.step)
             except Exception:   # noqa: BLE001 - the engine dropped its running batch: fail those, keep serving
-                lost = [d for rid, d in self.inflight.items() if not self.engine_has(rid)]
+                lost = [d for rid, d in self.inflight.items() if not self.engine.has_request(rid)]
                 await self._finish([(d, Reply.error(d.request_id, 500, "generation",
                                                     f"generation failed for request {d.request_id}")) for d in lost])
                 continue
@@ -187,9 +187,6 @@ class GenerationLoop:
                     finished.append(self.inflight.pop(event.request_id))
             await self.queue.reply_and_ack(replies, finished)
             await self._expire()
-
-    def engine_has(self, rid: str) -> bool:
-        return rid in self.engine._ids   # noqa: SLF001 - the engine's own registry of live requests
 
     async def _finish(self, answered: list[tuple[Delivery, Reply]]) -> None:
         for d, _ in answered:
