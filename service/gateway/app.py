@@ -36,7 +36,9 @@ def create_app(settings: Settings) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = aioredis.Redis.from_url(settings.redis_url, socket_keepalive=True, max_connections=256)
+        # socket_timeout bounds a hung Redis; it must outlast the reply reader's 1 s blocking XREAD.
+        redis = aioredis.Redis.from_url(settings.redis_url, socket_keepalive=True, socket_timeout=10,
+                                        max_connections=256)
         dispatcher = Dispatcher(redis, settings, metrics)
         app.state.settings = settings
         app.state.redis = redis

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import InferlineError, PayloadTooLarge
 from service.gateway.errors import render
+from service.ids import new_id
 from service.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Edge:
                 wanted = value.decode("latin-1")
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else -1
-        request_id = wanted if sane_id(wanted) else uuid.uuid4().hex
+        request_id = wanted if sane_id(wanted) else new_id()
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
         status = 500
