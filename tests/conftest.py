@@ -98,9 +98,10 @@ class Cluster:
             assert proc.poll() is None, (self.tmp / f"worker-{model}-{len(self.workers) - 1}.log").read_text()[-3000:]
         return proc
 
-    def start_gateway(self) -> str:
+    def start_gateway(self, gateway: dict[str, Any] | None = None) -> str:
+        """Start the gateway on a free port; `gateway` sets [gateway] keys (e.g. max_body_bytes)."""
         config = self.tmp / "inferline.toml"
-        lines = []
+        lines = ["[gateway]", *(f"{k} = {json.dumps(v)}" for k, v in (gateway or {}).items())]
         for name, spec in self.specs.items():
             lines.append(f"[models.{name}]")
             lines += [f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in spec.items() if k != "name"]

@@ -1,0 +1,71 @@
+"""The dependency direction holds: the gateway (and the CLI) never load a model framework or model code, and the
+worker side never loads the web stack. Each check imports in a fresh interpreter and reads its sys.modules."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import service.runtimes
+import service.worker
+from tests.conftest import ROOT, child_env
+
+FRAMEWORKS = ("torch", "tensorflow", "keras", "transformers", "jax", "tokenizers", "sklearn")
+WEB = ("fastapi", "starlette", "uvicorn")
+
+
+def modules_after(code: str) -> set[str]:
+    """The top-level packages in sys.modules after running `code` in a new interpreter."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=child_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def offenders(loaded: set[str], banned: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in loaded if m.split(".")[0] in banned)
+
+
+def test_the_gateway_loads_no_model_framework_or_model_code() -> None:
+    loaded = modules_after("from service.config import Settings\n"
+                           "from service.gateway.app import create_app\n"
+                           "create_app(Settings(redis_url='redis://127.0.0.1:1/0', models={'cnn': {}}))")
+    assert "fastapi" in loaded and "service.gateway.app" in loaded   # the probe did import the gateway
+    assert offenders(loaded, FRAMEWORKS) == []
+    assert sorted(m for m in loaded if m == "models" or m.startswith("models.")) == []
+
+
+def test_the_cli_loads_no_model_framework() -> None:
+    loaded = modules_after("import service.cli")
+    assert offenders(loaded, FRAMEWORKS) == []
+    assert offenders(loaded, WEB) == []   # `inferline up` itself is a supervisor: the web stack is the gateway's
+
+
+def worker_side_modules() -> list[str]:
+    names = []
+    for package in (service.worker, service.runtimes):
+        names += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+    return sorted(names)
+
+
+def test_worker_side_modules_are_all_checked() -> None:
+    assert {"service.worker.main", "service.worker.loop", "service.runtimes.base"} <= set(worker_side_modules())
+
+
+@pytest.mark.parametrize("module", worker_side_modules())
+def test_worker_side_module_loads_no_web_stack(module: str) -> None:
+    loaded = modules_after(f"import {module}")
+    assert module in loaded
+    assert offenders(loaded, WEB) == []
+
+
+@pytest.mark.parametrize("module", ["service.protocol", "service.config", "service.errors", "service.schemas.tasks",
+                                    "service.broker.streams", "service.broker.registry", "service.broker.embedded"])
+def test_shared_modules_load_neither(module: str) -> None:
+    loaded = modules_after(f"import {module}")
+    assert offenders(loaded, WEB + FRAMEWORKS) == []

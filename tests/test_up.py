@@ -1,0 +1,148 @@
+"""`inferline up` as a user runs it: no REDIS_URL (so it starts its private Redis), a config pointing at a model
+store, one command. It must become ready in bounded time, serve, bring back a worker killed with -9, and on Ctrl-C
+stop everything it started."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.broker import embedded
+from tests.conftest import ROOT, child_env, live_workers, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def children(pid: int) -> set[int]:
+    """Every live descendant of pid, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie has exited; it only waits to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def up(quick_store: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """`inferline up` with lstm and cnn from the quick store, in its own process group (as from a terminal).
+    Teardown kills whatever is still running, so a failed test leaves nothing behind either."""
+    port = embedded.free_port()
+    config = tmp_path / "inferline.toml"
+    config.write_text(f'model_store = "{quick_store}"\nstate_dir = "{tmp_path / "state"}"\n'
+                      f"[gateway]\nport = {port}\n[models.lstm]\nreplicas = 1\n[models.cnn]\nreplicas = 1\n")
+    log = tmp_path / "up.log"
+    env = child_env()
+    assert "REDIS_URL" not in env and not any(k.startswith("INFERLINE_") for k in env)
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(config), "up"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    seen: set[int] = set()
+    try:
+        yield proc, f"http://127.0.0.1:{port}", log
+    finally:
+        seen |= children(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_up_serves_restarts_a_killed_worker_and_stops_cleanly(up: tuple[subprocess.Popen[bytes], str, Path]) -> None:
+    proc, url, log = up
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    started = time.monotonic()
+    wait_for(ready, 120, "inferline up ready")
+    print(f"ready in {time.monotonic() - started:.1f} s")
+    match = re.search(r"started a private Redis at (redis://\S+)", log.read_text())
+    assert match, log.read_text()
+    client = redis.Redis.from_url(match.group(1))
+    try:
+        series = [float(i % 11) for i in range(30)]
+        first = httpx.post(url + "/forecast", json={"series": series, "horizon": 3}, timeout=30)
+        assert first.status_code == 200 and len(first.json()["forecast"]) == 3
+
+        # everything up started: the private redis-server, the gateway, one worker per model
+        processes = {pid: cmdline(pid) for pid in children(proc.pid)}
+        assert sum("redis-server" in c for c in processes.values()) == 1, processes
+        assert sum("service.cli gateway" in c for c in processes.values()) == 1, processes
+        assert sum("service.worker.main" in c for c in processes.values()) == 2, processes
+
+        (victim,) = live_workers(client, "lstm")
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        successor = wait_for(lambda: [w for w in live_workers(client, "lstm") if w["pid"] != victim["pid"]], 60,
+                             "a new lstm worker")
+        assert alive(int(successor[0]["pid"])) and not alive(int(victim["pid"]))
+        again = httpx.post(url + "/forecast", json={"series": series, "horizon": 3}, timeout=30)
+        assert again.status_code == 200 and again.json()["forecast"] == first.json()["forecast"]
+    finally:
+        client.close()
+
+    everything = children(proc.pid)
+    assert len(everything) >= 4
+    # SIGINT to the supervisor alone (a Ctrl-C reaches the whole group; this is the stricter case): it must
+    # stop its children itself
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    wait_for(lambda: not any(alive(pid) for pid in everything), 10, "every process gone")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/healthz", timeout=2)
+    assert "inferline: stopped" in log.read_text()
+
+
+@pytest.mark.parametrize(("toml", "env", "key"), [
+    ("[models.cnn]\nreplicas = -1\n", {}, "models.cnn.replicas"),
+    ('[models.lstm]\ndevice = "gpu0"\n', {}, "models.lstm.device"),
+    ("[gateway]\nport = 1\n[models.cnn]\nreplicas = 1\n", {"INFERLINE_GATEWAY__PORT": "eighty"}, "gateway.port"),
+])
+def test_up_with_a_bad_config_exits_naming_the_key(tmp_path: Path, toml: str, env: dict[str, str], key: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n' + toml)
+    out = subprocess.run([sys.executable, "-m", "service.cli", "--config", str(config), "up", "--no-build"],
+                         env=child_env(**env), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode != 0
+    assert key in out.stderr, out.stderr
+    assert not (tmp_path / "state").exists()   # nothing was started
