@@ -66,7 +66,8 @@ def create_app(settings: Settings) -> Any:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(request, http_error(exc.status_code, str(exc.detail), request.url.path))
+        return error_response(request, http_error(exc.status_code, str(exc.detail), request.url.path,
+                                                        request.method))
 
     app.add_exception_handler(InferlineError, on_inferline_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

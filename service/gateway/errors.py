@@ -64,9 +64,13 @@ def from_validation(exc: RequestValidationError) -> InferlineError:
     return ValidationFailed(f"`{field}`: {first.get('msg')}. Given: {shown}{more}", field=field)
 
 
-def http_error(status: int, detail: str, path: str) -> InferlineError:
+def http_error(status: int, detail: str, path: str, method: str = "") -> InferlineError:
     if status == 404:
         return NotFound(f"no route {path}", field=None)
+    if status == 405:
+        err = InferlineError(f"method {method} is not allowed on {path}")
+        err.status, err.error_type = 405, "validation"
+        return err
     err = InferlineError(detail)
     err.status = status
     err.error_type = "validation" if 400 <= status < 500 else "internal"

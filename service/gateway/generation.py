@@ -41,6 +41,7 @@ async def token_events(d: Dispatcher, model: str, params: dict[str, Any], rid: s
     """The token events of one request in order, each once; the last has `finish_reason`. Errors before the
     first token raise as InferlineErrors (so routes can still answer with a status). If the consumer stops
     early (client gone), the workers are told to drop the sequence."""
+    rid = d.new_request_id(rid)   # a client reusing one x-request-id must not share a reply waiter
     expected = 0
     finished = False
     try:
