@@ -170,10 +170,10 @@ CASES = [
     # routes and methods ---------------------------------------------------------------------------------------------
     Case("unknown-route", "GET", "/no/such/route", 404, "/no/such/route"),
     Case("unknown-route-post", "POST", "/classify", 404, "/classify", None, {"json": {}}),
-    Case("wrong-method", "GET", "/forecast", 405, "method not allowed"),
-    Case("wrong-method-put", "PUT", "/sentiment", 405, "method not allowed", None, {"json": {"text": "x"}}),
+    Case("wrong-method", "GET", "/forecast", 405, "is not allowed on"),
+    Case("wrong-method-put", "PUT", "/sentiment", 405, "is not allowed on", None, {"json": {"text": "x"}}),
     # Open Inference Protocol ----------------------------------------------------------------------------------------
-    Case("v2-wrong-method", "GET", "/v2/models/cnn/infer", 405, "method not allowed"),
+    Case("v2-wrong-method", "GET", "/v2/models/cnn/infer", 405, "is not allowed on"),
     Case("v2-unknown-model-infer", "POST", "/v2/models/nope/infer", 404, "nope", None,
          {"json": cnn_tensor([1, 784], PIXELS)}),
     Case("v2-unknown-model-metadata", "GET", "/v2/models/nope", 404, "nope"),

@@ -28,9 +28,8 @@ REQUIRED_FIELDS = {"name", "version", "runtime", "framework", "inputs", "outputs
 # Fixtures ------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    store = tmp_path_factory.mktemp("zoo")
-    built = build.build_missing(store, build.ZOO, quick=True)
+def zoo(quick_store: Path) -> dict[str, Path]:
+    built = build.build_missing(quick_store, build.ZOO, quick=True)   # already built: the shared session store
     assert set(built) == set(build.ZOO)
     return built
 
