@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from service.schemas.tgi import MAX_PROMPT_CHARS, MAX_STOP, StopSequence, unsupported
+from service.schemas.tgi import MAX_PROMPT_CHARS, MAX_STOP, unsupported
 
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 MAX_PROMPTS = 16
+MAX_STOP_CHARS = 64
+# accepted for compatibility; only these neutral values are honoured
+NEUTRAL: dict[str, Any] = {"logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0.0, "best_of": 1,
+                           "logit_bias": {}, "suffix": None}
 
 
 class StreamOptions(BaseModel):
@@ -21,14 +24,14 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=64)
-    prompt: Prompt | list[Prompt]
+    prompt: str | list[str]   # lengths checked in _prompts, so errors name `prompt`, not a member of the union
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0.0, le=2.0)   # 0 means greedy
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: StopSequence | list[StopSequence] | None = None
+    stop: str | list[str] | None = None   # checked in _stops, like prompt
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     echo: bool = False
     user: str | None = None
@@ -45,20 +48,31 @@ class CompletionRequest(BaseModel):
     def _prompts(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
             raise ValueError(f"must hold 1 to {MAX_PROMPTS} prompts (given {len(value)})")
+        for i, prompt in enumerate([value] if isinstance(value, str) else value):
+            which = "" if isinstance(value, str) else f" {i}"
+            if not prompt:
+                raise ValueError(f"prompt{which} must not be empty")
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt{which} must hold at most {MAX_PROMPT_CHARS} characters (given {len(prompt)})")
         return value
 
-    @model_validator(mode="after")
-    def _honourable(self) -> CompletionRequest:
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
-            raise ValueError(f"`stop` may hold at most {MAX_STOP} sequences (given {len(self.stop)})")
-        unsupported("logprobs", self.logprobs, None)
-        unsupported("presence_penalty", self.presence_penalty, 0.0)
-        unsupported("frequency_penalty", self.frequency_penalty, 0.0)
-        unsupported("best_of", self.best_of, 1)
-        unsupported("suffix", self.suffix, None)
-        if self.logit_bias:
-            unsupported("logit_bias", self.logit_bias, None)
-        return self
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"may hold at most {MAX_STOP} sequences (given {len(value)})")
+        for stop in [value] if isinstance(value, str) else value or []:
+            if not 1 <= len(stop) <= MAX_STOP_CHARS:
+                raise ValueError(f"each stop sequence must hold 1 to {MAX_STOP_CHARS} characters (given {len(stop)})")
+        return value
+
+    @field_validator(*NEUTRAL)
+    @classmethod
+    def _honourable(cls, value: Any, info: ValidationInfo) -> Any:
+        # per field, so the error's `param` names it
+        name = str(info.field_name)
+        unsupported(name, value, NEUTRAL[name])
+        return value
 
     @property
     def prompts(self) -> list[str]:

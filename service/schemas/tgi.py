@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP = 4
 MAX_PROMPT_CHARS = 65_536
 StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
+# accepted for compatibility; only these neutral values are honoured
+NEUTRAL: dict[str, Any] = {"frequency_penalty": 0.0, "typical_p": 1.0, "truncate": None, "best_of": 1,
+                           "watermark": False, "top_n_tokens": 0, "grammar": None}
 
 
 def unsupported(name: str, value: Any, default: Any) -> None:
@@ -41,16 +44,13 @@ class GenerateParameters(BaseModel):
     top_n_tokens: int | None = None
     grammar: Any = None
 
-    @model_validator(mode="after")
-    def _honourable(self) -> GenerateParameters:
-        unsupported("frequency_penalty", self.frequency_penalty, 0.0)
-        unsupported("typical_p", self.typical_p, 1.0)
-        unsupported("truncate", self.truncate, None)
-        unsupported("best_of", self.best_of, 1)
-        unsupported("watermark", self.watermark, False)
-        unsupported("top_n_tokens", self.top_n_tokens, 0)
-        unsupported("grammar", self.grammar, None)
-        return self
+    @field_validator(*NEUTRAL)
+    @classmethod
+    def _honourable(cls, value: Any, info: ValidationInfo) -> Any:
+        # per field, so the 422 names `parameters.<field>`, not just `parameters`
+        name = str(info.field_name)
+        unsupported(name, value, NEUTRAL[name])
+        return value
 
     def to_params(self, inputs: str) -> dict[str, Any]:
         """What the generation worker reads (generation.SamplingParams fields plus the prompt)."""
