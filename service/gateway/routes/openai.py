@@ -20,6 +20,12 @@ from service.schemas.openai import CompletionRequest
 
 router = APIRouter(tags=["text generation (OpenAI)"])
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+# The worker names the fields it checks (prompt length against the context) as the engine calls them.
+PARAMS = {"inputs": "prompt", "max_new_tokens": "max_tokens"}
+
+
+def param_of(field: str | None) -> str | None:
+    return PARAMS.get(field, field) if field is not None else None
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -36,9 +42,13 @@ async def completions(request: Request) -> Response:
     ids = [base] if len(req.prompts) == 1 else [f"{base}-{i}" for i in range(len(req.prompts))]
     head = {"id": f"cmpl-{base}", "object": "text_completion", "created": int(time.time()), "model": req.model}
     streams = [token_events(d, req.model, req.to_params(p), rid) for p, rid in zip(req.prompts, ids, strict=True)]
-    if req.stream:
-        return await stream(req, head, streams)
-    results = await asyncio.gather(*[collect(s) for s in streams])
+    try:
+        if req.stream:
+            return await stream(req, head, streams)
+        results = await asyncio.gather(*[collect(s) for s in streams])
+    except InferlineError as exc:
+        exc.field = param_of(exc.field)
+        raise
     choices = [{"index": i, "text": (req.prompts[i] if req.echo else "") + r.text, "logprobs": None,
                 "finish_reason": FINISH[r.finish_reason]} for i, r in enumerate(results)]
     body = {**head, "choices": choices, "usage": usage(sum(r.prompt_tokens for r in results),
@@ -77,7 +87,8 @@ async def stream(req: CompletionRequest, head: dict[str, Any],
                     open_streams -= 1
                 elif isinstance(item, InferlineError):
                     yield b"data: " + orjson.dumps({"error": {"message": item.message, "type": OPENAI_TYPES.get(
-                        item.error_type, item.error_type), "param": item.field, "code": item.error_type}}) + b"\n\n"
+                        item.error_type, item.error_type), "param": param_of(item.field), "code": item.error_type}}) \
+                        + b"\n\n"
                 else:
                     completion_tokens += 1
                     prompt_tokens = prompt_tokens if item["index"] else prompt_tokens + item["prompt_tokens"]
