@@ -134,7 +134,8 @@ class ModelQueue:
         block_s None: do not block."""
         block = None if block_s is None else max(1, int(block_s * 1000))
         try:
-            res = await self.redis.xreadgroup(keys.GROUP, self.consumer, {self.stream: ">"}, count=count, block=block)
+            res: Any = await self.redis.xreadgroup(keys.GROUP, self.consumer, {self.stream: ">"}, count=count,
+                                                   block=block)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -147,7 +148,8 @@ class ModelQueue:
         good = [(eid, Envelope.from_fields(f), tries) for eid, f, tries in entries if f]
         if not good:
             return []
-        payloads = await self.redis.mget([keys.payload(env.request_id) for _, env, _ in good])
+        payloads: list[bytes | None] = await self.redis.mget(  # type: ignore[assignment]
+            [keys.payload(env.request_id) for _, env, _ in good])
         return [Delivery(eid, env, p, tries) for (eid, env, tries), p in zip(good, payloads, strict=True)]
 
     async def reply(self, replies: Sequence[tuple[str, Reply]]) -> None:
@@ -166,7 +168,8 @@ class ModelQueue:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for reply_to, reply in replies:
-                pipe.xadd(reply_to, reply.fields(), maxlen=REPLY_MAXLEN, approximate=True, nomkstream=True)
+                pipe.xadd(reply_to, reply.fields(), maxlen=REPLY_MAXLEN, approximate=True,  # type: ignore[arg-type]
+                          nomkstream=True)
             if deliveries:
                 ids = [d.entry_id for d in deliveries]
                 pipe.xack(self.stream, keys.GROUP, *ids)
@@ -179,13 +182,13 @@ class ModelQueue:
         """Take over entries left pending longer than min_idle_ms (their worker died or hung).
         Returns (claimed, exhausted): exhausted ones were already delivered max_tries times and must be
         dead-lettered, not run again."""
-        pending = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
+        pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
                                                   idle=min_idle_ms)
         if not pending:
             return [], []
         tries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
         # XCLAIM with the same min-idle: if another worker claimed one first, it is not returned twice.
-        claimed = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
+        claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
         deleted = [eid for eid, fields in claimed if not fields]
         if deleted:   # entries deleted under the PEL (Redis 6.2 still lists them): clear them for good
             await self.redis.xack(self.stream, keys.GROUP, *deleted)

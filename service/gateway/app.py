@@ -37,7 +37,7 @@ def create_app(settings: Settings) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # socket_timeout bounds a hung Redis; it must outlast the reply reader's 1 s blocking XREAD.
-        redis = aioredis.Redis.from_url(settings.redis_url, socket_keepalive=True, socket_timeout=10,
+        redis = aioredis.Redis.from_url(str(settings.redis_url), socket_keepalive=True, socket_timeout=10,
                                         max_connections=256)
         dispatcher = Dispatcher(redis, settings, metrics)
         app.state.settings = settings

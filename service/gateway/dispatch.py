@@ -60,9 +60,9 @@ class Dispatcher:
             await self.redis.delete(self.reply_stream)
 
     async def _create_reply_stream(self) -> bytes:
-        last: bytes = await self.redis.xadd(self.reply_stream, {"id": "", "status": 0, "body": b""})
+        last: Any = await self.redis.xadd(self.reply_stream, {"id": "", "status": 0, "body": b""})
         await self.redis.expire(self.reply_stream, keys.REPLY_STREAM_TTL_S)
-        return last
+        return bytes(last)
 
     def spec(self, model: str) -> ModelSpec:
         spec = self.settings.models.get(model)
@@ -159,7 +159,7 @@ class Dispatcher:
         trimmed_at = time.monotonic()
         while True:
             try:
-                res = await self.redis.xread({self.reply_stream: last}, count=1000, block=1000)
+                res: Any = await self.redis.xread({self.reply_stream: last}, count=1000, block=1000)
             except asyncio.CancelledError:
                 raise
             except Exception:   # Redis away: waiting callers hit their deadlines; keep trying

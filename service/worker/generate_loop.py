@@ -208,13 +208,13 @@ class GenerationLoop:
     # cancellation and claims -------------------------------------------------------------------------------
     async def _cancels(self) -> None:
         stream = keys.cancel_stream(self.spec.name)
-        last = b"$"
+        last: Any = b"$"
         with contextlib.suppress(Exception):
-            newest = await self.redis.xrevrange(stream, count=1)
+            newest: Any = await self.redis.xrevrange(stream, count=1)
             last = newest[0][0] if newest else b"0-0"
         while True:
             try:
-                res = await self.redis.xread({stream: last}, count=100, block=500)
+                res: Any = await self.redis.xread({stream: last}, count=100, block=500)
             except asyncio.CancelledError:
                 raise
             except Exception:   # noqa: BLE001 - Redis away: cancels resume when it is back

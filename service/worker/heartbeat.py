@@ -43,12 +43,12 @@ class Heartbeat:
 
     async def beat(self) -> None:
         now_ms = int(time.time() * 1000)
-        record = {**self.static, "batches": self.stats.batches, "items": self.stats.items,
+        record: dict[str, Any] = {**self.static, "batches": self.stats.batches, "items": self.stats.items,
                   "max_batch": self.stats.max_batch, "active": self.stats.active, "beat": now_ms}
         key = keys.worker(self.model, self.worker_id)
         index = keys.workers_index(self.model)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=record)
+            pipe.hset(key, mapping=record)   # type: ignore[arg-type]
             pipe.pexpire(key, int(keys.HEARTBEAT_TTL_S * 1000))
             pipe.zadd(index, {self.worker_id: now_ms})
             pipe.zremrangebyscore(index, 0, now_ms - int(keys.HEARTBEAT_TTL_S * 1000) * 10)

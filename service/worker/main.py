@@ -17,7 +17,7 @@ import socket
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -30,6 +30,14 @@ from service.worker import device as devices
 from service.worker.heartbeat import Heartbeat, WorkerStats
 
 log = logging.getLogger("inferline.worker")
+
+
+class Serving(Protocol):
+    """A worker's main loop: the batch loop of classic models, or the generation loop."""
+
+    async def serve(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def limit_threads(threads: int) -> None:
@@ -89,6 +97,7 @@ async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    serving: Serving
     if manifest.get("kind") == "generation" or spec.options.get("source"):
         from service.worker.generate_loop import build_generation_loop
         serving, version, info = await build_generation_loop(spec, redis, worker_id, version_dir, manifest, device,
@@ -103,8 +112,12 @@ async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
         await publish_info(redis, spec, runtime, "batch")
         serving = BatchLoop(spec, ModelQueue(redis, spec.name, worker_id), Executor(runtime, spec.name), stats)
 
+    def drain() -> None:
+        stopping.set()
+        serving.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: (stopping.set(), serving.stop()))
+        loop.add_signal_handler(sig, drain)
     heartbeat = Heartbeat(redis, spec.name, worker_id, device, version, stats)
     beating = asyncio.create_task(heartbeat.run(stopping))
     log.info("worker ready model=%s version=%s device=%s id=%s", spec.name, version, device, worker_id)

@@ -36,7 +36,7 @@ async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str
     """A raw image/* body, or JSON {"image": base64, "top_k"?} (whatever the declared Content-Type)."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith("image/") or content_type == "application/octet-stream":
-        image, options = body, {}
+        image, options = body, dict[str, Any]()
     else:
         image, options = from_json(body)
     return await classify(d, rid, image, {**query_options(query), **options})
