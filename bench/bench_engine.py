@@ -4,27 +4,32 @@
     python -m bench.bench_engine                          # builds a quick model in a temp dir first
 
 Measurements (each takes the same Workload and returns one Record per request):
-  (c) engine    the continuous-batching engine stepped in-process; each round's requests arrive together.
+  (a) served    the whole platform: a private Redis, one gpt2 worker and a gateway (bench_serving.Served, real
+                processes); this process posts each round's requests together to /generate_stream with an asyncio
+                HTTP client and times the first SSE token event of each.
   (b) generate  the naive baseline: transformers `model.generate()` per request, one after another, in arrival order.
-  (a) served    through the gateway over HTTP: not here yet. Add `def served(base_url: str) -> Measurement` that
-                returns a function posting each round's requests concurrently to /generate_stream and timing the
-                first SSE event, then register it in MEASUREMENTS; the table and ratios need nothing else.
+  (c) engine    the continuous-batching engine stepped in-process; each round's requests arrive together.
+Targets at 32 streams: (a)/(b) tokens/s >= 5x, (a)/(c) >= 0.75.
 
-Greedy decoding, so every measurement does the same work (same tokens, EOS included); the table shows the token
-counts so that can be checked. torch runs at 1 thread: other work shares these cores.
+Greedy decoding, so every measurement does the same work (same tokens, EOS included): the table shows the token
+counts and a line flags any level where they differ. torch runs at 1 thread in this process and in the worker.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import torch
 from transformers.generation.streamers import BaseStreamer
 
@@ -131,6 +136,60 @@ def generate_measurement(model: Any, tokenizer: Any) -> Measurement:
     return run
 
 
+async def _stream_one(client: httpx.AsyncClient, prompt: str, max_new_tokens: int, arrived: float) -> Record:
+    """One greedy request through /generate_stream: time to its first token event, and its token count."""
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}
+    first: float | None = None
+    tokens = 0
+    async with client.stream("POST", "/generate_stream", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"/generate_stream answered {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = orjson.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(f"stream failed: {event}")
+            if first is None:
+                first = time.perf_counter() - arrived
+            tokens = event["index"] + 1
+    if first is None:
+        raise RuntimeError("stream ended without a token")
+    return Record(first, tokens)
+
+
+def served_measurement(base_url: str) -> Measurement:
+    """(a) over HTTP: each round's requests go out together on their own connections."""
+    async def rounds(work: Workload) -> list[Record]:
+        records: list[Record] = []
+        limits = httpx.Limits(max_connections=work.streams, max_keepalive_connections=work.streams)
+        async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
+            for prompts in work.rounds:
+                arrived = time.perf_counter()
+                records += await asyncio.gather(*[_stream_one(client, p, work.max_new_tokens, arrived)
+                                                  for p in prompts])
+        return records
+
+    def run(work: Workload) -> list[Record]:
+        return asyncio.run(rounds(work))
+
+    return run
+
+
+@contextmanager
+def served_stack(artifact: Path, max_batch_size: int) -> Iterator[Measurement]:
+    """Start a private Redis, one gpt2 worker (1 torch thread) and a gateway, yield (a), stop them all."""
+    from bench.bench_serving import Served
+
+    with tempfile.TemporaryDirectory(prefix="bench-served-") as tmp:
+        stack = Served(Path(tmp), "gpt2", {"artifact": str(artifact), "max_batch_size": max_batch_size,
+                                           "timeout_s": 300})
+        try:
+            yield served_measurement(stack.url)
+        finally:
+            stack.close()
+
+
 def workload(streams: int, requests: int, max_new_tokens: int) -> Workload:
     """`requests` prompts of 3..42 words of real prose, in rounds of `streams`."""
     paragraphs = [p for doc in data.topic_texts() for p in data.clean(doc)]
@@ -144,20 +203,51 @@ def measure(name: str, fn: Measurement, work: Workload) -> Result:
     return Result(name, work.streams, records, time.perf_counter() - started)
 
 
+LABELS = {"served": "(a) served", "generate": "(b) generate", "engine": "(c) engine"}
+# (numerator, denominator, tok/s target at TARGET_STREAMS or None)
+RATIOS = [("served", "generate", 5.0), ("served", "engine", 0.75), ("engine", "generate", None)]
+TARGET_STREAMS = 32
+
+
 def print_table(results: list[Result]) -> None:
-    print(f"{'measurement':<10} {'streams':>7} {'requests':>8} {'tokens':>7} {'tok/s':>8} "
+    order = list(LABELS)
+    results = sorted(results, key=lambda r: (r.streams, order.index(r.name)))
+    print(f"{'measurement':<13} {'streams':>7} {'requests':>8} {'tokens':>7} {'tok/s':>8} "
           f"{'ttft p50 ms':>12} {'ttft p99 ms':>12}")
     for r in results:
-        print(f"{r.name:<10} {r.streams:>7} {len(r.records):>8} {r.tokens:>7} {r.tokens_per_s:>8.0f} "
+        print(f"{LABELS[r.name]:<13} {r.streams:>7} {len(r.records):>8} {r.tokens:>7} {r.tokens_per_s:>8.0f} "
               f"{r.ttft_ms(0.5):>12.1f} {r.ttft_ms(0.99):>12.1f}")
+    levels = sorted({r.streams for r in results})
+    for streams in levels:   # greedy: every measurement must have generated the same tokens
+        counts = {r.name: r.tokens for r in results if r.streams == streams}
+        if len(set(counts.values())) > 1:
+            print(f"  ! {streams} streams: token counts differ {counts}; the tok/s are not comparable")
     by = {(r.name, r.streams): r for r in results}
-    pairs = [(s, by[("engine", s)], by[("generate", s)]) for s in sorted({r.streams for r in results})
-             if ("engine", s) in by and ("generate", s) in by]
-    if pairs:
-        print("\nratios engine / generate (tok/s: higher is better; ttft: lower is better)")
-    for streams, e, g in pairs:
-        print(f"  {streams:>2} streams: tok/s x{e.tokens_per_s / g.tokens_per_s:.2f}, "
-              f"ttft p50 x{e.ttft_ms(0.5) / g.ttft_ms(0.5):.2f}, p99 x{e.ttft_ms(0.99) / g.ttft_ms(0.99):.2f}")
+    lines = []
+    for num, den, target in RATIOS:
+        for streams in levels:
+            if (num, streams) not in by or (den, streams) not in by:
+                continue
+            a, b = by[(num, streams)], by[(den, streams)]
+            ratio = a.tokens_per_s / b.tokens_per_s
+            verdict = ""
+            if target is not None and streams == TARGET_STREAMS:
+                verdict = f"   target >= {target:g}: {'met' if ratio >= target else 'MISSED'}"
+            lines.append(f"  {LABELS[num]} / {LABELS[den]:<13} {streams:>2} streams: tok/s x{ratio:.2f}, "
+                         f"ttft p50 x{a.ttft_ms(0.5) / b.ttft_ms(0.5):.2f}, "
+                         f"p99 x{a.ttft_ms(0.99) / b.ttft_ms(0.99):.2f}{verdict}")
+    if lines:
+        print("\nratios (tok/s: higher is better; ttft: lower is better)")
+        print("\n".join(lines))
+
+
+def run_levels(name: str, fn: Measurement, works: list[Workload]) -> list[Result]:
+    fn(workload(1, 2, 8))  # first calls pay for lazy init (kernels, allocator); keep that out of the numbers
+    results = []
+    for work in works:
+        results.append(measure(name, fn, work))
+        print(f"  done {name} streams={work.streams} s={results[-1].wall_s:.1f}", flush=True)
+    return results
 
 
 def main() -> None:
@@ -166,7 +256,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (>= streams)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--skip-generate", action="store_true", help="engine only (the baseline is slow)")
+    parser.add_argument("--skip-generate", action="store_true", help="no (b): the baseline is slow")
+    parser.add_argument("--skip-served", action="store_true", help="no (a): in-process measurements only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -180,21 +271,16 @@ def main() -> None:
         source = source / "gpt2"
     model, tokenizer = load(source, "cpu", threads=1)
     print(f"model={source} params={sum(p.numel() for p in model.parameters())} max_new_tokens={args.max_new_tokens}")
-
-    engine = Engine(model, tokenizer, max_batch_size=max(args.streams))
-    measurements: dict[str, Measurement] = {"engine": engine_measurement(engine)}
-    if not args.skip_generate:
-        measurements["generate"] = generate_measurement(model, tokenizer)
-    warm = workload(1, 2, 8)
-    for fn in measurements.values():
-        fn(warm)  # first calls pay for lazy init (kernels, allocator); keep that out of the numbers
+    works = [workload(streams, max(args.requests, streams), args.max_new_tokens) for streams in args.streams]
 
     results = []
-    for streams in args.streams:
-        work = workload(streams, max(args.requests, streams), args.max_new_tokens)
-        for name, fn in measurements.items():
-            results.append(measure(name, fn, work))
-            print(f"  done {name} streams={streams} s={results[-1].wall_s:.1f}", flush=True)
+    if not args.skip_served:   # the stack runs only while (a) is measured: its idle polling stays out of (b), (c)
+        with served_stack(source, max_batch_size=max(args.streams)) as served:
+            results += run_levels("served", served, works)
+    engine = Engine(model, tokenizer, max_batch_size=max(args.streams))
+    results += run_levels("engine", engine_measurement(engine), works)
+    if not args.skip_generate:
+        results += run_levels("generate", generate_measurement(model, tokenizer), works)
     print()
     print_table(results)
 
