@@ -60,6 +60,8 @@ class GenerationLoop:
         self.version = "0"
         self.stopping = asyncio.Event()
         self.work = asyncio.Event()
+        self.freed = asyncio.Event()
+        self.sending: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -83,8 +85,10 @@ class GenerationLoop:
         while not self.stopping.is_set():
             try:
                 room = self.spec.max_batch_size - self.engine.num_running - self.engine.num_waiting
-                if room <= 0:
-                    await asyncio.sleep(0.002)
+                if room <= 0:   # full: wait until sequences finish
+                    self.freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.freed.wait(), 0.25)
                     continue
                 deliveries = await self.queue.read(count=room, block_s=0.25)
                 await self.admit(deliveries)
@@ -155,6 +159,21 @@ class GenerationLoop:
 
     # stepping ----------------------------------------------------------------------------------------------
     async def _step_forever(self) -> None:
+        try:
+            await self._step_loop()
+        finally:
+            await self._sent()
+
+    async def _sent(self) -> None:
+        """Wait for the previous step's replies to be in Redis (they are sent while the next step computes)."""
+        if self.sending is not None:
+            try:
+                await self.sending
+            except Exception:   # noqa: BLE001 - Redis away: those entries stay pending and are redelivered
+                log.exception("sending replies failed model=%s", self.spec.name)
+            self.sending = None
+
+    async def _step_loop(self) -> None:
         while not (self.stopping.is_set() and not self.engine.has_work() and not self.inflight):
             if not self.engine.has_work():
                 self.work.clear()
@@ -185,10 +204,15 @@ class GenerationLoop:
                     replies.append((d.envelope.reply_to, Reply(event.request_id, 200, token_body(event), final)))
                 if final:
                     finished.append(self.inflight.pop(event.request_id))
-            await self.queue.reply_and_ack(replies, finished)
+            if finished:
+                self.freed.set()
+            # Send this step's tokens while the next step computes; one send at a time keeps them in order.
+            await self._sent()
+            self.sending = asyncio.create_task(self.queue.reply_and_ack(replies, finished))
             await self._expire()
 
     async def _finish(self, answered: list[tuple[Delivery, Reply]]) -> None:
+        self.freed.set()
         for d, _ in answered:
             self.inflight.pop(d.request_id, None)
             self.v2_ids.pop(d.request_id, None)
