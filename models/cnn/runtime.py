@@ -1,16 +1,13 @@
 """Serve the digit CNN: image files (task route /classify-image) or FP32 tensors (Open Inference Protocol).
 
 One item may hold several rows (a v2 request with a batch dimension); predict_batch stacks every row of every item
-and runs one forward pass through a tf.function with a fixed input signature (no retrace per batch size, and none
-of model.predict's per-call overhead).
+and runs one forward pass through KerasRuntime.forward (a tf.function with a fixed input signature: no retrace per
+batch size, and none of model.predict's per-call overhead).
 """
 
 from __future__ import annotations
 
 import io
-import logging
-import os
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +18,8 @@ from PIL import Image
 
 from models import store as model_store
 from models.cnn.imaging import ImageFormat, image_to_array
-from service.runtimes.base import InputError, Runtime, TaskRequest, TensorSpec, split_rows
-
-log = logging.getLogger(__name__)
+from service.runtimes.base import InputError, TaskRequest, TensorSpec, only_input, split_rows, stack_rows
+from service.runtimes.keras_rt import KerasRuntime
 
 DEFAULT_TOP_K = 5
 INPUT = "input"
@@ -40,41 +36,24 @@ class CnnItem:
     top_k: int
 
 
-class CnnRuntime(Runtime[CnnItem, np.ndarray]):
-    platform = "tensorflow_keras"
-
+class CnnRuntime(KerasRuntime[CnnItem, np.ndarray]):
     def __init__(self) -> None:
         super().__init__()
         self.fmt = ImageFormat()
         self.labels: list[str] = []
-        self._forward: Any = None
 
-    def load(self, artifact: Path | None, device: str, threads: int) -> None:
-        if artifact is None:
-            raise FileNotFoundError("CnnRuntime needs a model artifact (a store version directory)")
-        started = time.perf_counter()
-        path = model_store.resolve(Path(artifact))
+    def read_artifact(self, artifact: Path) -> Path:
+        path = model_store.resolve(artifact)
         self.manifest = model_store.read_manifest(path)
         self.fmt = ImageFormat.from_json(self.manifest["image"])
         self.labels = [str(label) for label in self.manifest["labels"]]
-        tf = configure_tensorflow(threads)
-        import keras
+        return path
 
-        placement = _tf_device(tf, device)
-        with tf.device(placement):
-            model = keras.saving.load_model(path / self.manifest["files"]["model"], compile=False)
-        model.trainable = False
-        signature = [tf.TensorSpec([None, *self.fmt.shape], tf.float32)]
+    def input_spec(self) -> tuple[tuple[int, ...], str]:
+        return self.fmt.shape, "float32"
 
-        @tf.function(input_signature=signature)
-        def forward(x: Any) -> Any:
-            with tf.device(placement):
-                return model(x, training=False)
-
-        self._forward = forward
-        self.predict_batch([CnnItem(np.zeros((1, *self.fmt.shape), np.float32), 1)])   # trace + warm up once
-        log.info("loaded model=cnn version=%s device=%s threads=%d ms=%.0f", self.version, placement, threads,
-                 (time.perf_counter() - started) * 1000)
+    def warm_up_batch(self) -> list[CnnItem]:
+        return [CnnItem(np.zeros((1, *self.fmt.shape), np.float32), 1)]
 
     # Task route ------------------------------------------------------------------------------------------------
 
@@ -91,8 +70,7 @@ class CnnRuntime(Runtime[CnnItem, np.ndarray]):
                 "predictions": [{"label": self.labels[i], "score": float(probs[i])} for i in order]}
 
     def predict_batch(self, batch: list[CnnItem]) -> list[np.ndarray]:
-        stacked = np.concatenate([item.pixels for item in batch]) if len(batch) > 1 else batch[0].pixels
-        probs = self._forward(stacked).numpy()
+        probs = self.forward(stack_rows([item.pixels for item in batch]))
         return split_rows(probs, [len(item.pixels) for item in batch])
 
     # Open Inference Protocol -----------------------------------------------------------------------------------
@@ -104,12 +82,7 @@ class CnnRuntime(Runtime[CnnItem, np.ndarray]):
         return [TensorSpec(OUTPUT, "FP32", [-1, len(self.labels)])]
 
     def v2_preprocess(self, tensors: dict[str, np.ndarray], parameters: dict[str, Any]) -> CnnItem:
-        unknown = sorted(set(tensors) - {INPUT})
-        if unknown:
-            raise InputError(f"unknown input tensor `{unknown[0]}`; this model takes `{INPUT}`", field=unknown[0])
-        if INPUT not in tensors:
-            raise InputError(f"missing input tensor `{INPUT}` (FP32 {[-1, *self.fmt.shape]})", field=INPUT)
-        x = np.asarray(tensors[INPUT])
+        x = np.asarray(only_input(tensors, INPUT, f"FP32 {[-1, *self.fmt.shape]}"))
         h, w, c = self.fmt.shape
         accepted = [(h, w, c), (h * w * c,)] + ([(h, w)] if c == 1 else [])
         if x.ndim < 2 or tuple(x.shape[1:]) not in accepted or x.shape[0] < 1:
@@ -161,27 +134,3 @@ class CnnRuntime(Runtime[CnnItem, np.ndarray]):
 
 def _first_bad(x: np.ndarray) -> float:
     return float(x[~np.isfinite(x)].flat[0])
-
-
-def configure_tensorflow(threads: int) -> Any:
-    """Import TF with `threads` intra-op threads. TF fixes them at its first op: if TF already ran in this process
-    (a test that trained first), keep what it has."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        log.debug("tensorflow already initialised; thread settings unchanged")
-    return tf
-
-
-def _tf_device(tf: Any, device: str) -> str:
-    """A TF device string for "cpu" / "cuda:N". tensorflow-cpu sees no GPU: serve on the CPU and say so."""
-    if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        if index < len(tf.config.list_physical_devices("GPU")):
-            return f"/GPU:{index}"
-        log.warning("device=%s requested but tensorflow sees no GPU; serving on CPU", device)
-    return "/CPU:0"

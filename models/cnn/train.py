@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from models.build import allocate_version
+from models import keras_train
 from models.cnn import data
 from models.store import write_manifest
 
@@ -26,17 +26,11 @@ SEED = 0
 
 def train(store: Path, quick: bool = False, source: str = "digits", threads: int = 1) -> Path:
     """Train on `source` (see data.SOURCES), evaluate on its held-out split, write the artifact; return its dir."""
-    from models.cnn.runtime import configure_tensorflow
-
     started = time.perf_counter()
-    tf = configure_tensorflow(threads)          # first: TF reads its log level and thread counts at import/first op
-    import keras
+    tf, keras = keras_train.start(threads, SEED)
 
     from models.cnn.model import build_cnn
 
-    # Seeded, deterministic ops: a rebuild from the same data gives the same model.
-    keras.utils.set_random_seed(SEED)
-    tf.config.experimental.enable_op_determinism()
     split = data.load_split(source, quick=quick, seed=SEED)
     model = build_cnn(split.fmt.shape, len(split.labels), quick=quick)
     model.compile(optimizer=keras.optimizers.Adam(1e-3 if not quick else 3e-3),
@@ -44,24 +38,15 @@ def train(store: Path, quick: bool = False, source: str = "digits", threads: int
     epochs = 2 if quick else 20
     model.fit(split.x_train, split.y_train, batch_size=32, epochs=epochs, shuffle=True, verbose=0)
 
-    # Evaluate through a plain forward pass in chunks: model.predict adds seconds of overhead for nothing here.
-    forward = tf.function(lambda x: model(x, training=False))
-    probs = np.concatenate([forward(tf.constant(split.x_test[i:i + 256])).numpy()
-                            for i in range(0, len(split.x_test), 256)])
+    probs = keras_train.evaluate(tf, model, split.x_test, 256)
     accuracy = float(np.mean(probs.argmax(axis=1) == split.y_test))
     majority = float(np.mean(split.y_test == np.bincount(split.y_train).argmax()))
     seconds = time.perf_counter() - started
 
-    version, path = allocate_version(store, NAME)
-    model.save(path / MODEL_FILE)
+    path, head = keras_train.save_version(store, NAME, RUNTIME, model, {"model": MODEL_FILE})
     h, w, c = split.fmt.shape
     manifest: dict[str, Any] = {
-        "name": NAME,
-        "version": version,
-        "runtime": RUNTIME,
-        "framework": "tensorflow",
-        "format": "keras",
-        "files": {"model": MODEL_FILE},
+        **head,
         "task": "image-classification",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, h, w, c]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(split.labels)]}],
@@ -74,9 +59,8 @@ def train(store: Path, quick: bool = False, source: str = "digits", threads: int
                     "n_train": int(len(split.y_train)), "n_test": int(len(split.y_test)),
                     "train_seconds": round(seconds, 2)},
         "quick": quick,
-        "keras_version": keras.__version__,
     }
     write_manifest(path, manifest)
-    log.info("trained model=%s version=%s accuracy=%.4f n_test=%d s=%.1f", NAME, version, accuracy,
+    log.info("trained model=%s version=%s accuracy=%.4f n_test=%d s=%.1f", NAME, head["version"], accuracy,
              len(split.y_test), seconds)
     return path

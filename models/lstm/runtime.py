@@ -7,9 +7,7 @@ then keeps its own horizon.
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,8 @@ import torch
 
 from models import store as model_store
 from models.lstm.model import LstmForecaster, forecast
-from service.runtimes.base import InputError, Runtime, TaskRequest, TensorSpec, split_rows
-
-log = logging.getLogger(__name__)
+from service.runtimes.base import InputError, TaskRequest, TensorSpec, only_input, split_rows, stack_rows
+from service.runtimes.torch_rt import TorchRuntime
 
 INPUT = "series"
 OUTPUT = "forecast"
@@ -31,44 +28,38 @@ _FP32_MAX = float(np.finfo(np.float32).max)
 
 @dataclass(frozen=True)
 class LstmItem:
-    """One request, decoded: its normalised input windows [n, window] and its horizon."""
+    """One request, decoded: its input windows [n, window], normalised with the artifact's mean and std, and how many
+    steps ahead to forecast."""
 
     windows: np.ndarray
     horizon: int
 
 
-class LstmRuntime(Runtime[LstmItem, np.ndarray]):
-    platform = "pytorch"
-
+class LstmRuntime(TorchRuntime[LstmItem, np.ndarray]):
     def __init__(self) -> None:
         super().__init__()
         self.window = 0
         self.max_horizon = 0
         self.mean = 0.0
         self.std = 1.0
-        self.device = torch.device("cpu")
-        self.model: LstmForecaster | None = None
 
-    def load(self, artifact: Path | None, device: str, threads: int) -> None:
-        if artifact is None:
-            raise FileNotFoundError("LstmRuntime needs a model artifact (a store version directory)")
-        started = time.perf_counter()
-        torch.set_num_threads(threads)
-        path = model_store.resolve(Path(artifact))
+    def read_artifact(self, artifact: Path) -> Path:
+        path = model_store.resolve(artifact)
         self.manifest = model_store.read_manifest(path)
         self.window = int(self.manifest["window"])
         self.max_horizon = int(self.manifest["max_horizon"])
         self.mean = float(self.manifest["normalisation"]["mean"])
         self.std = float(self.manifest["normalisation"]["std"])
+        return path
+
+    def build_model(self, path: Path) -> LstmForecaster:
         net = self.manifest["network"]
         model = LstmForecaster(hidden=int(net["hidden"]), layers=int(net["layers"]))
-        state = torch.load(path / self.manifest["files"]["model"], map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.predict_batch([LstmItem(np.zeros((1, self.window), np.float32), 2)])   # warm up once
-        log.info("loaded model=lstm version=%s device=%s threads=%d ms=%.0f", self.version, self.device, threads,
-                 (time.perf_counter() - started) * 1000)
+        model.load_state_dict(torch.load(path / self.manifest["files"]["model"], map_location="cpu", weights_only=True))
+        return model
+
+    def warm_up_batch(self) -> list[LstmItem]:
+        return [LstmItem(np.zeros((1, self.window), np.float32), 2)]
 
     # Task route ------------------------------------------------------------------------------------------------
 
@@ -94,12 +85,8 @@ class LstmRuntime(Runtime[LstmItem, np.ndarray]):
         return {"model": "lstm", "version": self.version, "forecast": [float(v) for v in output[0]]}
 
     def predict_batch(self, batch: list[LstmItem]) -> list[np.ndarray]:
-        assert self.model is not None, "load() first"
-        stacked = np.concatenate([item.windows for item in batch]) if len(batch) > 1 else batch[0].windows
         horizon = max(item.horizon for item in batch)
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)).to(self.device)
-            z = forecast(self.model, x, horizon).cpu().numpy()
+        z = self.forward(stack_rows([item.windows for item in batch]), lambda model, x: forecast(model, x, horizon))
         values = (z.astype(np.float64) * self.std + self.mean).astype(np.float32)
         parts = split_rows(values, [len(item.windows) for item in batch])
         return [part[:, : item.horizon] for part, item in zip(parts, batch, strict=True)]
@@ -113,18 +100,12 @@ class LstmRuntime(Runtime[LstmItem, np.ndarray]):
         return [TensorSpec(OUTPUT, "FP32", [-1, -1])]
 
     def v2_preprocess(self, tensors: dict[str, np.ndarray], parameters: dict[str, Any]) -> LstmItem:
-        unknown = sorted(set(tensors) - {INPUT})
-        if unknown:
-            raise InputError(f"unknown input tensor `{unknown[0]}`; this model takes `{INPUT}`", field=unknown[0])
-        if INPUT not in tensors:
-            raise InputError(f"missing input tensor `{INPUT}` (FP32 [-1, -1])", field=INPUT)
+        given = np.asarray(only_input(tensors, INPUT, "FP32 [-1, -1]"))
         horizon = self._horizon((parameters or {}).get("horizon", DEFAULT_HORIZON), "parameters.horizon")
-        x = np.asarray(tensors[INPUT])
-        if x.ndim == 1:
-            x = x[None]            # one series sent without its batch dimension
+        x = given[None] if given.ndim == 1 else given   # one series sent without its batch dimension
         if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < self.window:
             raise InputError(f"`{INPUT}` must have shape [-1, -1] with at least {self.window} values per row. "
-                             f"Given: {list(np.asarray(tensors[INPUT]).shape)}", field=INPUT)
+                             f"Given: {list(given.shape)}", field=INPUT)
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise InputError(f"`{INPUT}` must be FP32. Given: {x.dtype}", field=INPUT)
         x = x.astype(np.float64, copy=False)

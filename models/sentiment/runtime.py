@@ -1,14 +1,11 @@
 """Serve the sentiment classifier: {"texts", "single"} (task route /sentiment) or BYTES `text` (v2 protocol).
 
 Texts are tokenized with the artifact's own vocabulary into fixed-length rows [n, max_len]; predict_batch stacks the
-rows of every item and runs one forward pass through a tf.function with a fixed input signature.
+rows of every item and runs one forward pass through KerasRuntime.forward (a tf.function with a fixed input signature).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +15,8 @@ import numpy as np
 from models import store as model_store
 from models.sentiment.tokenizer import NAME as TOKENIZER
 from models.sentiment.tokenizer import Vocab
-from service.runtimes.base import InputError, Runtime, TaskRequest, TensorSpec, split_rows
-
-log = logging.getLogger(__name__)
+from service.runtimes.base import InputError, TaskRequest, TensorSpec, only_input, split_rows, stack_rows
+from service.runtimes.keras_rt import KerasRuntime
 
 INPUT = "text"
 MAX_TEXTS = 1024            # one request may not monopolise a batch
@@ -34,22 +30,16 @@ class SentimentItem:
     ids: np.ndarray
 
 
-class SentimentRuntime(Runtime[SentimentItem, np.ndarray]):
-    platform = "tensorflow_keras"
-
+class SentimentRuntime(KerasRuntime[SentimentItem, np.ndarray]):
     def __init__(self) -> None:
         super().__init__()
         self.labels: tuple[str, str] = ("negative", "positive")
         self.max_len = 0
         self.threshold = 0.5
         self.vocab = Vocab([])
-        self._forward: Any = None
 
-    def load(self, artifact: Path | None, device: str, threads: int) -> None:
-        if artifact is None:
-            raise FileNotFoundError("SentimentRuntime needs a model artifact (a store version directory)")
-        started = time.perf_counter()
-        path = model_store.resolve(Path(artifact))
+    def read_artifact(self, artifact: Path) -> Path:
+        path = model_store.resolve(artifact)
         self.manifest = model_store.read_manifest(path)
         if self.manifest.get("tokenizer") != TOKENIZER:
             raise ValueError(f"{path} needs tokenizer {self.manifest.get('tokenizer')!r}; this code has {TOKENIZER!r}")
@@ -58,23 +48,13 @@ class SentimentRuntime(Runtime[SentimentItem, np.ndarray]):
         self.max_len = int(self.manifest["max_len"])
         self.threshold = float(self.manifest.get("threshold", 0.5))
         self.vocab = Vocab.load(path / self.manifest["vocab_file"])
-        tf = configure_tensorflow(threads)
-        import keras
+        return path
 
-        placement = _tf_device(tf, device)
-        with tf.device(placement):
-            model = keras.saving.load_model(path / self.manifest["files"]["model"], compile=False)
-        model.trainable = False
+    def input_spec(self) -> tuple[tuple[int, ...], str]:
+        return (self.max_len,), "int32"
 
-        @tf.function(input_signature=[tf.TensorSpec([None, self.max_len], tf.int32)])
-        def forward(ids: Any) -> Any:
-            with tf.device(placement):
-                return model(ids, training=False)[:, 0]
-
-        self._forward = forward
-        self.predict_batch([SentimentItem(self.vocab.encode(["warm up"], self.max_len))])   # trace once
-        log.info("loaded model=sentiment version=%s device=%s threads=%d vocab=%d ms=%.0f", self.version, placement,
-                 threads, self.vocab.size, (time.perf_counter() - started) * 1000)
+    def warm_up_batch(self) -> list[SentimentItem]:
+        return [SentimentItem(self.vocab.encode(["warm up"], self.max_len))]
 
     # Task route ------------------------------------------------------------------------------------------------
 
@@ -98,8 +78,7 @@ class SentimentRuntime(Runtime[SentimentItem, np.ndarray]):
         return {"model": "sentiment", "version": self.version, "results": results}
 
     def predict_batch(self, batch: list[SentimentItem]) -> list[np.ndarray]:
-        stacked = np.concatenate([item.ids for item in batch]) if len(batch) > 1 else batch[0].ids
-        p_positive = self._forward(stacked).numpy()
+        p_positive = self.forward(stack_rows([item.ids for item in batch]))[:, 0]   # the model's one sigmoid unit
         return split_rows(p_positive, [len(item.ids) for item in batch])
 
     # Open Inference Protocol -----------------------------------------------------------------------------------
@@ -111,12 +90,7 @@ class SentimentRuntime(Runtime[SentimentItem, np.ndarray]):
         return [TensorSpec("label", "BYTES", [-1]), TensorSpec("score", "FP32", [-1])]
 
     def v2_preprocess(self, tensors: dict[str, np.ndarray], parameters: dict[str, Any]) -> SentimentItem:
-        unknown = sorted(set(tensors) - {INPUT})
-        if unknown:
-            raise InputError(f"unknown input tensor `{unknown[0]}`; this model takes `{INPUT}`", field=unknown[0])
-        if INPUT not in tensors:
-            raise InputError(f"missing input tensor `{INPUT}` (BYTES [-1])", field=INPUT)
-        x = np.asarray(tensors[INPUT], dtype=object)
+        x = np.asarray(only_input(tensors, INPUT, "BYTES [-1]"), dtype=object)
         if x.ndim == 2 and x.shape[1] == 1:
             x = x[:, 0]              # [n, 1] is a common way to send n strings
         if x.ndim != 1 or not 1 <= x.shape[0] <= MAX_TEXTS:
@@ -159,27 +133,3 @@ class SentimentRuntime(Runtime[SentimentItem, np.ndarray]):
         if p_positive >= self.threshold:
             return {"label": self.labels[1], "score": p_positive}
         return {"label": self.labels[0], "score": 1.0 - p_positive}
-
-
-def configure_tensorflow(threads: int) -> Any:
-    """Import TF with `threads` intra-op threads. TF fixes them at its first op: if TF already ran in this process
-    (a test that trained first), keep what it has."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        log.debug("tensorflow already initialised; thread settings unchanged")
-    return tf
-
-
-def _tf_device(tf: Any, device: str) -> str:
-    """A TF device string for "cpu" / "cuda:N". tensorflow-cpu sees no GPU: serve on the CPU and say so."""
-    if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        if index < len(tf.config.list_physical_devices("GPU")):
-            return f"/GPU:{index}"
-        log.warning("device=%s requested but tensorflow sees no GPU; serving on CPU", device)
-    return "/CPU:0"

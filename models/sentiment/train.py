@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models.build import allocate_version
+from models import keras_train
 from models.sentiment import data
 from models.sentiment.tokenizer import NAME as TOKENIZER
 from models.sentiment.tokenizer import Vocab
@@ -31,17 +31,11 @@ SEED = 0
 
 def train(store: Path, quick: bool = False, threads: int = 1) -> Path:
     """Train, keep the epoch with the best validation accuracy, evaluate on the held-out split, write the artifact."""
-    from models.sentiment.runtime import configure_tensorflow
-
     started = time.perf_counter()
-    tf = configure_tensorflow(threads)          # first: TF reads its log level and thread counts at import/first op
-    import keras
+    tf, keras = keras_train.start(threads, SEED)
 
     from models.sentiment.model import build_classifier
 
-    # Seeded, deterministic ops: a rebuild from the same data gives the same model.
-    keras.utils.set_random_seed(SEED)
-    tf.config.experimental.enable_op_determinism()
     split = data.load_split(quick=quick, seed=SEED)
     vocab = Vocab.build(split.train_texts, max_words=2000 if quick else 10000)
     x_train = vocab.encode(split.train_texts, MAX_LEN)
@@ -58,25 +52,17 @@ def train(store: Path, quick: bool = False, threads: int = 1) -> Path:
     history = model.fit(x_train[:n_fit], split.y_train[:n_fit], batch_size=64, epochs=epochs,
                         validation_data=validation, shuffle=True, callbacks=callbacks, verbose=0)
 
-    forward = tf.function(lambda x: model(x, training=False))
-    p_positive = np.concatenate([forward(tf.constant(x_test[i:i + 512])).numpy()[:, 0]
-                                 for i in range(0, len(x_test), 512)])
+    p_positive = keras_train.evaluate(tf, model, x_test, 512)[:, 0]
     predicted = (p_positive >= 0.5).astype(np.int64)
     accuracy = float(np.mean(predicted == split.y_test))
     majority_class = int(np.bincount(split.y_train).argmax())
     majority = float(np.mean(split.y_test == majority_class))
     seconds = time.perf_counter() - started
 
-    version, path = allocate_version(store, NAME)
-    model.save(path / MODEL_FILE)
+    path, head = keras_train.save_version(store, NAME, RUNTIME, model, {"model": MODEL_FILE, "vocab": VOCAB_FILE})
     vocab.save(path / VOCAB_FILE)
     manifest: dict[str, Any] = {
-        "name": NAME,
-        "version": version,
-        "runtime": RUNTIME,
-        "framework": "tensorflow",
-        "format": "keras",
-        "files": {"model": MODEL_FILE, "vocab": VOCAB_FILE},
+        **head,
         "vocab_file": VOCAB_FILE,
         "vocab_size": vocab.size,
         "tokenizer": TOKENIZER,
@@ -95,9 +81,8 @@ def train(store: Path, quick: bool = False, threads: int = 1) -> Path:
                     "n_train": n_fit, "n_val": n_val, "n_test": len(split.test_texts),
                     "train_seconds": round(seconds, 2)},
         "quick": quick,
-        "keras_version": keras.__version__,
     }
     write_manifest(path, manifest)
-    log.info("trained model=%s version=%s accuracy=%.4f baseline=%.4f n_test=%d s=%.1f", NAME, version, accuracy,
-             majority, len(split.test_texts), seconds)
+    log.info("trained model=%s version=%s accuracy=%.4f baseline=%.4f n_test=%d s=%.1f", NAME, head["version"],
+             accuracy, majority, len(split.test_texts), seconds)
     return path

@@ -8,6 +8,8 @@ decode and encode steps differ. No web framework is imported here or in any runt
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,13 @@ import numpy as np
 
 from service.errors import InputError
 
+log = logging.getLogger(__name__)
+
 Prepared = TypeVar("Prepared")
 Output = TypeVar("Output")
 
-__all__ = ["InputError", "Runtime", "TaskRequest", "TensorSpec", "split_rows"]
+__all__ = ["ArtifactRuntime", "InputError", "Output", "Prepared", "Runtime", "TaskRequest", "TensorSpec", "only_input",
+           "split_rows", "stack_rows"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,52 @@ class Runtime(ABC, Generic[Prepared, Output]):
     @abstractmethod
     def v2_postprocess(self, output: Output) -> dict[str, np.ndarray]:
         """Encode one output as named v2 output tensors."""
+
+
+class ArtifactRuntime(Runtime[Prepared, Output]):
+    """A Runtime whose weights live in a store version directory. load() reads the artifact (subclass), places the
+    model with its framework (keras_rt, torch_rt), runs one warm-up batch and logs how long it all took."""
+
+    @abstractmethod
+    def read_artifact(self, artifact: Path) -> Path:
+        """Resolve `artifact` to its version directory, set self.manifest and the settings the model reads from it
+        (labels, shapes, vocabulary, normalisation, ...); return the version directory."""
+
+    @abstractmethod
+    def place(self, path: Path, device: str, threads: int) -> str:
+        """Load the model's weights from version directory `path` onto `device` with `threads` threads, ready for
+        predict_batch; return the device it runs on, as the framework names it."""
+
+    @abstractmethod
+    def warm_up_batch(self) -> list[Prepared]:
+        """A small valid batch, run once at load time so the first request pays no tracing or one-off setup."""
+
+    def load(self, artifact: Path | None, device: str, threads: int) -> None:
+        if artifact is None:
+            raise FileNotFoundError(f"{type(self).__name__} needs a model artifact (a store version directory)")
+        started = time.perf_counter()
+        path = self.read_artifact(Path(artifact))
+        placed = self.place(path, device, threads)
+        self.predict_batch(self.warm_up_batch())
+        name = self.manifest.get("name", type(self).__name__)
+        log.info("loaded model=%s version=%s device=%s threads=%d ms=%.0f", name, self.version, placed, threads,
+                 (time.perf_counter() - started) * 1000)
+
+
+def only_input(tensors: dict[str, np.ndarray], name: str, expected: str) -> np.ndarray:
+    """The one input tensor of a single-input model. Raises InputError naming an unknown tensor, or the missing
+    one with what it should be (`expected`, e.g. "FP32 [-1, -1]")."""
+    unknown = sorted(set(tensors) - {name})
+    if unknown:
+        raise InputError(f"unknown input tensor `{unknown[0]}`; this model takes `{name}`", field=unknown[0])
+    if name not in tensors:
+        raise InputError(f"missing input tensor `{name}` ({expected})", field=name)
+    return tensors[name]
+
+
+def stack_rows(parts: list[np.ndarray]) -> np.ndarray:
+    """The batch-major array of every item's rows, in order (split_rows undoes it); one item is not copied."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def split_rows(stacked: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
