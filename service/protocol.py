@@ -2,8 +2,10 @@
 
 A request is two things: a small stream entry (Envelope: ids, reply address, deadline, op) on the
 model's request stream, and its payload under its own key with a TTL, so a payload that is never
-answered expires (stream entries have no TTL). A reply is one entry on the gateway's reply stream;
-a streaming request gets several, the last one marked final.
+answered expires (stream entries have no TTL). Replies travel packed: one entry on a gateway's reply
+stream carries every reply a worker has for that gateway from one batch (or one decoding step), so
+a batch of 32 costs one XADD and one entry to parse, not 32. A streaming request gets several
+replies, the last one marked final.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ OP_V2 = "v2"              # Open Inference Protocol infer: the raw HTTP body (JS
 OP_GENERATE = "generate"  # text generation: params JSON; the answer is a stream of token replies
 
 _LEN = struct.Struct(">I")
+_FRAME = struct.Struct(">II")   # header length, body length
 
 
 def now_ms() -> int:
@@ -43,6 +46,28 @@ class Envelope:
     def from_fields(cls, fields: dict[bytes, bytes]) -> Envelope:
         return cls(request_id=fields[b"id"].decode(), reply_to=fields[b"reply"].decode(),
                    deadline_ms=int(fields[b"deadline"]), op=fields[b"op"].decode())
+
+
+def pack_replies(replies: list[Reply]) -> bytes:
+    """Many replies as one value: per reply, a JSON header [id, status, final, headers] and the body."""
+    parts = []
+    for r in replies:
+        head = orjson.dumps([r.request_id, r.status, r.final, r.headers.decode() if r.headers else ""])
+        parts += [_FRAME.pack(len(head), len(r.body)), head, r.body]
+    return b"".join(parts)
+
+
+def unpack_replies(data: bytes) -> list[Reply]:
+    """Inverse of pack_replies."""
+    out, pos = [], 0
+    while pos < len(data):
+        n_head, n_body = _FRAME.unpack_from(data, pos)
+        pos += _FRAME.size
+        request_id, status, final, headers = orjson.loads(data[pos:pos + n_head])
+        pos += n_head
+        out.append(Reply(request_id, status, data[pos:pos + n_body], final, headers.encode()))
+        pos += n_body
+    return out
 
 
 def encode_payload(params: dict[str, Any] | bytes, blob: bytes = b"") -> bytes:
@@ -74,17 +99,6 @@ class Reply:
     final: bool = True
     headers: bytes = b""   # JSON object of extra response headers, e.g. {"x-should-retry": "false"}
 
-    def fields(self) -> dict[str, str | int | bytes]:
-        out: dict[str, str | int | bytes] = {"id": self.request_id, "status": self.status, "body": self.body,
-                                             "final": int(self.final)}
-        if self.headers:
-            out["headers"] = self.headers
-        return out
-
-    @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> Reply:
-        return cls(request_id=fields[b"id"].decode(), status=int(fields[b"status"]), body=fields[b"body"],
-                   final=fields.get(b"final", b"1") == b"1", headers=fields.get(b"headers", b""))
 
     @classmethod
     def error(cls, request_id: str, status: int, error_type: str, message: str, field: str | None = None,

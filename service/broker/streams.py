@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from service.broker import keys
-from service.protocol import Envelope, Reply
+from service.protocol import Envelope, Reply, pack_replies
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +166,12 @@ class ModelQueue:
         and is redelivered (the gateway ignores a second reply)."""
         if not replies and not deliveries:
             return
+        by_gateway: dict[str, list[Reply]] = {}
+        for reply_to, reply in replies:
+            by_gateway.setdefault(reply_to, []).append(reply)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for reply_to, reply in replies:
-                pipe.xadd(reply_to, reply.fields(), maxlen=REPLY_MAXLEN, approximate=True,  # type: ignore[arg-type]
+            for reply_to, batch in by_gateway.items():   # one entry per gateway, however many replies
+                pipe.xadd(reply_to, {"pack": pack_replies(batch)}, maxlen=REPLY_MAXLEN, approximate=True,
                           nomkstream=True)
             if deliveries:
                 ids = [d.entry_id for d in deliveries]

@@ -27,7 +27,7 @@ from service.config import ModelSpec, Settings
 from service.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, from_body
 from service.ids import new_id
 from service.metrics import GatewayMetrics
-from service.protocol import Envelope, Reply, encode_payload, now_ms
+from service.protocol import Envelope, Reply, encode_payload, now_ms, unpack_replies
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Dispatcher:
             await self.redis.delete(self.reply_stream)
 
     async def _create_reply_stream(self) -> bytes:
-        last: Any = await self.redis.xadd(self.reply_stream, {"id": "", "status": 0, "body": b""})
+        last: Any = await self.redis.xadd(self.reply_stream, {"pack": b""})
         await self.redis.expire(self.reply_stream, keys.REPLY_STREAM_TTL_S)
         return bytes(last)
 
@@ -171,19 +171,21 @@ class Dispatcher:
             entries = res[0][1]
             for entry_id, fields in entries:
                 last = entry_id
-                if not fields.get(b"id"):
-                    continue
-                reply = Reply.from_fields(fields)
-                waiter = self.waiters.get(reply.request_id)
-                if isinstance(waiter, asyncio.Queue):
-                    waiter.put_nowait(reply)
-                elif waiter is not None and not waiter.done() and (reply.final or reply.status != 200):
-                    waiter.set_result(reply)
+                for reply in unpack_replies(fields.get(b"pack", b"")):
+                    self._deliver(reply)
             now = time.monotonic()
             if now - trimmed_at > TRIM_EVERY_S:   # everything before `last` is handled; trim now and then
                 trimmed_at = now
                 with contextlib.suppress(RedisError, OSError):
                     await self.redis.xtrim(self.reply_stream, minid=last)
+
+    def _deliver(self, reply: Reply) -> None:
+        """Hand a reply to whoever waits for it; nobody does once the caller timed out or left."""
+        waiter = self.waiters.get(reply.request_id)
+        if isinstance(waiter, asyncio.Queue):
+            waiter.put_nowait(reply)
+        elif waiter is not None and not waiter.done() and (reply.final or reply.status != 200):
+            waiter.set_result(reply)
 
     async def _keep_alive(self) -> None:
         while True:
