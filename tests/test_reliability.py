@@ -122,3 +122,25 @@ def test_no_worker_means_504_not_a_hang(cluster: Cluster) -> None:
     assert r.status_code == 504
     ready = httpx.get(url + "/readyz")
     assert ready.status_code == 503 and "echo" in ready.json()["error"]
+
+
+def test_sigterm_drains_the_batch_in_hand_then_exits(cluster: Cluster) -> None:
+    cluster.spec("echo", runtime=ECHO, max_batch_size=4, timeout_s=30, visibility_timeout_s=30)
+    url = cluster.start_gateway() + "/v2/models/echo/infer"
+    worker = cluster.start_worker("echo")
+    stream = keys.request_stream("echo")
+
+    async def scenario() -> list[httpx.Response]:
+        sending = asyncio.create_task(post_all(url, [v2_body(i, sleep_s=0.5) for i in range(6)]))
+        await asyncio.to_thread(wait_for, lambda: cluster.client.xpending(stream, keys.GROUP)["pending"] > 0, 10,
+                                "a batch in flight")
+        worker.send_signal(signal.SIGTERM)   # mid-batch: it finishes and acknowledges what it holds, reads no more
+        assert await asyncio.to_thread(worker.wait, 10) == 0
+        # nothing it held is left pending (a visibility timeout of 30 s would otherwise delay it well past this)
+        assert cluster.client.xpending(stream, keys.GROUP)["pending"] == 0
+        await asyncio.to_thread(cluster.start_worker, "echo")   # the rest waits in the stream for a replica
+        return await sending
+
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 6
+    assert sorted(r.json()["outputs"][0]["data"][0] for r in responses) == [2.0 * i for i in range(6)]
