@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -136,38 +135,51 @@ def generate_measurement(model: Any, tokenizer: Any) -> Measurement:
     return run
 
 
-async def _stream_one(client: httpx.AsyncClient, prompt: str, max_new_tokens: int, arrived: float) -> Record:
-    """One greedy request through /generate_stream: time to its first token event, and its token count."""
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}
+async def _stream_one(host: str, port: int, prompt: str, max_new_tokens: int, arrived: float) -> Record:
+    """One greedy request through /generate_stream: time to its first token event, and its token count.
+
+    A bare asyncio HTTP/1.1 client: the load generator shares the 2 cores with the gateway, Redis and the worker,
+    and httpx's pure-Python parsing cost about as much CPU per token as the gateway itself. It counts SSE events
+    and stamps the first one; the token texts are checked by tests/test_generation_serving.py, not here."""
+    body = orjson.dumps({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}})
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /generate_stream HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     first: float | None = None
-    tokens = 0
-    async with client.stream("POST", "/generate_stream", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"/generate_stream answered {resp.status_code}: {(await resp.aread())[:300]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = orjson.loads(line[5:])
-            if "error" in event:
-                raise RuntimeError(f"stream failed: {event}")
-            if first is None:
+    events, tail, seen = 0, b"", b""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"/generate_stream answered {head[:200]!r}: {(await reader.read(300))!r}")
+        while chunk := await reader.read(65536):
+            window = tail + chunk
+            found = window.count(b"data:")
+            if found and first is None:
                 first = time.perf_counter() - arrived
-            tokens = event["index"] + 1
+            events += found
+            if b'"error"' in window:
+                seen = window
+            tail = window[-4:]   # a marker split across reads is counted once, in the next window
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    if seen:
+        raise RuntimeError(f"stream failed: {seen[-300:]!r}")
     if first is None:
         raise RuntimeError("stream ended without a token")
-    return Record(first, tokens)
+    return Record(first, events)
 
 
 def served_measurement(base_url: str) -> Measurement:
     """(a) over HTTP: each round's requests go out together on their own connections."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+
     async def rounds(work: Workload) -> list[Record]:
         records: list[Record] = []
-        limits = httpx.Limits(max_connections=work.streams, max_keepalive_connections=work.streams)
-        async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
-            for prompts in work.rounds:
-                arrived = time.perf_counter()
-                records += await asyncio.gather(*[_stream_one(client, p, work.max_new_tokens, arrived)
-                                                  for p in prompts])
+        for prompts in work.rounds:
+            arrived = time.perf_counter()
+            records += await asyncio.gather(*[_stream_one(host, int(port), p, work.max_new_tokens, arrived)
+                                              for p in prompts])
         return records
 
     def run(work: Workload) -> list[Record]:

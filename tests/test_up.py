@@ -63,7 +63,8 @@ def up(quick_store: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byt
     Teardown kills whatever is still running, so a failed test leaves nothing behind either."""
     port = embedded.free_port()
     config = tmp_path / "inferline.toml"
-    config.write_text(f'model_store = "{quick_store}"\nstate_dir = "{tmp_path / "state"}"\n'
+    # state_dir left at its default, relative to the working directory, as a user's would be
+    config.write_text(f'model_store = "{quick_store}"\n'
                       f"[gateway]\nport = {port}\n[models.lstm]\nreplicas = 1\n[models.cnn]\nreplicas = 1\n")
     log = tmp_path / "up.log"
     env = child_env()

@@ -51,6 +51,7 @@ def free_port() -> int:
 
 def start(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Start a redis-server in workdir; returns the process and its URL once it answers PING."""
+    workdir = workdir.resolve()   # redis-server enters --dir before it opens --logfile: relative paths break
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     proc = subprocess.Popen(
