@@ -92,10 +92,19 @@ def bare(version_dir: Path, bodies: list[bytes]) -> dict[str, float]:
 
     pipe_rate, _ = timeit(pipeline)
     _, single = timeit(lambda: runtime.predict_batch(prepared[:1]))
+    # A served request at concurrency 1 finds the model idle for the ~2 ms of its trip through HTTP and Redis.
+    # On these VMs the framework then runs slower than in a hot loop (caches gone cold: TF ~0.8 -> ~2 ms,
+    # numpy barely), so the bare single forward is also measured after the same idle gap.
+    after_idle = []
+    for _ in range(300):
+        time.sleep(0.002)
+        started = time.perf_counter()
+        runtime.predict_batch(prepared[:1])
+        after_idle.append(time.perf_counter() - started)
     _, single_pipe = timeit(lambda: [v2codec.encode_response("cnn", "1", None, runtime.v2_postprocess(o), None)
                                      for o in runtime.predict_batch([decode(batch[0])])])
     return {"forward_img_s": fwd_rate * 32, "pipeline_img_s": pipe_rate * 32, "single_forward_ms": single * 1e3,
-            "single_pipeline_ms": single_pipe * 1e3}
+            "single_pipeline_ms": single_pipe * 1e3, "single_after_idle_ms": float(np.median(after_idle)) * 1e3}
 
 
 LUA = """
@@ -184,7 +193,8 @@ def main() -> None:
     limit = bare(version_dir, bodies)
     print(f"bare cnn (1 thread): forward {limit['forward_img_s']:,.0f} img/s at batch 32; pipeline "
           f"{limit['pipeline_img_s']:,.0f} img/s; single forward {limit['single_forward_ms']:.2f} ms, single pipeline "
-          f"{limit['single_pipeline_ms']:.2f} ms", flush=True)
+          f"{limit['single_pipeline_ms']:.2f} ms, single forward after 2 ms idle "
+          f"{limit['single_after_idle_ms']:.2f} ms", flush=True)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -219,6 +229,8 @@ def main() -> None:
     print(f"| served / bare pipeline at c=64 | {c64['req_s'] / limit['pipeline_img_s']:.2f} | >= 0.90 |")
     print(f"| served cnn c=1 | {c1['req_s']:,.0f} req/s, p50 {c1['p50_ms']:.2f} ms, p99 {c1['p99_ms']:.2f} ms | |")
     print(f"| c=1 p50 - bare single forward | {c1['p50_ms'] - limit['single_forward_ms']:.2f} ms | <= 1.5 ms |")
+    print(f"| c=1 p50 - bare single forward after 2 ms idle | {c1['p50_ms'] - limit['single_after_idle_ms']:.2f} ms "
+          "| (same gap as served) |")
     print(f"| served no-op c=64 | {noop['req_s']:,.0f} req/s, p50 {noop['p50_ms']:.1f} ms, p99 {noop['p99_ms']:.1f} ms "
           f"| >= 5,000 req/s |")
 

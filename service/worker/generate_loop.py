@@ -30,6 +30,7 @@ from service.generation.engine import Engine, SamplingParams, TokenEvent
 from service.protocol import OP_GENERATE, OP_V2, Reply, decode_payload, now_ms
 from service.worker import v2codec
 from service.worker.heartbeat import WorkerStats
+from service.worker.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class GenerationLoop:
         self.stopping = asyncio.Event()
         self.work = asyncio.Event()
         self.freed = asyncio.Event()
+        self.model_thread = ModelThread()   # steps and cancels, one at a time, in order
         self.sending: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
@@ -182,7 +184,7 @@ class GenerationLoop:
                 await self._expire()
                 continue
             try:
-                events = await asyncio.to_thread(self.engine.step)
+                events = await self.model_thread.run(self.engine.step)
             except Exception:   # noqa: BLE001 - the engine dropped its running batch: fail those, keep serving
                 lost = [d for rid, d in self.inflight.items() if not self.engine.has_request(rid)]
                 await self._finish([(d, Reply.error(d.request_id, 500, "generation",
@@ -223,7 +225,7 @@ class GenerationLoop:
         now = now_ms()
         late = [d for d in self.inflight.values() if d.envelope.deadline_ms <= now]
         for d in late:
-            await asyncio.to_thread(self.engine.cancel, d.request_id)
+            await self.model_thread.run(self.engine.cancel, d.request_id)
         if late:
             await self._finish([(d, Reply.error(d.request_id, 504, "timeout", f"request {d.request_id} passed "
                                                 "its deadline while generating")) for d in late])
@@ -248,7 +250,7 @@ class GenerationLoop:
                 last = entry_id
                 rid = fields.get(b"id", b"").decode()
                 d = self.inflight.get(rid)
-                if d is not None and await asyncio.to_thread(self.engine.cancel, rid):
+                if d is not None and await self.model_thread.run(self.engine.cancel, rid):
                     log.info("client gone model=%s id=%s", self.spec.name, rid)
                     await self._finish([(d, Reply.error(rid, 499, "cancelled", "the client went away"))])
                     self.stats.active = self.engine.num_running

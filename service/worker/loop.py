@@ -14,6 +14,7 @@ from service.protocol import Reply, now_ms
 from service.worker.batcher import Traffic, collect
 from service.worker.execute import Executor
 from service.worker.heartbeat import WorkerStats
+from service.worker.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class BatchLoop:
         self.traffic = Traffic(spec.max_batch_size)
         self.stopping = asyncio.Event()
         self.last_reclaim = 0.0
+        self.model_thread = ModelThread()
 
     async def serve(self) -> None:
         """Run until stop() is called; the batch in hand is finished and acknowledged before returning."""
@@ -62,7 +64,7 @@ class BatchLoop:
         replies = [(d.envelope.reply_to, expired_reply(d)) for d in stale]
         if live:
             started = time.perf_counter()
-            answers = await asyncio.to_thread(self.executor.run, live)
+            answers = await self.model_thread.run(self.executor.run, live)
             replies += [(d.envelope.reply_to, r) for d, r in zip(live, answers, strict=True)]
             if record:
                 self.traffic.record(len(live))
