@@ -36,23 +36,52 @@ class BatchLoop:
         self.stopping = asyncio.Event()
         self.last_reclaim = 0.0
         self.model_thread = ModelThread()
+        self.sending: asyncio.Task[None] | None = None
 
     async def serve(self) -> None:
-        """Run until stop() is called; the batch in hand is finished and acknowledged before returning."""
+        """Run until stop() is called; the batches in hand are finished and acknowledged before returning.
+
+        Three things overlap so the model never waits on Redis: the next batch is read while this one runs,
+        and this batch's replies are sent while the next one runs (one send at a time, in order)."""
         await self.queue.ensure_group()
-        while not self.stopping.is_set():
-            try:
-                if time.monotonic() - self.last_reclaim >= RECLAIM_EVERY_S:
-                    await self.reclaim_stale()
-                batch = await collect(self.queue, self.spec.max_batch_size, self.spec.max_batch_delay_ms / 1000,
-                                      self.traffic.busy, idle_block_s=0.5)
+        reading = asyncio.create_task(self.next_batch())
+        try:
+            while True:
+                claimed, batch = await reading
+                stopping = self.stopping.is_set()
+                if not stopping:
+                    reading = asyncio.create_task(self.next_batch())
+                for d in claimed:   # each alone: one of them may be the poison that killed its last worker
+                    await self.process([d], record=False)
                 if batch:
                     await self.process(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:   # Redis went away or a bug: log, back off, carry on; nothing is acked
-                log.exception("worker loop error model=%s", self.spec.name)
-                await asyncio.sleep(1.0)
+                if stopping:
+                    break
+        finally:
+            await self.sent()
+
+    async def next_batch(self) -> tuple[list[Delivery], list[Delivery]]:
+        """(reclaimed deliveries, a new batch). Never raises: Redis away or a bug is logged and backed off."""
+        try:
+            claimed = await self.reclaim_stale() if time.monotonic() - self.last_reclaim >= RECLAIM_EVERY_S else []
+            batch = await collect(self.queue, self.spec.max_batch_size, self.spec.max_batch_delay_ms / 1000,
+                                  self.traffic.busy, idle_block_s=0.5)
+            return claimed, batch
+        except asyncio.CancelledError:
+            raise
+        except Exception:   # noqa: BLE001 - nothing was acked: what was read is redelivered
+            log.exception("worker loop error model=%s", self.spec.name)
+            await asyncio.sleep(1.0)
+            return [], []
+
+    async def sent(self) -> None:
+        """Wait until the previous batch's replies and acks are in Redis."""
+        if self.sending is not None:
+            try:
+                await self.sending
+            except Exception:   # noqa: BLE001 - Redis away: unacked entries are redelivered, nothing is lost
+                log.exception("sending replies failed model=%s", self.spec.name)
+            self.sending = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -71,14 +100,15 @@ class BatchLoop:
             self.stats.record_batch(len(live))
             log.debug("batch model=%s size=%d ms=%.1f", self.spec.name, len(live),
                       (time.perf_counter() - started) * 1e3)
-        await self.queue.reply_and_ack(replies, batch)   # replies before acks: a crash in between redelivers
+        await self.sent()   # replies before acks, batch after batch: a crash in between redelivers
+        self.sending = asyncio.create_task(self.queue.reply_and_ack(replies, batch))
 
-    async def reclaim_stale(self) -> None:
-        """Claim entries pending past the visibility timeout. Each is run alone: one of them may be the
-        poison that killed its last worker, and it must not take its batch-mates down again."""
+    async def reclaim_stale(self) -> list[Delivery]:
+        """Claim entries pending past the visibility timeout (their worker died or hung); dead-letter those
+        delivered too many times. Returns the claimed ones, to be run one at a time."""
         self.last_reclaim = time.monotonic()
         claimed, exhausted = await self.queue.reclaim(int(self.spec.visibility_timeout_s * 1000), self.spec.max_tries)
         await self.queue.dead_letter(exhausted, "delivered too many times; the worker died or timed out on it")
         for d in claimed:
             log.warning("reclaimed model=%s id=%s tries=%d", self.spec.name, d.request_id, d.tries)
-            await self.process([d], record=False)
+        return claimed
