@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -118,6 +119,10 @@ async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drain)
+    # The framework and the model are millions of long-lived objects: keep the collector from walking them
+    # again and again (full collections showed as ~90 ms stalls in latency tails).
+    gc.collect()
+    gc.freeze()
     heartbeat = Heartbeat(redis, spec.name, worker_id, device, version, stats)
     beating = asyncio.create_task(heartbeat.run(stopping))
     log.info("worker ready model=%s version=%s device=%s id=%s", spec.name, version, device, worker_id)
