@@ -63,6 +63,37 @@ def quick_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
+@pytest.fixture(scope="session")
+def quick_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding a quick gpt2 build, made once per session (INFERLINE_TEST_STORE reuses one across runs)."""
+    from models.build import build_missing
+
+    store = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("gpt2-store"))
+    build_missing(store, ["gpt2"], quick=True)
+    return store
+
+
+# Prompts of many lengths for the gpt2 tests (engine and served).
+GPT2_PROMPTS = [
+    "The function returns",
+    "If the file does not exist, the",
+    "This module provides a way to",
+    "Return",
+    "A list of all the names in the module that are defined and used by the class when it is called",
+    "The default value is",
+    "An object is",
+    "When the interpreter starts, the built-in variable",
+    "Raise an exception if",
+    "The second argument",
+    "It is an error to",
+    "Note that",
+    "A string is a sequence of characters and the method returns a new string with",
+    "The value",
+    "Keyword arguments are",
+    "This is the base class for all",
+]
+
+
 def live_workers(client: redis.Redis, model: str) -> list[dict[str, str]]:
     ids = client.zrangebyscore(keys.workers_index(model), int(time.time() * 1000) - 5000, "+inf")
     records = [client.hgetall(keys.worker(model, w.decode())) for w in ids]
@@ -104,7 +135,8 @@ class Cluster:
         lines = ["[gateway]", *(f"{k} = {json.dumps(v)}" for k, v in (gateway or {}).items())]
         for name, spec in self.specs.items():
             lines.append(f"[models.{name}]")
-            lines += [f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in spec.items() if k != "name"]
+            lines += [f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
+                      for k, v in spec.items() if k != "name"]
         config.write_text("\n".join(lines) + "\n")
         port = embedded.free_port()
         env = child_env(REDIS_URL=self.redis_url, INFERLINE_CONFIG=str(config))

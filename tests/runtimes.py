@@ -16,7 +16,8 @@ from service.runtimes.base import Runtime, TaskRequest, TensorSpec
 
 class Echo(Runtime[dict[str, Any], dict[str, Any]]):
     """Task: answers {"echo": params, "batch": size of the batch it ran in}. v2: y = 2 * x (FP32).
-    params (task params or v2 request parameters) {"reject": true} -> InputError; {"sleep_s": s} -> the batch sleeps s; {"raise": true} -> the model
+    params (task params or v2 request parameters):
+    {"reject": true} -> InputError; {"sleep_s": s} -> the batch sleeps s; {"raise": true} -> the model
     raises; {"kill": true} -> the process dies mid-batch (a poison pill)."""
 
     platform = "inferline_test"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,39 +28,20 @@ from transformers.generation.logits_process import (
 
 from models.gpt2 import data
 from models.gpt2.loader import load
-from models.gpt2.train import train
 from service.errors import InputError
 from service.generation.detokenizer import TokenBytes, make_decoder
 from service.generation.engine import Engine, SamplingParams, TokenEvent, generate
 from service.generation.sampling import Sampler
+from tests.conftest import GPT2_PROMPTS
 
 Model = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
-PROMPTS = [
-    "The function returns",
-    "If the file does not exist, the",
-    "This module provides a way to",
-    "Return",
-    "A list of all the names in the module that are defined and used by the class when it is called",
-    "The default value is",
-    "An object is",
-    "When the interpreter starts, the built-in variable",
-    "Raise an exception if",
-    "The second argument",
-    "It is an error to",
-    "Note that",
-    "A string is a sequence of characters and the method returns a new string with",
-    "The value",
-    "Keyword arguments are",
-    "This is the base class for all",
-]
 
 
 @pytest.fixture(scope="session")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+def model(quick_gpt2: Path) -> Iterator[Model]:
     torch.set_num_threads(1)  # the suite shares 2 cores with other work
-    built = train(tmp_path_factory.mktemp("store"), quick=True)
-    yield load(built, "cpu", threads=1)
+    yield load(quick_gpt2 / "gpt2", "cpu", threads=1)
 
 
 @pytest.fixture
@@ -87,20 +69,20 @@ def check_stream(events: list[TokenEvent]) -> None:
 
 
 def test_greedy_is_deterministic_and_streams_add_up(engine: Engine, model: Model) -> None:
-    a = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=24))
-    b = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=24))
+    a = generate(engine, GPT2_PROMPTS[0], SamplingParams(max_new_tokens=24))
+    b = generate(engine, GPT2_PROMPTS[0], SamplingParams(max_new_tokens=24))
     assert ids_of(a) == ids_of(b) and len(a) == 24
     check_stream(a)
     assert a[-1].finish_reason == "length" and a[-1].seed is None
     assert a[-1].generated_text == model[1].decode(ids_of(a), skip_special_tokens=True)
     assert all(e.logprob <= 0.0 for e in a)
-    assert a[0].prompt_tokens == len(model[1](PROMPTS[0])["input_ids"])
+    assert a[0].prompt_tokens == len(model[1](GPT2_PROMPTS[0])["input_ids"])
 
 
 def test_matches_transformers_generate(engine: Engine, model: Model) -> None:
     """The reference: model.generate() with the same (greedy, penalised) settings picks the same tokens."""
     hf_model, tokenizer = model
-    for prompt in PROMPTS[:3]:
+    for prompt in GPT2_PROMPTS[:3]:
         events = generate(engine, prompt, SamplingParams(max_new_tokens=20, repetition_penalty=1.2))
         enc = tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():
@@ -123,7 +105,7 @@ def test_warpers_match_transformers_processors() -> None:
 
 def test_same_seed_same_text_other_seed_other_text(engine: Engine) -> None:
     def run(seed: int | None) -> list[TokenEvent]:
-        return generate(engine, PROMPTS[1], SamplingParams(max_new_tokens=24, do_sample=True, seed=seed,
+        return generate(engine, GPT2_PROMPTS[1], SamplingParams(max_new_tokens=24, do_sample=True, seed=seed,
                                                            temperature=1.0))
 
     assert ids_of(run(7)) == ids_of(run(7))
@@ -133,7 +115,7 @@ def test_same_seed_same_text_other_seed_other_text(engine: Engine) -> None:
     assert drawn[-1].seed is not None  # drawn and reported, so the client can replay it
     assert ids_of(run(drawn[-1].seed)) == ids_of(drawn)
     # Warpers switch sampling on, as in TGI, and the seed is reported.
-    warped = generate(engine, PROMPTS[1], SamplingParams(max_new_tokens=8, top_k=5, top_p=0.9, seed=3,
+    warped = generate(engine, GPT2_PROMPTS[1], SamplingParams(max_new_tokens=8, top_k=5, top_p=0.9, seed=3,
                                                          repetition_penalty=1.3))
     assert warped[-1].seed == 3
     check_stream(warped)
@@ -141,17 +123,17 @@ def test_same_seed_same_text_other_seed_other_text(engine: Engine) -> None:
 
 def test_seeded_sampling_is_batch_invariant(engine: Engine) -> None:
     params = SamplingParams(max_new_tokens=20, do_sample=True, temperature=0.9, top_p=0.95, seed=11)
-    solo = ids_of(generate(engine, PROMPTS[2], params))
+    solo = ids_of(generate(engine, GPT2_PROMPTS[2], params))
     got: dict[str, list[TokenEvent]] = defaultdict(list)
-    for i, prompt in enumerate(PROMPTS[:6]):
+    for i, prompt in enumerate(GPT2_PROMPTS[:6]):
         engine.add(f"r{i}", prompt, SamplingParams(max_new_tokens=20, do_sample=True, seed=100 + i))
-    engine.add("mine", PROMPTS[2], params)
+    engine.add("mine", GPT2_PROMPTS[2], params)
     drain(engine, got)
     assert ids_of(got["mine"]) == solo
 
 
 def test_finish_reason_length_and_stop_sequence(engine: Engine) -> None:
-    full = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=30))
+    full = generate(engine, GPT2_PROMPTS[0], SamplingParams(max_new_tokens=30))
     text = full[-1].generated_text
     assert text is not None
     # A stop sequence that starts inside one token and may end inside another: matched on text, not tokens.
@@ -159,12 +141,12 @@ def test_finish_reason_length_and_stop_sequence(engine: Engine) -> None:
     stop = text[start : start + 4]
     assert len(stop) == 4 and stop in text
     end = text.index(stop) + len(stop)
-    stopped = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=30, stop=["never appears", stop]))
+    stopped = generate(engine, GPT2_PROMPTS[0], SamplingParams(max_new_tokens=30, stop=["never appears", stop]))
     check_stream(stopped)
     assert stopped[-1].finish_reason == "stop_sequence"
     assert stopped[-1].generated_text == text[:end]  # TGI keeps the stop sequence in generated_text
     assert ids_of(stopped) == ids_of(full)[: len(stopped)]
-    short = generate(engine, PROMPTS[0], SamplingParams(max_new_tokens=3))
+    short = generate(engine, GPT2_PROMPTS[0], SamplingParams(max_new_tokens=3))
     assert len(short) == 3 and short[-1].finish_reason == "length"
 
 
@@ -185,10 +167,10 @@ def test_finish_reason_eos_token(engine: Engine, model: Model) -> None:
 
 
 def test_sixteen_concurrent_requests_match_their_solo_runs(engine: Engine) -> None:
-    params = [SamplingParams(max_new_tokens=4 + (7 * i) % 29) for i in range(len(PROMPTS))]
-    solo = {f"r{i}": ids_of(generate(engine, p, params[i])) for i, p in enumerate(PROMPTS)}
+    params = [SamplingParams(max_new_tokens=4 + (7 * i) % 29) for i in range(len(GPT2_PROMPTS))]
+    solo = {f"r{i}": ids_of(generate(engine, p, params[i])) for i, p in enumerate(GPT2_PROMPTS)}
     got: dict[str, list[TokenEvent]] = defaultdict(list)
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(GPT2_PROMPTS):
         engine.add(f"r{i}", p, params[i])
     assert engine.num_waiting == 16
     first = engine.step()  # all admitted and prefilled together, one event each
@@ -204,14 +186,14 @@ def test_sixteen_concurrent_requests_match_their_solo_runs(engine: Engine) -> No
 
 def test_short_request_behind_long_ones_finishes_first(engine: Engine) -> None:
     long_params = SamplingParams(max_new_tokens=60)
-    longs = [p for p in PROMPTS if generate(engine, p, long_params)[-1].finish_reason == "length"][:4]
+    longs = [p for p in GPT2_PROMPTS if generate(engine, p, long_params)[-1].finish_reason == "length"][:4]
     assert len(longs) == 4
     for i, p in enumerate(longs):
         engine.add(f"long{i}", p, long_params)
     for _ in range(5):
         engine.step()
     width = engine.cache_columns
-    engine.add("short", PROMPTS[5], SamplingParams(max_new_tokens=2))
+    engine.add("short", GPT2_PROMPTS[5], SamplingParams(max_new_tokens=2))
     done: list[str] = []
     steps = 0
     while engine.has_work():
@@ -225,14 +207,14 @@ def test_short_request_behind_long_ones_finishes_first(engine: Engine) -> None:
 
 
 def test_request_added_mid_decode_joins_between_steps(engine: Engine) -> None:
-    solo_a = ids_of(generate(engine, PROMPTS[4], SamplingParams(max_new_tokens=30)))
-    solo_b = ids_of(generate(engine, PROMPTS[3], SamplingParams(max_new_tokens=10)))
+    solo_a = ids_of(generate(engine, GPT2_PROMPTS[4], SamplingParams(max_new_tokens=30)))
+    solo_b = ids_of(generate(engine, GPT2_PROMPTS[3], SamplingParams(max_new_tokens=10)))
     got: dict[str, list[TokenEvent]] = defaultdict(list)
-    engine.add("a", PROMPTS[4], SamplingParams(max_new_tokens=30))
+    engine.add("a", GPT2_PROMPTS[4], SamplingParams(max_new_tokens=30))
     for _ in range(3):
         for ev in engine.step():
             got[ev.request_id].append(ev)
-    engine.add("b", PROMPTS[3], SamplingParams(max_new_tokens=10))
+    engine.add("b", GPT2_PROMPTS[3], SamplingParams(max_new_tokens=10))
     assert engine.num_running == 1 and engine.num_waiting == 1
     events = engine.step()
     assert {(e.request_id, e.index) for e in events} == {("a", 3), ("b", 0)}
@@ -243,13 +225,13 @@ def test_request_added_mid_decode_joins_between_steps(engine: Engine) -> None:
 
 
 def test_cancel_drops_at_once(engine: Engine) -> None:
-    solo = ids_of(generate(engine, PROMPTS[1], SamplingParams(max_new_tokens=12)))
+    solo = ids_of(generate(engine, GPT2_PROMPTS[1], SamplingParams(max_new_tokens=12)))
     got: dict[str, list[TokenEvent]] = defaultdict(list)
-    engine.add("long", PROMPTS[4], SamplingParams(max_new_tokens=40))
-    engine.add("keep", PROMPTS[1], SamplingParams(max_new_tokens=12))
+    engine.add("long", GPT2_PROMPTS[4], SamplingParams(max_new_tokens=40))
+    engine.add("keep", GPT2_PROMPTS[1], SamplingParams(max_new_tokens=12))
     for ev in engine.step() + engine.step():
         got[ev.request_id].append(ev)
-    engine.add("waiting", PROMPTS[2], SamplingParams())
+    engine.add("waiting", GPT2_PROMPTS[2], SamplingParams())
     assert engine.num_running == 2 and engine.has_request("long") and engine.has_request("waiting")
     width = engine.cache_columns
     assert engine.cancel("long") is True
@@ -263,13 +245,13 @@ def test_cancel_drops_at_once(engine: Engine) -> None:
 
 
 def test_prefill_details(engine: Engine, model: Model) -> None:
-    events = generate(engine, PROMPTS[2], SamplingParams(max_new_tokens=3, want_prefill=True))
+    events = generate(engine, GPT2_PROMPTS[2], SamplingParams(max_new_tokens=3, want_prefill=True))
     prefill = events[0].prefill
     assert prefill is not None and all(e.prefill is None for e in events[1:])
-    assert [p["id"] for p in prefill] == model[1](PROMPTS[2])["input_ids"]
+    assert [p["id"] for p in prefill] == model[1](GPT2_PROMPTS[2])["input_ids"]
     assert prefill[0]["logprob"] is None and all(p["logprob"] <= 0.0 for p in prefill[1:])
-    assert "".join(p["text"] for p in prefill) == PROMPTS[2]
-    assert generate(engine, PROMPTS[2], SamplingParams(max_new_tokens=1))[0].prefill is None
+    assert "".join(p["text"] for p in prefill) == GPT2_PROMPTS[2]
+    assert generate(engine, GPT2_PROMPTS[2], SamplingParams(max_new_tokens=1))[0].prefill is None
 
 
 def test_validation_errors(engine: Engine) -> None:
@@ -281,18 +263,18 @@ def test_validation_errors(engine: Engine) -> None:
         engine.add("e", "word " * ctx, SamplingParams())
     assert err.value.field == "inputs" and str(ctx) in err.value.message
     with pytest.raises(InputError) as err:
-        engine.add("e", PROMPTS[0], SamplingParams(max_new_tokens=ctx))
+        engine.add("e", GPT2_PROMPTS[0], SamplingParams(max_new_tokens=ctx))
     assert err.value.field == "max_new_tokens"
     assert f"<= {ctx}" in err.value.message and f"{ctx} `max_new_tokens`" in err.value.message
     for bad, name in [(SamplingParams(top_p=1.5), "top_p"), (SamplingParams(temperature=0.0), "temperature"),
                       (SamplingParams(max_new_tokens=0), "max_new_tokens"), (SamplingParams(top_k=0), "top_k")]:
         with pytest.raises(InputError) as err:
-            engine.add("e", PROMPTS[0], bad)
+            engine.add("e", GPT2_PROMPTS[0], bad)
         assert err.value.field == name
     assert not engine.has_work()
-    engine.add("dup", PROMPTS[0], SamplingParams())
+    engine.add("dup", GPT2_PROMPTS[0], SamplingParams())
     with pytest.raises(ValueError):
-        engine.add("dup", PROMPTS[0], SamplingParams())
+        engine.add("dup", GPT2_PROMPTS[0], SamplingParams())
 
 
 def test_multibyte_characters_stream_whole(model: Model) -> None:

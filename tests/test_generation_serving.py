@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,40 +23,14 @@ import text_generation
 from text_generation.errors import OverloadedError, ValidationError
 from text_generation.types import FinishReason
 
-from tests.conftest import Cluster, live_workers, wait_for
+from tests.conftest import GPT2_PROMPTS, Cluster, live_workers, wait_for
 
 # text-generation 0.7 calls pydantic's deprecated .dict() on every request.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation.*")
 
 CONTEXT = 256   # n_positions of the quick build (models/gpt2/train.py QUICK)
-PROMPTS = [
-    "The function returns",
-    "If the file does not exist, the",
-    "This module provides a way to",
-    "Return",
-    "A list of all the names in the module that are defined and used by the class when it is called",
-    "The default value is",
-    "An object is",
-    "When the interpreter starts, the built-in variable",
-    "Raise an exception if",
-    "The second argument",
-    "It is an error to",
-    "Note that",
-    "A string is a sequence of characters and the method returns a new string with",
-    "The value",
-    "Keyword arguments are",
-    "This is the base class for all",
-]
 
 
-@pytest.fixture(scope="session")
-def quick_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding a quick gpt2 build, made once per session (INFERLINE_TEST_STORE reuses one across runs)."""
-    from models.build import build_missing
-
-    store = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("gpt2-store"))
-    build_missing(store, ["gpt2"], quick=True)
-    return store
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +71,7 @@ def greedy(tgi: text_generation.Client, prompt: str, n: int) -> text_generation.
 
 # ----------------------------------------------------------------------------------------- the TGI client
 def test_tgi_client_generate_with_details(tgi: text_generation.Client) -> None:
-    prompt = PROMPTS[0]
+    prompt = GPT2_PROMPTS[0]
     r = tgi.generate(prompt, max_new_tokens=12, decoder_input_details=True)
     d = r.details
     assert d.finish_reason in (FinishReason.Length, FinishReason.EndOfSequenceToken)
@@ -116,7 +89,7 @@ def test_tgi_client_generate_with_details(tgi: text_generation.Client) -> None:
 
 
 def test_tgi_stream_adds_up_to_the_final_text(tgi: text_generation.Client, url: str) -> None:
-    prompt = PROMPTS[2]
+    prompt = GPT2_PROMPTS[2]
     whole = greedy(tgi, prompt, 24)
     events = list(tgi.generate_stream(prompt, max_new_tokens=24))
     assert [e.token.id for e in events] == [t.id for t in whole.details.tokens]
@@ -140,7 +113,7 @@ def test_tgi_stream_adds_up_to_the_final_text(tgi: text_generation.Client, url: 
 
 
 def test_stop_sequences(tgi: text_generation.Client, oai: openai.OpenAI) -> None:
-    prompt = PROMPTS[1]
+    prompt = GPT2_PROMPTS[1]
     full = greedy(tgi, prompt, 40).generated_text
     stop = full[12:15]
     cut = full[: full.index(stop) + len(stop)]
@@ -156,7 +129,7 @@ def test_stop_sequences(tgi: text_generation.Client, oai: openai.OpenAI) -> None
 
 
 def test_greedy_is_deterministic_and_seeds_pick_the_sample(tgi: text_generation.Client) -> None:
-    prompt = PROMPTS[6]
+    prompt = GPT2_PROMPTS[6]
     assert greedy(tgi, prompt, 20).generated_text == greedy(tgi, prompt, 20).generated_text
 
     def sample(seed: int) -> str:
@@ -167,19 +140,19 @@ def test_greedy_is_deterministic_and_seeds_pick_the_sample(tgi: text_generation.
 
 
 async def test_sixteen_concurrent_requests_match_their_solo_runs(tgi: text_generation.Client, url: str) -> None:
-    lengths = [4 + (7 * i) % 29 for i in range(len(PROMPTS))]
-    solo = [greedy(tgi, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    lengths = [4 + (7 * i) % 29 for i in range(len(GPT2_PROMPTS))]
+    solo = [greedy(tgi, p, n) for p, n in zip(GPT2_PROMPTS, lengths, strict=True)]
     client = text_generation.AsyncClient(url, timeout=60)
-    together = await asyncio.gather(*[client.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, lengths,
+    together = await asyncio.gather(*[client.generate(p, max_new_tokens=n) for p, n in zip(GPT2_PROMPTS, lengths,
                                                                                            strict=True)])
     for i, (alone, batched) in enumerate(zip(solo, together, strict=True)):
-        assert [t.id for t in batched.details.tokens] == [t.id for t in alone.details.tokens], PROMPTS[i]
+        assert [t.id for t in batched.details.tokens] == [t.id for t in alone.details.tokens], GPT2_PROMPTS[i]
         assert batched.generated_text == alone.generated_text
 
 
 async def test_short_request_behind_long_ones_finishes_first(tgi: text_generation.Client, url: str) -> None:
     n_long = 200
-    longs = [p for p in PROMPTS[:8] if greedy(tgi, p, n_long).details.finish_reason == FinishReason.Length][:4]
+    longs = [p for p in GPT2_PROMPTS[:8] if greedy(tgi, p, n_long).details.finish_reason == FinishReason.Length][:4]
     assert len(longs) == 4
     client = text_generation.AsyncClient(url, timeout=60)
     finished: list[tuple[str, int]] = []
@@ -194,7 +167,7 @@ async def test_short_request_behind_long_ones_finishes_first(tgi: text_generatio
 
     tasks = [asyncio.create_task(run(f"long{i}", p, n_long, started[i])) for i, p in enumerate(longs)]
     await asyncio.wait_for(asyncio.gather(*[e.wait() for e in started]), 30)   # all four are generating
-    await run("short", PROMPTS[5], 3)
+    await run("short", GPT2_PROMPTS[5], 3)
     await asyncio.gather(*tasks)
     assert finished[0][0] == "short"
     assert sorted(finished[1:]) == [(f"long{i}", n_long) for i in range(4)]
@@ -213,7 +186,7 @@ def test_client_gone_mid_stream_frees_its_slot(served: Cluster, url: str) -> Non
         return wait_for(check, 10, f"a heartbeat with active={active}")
 
     items_before = int(beat_after(int(time.time() * 1000), "0")["items"])
-    body = {"inputs": PROMPTS[3], "parameters": {"max_new_tokens": CONTEXT - 6}}
+    body = {"inputs": GPT2_PROMPTS[3], "parameters": {"max_new_tokens": CONTEXT - 6}}
     with httpx.Client(timeout=60) as client, client.stream("POST", url + "/generate_stream", json=body) as resp:
         assert resp.status_code == 200
         seen = 0
@@ -236,7 +209,7 @@ def test_overloaded_queue_raises_overloaded_error(served: Cluster, quick_gpt2: P
         client = text_generation.AsyncClient(small.start_gateway(), timeout=60)
 
         async def burst() -> list[Any]:
-            return await asyncio.gather(*[client.generate(PROMPTS[0], max_new_tokens=150) for _ in range(4)],
+            return await asyncio.gather(*[client.generate(GPT2_PROMPTS[0], max_new_tokens=150) for _ in range(4)],
                                         return_exceptions=True)
 
         results = asyncio.run(burst())
@@ -262,7 +235,7 @@ def test_tgi_client_raises_validation_error(tgi: text_generation.Client) -> None
 
 # --------------------------------------------------------------------------------------- the OpenAI client
 def test_openai_completions(oai: openai.OpenAI, tgi: text_generation.Client) -> None:
-    a, b = PROMPTS[7], PROMPTS[9]
+    a, b = GPT2_PROMPTS[7], GPT2_PROMPTS[9]
     one = oai.completions.create(model="gpt2", prompt=a, max_tokens=10, temperature=0)
     assert one.object == "text_completion" and one.model == "gpt2"
     (choice,) = one.choices
@@ -292,7 +265,7 @@ def test_openai_completions(oai: openai.OpenAI, tgi: text_generation.Client) -> 
 
 
 def test_openai_stream_with_usage_adds_up(oai: openai.OpenAI, url: str) -> None:
-    prompts = [PROMPTS[10], PROMPTS[12]]
+    prompts = [GPT2_PROMPTS[10], GPT2_PROMPTS[12]]
     whole = oai.completions.create(model="gpt2", prompt=prompts, max_tokens=12, temperature=0)
     texts = ["", ""]
     finish: list[str | None] = [None, None]
@@ -315,7 +288,7 @@ def test_openai_stream_with_usage_adds_up(oai: openai.OpenAI, url: str) -> None:
 
 def test_openai_stream_leaves_out_special_tokens(tgi: text_generation.Client, oai: openai.OpenAI) -> None:
     """A sample that ends on the EOS token: the streamed pieces still add up to the text (no `<|endoftext|>`)."""
-    prompt = PROMPTS[3]
+    prompt = GPT2_PROMPTS[3]
     seed = next((s for s in range(60) if tgi.generate(prompt, max_new_tokens=40, do_sample=True, seed=s)
                  .details.finish_reason == FinishReason.EndOfSequenceToken), None)
     assert seed is not None, "the quick model never sampled EOS"
@@ -406,7 +379,7 @@ def test_openai_validation_names_the_param(url: str, stream: bool) -> None:
 # ----------------------------------------------------------------------------------- Open Inference Protocol
 def test_v2_infer_answers_text_output(url: str, tgi: text_generation.Client) -> None:
     body = {"id": "q-1", "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
-                                     "data": [PROMPTS[4]]}], "parameters": {"max_new_tokens": 8}}
+                                     "data": [GPT2_PROMPTS[4]]}], "parameters": {"max_new_tokens": 8}}
     with httpx.Client(timeout=60) as client:
         r = client.post(url + "/v2/models/gpt2/infer", json=body)
         meta = client.get(url + "/v2/models/gpt2").json()
@@ -415,5 +388,5 @@ def test_v2_infer_answers_text_output(url: str, tgi: text_generation.Client) -> 
     assert out["model_name"] == "gpt2" and out["id"] == "q-1" and out["model_version"] == meta["versions"][0]
     (output,) = out["outputs"]
     assert output["name"] == "text_output" and output["datatype"] == "BYTES" and output["shape"] == [1]
-    assert output["data"] == [greedy(tgi, PROMPTS[4], 8).generated_text]
+    assert output["data"] == [greedy(tgi, GPT2_PROMPTS[4], 8).generated_text]
     assert meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
