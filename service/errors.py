@@ -14,13 +14,6 @@ class InferlineError(Exception):
         self.field = field
         self.headers: dict[str, str] = {}   # extra response headers, e.g. x-should-retry
 
-    def to_body(self) -> dict[str, object]:
-        """The neutral body that crosses Redis and that TGI-style routes return as is."""
-        body: dict[str, object] = {"error": self.message, "error_type": self.error_type}
-        if self.field is not None:
-            body["field"] = self.field
-        return body
-
 
 class ValidationFailed(InferlineError):
     status = 422
@@ -69,13 +62,6 @@ class Unavailable(InferlineError):
 class DeadlineExceeded(InferlineError):
     status = 504
     error_type = "timeout"
-
-
-class ProcessingFailed(InferlineError):
-    """The workers could not process the request (a model error, or dead-lettered)."""
-
-    status = 500
-    error_type = "generation"
 
 
 def from_body(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> InferlineError:

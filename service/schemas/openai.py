@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.schemas.tgi import MAX_PROMPT_CHARS, MAX_STOP, unsupported
+from service.schemas.tgi import MAX_PROMPT_CHARS, MAX_STOP, neutral_only
 
 MAX_PROMPTS = 16
 MAX_STOP_CHARS = 64
@@ -66,13 +66,7 @@ class CompletionRequest(BaseModel):
                 raise ValueError(f"each stop sequence must hold 1 to {MAX_STOP_CHARS} characters (given {len(stop)})")
         return value
 
-    @field_validator(*NEUTRAL)
-    @classmethod
-    def _honourable(cls, value: Any, info: ValidationInfo) -> Any:
-        # per field, so the error's `param` names it
-        name = str(info.field_name)
-        unsupported(name, value, NEUTRAL[name])
-        return value
+    _neutral_only = neutral_only(NEUTRAL)
 
     @property
     def prompts(self) -> list[str]:

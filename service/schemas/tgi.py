@@ -16,9 +16,16 @@ NEUTRAL: dict[str, Any] = {"frequency_penalty": 0.0, "typical_p": 1.0, "truncate
                            "watermark": False, "top_n_tokens": 0, "grammar": None}
 
 
-def unsupported(name: str, value: Any, default: Any) -> None:
-    if value is not None and value != default:
-        raise ValueError(f"`{name}` is not supported by this server; leave it unset (given {value!r})")
+def neutral_only(neutral: dict[str, Any]) -> Any:
+    """A field validator for parameters accepted for compatibility only: each passes at its neutral value (or
+    null) and otherwise fails on its own, so the 422 names that field."""
+    def check(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+        name = str(info.field_name)
+        if value is not None and value != neutral[name]:
+            raise ValueError(f"`{name}` is not supported by this server; leave it unset (given {value!r})")
+        return value
+
+    return field_validator(*neutral)(classmethod(check))
 
 
 class GenerateParameters(BaseModel):
@@ -44,13 +51,7 @@ class GenerateParameters(BaseModel):
     top_n_tokens: int | None = None
     grammar: Any = None
 
-    @field_validator(*NEUTRAL)
-    @classmethod
-    def _honourable(cls, value: Any, info: ValidationInfo) -> Any:
-        # per field, so the 422 names `parameters.<field>`, not just `parameters`
-        name = str(info.field_name)
-        unsupported(name, value, NEUTRAL[name])
-        return value
+    _neutral_only = neutral_only(NEUTRAL)
 
     def to_params(self, inputs: str) -> dict[str, Any]:
         """What the generation worker reads (generation.SamplingParams fields plus the prompt)."""
