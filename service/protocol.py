@@ -1,11 +1,10 @@
 """What crosses Redis, and its codec. No fastapi, redis or model frameworks here.
 
-A request is two things: a small stream entry (Envelope: ids, reply address, deadline, op) on the
-model's request stream, and its payload under its own key with a TTL, so a payload that is never
-answered expires (stream entries have no TTL). Replies travel packed: one entry on a gateway's reply
-stream carries every reply a worker has for that gateway from one batch (or one decoding step), so
-a batch of 32 costs one XADD and one entry to parse, not 32. A streaming request gets several
-replies, the last one marked final.
+A request is one entry on the model's request stream: the Envelope's fields (ids, reply address,
+deadline, op) and the payload (service/broker/streams.py says how unanswered entries expire).
+Replies travel packed: one entry on a gateway's reply stream carries every reply a worker has for
+that gateway from one batch (or one decoding step), so a batch of 32 costs one XADD and one entry
+to parse, not 32. A streaming request gets several replies, the last one marked final.
 """
 
 from __future__ import annotations

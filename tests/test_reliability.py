@@ -10,8 +10,12 @@ import time
 from typing import Any
 
 import httpx
+import redis
+import redis.asyncio as aioredis
 
 from service.broker import keys
+from service.broker.streams import Enqueuer
+from service.protocol import Envelope, now_ms
 from tests.conftest import Cluster, live_workers, wait_for
 
 ECHO = "tests.runtimes:Echo"
@@ -122,6 +126,29 @@ def test_no_worker_means_504_not_a_hang(cluster: Cluster) -> None:
     assert r.status_code == 504
     ready = httpx.get(url + "/readyz")
     assert ready.status_code == 503 and "echo" in ready.json()["error"]
+
+
+def test_a_request_nobody_answers_expires_from_its_stream(redis_url: str, rdb: redis.Redis) -> None:
+    """No worker ever reads it: the next enqueue to the model trims it once it is older than the horizon
+    (the gateway passes the model's timeout plus keys.UNANSWERED_GRACE_MS)."""
+    stream = keys.request_stream("echo")
+
+    async def enqueue(request_id: str, keep_ms: int) -> int:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            envelope = Envelope(request_id, keys.reply_stream("gw"), now_ms() + 100, "v2")
+            return await Enqueuer(client).enqueue("echo", envelope, b"payload " + request_id.encode(), 10, keep_ms)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(enqueue("old", 10_000)) == 0
+    time.sleep(0.05)
+    assert asyncio.run(enqueue("young", 10_000)) == 1   # within the horizon: both kept
+    time.sleep(0.05)
+    assert asyncio.run(enqueue("new", 75)) == 2          # "old" arrived > 75 ms ago, "young" did not
+    kept = [fields[b"id"] for _, fields in rdb.xrange(stream)]
+    assert kept == [b"young", b"new"]
+    assert rdb.xrange(stream)[-1][1][b"p"] == b"payload new"
 
 
 def test_sigterm_drains_the_batch_in_hand_then_exits(cluster: Cluster) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 PREFIX = "inferline"
 GROUP = "workers"                 # the consumer group every replica of a model reads with
 
-PAYLOAD_GRACE_MS = 60_000         # a payload outlives its deadline by this much, then expires unanswered
+UNANSWERED_GRACE_MS = 60_000      # a request nobody answered is trimmed from its stream this long after its deadline
 REPLY_STREAM_TTL_S = 120          # a gateway refreshes its reply stream; a dead gateway's one expires
 HEARTBEAT_TTL_S = 5.0             # a worker silent this long is not live
 HEARTBEAT_EVERY_S = 1.0
@@ -15,10 +15,6 @@ CANCEL_MAXLEN = 10_000
 
 def request_stream(model: str) -> str:
     return f"{PREFIX}:req:{model}"
-
-
-def payload(request_id: str) -> str:
-    return f"{PREFIX}:payload:{request_id}"
 
 
 def reply_stream(gateway_id: str) -> str:

@@ -78,12 +78,14 @@ class Dispatcher:
             return wanted
         return new_id()
 
-    async def _enqueue(self, spec: ModelSpec, request_id: str, op: str, payload: bytes, timeout_s: float) -> None:
-        deadline_ms = now_ms() + int(timeout_s * 1000)
-        envelope = Envelope(request_id, self.reply_stream, deadline_ms, op)
+    async def _enqueue(self, spec: ModelSpec, request_id: str, op: str, payload: bytes) -> None:
+        # Every request to a model has the model's timeout, so every entry older than that (and a grace) is
+        # one nobody waits for: the enqueue trims those.
+        timeout_ms = int(spec.timeout_s * 1000)
+        envelope = Envelope(request_id, self.reply_stream, now_ms() + timeout_ms, op)
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
-                                                int(timeout_s * 1000) + keys.PAYLOAD_GRACE_MS)
+                                                timeout_ms + keys.UNANSWERED_GRACE_MS)
         except (RedisError, OSError) as exc:
             self.metrics.rejected.labels(spec.name, "redis").inc()
             raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None
@@ -92,13 +94,13 @@ class Dispatcher:
             raise Overloaded(f"model {spec.name} has {spec.queue_cap} requests queued (its queue_cap); retry later")
 
     async def call(self, model: str, op: str, params: dict[str, Any] | bytes, blob: bytes = b"",
-                   request_id: str | None = None, timeout_s: float | None = None) -> Reply:
+                   request_id: str | None = None) -> Reply:
         """Queue one request and return its successful reply. Raises InferlineError for every failure."""
         spec = self.spec(model)
         # Replies are matched by id: a caller's id that is already in flight (a client reusing one x-request-id)
         # must not take over the other request's waiter.
         request_id = self.new_request_id(request_id)
-        timeout = timeout_s or spec.timeout_s
+        timeout = spec.timeout_s
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self.waiters[request_id] = future
@@ -106,7 +108,7 @@ class Dispatcher:
         timer = loop.call_later(timeout, expire, future, DeadlineExceeded(
             f"request {request_id} to model {model} was not answered within {timeout:g} s"))
         try:
-            await self._enqueue(spec, request_id, op, encode_payload(params, blob), timeout)
+            await self._enqueue(spec, request_id, op, encode_payload(params, blob))
             reply = await future
         finally:
             timer.cancel()
@@ -115,18 +117,17 @@ class Dispatcher:
             raise reply_error(reply)
         return reply
 
-    async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str,
-                     timeout_s: float | None = None) -> AsyncIterator[Reply]:
+    async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
         """Queue one request and yield its replies as they come, the last one final. The first reply
         (or an error before it) is awaited before anything is yielded, so callers can still answer
         with a plain error status."""
         spec = self.spec(model)
-        timeout = timeout_s or spec.timeout_s
+        timeout = spec.timeout_s
         inbox: asyncio.Queue[Reply] = asyncio.Queue()
         self.waiters[request_id] = inbox
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            await self._enqueue(spec, request_id, op, encode_payload(params), timeout)
+            await self._enqueue(spec, request_id, op, encode_payload(params))
             while True:
                 left = deadline - asyncio.get_running_loop().time()
                 try:

@@ -57,7 +57,6 @@ class Executor:
         return [replies[d.request_id] for d in deliveries]
 
     def decode(self, d: Delivery) -> Decoded:
-        assert d.payload is not None
         params, blob = decode_payload(d.payload)
         if d.envelope.op == OP_TASK:
             task = TaskRequest(params=params, blob=blob)

@@ -119,7 +119,7 @@ class GenerationLoop:
     def _add(self, d: Delivery) -> Reply | None:
         """Add one request to the engine; an error reply if it cannot run."""
         rid = d.request_id
-        if d.payload is None or d.envelope.deadline_ms <= now_ms():
+        if d.envelope.deadline_ms <= now_ms():
             return Reply.error(rid, 504, "timeout", f"request {rid} expired while queued")
         try:
             params, blob = decode_payload(d.payload)

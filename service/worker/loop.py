@@ -22,8 +22,8 @@ RECLAIM_EVERY_S = 1.0
 
 
 def expired_reply(d: Delivery) -> Reply:
-    why = "its payload expired" if d.payload is None else "its deadline passed"
-    return Reply.error(d.request_id, 504, "timeout", f"request {d.request_id} was not run: {why} while queued")
+    return Reply.error(d.request_id, 504, "timeout", f"request {d.request_id} was not run: its deadline passed while "
+                       "queued")
 
 
 class BatchLoop:
@@ -88,7 +88,7 @@ class BatchLoop:
 
     async def process(self, batch: Sequence[Delivery], record: bool = True) -> None:
         deadline = now_ms()
-        stale = [d for d in batch if d.payload is None or d.envelope.deadline_ms <= deadline]
+        stale = [d for d in batch if d.envelope.deadline_ms <= deadline]
         live = [d for d in batch if d not in stale]
         replies = [(d.envelope.reply_to, expired_reply(d)) for d in stale]
         if live:
