@@ -61,14 +61,17 @@ class KerasRuntime(ArtifactRuntime[Prepared, Output]):
 
 
 def _fixed_signature(tf: Any, model: Any, placement: str, row_shape: tuple[int, ...], dtype: str) -> Any:
-    """One tf.function over `model` for any batch size: traced once, never per batch size."""
+    """One graph over `model` for any batch size: traced once, never per batch size. Called as its concrete
+    function on a tensor: the tf.function wrapper re-binds and re-checks its arguments on every call, ~0.15 ms
+    of a 0.55 ms single-image cnn forward here."""
 
     @tf.function(input_signature=[tf.TensorSpec([None, *row_shape], tf.as_dtype(dtype))])
     def forward(x: Any) -> Any:
         with tf.device(placement):
             return model(x, training=False)
 
-    return forward
+    concrete = forward.get_concrete_function()
+    return lambda x: concrete(tf.constant(np.asarray(x, dtype=dtype)))
 
 
 def configure_tensorflow(threads: int) -> Any:
