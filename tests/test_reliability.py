@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -126,6 +127,20 @@ def test_no_worker_means_504_not_a_hang(cluster: Cluster) -> None:
     assert r.status_code == 504
     ready = httpx.get(url + "/readyz")
     assert ready.status_code == 503 and "echo" in ready.json()["error"]
+
+
+def test_serves_through_a_tcp_redis_url(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> None:
+    """The suite's private Redis is reached by unix socket; fleets reach theirs over TCP (redis://)."""
+    assert redis_url.startswith("unix://")
+    cluster = Cluster(f"redis://127.0.0.1:{rdb.config_get('port')['port']}/0", tmp_path)
+    try:
+        cluster.spec("echo", runtime=ECHO, max_batch_size=4)
+        url = cluster.start_gateway() + "/v2/models/echo/infer"
+        cluster.start_worker("echo")
+        responses = asyncio.run(post_all(url, [v2_body(i) for i in range(8)]))
+        assert sorted(r.json()["outputs"][0]["data"][0] for r in responses) == [2.0 * i for i in range(8)]
+    finally:
+        cluster.close()
 
 
 def test_a_request_nobody_answers_expires_from_its_stream(redis_url: str, rdb: redis.Redis) -> None:

@@ -98,7 +98,7 @@ def test_up_serves_restarts_a_killed_worker_and_stops_cleanly(up: tuple[subproce
     started = time.monotonic()
     wait_for(ready, 120, "inferline up ready")
     print(f"ready in {time.monotonic() - started:.1f} s")
-    match = re.search(r"started a private Redis at (redis://\S+)", log.read_text())
+    match = re.search(r"started a private Redis at ((?:redis|unix)://\S+)", log.read_text())
     assert match, log.read_text()
     client = redis.Redis.from_url(match.group(1))
     try:

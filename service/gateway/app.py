@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import service
+from service.broker.client import connect
 from service.config import Settings
 from service.errors import InferlineError
 from service.gateway.directory import Directory
@@ -37,8 +37,7 @@ def create_app(settings: Settings) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # socket_timeout bounds a hung Redis; it must outlast the reply reader's 1 s blocking XREAD.
-        redis = aioredis.Redis.from_url(str(settings.redis_url), socket_keepalive=True, socket_timeout=10,
-                                        max_connections=256)
+        redis = connect(str(settings.redis_url), socket_timeout=10, max_connections=256)
         dispatcher = Dispatcher(redis, settings, metrics)
         app.state.settings = settings
         app.state.redis = redis

@@ -24,6 +24,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from service.broker import keys
+from service.broker.client import connect
 from service.broker.streams import ModelQueue
 from service.config import ConfigError, ModelSpec, Settings, spec_from_env
 from service.runtimes.base import Runtime
@@ -93,7 +94,7 @@ async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
     device = devices.resolve(spec.device, replica)
     runtime_path, version_dir, manifest = locate(spec)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    redis = aioredis.Redis.from_url(redis_url, socket_keepalive=True, health_check_interval=30)
+    redis = connect(redis_url, health_check_interval=30)
     stats = WorkerStats()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
