@@ -7,7 +7,9 @@ Measures, in one run:
     gateway -> Redis -> worker, with the same 784-float v2 JSON body;
   * a no-op model at concurrency 64: the pure serving overhead.
 Then prints the ratios against the targets (served c=64 >= 90% of the bare pipeline; c=1 p50 within 1.5 ms
-of the bare single-item forward; no-op >= 5,000 req/s).
+of the bare single-item forward; no-op >= 5,000 req/s), the CPU each process spent per request, and the bare
+pipeline again while the no-op service runs at c=64 on the same cores: what the model itself can still do
+when the HTTP side (load generator, gateway, Redis) takes its share of the machine.
 
     python bench/bench_serving.py [--store model_store] [--duration 10]
 
@@ -70,41 +72,57 @@ def timeit(fn: Any, seconds: float = 3.0) -> tuple[float, float]:
     return len(times) / sum(times), float(np.median(times))
 
 
-def bare(version_dir: Path, bodies: list[bytes]) -> dict[str, float]:
-    from models.cnn.runtime import CnnRuntime
-    from service.worker import v2codec
+class Bare:
+    """The cnn in this process, 1 thread, with the worker's own decode and encode."""
 
-    runtime = CnnRuntime()
-    runtime.load(version_dir, "cpu", 1)
-    batch = bodies[:32]
+    def __init__(self, version_dir: Path, bodies: list[bytes]) -> None:
+        from models.cnn.runtime import CnnRuntime
 
-    def decode(body: bytes) -> Any:
+        self.runtime = CnnRuntime()
+        self.runtime.load(version_dir, "cpu", 1)
+        self.batch = bodies[:32]
+
+    def decode(self, body: bytes) -> Any:
+        from service.worker import v2codec
+
         request, tensors = v2codec.decode_request(body, None)
-        return runtime.v2_preprocess(tensors, {})
+        return self.runtime.v2_preprocess(tensors, {})
 
-    prepared = [decode(b) for b in batch]
-    fwd_rate, _ = timeit(lambda: runtime.predict_batch(prepared))
+    def pipeline(self) -> None:
+        """Decode 32 bodies, one forward pass, encode 32 answers."""
+        from service.worker import v2codec
 
-    def pipeline() -> None:
-        items = [decode(b) for b in batch]
-        for out in runtime.predict_batch(items):
-            v2codec.encode_response("cnn", runtime.version, None, runtime.v2_postprocess(out), None)
+        items = [self.decode(b) for b in self.batch]
+        for out in self.runtime.predict_batch(items):
+            v2codec.encode_response("cnn", self.runtime.version, None, self.runtime.v2_postprocess(out), None)
 
-    pipe_rate, _ = timeit(pipeline)
-    _, single = timeit(lambda: runtime.predict_batch(prepared[:1]))
-    # A served request at concurrency 1 finds the model idle for the ~2 ms of its trip through HTTP and Redis.
-    # On these VMs the framework then runs slower than in a hot loop (caches gone cold: TF ~0.8 -> ~2 ms,
-    # numpy barely), so the bare single forward is also measured after the same idle gap.
-    after_idle = []
-    for _ in range(300):
-        time.sleep(0.002)
-        started = time.perf_counter()
-        runtime.predict_batch(prepared[:1])
-        after_idle.append(time.perf_counter() - started)
-    _, single_pipe = timeit(lambda: [v2codec.encode_response("cnn", "1", None, runtime.v2_postprocess(o), None)
-                                     for o in runtime.predict_batch([decode(batch[0])])])
-    return {"forward_img_s": fwd_rate * 32, "pipeline_img_s": pipe_rate * 32, "single_forward_ms": single * 1e3,
-            "single_pipeline_ms": single_pipe * 1e3, "single_after_idle_ms": float(np.median(after_idle)) * 1e3}
+    def pipeline_img_s(self, seconds: float = 3.0) -> float:
+        return timeit(self.pipeline, seconds)[0] * 32
+
+
+    def limits(self) -> dict[str, float]:
+        """Forward alone and whole pipeline at batch 32; single-item forward (hot, and after 2 ms idle) and
+        single-item pipeline."""
+        from service.worker import v2codec
+
+        runtime = self.runtime
+        prepared = [self.decode(b) for b in self.batch]
+        fwd_rate, _ = timeit(lambda: runtime.predict_batch(prepared))
+        pipeline_img_s = self.pipeline_img_s()
+        _, single = timeit(lambda: runtime.predict_batch(prepared[:1]))
+        # A served request at concurrency 1 finds the model idle for the ~2 ms of its trip through HTTP and Redis.
+        # On these VMs the framework then runs slower than in a hot loop (caches gone cold: TF ~0.8 -> ~2 ms,
+        # numpy barely), so the bare single forward is also measured after the same idle gap.
+        after_idle = []
+        for _ in range(300):
+            time.sleep(0.002)
+            started = time.perf_counter()
+            runtime.predict_batch(prepared[:1])
+            after_idle.append(time.perf_counter() - started)
+        _, single_pipe = timeit(lambda: [v2codec.encode_response("cnn", "1", None, runtime.v2_postprocess(o), None)
+                                         for o in runtime.predict_batch([self.decode(self.batch[0])])])
+        return {"forward_img_s": fwd_rate * 32, "pipeline_img_s": pipeline_img_s, "single_forward_ms": single * 1e3,
+                "single_pipeline_ms": single_pipe * 1e3, "single_after_idle_ms": float(np.median(after_idle)) * 1e3}
 
 
 LUA = """
@@ -116,11 +134,29 @@ f:close()
 """
 
 
-def wrk(url: str, body_path: Path, connections: int, duration: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a live process has used (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_wrk(url: str, body_path: Path, connections: int, duration: int) -> subprocess.Popen[str]:
     script = body_path.with_suffix(".lua")
     script.write_text(LUA.replace("{path}", str(body_path)))
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, timeout=duration + 60).stdout
+    return subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def wrk(url: str, body_path: Path, connections: int, duration: int,
+        processes: dict[str, int] | None = None) -> dict[str, float]:
+    """Rate and latency from wrk; with `processes` (name -> pid), also the CPU µs per request each one spent."""
+    before = {name: cpu_seconds(pid) for name, pid in (processes or {}).items()}
+    proc = start_wrk(url, body_path, connections, duration)
+    out, _ = proc.communicate(timeout=duration + 60)
+    used = {name: cpu_seconds(pid) - before[name] for name, pid in (processes or {}).items()}
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))   # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
@@ -131,7 +167,9 @@ def wrk(url: str, body_path: Path, connections: int, duration: int) -> dict[str,
         assert m, out
         return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
 
-    return {"req_s": rate, "p50_ms": pct("50"), "p99_ms": pct("99")}
+    requests = rate * duration
+    return {"req_s": rate, "p50_ms": pct("50"), "p99_ms": pct("99"),
+            **{f"cpu_us_{name}": seconds / requests * 1e6 for name, seconds in used.items()}}
 
 
 class Served:
@@ -140,10 +178,12 @@ class Served:
     def __init__(self, tmp: Path, model: str, spec: dict[str, Any]) -> None:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, int] = {}
         self.redis_url = os.environ.get("REDIS_URL", "")
         if not self.redis_url:
             proc, self.redis_url = embedded.start(tmp / "redis")
             self.procs.append(proc)
+            self.pids["redis"] = proc.pid
         import redis
         redis.Redis.from_url(self.redis_url).flushdb()
         spec = {"name": model, "max_batch_size": 32, "max_batch_delay_ms": 5, "threads": 1, **spec}
@@ -152,10 +192,12 @@ class Served:
                                                          if k != "name"))
         env = {**os.environ, "REDIS_URL": self.redis_url, "INFERLINE_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
         self.port = embedded.free_port()
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "service.worker.main", model], env=env, cwd=ROOT,
-                                           stderr=(tmp / "worker.log").open("wb")))
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", "--port", str(self.port)],
-                                           env=env, cwd=ROOT, stderr=(tmp / "gateway.log").open("wb")))
+        worker = subprocess.Popen([sys.executable, "-m", "service.worker.main", model], env=env, cwd=ROOT,
+                                  stderr=(tmp / "worker.log").open("wb"))
+        gateway = subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", "--port", str(self.port)],
+                                   env=env, cwd=ROOT, stderr=(tmp / "gateway.log").open("wb"))
+        self.procs += [worker, gateway]
+        self.pids.update(worker=worker.pid, gateway=gateway.pid)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -190,7 +232,8 @@ def main() -> None:
     build.build_missing(store_dir, ["cnn"], quick=not store.latest(store_dir, "cnn"))
     version_dir = store.resolve(store_dir / "cnn")
     bodies = v2_bodies(64)
-    limit = bare(version_dir, bodies)
+    model = Bare(version_dir, bodies)
+    limit = model.limits()
     print(f"bare cnn (1 thread): forward {limit['forward_img_s']:,.0f} img/s at batch 32; pipeline "
           f"{limit['pipeline_img_s']:,.0f} img/s; single forward {limit['single_forward_ms']:.2f} ms, single pipeline "
           f"{limit['single_pipeline_ms']:.2f} ms, single forward after 2 ms idle "
@@ -205,7 +248,7 @@ def main() -> None:
             url = served.url + "/v2/models/cnn/infer"
             wrk(url, body_path, 64, 2)   # warm up
             for c in (1, 64):
-                results[f"cnn c={c}"] = wrk(url, body_path, c, args.duration)
+                results[f"cnn c={c}"] = wrk(url, body_path, c, args.duration, served.pids)
                 print(f"served cnn c={c}: {results[f'cnn c={c}']}", flush=True)
         finally:
             served.close()
@@ -216,8 +259,13 @@ def main() -> None:
         try:
             url = served.url + "/v2/models/noop/infer"
             wrk(url, noop_body, 64, 2)
-            results["noop c=64"] = wrk(url, noop_body, 64, args.duration)
+            results["noop c=64"] = wrk(url, noop_body, 64, args.duration, served.pids)
             print(f"served noop c=64: {results['noop c=64']}", flush=True)
+            loading = start_wrk(url, noop_body, 64, 6)
+            time.sleep(1.0)
+            shared_pipeline = model.pipeline_img_s(4.0)
+            loading.communicate(timeout=60)
+            print(f"bare pipeline while the no-op service runs at c=64: {shared_pipeline:,.0f} img/s", flush=True)
         finally:
             served.close()
 
@@ -233,6 +281,14 @@ def main() -> None:
           "| (same gap as served) |")
     print(f"| served no-op c=64 | {noop['req_s']:,.0f} req/s, p50 {noop['p50_ms']:.1f} ms, p99 {noop['p99_ms']:.1f} ms "
           f"| >= 5,000 req/s |")
+    print(f"| bare pipeline, no-op service at c=64 on the same cores | {shared_pipeline:,.0f} img/s "
+          f"({shared_pipeline / limit['pipeline_img_s']:.2f} of idle) | |")
+    print("\nCPU per request (µs), by process; the bare pipeline spends "
+          f"{1e6 / limit['pipeline_img_s']:.0f} µs per image on one core:")
+    print("| run | gateway | worker | redis |\n|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | " + " | ".join(f"{r.get(f'cpu_us_{p}', float('nan')):.0f}"
+                                          for p in ("gateway", "worker", "redis")) + " |")
 
 
 if __name__ == "__main__":
