@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from service.broker import keys
 from service.broker.streams import Enqueuer
-from service.protocol import Envelope, now_ms
+from service.protocol import Envelope, Reply, now_ms, unpack_replies
 from tests.conftest import Cluster, live_workers, wait_for
 
 ECHO = "tests.runtimes:Echo"
@@ -141,6 +141,26 @@ def test_serves_through_a_tcp_redis_url(redis_url: str, rdb: redis.Redis, tmp_pa
         assert sorted(r.json()["outputs"][0]["data"][0] for r in responses) == [2.0 * i for i in range(8)]
     finally:
         cluster.close()
+
+
+def test_an_entry_without_a_payload_fails_alone(cluster: Cluster) -> None:
+    """E.g. written by an older gateway: its caller gets an error, it is acknowledged, the worker goes on."""
+    cluster.spec("echo", runtime=ECHO)
+    url = cluster.start_gateway() + "/v2/models/echo/infer"
+    cluster.start_worker("echo")
+    reply_to = keys.reply_stream("by-hand")
+    cluster.client.xadd(reply_to, {"pack": b""})
+    stream = keys.request_stream("echo")
+    cluster.client.xadd(stream, {"id": "nopayload", "reply": reply_to, "deadline": now_ms() + 10_000, "op": "v2"})
+
+    def answered() -> list[Reply]:
+        return [r for _, f in cluster.client.xrange(reply_to) for r in unpack_replies(f[b"pack"])]
+
+    (reply,) = wait_for(answered, 10, "a reply to the entry without payload")
+    assert (reply.request_id, reply.status) == ("nopayload", 500)
+    wait_for(lambda: cluster.client.xlen(stream) == 0, 5, "the entry acknowledged and deleted")
+    (ok,) = asyncio.run(post_all(url, [v2_body(3)]))
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == [6.0]
 
 
 def test_a_request_nobody_answers_expires_from_its_stream(redis_url: str, rdb: redis.Redis) -> None:

@@ -148,7 +148,7 @@ class ModelQueue:
             await self.ensure_group()   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
         entries = res[0][1] if res else []
-        return [Delivery(eid, Envelope.from_fields(fields), fields[b"p"]) for eid, fields in entries if fields]
+        return [parse_entry(eid, fields, 1) for eid, fields in entries if fields]
 
     async def reply(self, replies: Sequence[tuple[str, Reply]]) -> None:
         """Send replies, one pipeline. NOMKSTREAM: a reply to a gateway that is gone is dropped, not kept."""
@@ -193,7 +193,7 @@ class ModelQueue:
         if deleted:   # entries deleted under the PEL (Redis 6.2 still lists them): clear them for good
             await self.redis.xack(self.stream, keys.GROUP, *deleted)
         # XCLAIM counted this delivery: the tries are the old count + 1.
-        deliveries = [Delivery(eid, Envelope.from_fields(f), f[b"p"], tries[eid] + 1) for eid, f in claimed if f]
+        deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
         return fresh, exhausted
@@ -212,6 +212,12 @@ class ModelQueue:
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
         await self.reply([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries])
         await self.ack_delete(deliveries)
+
+
+def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:
+    """An entry as read. One without a payload (written by an older gateway, or by hand) gets an empty one,
+    which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
+    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(b"p", b""), tries)
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:
