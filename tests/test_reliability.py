@@ -109,12 +109,23 @@ def test_deadline_answers_504_and_workers_skip_expired_work(cluster: Cluster) ->
     cluster.spec("echo", runtime=ECHO, max_batch_size=1, timeout_s=0.5)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
     cluster.start_worker("echo")
-    responses = asyncio.run(post_all(url, [v2_body(1, sleep_s=1.0), v2_body(2)]))
+    stream = keys.request_stream("echo")
+
+    async def scenario() -> list[httpx.Response]:
+        # the second request only once the worker holds the first: it then waits in the queue past its deadline
+        async with httpx.AsyncClient(timeout=60) as client:
+            first = asyncio.create_task(client.post(url, json=v2_body(1, sleep_s=1.0)))
+            await asyncio.to_thread(wait_for, lambda: cluster.client.xpending(stream, keys.GROUP)["pending"] > 0, 10,
+                                    "the first request running")
+            second = await client.post(url, json=v2_body(2))
+            return [await first, second]
+
+    responses = asyncio.run(scenario())
     assert [r.status_code for r in responses] == [504, 504]
     assert "within 0.5 s" in responses[0].json()["error"]
     # the second request expired while queued: the worker answers it 504 without running it, then
     # deletes it; the worker is still healthy
-    wait_for(lambda: cluster.client.xlen(keys.request_stream("echo")) == 0, 5, "expired entries removed")
+    wait_for(lambda: cluster.client.xlen(stream) == 0, 5, "expired entries removed")
     time.sleep(2 * keys.HEARTBEAT_EVERY_S)   # let the heartbeat publish the final counters
     (worker,) = live_workers(cluster.client, "echo")
     assert int(worker["items"]) == 1   # only the first request ran
