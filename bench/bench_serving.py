@@ -99,7 +99,6 @@ class Bare:
     def pipeline_img_s(self, seconds: float = 3.0) -> float:
         return timeit(self.pipeline, seconds)[0] * 32
 
-
     def limits(self) -> dict[str, float]:
         """Forward alone and whole pipeline at batch 32; single-item forward (hot, and after 2 ms idle) and
         single-item pipeline."""
