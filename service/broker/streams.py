@@ -7,7 +7,7 @@ work left pending by a dead worker, and dead-letters what keeps failing.
 
 A request is one stream entry, its payload inline: the worker gets everything in the read that finds it
 (a payload under its own key cost one more round trip per batch, ~0.17 ms of every lone request here).
-Streams have no per-entry TTL, but entry ids are arrival times: every enqueue trims, with XADD's MINID,
+Streams have no per-entry TTL, but entry ids are arrival times (Redis's clock): every enqueue trims, with XADD's MINID,
 the entries that arrived longer ago than the model's timeout plus a grace, so a request nobody answered
 expires. An answered one is deleted at once.
 
@@ -29,18 +29,22 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from service.broker import keys
-from service.protocol import Envelope, Reply, now_ms, pack_replies
+from service.protocol import Envelope, Reply, pack_replies
 
 log = logging.getLogger(__name__)
 
 REPLY_MAXLEN = 100_000
 
-# KEYS: request stream. ARGV: cap, the oldest entry id to keep (MINID), payload, then the envelope fields.
+# KEYS: request stream. ARGV: cap, how long (ms) to keep entries, payload, then the envelope fields.
 # Returns the queue length before the add, or -1 when the queue is at its cap (nothing written).
+# The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
+# ahead would otherwise trim fresh entries, its own new one included.
 _ENQUEUE = """
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return -1 end
-redis.call('XADD', KEYS[1], 'MINID', ARGV[2], '*', 'p', ARGV[3],
+local t = redis.call('TIME')
+local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
            'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
 return n
 """
@@ -76,7 +80,7 @@ class Enqueuer:
         Raises redis errors (the caller answers 503)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        args = [keys.request_stream(model), cap, now_ms() - keep_ms, payload,
+        args = [keys.request_stream(model), cap, keep_ms, payload,
                 envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op]
         if not self.pending:
             loop.call_soon(self._flush)
