@@ -31,6 +31,12 @@ async def post_all(url: str, bodies: list[dict[str, Any]], timeout: float = 60) 
         return await asyncio.gather(*[client.post(url, json=b) for b in bodies])
 
 
+async def worker_holds_some(cluster: Cluster, model: str, what: str) -> None:
+    """Wait (off the event loop) until a worker has read requests of `model` and not yet answered them."""
+    stream = keys.request_stream(model)
+    await asyncio.to_thread(wait_for, lambda: cluster.client.xpending(stream, keys.GROUP)["pending"] > 0, 10, what)
+
+
 def test_kill_9_worker_with_requests_in_flight_loses_nothing(cluster: Cluster) -> None:
     cluster.spec("echo", runtime=ECHO, max_batch_size=4, visibility_timeout_s=1.0, timeout_s=60)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
@@ -40,8 +46,7 @@ def test_kill_9_worker_with_requests_in_flight_loses_nothing(cluster: Cluster) -
     async def scenario() -> list[httpx.Response]:
         sending = asyncio.create_task(post_all(url, [v2_body(i, sleep_s=0.4) for i in range(12)]))
         # wait until the victim holds delivered-but-unanswered requests, then kill it without warning
-        await asyncio.to_thread(wait_for, lambda: cluster.client.xpending(stream, keys.GROUP)["pending"] > 0, 10,
-                                "requests in flight")
+        await worker_holds_some(cluster, "echo", "requests in flight")
         os.kill(victim.pid, signal.SIGKILL)
         await asyncio.to_thread(victim.wait)
         await asyncio.to_thread(cluster.start_worker, "echo")
@@ -115,8 +120,7 @@ def test_deadline_answers_504_and_workers_skip_expired_work(cluster: Cluster) ->
         # the second request only once the worker holds the first: it then waits in the queue past its deadline
         async with httpx.AsyncClient(timeout=60) as client:
             first = asyncio.create_task(client.post(url, json=v2_body(1, sleep_s=1.0)))
-            await asyncio.to_thread(wait_for, lambda: cluster.client.xpending(stream, keys.GROUP)["pending"] > 0, 10,
-                                    "the first request running")
+            await worker_holds_some(cluster, "echo", "the first request running")
             second = await client.post(url, json=v2_body(2))
             return [await first, second]
 
@@ -205,8 +209,7 @@ def test_sigterm_drains_the_batch_in_hand_then_exits(cluster: Cluster) -> None:
 
     async def scenario() -> list[httpx.Response]:
         sending = asyncio.create_task(post_all(url, [v2_body(i, sleep_s=0.5) for i in range(6)]))
-        await asyncio.to_thread(wait_for, lambda: cluster.client.xpending(stream, keys.GROUP)["pending"] > 0, 10,
-                                "a batch in flight")
+        await worker_holds_some(cluster, "echo", "a batch in flight")
         worker.send_signal(signal.SIGTERM)   # mid-batch: it finishes and acknowledges what it holds, reads no more
         assert await asyncio.to_thread(worker.wait, 10) == 0
         # nothing it held is left pending (a visibility timeout of 30 s would otherwise delay it well past this)
