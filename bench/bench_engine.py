@@ -36,7 +36,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from models.gpt2 import data
-from models.gpt2.loader import load
+from models.gpt2.serve import load
 from service.generation.engine import Engine, SamplingParams
 
 log = logging.getLogger(__name__)

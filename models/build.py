@@ -50,11 +50,7 @@ def usable_version(store: Path, name: str, quick: bool) -> Path | None:
 
     A full build satisfies a quick request, but a quick (test-sized) build never satisfies a full one: otherwise a
     store once filled by tests would silently serve toy models."""
-    root = store / name
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if (p / model_store.MANIFEST).is_file())
-    for path in reversed(done):
+    for path in reversed(model_store.versions(store / name)):
         if quick or not model_store.read_manifest(path).get("quick", False):
             return path
     return None

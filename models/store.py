@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from service.store import MANIFEST, latest, read_manifest, resolve, versions
+
+__all__ = ["MANIFEST", "default_store", "latest", "new_version", "read_manifest", "resolve", "version_dir", "versions",
+           "write_manifest"]
 
 
 def default_store() -> Path:
@@ -27,30 +30,6 @@ def new_version() -> str:
 
 def version_dir(store: Path, name: str, version: str) -> Path:
     return store / name / version
-
-
-def latest(store: Path, name: str) -> Path | None:
-    """The newest complete version directory of `name` (one with a manifest), or None."""
-    root = store / name
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())
-    return done[-1] if done else None
-
-
-def resolve(path: Path) -> Path:
-    """Accept either a version directory (has manifest.json) or a model directory (pick the newest)."""
-    if (path / MANIFEST).is_file():
-        return path
-    done = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
-    if not done:
-        raise FileNotFoundError(f"no built model under {path} (expected {path}/<version>/{MANIFEST})")
-    return done[-1]
-
-
-def read_manifest(version_path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((version_path / MANIFEST).read_text())
-    return data
 
 
 def write_manifest(version_path: Path, manifest: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
-"""The `inferline` command: up, gateway, worker, models build."""
+"""The `inferline` command: up, serve, gateway, worker, models build."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -13,15 +14,44 @@ from service.config import ConfigError, Settings
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from service.broker import embedded
-    from service.supervisor import Supervisor
-
     settings = Settings.load(args.config)
     if args.port is not None:
         settings.gateway.port = args.port
         os.environ["INFERLINE_GATEWAY__PORT"] = str(args.port)
     if not args.no_build:
         build_missing(settings, quick=args.quick)
+    return supervise(settings)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one Model class: a private Redis, a gateway and its workers, from a config written for it."""
+    target: str = args.target
+    module, _, class_name = target.rpartition(":")
+    if not module or not class_name:
+        raise ConfigError(f"serve {target!r}: expected FILE.py:Class or package.module:Class")
+    if module.endswith(".py"):
+        if not Path(module).is_file():
+            raise ConfigError(f"serve {target!r}: {module} does not exist")
+        target = f"{Path(module).resolve()}:{class_name}"
+    name = args.name or class_name.lower()
+    state = Path(".inferline")
+    state.mkdir(exist_ok=True)
+    config = state / "serve.toml"
+    model = {"model": target, "replicas": args.replicas, "device": args.device, "artifact": args.artifact,
+             "task": args.task}
+    config.write_text(f"state_dir = {json.dumps(str(state))}\n[gateway]\nport = {args.port}\n[models.{name}]\n"
+                      + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items() if v is not None))
+    os.environ["INFERLINE_CONFIG"] = str(config)
+    print(f"inferline: serving {target} as model {name!r}: POST /v1/models/{name}/predict, /v2/models/{name}/infer",
+          flush=True)
+    return supervise(Settings.load(config))
+
+
+def supervise(settings: Settings) -> int:
+    """Run the gateway and every worker under the supervisor, with a private Redis unless REDIS_URL is set."""
+    from service.broker import embedded
+    from service.supervisor import Supervisor
+
     redis_proc: subprocess.Popen[bytes] | None = None
     redis_url = settings.redis_url
     if not redis_url:
@@ -36,11 +66,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def build_missing(settings: Settings, quick: bool) -> None:
-    """Build the demo models a configured deployment needs and the store lacks."""
+    """Build the demo models a configured deployment needs and the store lacks (the zoo's, by name)."""
     from models import store
+    from models.build import KNOWN
 
     wanted = [name for name, spec in settings.models.items()
-              if spec.replicas > 0 and spec.runtime is None and spec.artifact is not None
+              if spec.replicas > 0 and name in KNOWN and spec.artifact is not None
               and not spec.options.get("source")
               and Path(spec.artifact).resolve().parent == settings.model_store.resolve()
               and store.latest(settings.model_store.resolve(), name) is None]
@@ -92,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-build", action="store_true", help="do not build missing demo models")
     up.add_argument("--quick", action="store_true", help="build missing demo models in their seconds-long form")
     up.set_defaults(func=cmd_up)
+    sv = sub.add_parser("serve", help="serve one Model class (FILE.py:Class or package.module:Class), supervised")
+    sv.add_argument("target", help="FILE.py:Class or package.module:Class")
+    sv.add_argument("--name", help="the model's name in routes (default: the class name, lowercased)")
+    sv.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    sv.add_argument("--artifact", help="a directory the model's setup reads (self.artifact)")
+    sv.add_argument("--task", help="also bind a task route to it, e.g. classify-image")
+    sv.set_defaults(func=cmd_serve)
     gw = sub.add_parser("gateway", help="run the HTTP gateway (needs REDIS_URL)")
     gw.add_argument("--host")
     gw.add_argument("--port", type=int)

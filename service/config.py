@@ -24,6 +24,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
+# Task routes a deployment can be bound to: image and text classifiers, forecasters, and text generation (the TGI
+# routes /generate, /generate_stream and /). Generic routes (/v1/models/{name}/predict, /v2) serve every deployment.
+TASKS = ("classify-image", "forecast", "sentiment", "classify-text", "generate")
 DEFAULT_CONFIG = "inferline.toml"
 
 
@@ -34,15 +37,17 @@ class ConfigError(Exception):
 class ModelSpec(BaseModel):
     """One deployment: which model, where it runs and how it batches."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)
-    runtime: str | None = None            # "module:Class"; default: the artifact manifest's runtime
+    # The Model class: "package.module:Class" or "path/to/file.py:Class"; default: the artifact manifest's runtime.
+    model: str | None = Field(None, validation_alias=AliasChoices("model", "runtime"))
+    task: str | None = None               # the task route bound to this deployment (TASKS), if any
     artifact: Path | None = None          # a store directory <store>/<name> or one version directory
     replicas: int = Field(1, ge=0, le=64)
     device: str = "cpu"
-    max_batch_size: int = Field(32, ge=1, le=4096)
-    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    max_batch_size: int | None = Field(None, ge=1, le=4096)        # None: the Model class's own default
+    max_batch_delay_ms: float | None = Field(None, ge=0, le=10_000)
     queue_cap: int = Field(2048, ge=1, le=10_000_000)
     timeout_s: float = Field(30.0, gt=0, le=3600)
     threads: int = Field(1, ge=1, le=256)
@@ -55,6 +60,13 @@ class ModelSpec(BaseModel):
     def _device(cls, value: str) -> str:
         if not DEVICE_PATTERN.match(value):
             raise ValueError("must be cpu, cuda, cuda:N or auto")
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str | None) -> str | None:
+        if value is not None and value not in TASKS:
+            raise ValueError(f"must be one of {list(TASKS)}")
         return value
 
 
@@ -81,13 +93,22 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _name_models(self) -> Settings:
+        bound: dict[str, str] = {}
         for key, spec in self.models.items():
             if spec.name and spec.name != key:
                 raise ValueError(f"models.{key}.name is {spec.name!r}; it must match its key or be left out")
             spec.name = key
-            if spec.artifact is None and spec.runtime is None:
-                spec.artifact = self.model_store / key
+            if spec.artifact is None:
+                spec.artifact = self.model_store / key   # used only where it exists
+            if spec.task is not None:
+                if spec.task in bound:
+                    raise ValueError(f"models.{key}.task: task {spec.task!r} is already bound to {bound[spec.task]}")
+                bound[spec.task] = key
         return self
+
+    def deployment_for(self, task: str) -> ModelSpec | None:
+        """The deployment a task route is bound to, or None."""
+        return next((spec for spec in self.models.values() if spec.task == task), None)
 
     @classmethod
     def settings_customise_sources(

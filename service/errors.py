@@ -1,74 +1,88 @@
-"""The error tree. Each class carries its HTTP status and `error_type`; the gateway renders it in the
-body shape of the route's protocol family. Leaf module: imports nothing from inferline."""
+"""The error tree. Each class names its `error_type`, the one thing a worker reports about a failure; the gateway's
+table (service/gateway/errors.py) maps each type to an HTTP status, headers and each protocol family's body.
+Leaf module: imports nothing from inferline."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class InferlineError(Exception):
-    status = 500
     error_type = "internal"
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
-        self.headers: dict[str, str] = {}   # extra response headers, e.g. x-should-retry
 
 
 class ValidationFailed(InferlineError):
-    status = 422
+    """A field fails validation (422)."""
+
     error_type = "validation"
 
 
 class BadRequest(InferlineError):
-    status = 400
-    error_type = "validation"
+    """A body that cannot be read at all: not JSON, a bad header (400)."""
+
+    error_type = "bad_request"
 
 
 class InputError(ValidationFailed):
-    """Bad input for one item, found in a worker's preprocess. Only that request gets the 4xx."""
+    """Bad input for one item, found in a worker (decode, validation or the model). Only that request fails."""
 
 
 class MalformedInput(InputError):
-    """Input a worker cannot parse at all (not JSON): 400, as the gateway answers for an unparsable body."""
+    """Input a worker cannot parse at all (not JSON), or a tensor of the wrong datatype: 400, like the gateway's."""
 
-    status = 400
+    error_type = "bad_request"
 
 
 class NotFound(InferlineError):
-    status = 404
     error_type = "not_found"
 
 
+class MethodNotAllowed(InferlineError):
+    error_type = "method_not_allowed"
+
+
 class PayloadTooLarge(InferlineError):
-    status = 413
-    error_type = "validation"
+    error_type = "too_large"
 
 
 class Overloaded(InferlineError):
     """A model's queue is at its cap: 503 with Retry-After."""
 
-    status = 503
     error_type = "overloaded"
 
 
 class Unavailable(InferlineError):
     """Redis or every worker of a model is unreachable."""
 
-    status = 503
     error_type = "unavailable"
 
 
 class DeadlineExceeded(InferlineError):
-    status = 504
     error_type = "timeout"
 
 
-def from_body(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> InferlineError:
-    """Rebuild an error from a worker's reply, keeping its status, error_type and headers."""
-    field = body.get("field")
-    err = InferlineError(str(body.get("error", "error")), field if isinstance(field, str) else None)
-    err.status = status
-    err.error_type = str(body.get("error_type", "internal"))
-    err.headers = dict(headers or {})
+def typed(error_type: str, message: str, field: str | None = None) -> InferlineError:
+    """An error of any type, e.g. rebuilt from a worker's reply."""
+    err = InferlineError(message, field)
+    err.error_type = error_type
     return err
+
+
+def describe_validation(errors: list[Any], prefix: str = "") -> tuple[str, str]:
+    """(message, field) for the first of pydantic's errors: names the field, the bound and the value given
+    (TGI's validation.rs wording). Used by the gateway's request models and by workers' row types."""
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    field = prefix + ".".join(loc) if loc else (prefix.rstrip(".") or "body")
+    if first.get("type") == "missing":
+        return f"`{field}` is required", field
+    shown = repr(first.get("input"))
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    more = f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"`{field}`: {first.get('msg')}. Given: {shown}{more}", field

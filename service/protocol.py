@@ -1,23 +1,25 @@
-"""What crosses Redis, and its codec. No fastapi, redis or model frameworks here.
+"""Every record that crosses Redis, and its codec, defined once. No fastapi, redis or model frameworks here; only
+service/broker/ sends and reads these records.
 
-A request is one entry on the model's request stream: the Envelope's fields (ids, reply address,
-deadline, op) and the payload (service/broker/streams.py says how unanswered entries expire).
-Replies travel packed: one entry on a gateway's reply stream carries every reply a worker has for
-that gateway from one batch (or one decoding step), so a batch of 32 costs one XADD and one entry
-to parse, not 32. A streaming request gets several replies, the last one marked final.
+A request is one entry on the model's request stream: the Envelope's fields (ids, reply address, deadline, op) and
+the payload (small JSON params + an opaque blob; service/broker/streams.py says how unanswered entries expire).
+Replies travel packed: one entry on a gateway's reply stream carries every reply a worker has for that gateway from
+one batch (or one decoding step). A reply names an error *type* on failure, never an HTTP status: the gateway's one
+table maps types to statuses (service/gateway/errors.py). A streaming request gets several replies, the last final.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 # Ops: how the worker decodes the payload and encodes the answer.
-OP_TASK = "task"          # a task route: params JSON + blob (image bytes)
+OP_PREDICT = "predict"    # JSON rows: params {"row": {...}} or {"rows": [...]}, or raw bytes (blob) for Model.decode
 OP_V2 = "v2"              # Open Inference Protocol infer: the raw HTTP body (JSON, maybe + binary tensors)
 OP_GENERATE = "generate"  # text generation: params JSON; the answer is a stream of token replies
 
@@ -27,6 +29,11 @@ _FRAME = struct.Struct(">II")   # header length, body length
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON for a record or body: dataclasses and numpy arrays included."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,28 +52,6 @@ class Envelope:
     def from_fields(cls, fields: dict[bytes, bytes]) -> Envelope:
         return cls(request_id=fields[b"id"].decode(), reply_to=fields[b"reply"].decode(),
                    deadline_ms=int(fields[b"deadline"]), op=fields[b"op"].decode())
-
-
-def pack_replies(replies: list[Reply]) -> bytes:
-    """Many replies as one value: per reply, a JSON header [id, status, final, headers] and the body."""
-    parts = []
-    for r in replies:
-        head = orjson.dumps([r.request_id, r.status, r.final, r.headers.decode() if r.headers else ""])
-        parts += [_FRAME.pack(len(head), len(r.body)), head, r.body]
-    return b"".join(parts)
-
-
-def unpack_replies(data: bytes) -> list[Reply]:
-    """Inverse of pack_replies."""
-    out, pos = [], 0
-    while pos < len(data):
-        n_head, n_body = _FRAME.unpack_from(data, pos)
-        pos += _FRAME.size
-        request_id, status, final, headers = orjson.loads(data[pos:pos + n_head])
-        pos += n_head
-        out.append(Reply(request_id, status, data[pos:pos + n_body], final, headers.encode()))
-        pos += n_body
-    return out
 
 
 def encode_payload(params: dict[str, Any] | bytes, blob: bytes = b"") -> bytes:
@@ -89,20 +74,148 @@ def decode_payload(raw: bytes) -> tuple[dict[str, Any], bytes]:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One answer (or one streamed piece of an answer). `body` is JSON bytes: the response body itself
-    on success, the neutral error body {"error", "error_type", "field"?} otherwise."""
+    """One answer (or one streamed piece of an answer). `body` is JSON bytes: the response body itself on success,
+    the neutral error body {"error", "error_type", "field"?} otherwise."""
 
     request_id: str
-    status: int
     body: bytes
+    error_type: str = ""   # "" on success, else an errors.InferlineError type
     final: bool = True
-    headers: bytes = b""   # JSON object of extra response headers, e.g. {"x-should-retry": "false"}
 
+    @property
+    def ok(self) -> bool:
+        return not self.error_type
 
     @classmethod
-    def error(cls, request_id: str, status: int, error_type: str, message: str, field: str | None = None,
-              headers: dict[str, str] | None = None) -> Reply:
+    def error(cls, request_id: str, error_type: str, message: str, field: str | None = None) -> Reply:
         body: dict[str, Any] = {"error": message, "error_type": error_type}
         if field is not None:
             body["field"] = field
-        return cls(request_id, status, orjson.dumps(body), True, orjson.dumps(headers) if headers else b"")
+        return cls(request_id, orjson.dumps(body), error_type)
+
+    def error_fields(self) -> tuple[str, str | None]:
+        """(message, field) of an error reply."""
+        try:
+            body = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return self.body.decode(errors="replace"), None
+        field = body.get("field")
+        return str(body.get("error", "error")), field if isinstance(field, str) else None
+
+
+def pack_replies(replies: list[Reply]) -> bytes:
+    """Many replies as one value: per reply, a JSON header [id, error_type, final] and the body."""
+    parts = []
+    for r in replies:
+        head = orjson.dumps([r.request_id, r.error_type, r.final])
+        parts += [_FRAME.pack(len(head), len(r.body)), head, r.body]
+    return b"".join(parts)
+
+
+def unpack_replies(data: bytes) -> list[Reply]:
+    """Inverse of pack_replies."""
+    out, pos = [], 0
+    while pos < len(data):
+        n_head, n_body = _FRAME.unpack_from(data, pos)
+        pos += _FRAME.size
+        request_id, error_type, final = orjson.loads(data[pos:pos + n_head])
+        pos += n_head
+        out.append(Reply(request_id, data[pos:pos + n_body], error_type, final))
+        pos += n_body
+    return out
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request: the body of a generation worker's streamed reply."""
+
+    request_id: str
+    index: int                  # 0-based index of this generated token
+    token_id: int
+    text: str                   # this token's text ("" while a multi-byte character is incomplete)
+    logprob: float
+    special: bool
+    finish_reason: str | None   # "length" | "eos_token" | "stop_sequence", on the request's last event only
+    generated_text: str | None  # full generated text (stop sequence kept, special tokens left out), last event only
+    prompt_tokens: int
+    seed: int | None            # the sampling seed (drawn when none was given); None for greedy
+    prefill: list[dict[str, Any]] | None  # on the first event when want_prefill: [{"id", "text", "logprob"}]
+
+    def encode(self) -> bytes:
+        return dumps(self)
+
+    @classmethod
+    def decode(cls, body: bytes) -> TokenEvent:
+        return cls(**orjson.loads(body))
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """A caller went away: every replica of the model drops the request if it holds it."""
+
+    request_id: str
+
+    def fields(self) -> dict[str, str]:
+        return {"id": self.request_id}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Cancel:
+        return cls(fields.get(b"id", b"").decode())
+
+
+@dataclass
+class ModelInfo:
+    """What a model's workers publish at start and gateways read: identity, v2 tensors, the request and response
+    schemas (for /docs) and kind-specific facts (a language model's context length)."""
+
+    name: str
+    version: str
+    platform: str
+    kind: str                                   # "batch" | "generation"
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    max_batch_size: int = 1
+    request_schema: dict[str, Any] | None = None
+    response_schema: dict[str, Any] | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)   # small public facts: metrics, labels, window, ...
+    context_length: int | None = None
+
+    def encode(self) -> bytes:
+        return dumps(self)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ModelInfo:
+        data = orjson.loads(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class WorkerStatus:
+    """A worker's heartbeat record: identity and counters. Kept as a Redis hash that expires with the heartbeat."""
+
+    pid: int
+    host: str
+    device: str
+    version: str
+    started: int
+    batches: int = 0
+    items: int = 0
+    max_batch: int = 0
+    active: int = 0            # sequences in flight (generation workers)
+    beat: int = 0              # epoch ms of the last beat
+
+    def record_batch(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.max_batch = max(self.max_batch, size)
+
+    def fields(self) -> dict[str, str | int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> WorkerStatus:
+        data = {k.decode(): v.decode() for k, v in fields.items()}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: int(v) if types[k] == "int" else v for k, v in data.items() if k in types}
+        return cls(**values)

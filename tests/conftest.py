@@ -112,9 +112,9 @@ class Cluster:
         self.gateway: subprocess.Popen[bytes] | None = None
         self.url = ""
 
-    def spec(self, model: str, **spec: Any) -> dict[str, Any]:
-        self.specs[model] = {"name": model, **spec}
-        return self.specs[model]
+    def spec(self, name: str, **spec: Any) -> dict[str, Any]:
+        self.specs[name] = {"name": name, **spec}
+        return self.specs[name]
 
     def start_worker(self, model: str, wait: bool = True) -> subprocess.Popen[bytes]:
         before = {w.get("pid") for w in live_workers(self.client, model)}

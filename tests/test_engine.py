@@ -27,7 +27,7 @@ from transformers.generation.logits_process import (
 )
 
 from models.gpt2 import data
-from models.gpt2.loader import load
+from models.gpt2.serve import load
 from service.errors import InputError
 from service.generation.detokenizer import TokenBytes, make_decoder
 from service.generation.engine import Engine, SamplingParams, TokenEvent, generate

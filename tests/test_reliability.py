@@ -38,7 +38,7 @@ async def worker_holds_some(cluster: Cluster, model: str, what: str) -> None:
 
 
 def test_kill_9_worker_with_requests_in_flight_loses_nothing(cluster: Cluster) -> None:
-    cluster.spec("echo", runtime=ECHO, max_batch_size=4, visibility_timeout_s=1.0, timeout_s=60)
+    cluster.spec("echo", model=ECHO, max_batch_size=4, visibility_timeout_s=1.0, timeout_s=60)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
     victim = cluster.start_worker("echo")
     stream = keys.request_stream("echo")
@@ -59,7 +59,7 @@ def test_kill_9_worker_with_requests_in_flight_loses_nothing(cluster: Cluster) -
 
 
 def test_poison_request_is_dead_lettered_and_its_caller_gets_500(cluster: Cluster) -> None:
-    cluster.spec("echo", runtime=ECHO, visibility_timeout_s=0.5, max_tries=2, timeout_s=60)
+    cluster.spec("echo", model=ECHO, visibility_timeout_s=0.5, max_tries=2, timeout_s=60)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
     cluster.start_worker("echo")
 
@@ -88,7 +88,7 @@ def test_poison_request_is_dead_lettered_and_its_caller_gets_500(cluster: Cluste
 
 
 def test_exception_in_model_fails_only_that_item(cluster: Cluster) -> None:
-    cluster.spec("echo", runtime=ECHO, max_batch_size=8, max_batch_delay_ms=50)
+    cluster.spec("echo", model=ECHO, max_batch_size=8, max_batch_delay_ms=50)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
     cluster.start_worker("echo")
     bodies = [v2_body(i, sleep_s=0.05) for i in range(6)] + [v2_body(99, **{"raise": True}), v2_body(7, reject=True)]
@@ -99,7 +99,7 @@ def test_exception_in_model_fails_only_that_item(cluster: Cluster) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after(cluster: Cluster) -> None:
-    cluster.spec("echo", runtime=ECHO, max_batch_size=1, queue_cap=2, timeout_s=30)
+    cluster.spec("echo", model=ECHO, max_batch_size=1, queue_cap=2, timeout_s=30)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
     cluster.start_worker("echo")
     responses = asyncio.run(post_all(url, [v2_body(i, sleep_s=0.3) for i in range(8)]))
@@ -111,7 +111,7 @@ def test_full_queue_answers_503_with_retry_after(cluster: Cluster) -> None:
 
 
 def test_deadline_answers_504_and_workers_skip_expired_work(cluster: Cluster) -> None:
-    cluster.spec("echo", runtime=ECHO, max_batch_size=1, timeout_s=0.5)
+    cluster.spec("echo", model=ECHO, max_batch_size=1, timeout_s=0.5)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
     cluster.start_worker("echo")
     stream = keys.request_stream("echo")
@@ -136,7 +136,7 @@ def test_deadline_answers_504_and_workers_skip_expired_work(cluster: Cluster) ->
 
 
 def test_no_worker_means_504_not_a_hang(cluster: Cluster) -> None:
-    cluster.spec("echo", runtime=ECHO, timeout_s=0.3)
+    cluster.spec("echo", model=ECHO, timeout_s=0.3)
     url = cluster.start_gateway()
     (r,) = asyncio.run(post_all(url + "/v2/models/echo/infer", [v2_body(1)]))
     assert r.status_code == 504
@@ -149,7 +149,7 @@ def test_serves_through_a_tcp_redis_url(redis_url: str, rdb: redis.Redis, tmp_pa
     assert redis_url.startswith("unix://")
     cluster = Cluster(f"redis://127.0.0.1:{rdb.config_get('port')['port']}/0", tmp_path)
     try:
-        cluster.spec("echo", runtime=ECHO, max_batch_size=4)
+        cluster.spec("echo", model=ECHO, max_batch_size=4)
         url = cluster.start_gateway() + "/v2/models/echo/infer"
         cluster.start_worker("echo")
         responses = asyncio.run(post_all(url, [v2_body(i) for i in range(8)]))
@@ -160,7 +160,7 @@ def test_serves_through_a_tcp_redis_url(redis_url: str, rdb: redis.Redis, tmp_pa
 
 def test_an_entry_without_a_payload_fails_alone(cluster: Cluster) -> None:
     """E.g. written by an older gateway: its caller gets an error, it is acknowledged, the worker goes on."""
-    cluster.spec("echo", runtime=ECHO)
+    cluster.spec("echo", model=ECHO)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
     cluster.start_worker("echo")
     reply_to = keys.reply_stream("by-hand")
@@ -172,7 +172,7 @@ def test_an_entry_without_a_payload_fails_alone(cluster: Cluster) -> None:
         return [r for _, f in cluster.client.xrange(reply_to) for r in unpack_replies(f[b"pack"])]
 
     (reply,) = wait_for(answered, 10, "a reply to the entry without payload")
-    assert (reply.request_id, reply.status) == ("nopayload", 500)
+    assert (reply.request_id, reply.error_type) == ("nopayload", "internal")
     wait_for(lambda: cluster.client.xlen(stream) == 0, 5, "the entry acknowledged and deleted")
     (ok,) = asyncio.run(post_all(url, [v2_body(3)]))
     assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == [6.0]
@@ -202,7 +202,7 @@ def test_a_request_nobody_answers_expires_from_its_stream(redis_url: str, rdb: r
 
 
 def test_sigterm_drains_the_batch_in_hand_then_exits(cluster: Cluster) -> None:
-    cluster.spec("echo", runtime=ECHO, max_batch_size=4, timeout_s=30, visibility_timeout_s=30)
+    cluster.spec("echo", model=ECHO, max_batch_size=4, timeout_s=30, visibility_timeout_s=30)
     url = cluster.start_gateway() + "/v2/models/echo/infer"
     worker = cluster.start_worker("echo")
     stream = keys.request_stream("echo")

@@ -17,9 +17,18 @@ import pytest
 
 from models.cnn.imaging import digit_png
 from service.protocol import now_ms
-from service.runtimes.base import Runtime
 from tests.conftest import Cluster, live_workers, wait_for
-from tests.zoo_cluster import MODELS, TEXTS, assert_close, direct, predict_task, predict_v2, start_zoo, v2_expected
+from tests.zoo_cluster import (
+    MODELS,
+    TEXTS,
+    Direct,
+    assert_close,
+    direct,
+    predict_task,
+    predict_v2,
+    start_zoo,
+    v2_expected,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -46,7 +55,7 @@ def http(zoo: Cluster) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def runtimes(quick_store: Path) -> dict[str, Runtime[Any, Any]]:
+def runtimes(quick_store: Path) -> dict[str, Direct]:
     return {name: direct(quick_store, name) for name in MODELS}
 
 
@@ -74,7 +83,7 @@ def ok(response: httpx.Response) -> dict[str, Any]:
 
 # Task routes ---------------------------------------------------------------------------------------------------------
 
-def test_classify_image_every_body_form_matches_the_model(http: httpx.Client, runtimes: dict[str, Runtime[Any, Any]],
+def test_classify_image_every_body_form_matches_the_model(http: httpx.Client, runtimes: dict[str, Direct],
                                                            digits: np.ndarray) -> None:
     cnn = runtimes["cnn"]
     for i, sample in enumerate(digits[:4]):
@@ -97,7 +106,7 @@ def test_classify_image_every_body_form_matches_the_model(http: httpx.Client, ru
                      predict_task(cnn, {"top_k": 1}, png))
 
 
-def test_forecast_matches_the_model(http: httpx.Client, runtimes: dict[str, Runtime[Any, Any]],
+def test_forecast_matches_the_model(http: httpx.Client, runtimes: dict[str, Direct],
                                     sunspots: list[float]) -> None:
     lstm = runtimes["lstm"]
     window, max_horizon = int(lstm.manifest["window"]), int(lstm.manifest["max_horizon"])
@@ -112,7 +121,7 @@ def test_forecast_matches_the_model(http: httpx.Client, runtimes: dict[str, Runt
                  predict_task(lstm, {"series": sunspots[:40], "horizon": 1}))
 
 
-def test_sentiment_one_text_and_a_list(http: httpx.Client, runtimes: dict[str, Runtime[Any, Any]]) -> None:
+def test_sentiment_one_text_and_a_list(http: httpx.Client, runtimes: dict[str, Direct]) -> None:
     sentiment = runtimes["sentiment"]
     for text in TEXTS:
         want = predict_task(sentiment, {"texts": [text], "single": True})
@@ -146,7 +155,7 @@ def v2_case(name: str, digits: np.ndarray, sunspots: list[float]) -> tuple[dict[
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_v2_infer_matches_the_model(name: str, http: httpx.Client, runtimes: dict[str, Runtime[Any, Any]],
+def test_v2_infer_matches_the_model(name: str, http: httpx.Client, runtimes: dict[str, Direct],
                                     digits: np.ndarray, sunspots: list[float]) -> None:
     runtime = runtimes[name]
     body, tensors, parameters = v2_case(name, digits, sunspots)
@@ -158,7 +167,7 @@ def test_v2_infer_matches_the_model(name: str, http: httpx.Client, runtimes: dic
                        headers={"content-type": "text/plain"}))
     assert_close(got, v2_expected(name, runtime.version, outputs))
     # asking for one output returns only that one
-    first = runtime.v2_outputs()[0].name
+    first = runtime.signature.outputs[0].name
     got = ok(http.post(f"/v2/models/{name}/infer", json={**body, "outputs": [{"name": first}]}))
     assert_close(got, v2_expected(name, runtime.version, {first: outputs[first]}))
 
@@ -209,7 +218,7 @@ def counters(zoo: Cluster, model: str, since_ms: int) -> dict[str, int]:
 
 # Status routes -------------------------------------------------------------------------------------------------------
 
-def test_models_list_and_health(zoo: Cluster, http: httpx.Client, runtimes: dict[str, Runtime[Any, Any]]) -> None:
+def test_models_list_and_health(zoo: Cluster, http: httpx.Client, runtimes: dict[str, Direct]) -> None:
     listing = ok(http.get("/v1/models"))
     assert listing["object"] == "list"
     by_id = {m["id"]: m for m in listing["data"]}
@@ -232,8 +241,8 @@ def test_models_list_and_health(zoo: Cluster, http: httpx.Client, runtimes: dict
         runtime = runtimes[name]
         meta = ok(http.get(f"/v2/models/{name}"))
         assert meta == {"name": name, "versions": [runtime.version], "platform": runtime.platform,
-                        "inputs": [t.to_json() for t in runtime.v2_inputs()],
-                        "outputs": [t.to_json() for t in runtime.v2_outputs()]}
+                        "inputs": [t.to_json() for t in runtime.signature.inputs],
+                        "outputs": [t.to_json() for t in runtime.signature.outputs]}
         assert ok(http.get(f"/v2/models/{name}/versions/{runtime.version}")) == meta
         assert ok(http.get(f"/v2/models/{name}/ready"))["ready"] is True
         assert ok(http.get(f"/v2/models/{name}/versions/{runtime.version}/ready"))["ready"] is True
@@ -260,7 +269,7 @@ def test_request_ids_are_echoed_or_made(http: httpx.Client, sunspots: list[float
 
 
 def test_concurrent_requests_with_the_same_request_id_get_their_own_answers(
-        zoo: Cluster, runtimes: dict[str, Runtime[Any, Any]], sunspots: list[float]) -> None:
+        zoo: Cluster, runtimes: dict[str, Direct], sunspots: list[float]) -> None:
     """A client that reuses one x-request-id (a retrying proxy, a fixed trace id) must still get, for each request,
     the answer to that request."""
     bodies = [{"series": sunspots[i * 20:i * 20 + 30], "horizon": 3} for i in range(6)]

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.runtimes.base import Runtime
 from tests.conftest import Cluster
-from tests.zoo_cluster import TEXTS, direct, predict_v2, start_zoo
+from tests.zoo_cluster import TEXTS, Direct, direct, predict_v2, start_zoo
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,7 +35,7 @@ def client(zoo: Cluster) -> Iterator[triton.InferenceServerClient]:
 
 
 @pytest.fixture(scope="module")
-def runtimes(quick_store: Path) -> dict[str, Runtime[Any, Any]]:
+def runtimes(quick_store: Path) -> dict[str, Direct]:
     return {name: direct(quick_store, name) for name in MODELS}
 
 
@@ -51,7 +49,7 @@ def images() -> np.ndarray:
 
 
 def test_server_and_model_metadata(client: triton.InferenceServerClient,
-                                   runtimes: dict[str, Runtime[Any, Any]]) -> None:
+                                   runtimes: dict[str, Direct]) -> None:
     assert client.is_server_live()
     assert client.is_server_ready()
     server = client.get_server_metadata()
@@ -63,13 +61,13 @@ def test_server_and_model_metadata(client: triton.InferenceServerClient,
         meta = client.get_model_metadata(name)
         assert meta["name"] == name and meta["versions"] == [runtime.version]
         assert meta["platform"] == runtime.platform
-        assert meta["inputs"] == [t.to_json() for t in runtime.v2_inputs()]
-        assert meta["outputs"] == [t.to_json() for t in runtime.v2_outputs()]
+        assert meta["inputs"] == [t.to_json() for t in runtime.signature.inputs]
+        assert meta["outputs"] == [t.to_json() for t in runtime.signature.outputs]
         assert client.get_model_metadata(name, model_version=runtime.version) == meta
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json-tensors", "binary-tensors"])
-def test_cnn_infer(binary: bool, client: triton.InferenceServerClient, runtimes: dict[str, Runtime[Any, Any]],
+def test_cnn_infer(binary: bool, client: triton.InferenceServerClient, runtimes: dict[str, Direct],
                    images: np.ndarray) -> None:
     want = predict_v2(runtimes["cnn"], {"input": images})["probabilities"]
     tensor = triton.InferInput("input", list(images.shape), "FP32")
@@ -91,7 +89,7 @@ def test_cnn_infer(binary: bool, client: triton.InferenceServerClient, runtimes:
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json-tensors", "binary-tensors"])
 def test_sentiment_infer_with_requested_outputs(binary: bool, client: triton.InferenceServerClient,
-                                                runtimes: dict[str, Runtime[Any, Any]]) -> None:
+                                                runtimes: dict[str, Direct]) -> None:
     runtime = runtimes["sentiment"]
     texts = np.array([t.encode() for t in TEXTS], dtype=object)
     want = predict_v2(runtime, {"text": texts})

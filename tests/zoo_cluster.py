@@ -1,21 +1,31 @@
 """The classic zoo served by real processes, and the same models loaded in the test process exactly like a worker
-loads them, so tests can compare what the gateway answers with what the model itself predicts."""
+loads them and run through the worker's own codec on a batch of one, so tests can compare what the gateway answers
+with what the model itself predicts."""
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 
+from service.broker.streams import Delivery
 from service.config import ModelSpec
-from service.runtimes.base import Runtime, TaskRequest
+from service.model import Model, Signature, signature
+from service.protocol import OP_PREDICT, OP_V2, Envelope, Reply, encode_payload, now_ms
+from service.tensors import datatype_of
+from service.worker.batching import Executor
+from service.worker.loading import load_model
+from service.worker.rows import RowCodec
 from tests.conftest import Cluster, wait_for
 
 MODELS = ("cnn", "lstm", "sentiment")
+TASKS = {"cnn": "classify-image", "lstm": "forecast", "sentiment": "sentiment", "transformer": "classify-text"}
 
 TEXTS = ["I love this, what a wonderful day", "this is awful and I hate it", "great game tonight, so happy",
          "worst service ever, never again", "thanks so much, you are the best", "so sad and tired of everything",
@@ -30,7 +40,7 @@ def start_zoo(redis_url: str, store: Path, tmp: Path, models: tuple[str, ...] = 
     cluster.client.flushdb()
     try:
         for name in models:
-            cluster.spec(name, artifact=str(store / name), **spec)
+            cluster.spec(name, artifact=str(store / name), task=TASKS[name], **spec)
         cluster.start_gateway(gateway)
         for name in models:
             cluster.start_worker(name, wait=False)
@@ -48,28 +58,79 @@ def start_zoo(redis_url: str, store: Path, tmp: Path, models: tuple[str, ...] = 
     return cluster
 
 
+@dataclass
+class Direct:
+    """A model loaded in this process as a worker loads it, run through the worker's codec one request at a time."""
+
+    name: str
+    model: Model
+    executor: Executor
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.model.manifest
+
+    @property
+    def platform(self) -> str:
+        return self.model.platform
+
+    @property
+    def signature(self) -> Signature:
+        return signature(type(self.model))
+
+    def replies(self, requests: list[tuple[str, dict[str, Any], bytes]]) -> list[Reply]:
+        """One batch of (op, params, blob) requests, as the worker runs it."""
+        return self.executor.run([Delivery(f"0-{i}".encode(), Envelope(f"direct-{i}", "nowhere", now_ms() + 60_000, op),
+                                           encode_payload(params, blob)) for i, (op, params, blob) in enumerate(requests)])
+
+    def call(self, op: str, params: dict[str, Any], blob: bytes = b"") -> dict[str, Any]:
+        (reply,) = self.replies([(op, params, blob)])
+        assert reply.ok, reply.body
+        body: dict[str, Any] = orjson.loads(reply.body)
+        return body
+
+
 @functools.cache
-def direct(store: Path, name: str) -> Runtime[Any, Any]:
+def direct(store: Path, name: str) -> Direct:
     """The model `name` loaded in this process the way service.worker.main loads it (cached per process)."""
-    from service.worker.main import import_object, locate
-
-    runtime_path, version_dir, _ = locate(ModelSpec(name=name, artifact=store / name))
-    runtime: Runtime[Any, Any] = import_object(runtime_path)()
-    runtime.load(version_dir, "cpu", 1)
-    return runtime
+    model = load_model(ModelSpec(name=name, artifact=store / name), "cpu")
+    return Direct(name, model, Executor(model, RowCodec(model, name), name))
 
 
-def predict_task(runtime: Runtime[Any, Any], params: dict[str, Any], blob: bytes = b"") -> dict[str, Any]:
-    """One task request through the runtime alone, as a batch of one."""
-    request = TaskRequest(params=params, blob=blob)
-    (output,) = runtime.predict_batch([runtime.preprocess(request)])
-    return runtime.postprocess(output, request)
+def task_payload(params: dict[str, Any], blob: bytes = b"") -> dict[str, Any]:
+    """What a task route sends the worker: image bytes with options, one row per text for {"texts", "single"}, else
+    one row."""
+    if blob:
+        return {"options": params}
+    if "texts" in params:
+        rows = [{"text": t} for t in params["texts"]]
+        return {"row": rows[0]} if params.get("single") else {"rows": rows}
+    return {"row": params}
 
 
-def predict_v2(runtime: Runtime[Any, Any], tensors: dict[str, np.ndarray], parameters: dict[str, Any] | None = None
+def predict_task(runtime: Direct, params: dict[str, Any], blob: bytes = b"") -> dict[str, Any]:
+    return runtime.call(OP_PREDICT, task_payload(params, blob), blob)
+
+
+def v2_request(tensors: dict[str, np.ndarray], parameters: dict[str, Any] | None = None) -> bytes:
+    """A v2 infer body carrying `tensors` as JSON data."""
+    inputs = [{"name": n, "shape": list(a.shape), "datatype": datatype_of(a),
+               "data": [x.decode() if isinstance(x, bytes) else x for x in a.reshape(-1).tolist()]}
+              for n, a in tensors.items()]
+    return orjson.dumps({"inputs": inputs, "parameters": parameters or {}})
+
+
+def predict_v2(runtime: Direct, tensors: dict[str, np.ndarray], parameters: dict[str, Any] | None = None
                ) -> dict[str, np.ndarray]:
-    (output,) = runtime.predict_batch([runtime.v2_preprocess(tensors, parameters or {})])
-    return runtime.v2_postprocess(output)
+    """The output tensors of one v2 request carrying `tensors` (JSON data), as arrays."""
+    answer = runtime.call(OP_V2, {"header_length": None}, v2_request(tensors, parameters))
+    return {o["name"]: np.array([x.encode() for x in o["data"]], dtype=object).reshape(o["shape"])
+            if o["datatype"] == "BYTES" else np.asarray(o["data"], dtype=np.float32).reshape(o["shape"])
+            for o in answer["outputs"]}
 
 
 def assert_close(got: Any, want: Any, path: str = "$") -> None:

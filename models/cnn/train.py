@@ -19,7 +19,7 @@ from models.store import write_manifest
 log = logging.getLogger(__name__)
 
 NAME = "cnn"
-RUNTIME = "models.cnn.runtime:CnnRuntime"
+RUNTIME = "models.cnn.serve:DigitClassifier"
 MODEL_FILE = "model.keras"
 SEED = 0
 

@@ -1,6 +1,6 @@
 """Build the demo `gpt2` of the zoo: a byte-level BPE tokenizer and a small GPT2LMHeadModel trained on the
 offline English of models/gpt2/data.py, saved with save_pretrained so the real loading code
-(models/gpt2/loader.py, AutoModelForCausalLM) serves it exactly as it would serve the hub's `gpt2`.
+(inferline.CausalLM, AutoModelForCausalLM) serves it exactly as it would serve the hub's `gpt2`.
 
     python -m models.gpt2.train --store /tmp/store            # full build, a few minutes on 2 cores
     python -m models.gpt2.train --store /tmp/store --quick    # seconds: a tiny model for tests
@@ -186,6 +186,7 @@ def train(store_dir: Path, quick: bool, threads: int = 1, seed: int = 0, steps: 
         "name": "gpt2",
         "version": version,
         "kind": "generation",
+        "runtime": "models.gpt2.serve:Gpt2",
         "framework": "pytorch",
         "source": str(out.resolve()),
         "n_positions": cfg.n_positions,

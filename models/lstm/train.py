@@ -21,7 +21,7 @@ from models.store import write_manifest
 log = logging.getLogger(__name__)
 
 NAME = "lstm"
-RUNTIME = "models.lstm.runtime:LstmRuntime"
+RUNTIME = "models.lstm.serve:Forecaster"
 MODEL_FILE = "model.pt"
 WINDOW = 24                 # two solar cycles (~11 years each)
 MAX_HORIZON = 64

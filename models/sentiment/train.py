@@ -22,7 +22,7 @@ from models.store import write_manifest
 log = logging.getLogger(__name__)
 
 NAME = "sentiment"
-RUNTIME = "models.sentiment.runtime:SentimentRuntime"
+RUNTIME = "models.sentiment.serve:SentimentClassifier"
 MODEL_FILE = "model.keras"
 VOCAB_FILE = "vocab.json"
 MAX_LEN = 40                # the longest tweet has 35 tokens; longer texts are cut

@@ -1,24 +1,96 @@
-"""Reading the worker registry that heartbeats write (service/worker/heartbeat.py)."""
+"""The registry of models and workers: the metadata a model's workers publish (ModelInfo), each worker's heartbeat
+(WorkerStatus, a hash with a TTL plus a sorted-set index scored by last beat), and what gateways read of them
+(/readyz, /v1/models, /v2 metadata). Metadata is cached briefly: status routes must not cost a round trip per call."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from service.broker import keys
+from service.protocol import ModelInfo, WorkerStatus
+
+INFO_TTL_S = 2.0
 
 
-async def live_workers(redis: aioredis.Redis, model: str) -> list[dict[str, str]]:
-    """The records of a model's workers whose heartbeat has not expired."""
-    now_ms = int(time.time() * 1000)
-    ids: list[bytes] = await redis.zrangebyscore(  # type: ignore[assignment]
-        keys.workers_index(model), now_ms - int(keys.HEARTBEAT_TTL_S * 1000), "+inf")
-    if not ids:
-        return []
-    async with redis.pipeline(transaction=False) as pipe:
-        for wid in ids:
-            pipe.hgetall(keys.worker(model, wid.decode()))
-        records: list[dict[bytes, bytes]] = await pipe.execute()
-    return [{k.decode(): v.decode() for k, v in r.items()} | {"id": wid.decode()}
-            for wid, r in zip(ids, records, strict=True) if r]
+@dataclass
+class ModelStatus:
+    """A model as the gateway sees it now."""
+
+    info: ModelInfo | None
+    workers: list[WorkerStatus]
+    queue_depth: int
+
+    @property
+    def live_replicas(self) -> int:
+        return len(self.workers)
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({w.device for w in self.workers})
+
+
+class Registry:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.cache: dict[str, tuple[float, ModelInfo]] = {}
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    # the worker side -------------------------------------------------------------------------------------------
+    async def publish(self, info: ModelInfo) -> None:
+        await self.redis.set(keys.model_info(info.name), info.encode())
+
+    async def beat(self, model: str, worker_id: str, status: WorkerStatus) -> None:
+        now_ms = int(time.time() * 1000)
+        status.beat = now_ms
+        key = keys.worker(model, worker_id)
+        index = keys.workers_index(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=status.fields())   # type: ignore[arg-type]
+            pipe.pexpire(key, int(keys.HEARTBEAT_TTL_S * 1000))
+            pipe.zadd(index, {worker_id: now_ms})
+            pipe.zremrangebyscore(index, 0, now_ms - int(keys.HEARTBEAT_TTL_S * 1000) * 10)
+            await pipe.execute()
+
+    async def remove(self, model: str, worker_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.worker(model, worker_id))
+            pipe.zrem(keys.workers_index(model), worker_id)
+            await pipe.execute()
+
+    # the gateway side ------------------------------------------------------------------------------------------
+    async def info(self, model: str) -> ModelInfo | None:
+        """The model's published metadata, or None before any worker published it."""
+        hit = self.cache.get(model)
+        if hit is not None and time.monotonic() - hit[0] < INFO_TTL_S:
+            return hit[1]
+        raw: bytes | None = await self.redis.get(keys.model_info(model))  # type: ignore[assignment]
+        if raw is None:   # a miss is not cached: a worker that just published must be seen at once
+            return None
+        info = ModelInfo.decode(raw)
+        self.cache[model] = (time.monotonic(), info)
+        return info
+
+    async def live_workers(self, model: str) -> list[WorkerStatus]:
+        """The records of a model's workers whose heartbeat has not expired."""
+        now_ms = int(time.time() * 1000)
+        ids: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
+            keys.workers_index(model), now_ms - int(keys.HEARTBEAT_TTL_S * 1000), "+inf")
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(keys.worker(model, wid.decode()))
+            records: list[dict[bytes, bytes]] = await pipe.execute()
+        return [WorkerStatus.from_fields(r) for r in records if r]
+
+    async def status(self, model: str) -> ModelStatus:
+        info = await self.info(model)
+        workers = await self.live_workers(model)
+        depth: Any = await self.redis.xlen(keys.request_stream(model))
+        return ModelStatus(info, workers, int(depth))

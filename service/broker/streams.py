@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from service.broker import keys
-from service.protocol import Envelope, Reply, pack_replies
+from service.broker.client import BROKER_ERRORS
+from service.protocol import Cancel, Envelope, Reply, pack_replies, unpack_replies
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,14 @@ class ModelQueue:
         """Take over entries left pending longer than min_idle_ms (their worker died or hung).
         Returns (claimed, exhausted): exhausted ones were already delivered max_tries times and must be
         dead-lettered, not run again."""
-        pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
-                                                  idle=min_idle_ms)
+        try:
+            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
+                                                           idle=min_idle_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()   # Redis lost the stream (restart, FLUSHALL): recreate it here, on the spot
+            return [], []
         if not pending:
             return [], []
         tries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
@@ -202,15 +208,21 @@ class ModelQueue:
         exhausted = [d for d in deliveries if d.tries > max_tries]
         return fresh, exhausted
 
+    async def refresh_claims(self, deliveries: Sequence[Delivery]) -> None:
+        """Reset the idle time of entries this worker still works on, so no other worker reclaims live work."""
+        if deliveries:
+            await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, [d.entry_id for d in deliveries],
+                                    justid=True)
+
     async def dead_letter(self, deliveries: Sequence[Delivery], reason: str) -> None:
-        """Move deliveries to the dead-letter stream, answer 500 (not to be retried), ack and delete."""
+        """Move deliveries to the dead-letter stream, answer them (not to be retried), ack and delete."""
         if not deliveries:
             return
         dlq = keys.dead_letter_stream(self.model)
         async with self.redis.pipeline(transaction=False) as pipe:
             for d in deliveries:
                 pipe.xadd(dlq, {"id": d.request_id, "entry": d.entry_id, "tries": d.tries, "reason": reason,
-                                "op": d.envelope.op, "payload": d.payload},
+                                "op": d.envelope.op, "payload": d.payload},  # type: ignore[dict-item]
                           maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
             await pipe.execute()
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
@@ -225,10 +237,76 @@ def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Deli
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:
-    return Reply.error(delivery.request_id, 500, "dead_letter",
+    return Reply.error(delivery.request_id, "dead_letter",
                        f"request {delivery.request_id} failed {delivery.tries - 1} times ({reason}) and was moved "
-                       "to the dead-letter stream", headers={"x-should-retry": "false"})
+                       "to the dead-letter stream")
 
 
-def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+class Cancels:
+    """A model's cancel stream: gateways announce callers that left; every replica reads them all (no group)."""
+
+    def __init__(self, redis: aioredis.Redis, model: str) -> None:
+        self.redis = redis
+        self.stream = keys.cancel_stream(model)
+        self.last: Any = None
+
+    async def publish(self, cancel: Cancel) -> None:
+        await self.redis.xadd(self.stream, cancel.fields(), maxlen=keys.CANCEL_MAXLEN,  # type: ignore[arg-type]
+                              approximate=True)
+
+    async def read(self, block_s: float) -> list[Cancel]:
+        """Cancels published since the last read (since the first read's call, the first time)."""
+        if self.last is None:
+            newest: Any = await self.redis.xrevrange(self.stream, count=1)
+            self.last = newest[0][0] if newest else b"0-0"
+        res: Any = await self.redis.xread({self.stream: self.last}, count=100, block=max(1, int(block_s * 1000)))
+        out = []
+        for entry_id, fields in (res[0][1] if res else []):
+            self.last = entry_id
+            out.append(Cancel.from_fields(fields))
+        return out
+
+
+class ReplyInbox:
+    """A gateway's reply stream: made here, never by workers (they send with NOMKSTREAM), so a dead gateway's stream
+    just expires. Recreated on the spot when Redis lost it (a restart or FLUSHALL)."""
+
+    def __init__(self, redis: aioredis.Redis, gateway_id: str) -> None:
+        self.redis = redis
+        self.stream = keys.reply_stream(gateway_id)
+        self.last: Any = None
+
+    async def create(self) -> None:
+        """Make the stream (one empty entry) with its TTL, and read from that entry on."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.stream, {"pack": b""})
+            pipe.expire(self.stream, keys.REPLY_STREAM_TTL_S)
+            last, _ = await pipe.execute()
+        self.last = last
+
+    async def read(self, block_s: float) -> list[Reply]:
+        """The replies that arrived since the last read, waiting up to block_s for the first."""
+        if self.last is None:
+            await self.create()
+        res: Any = await self.redis.xread({self.stream: self.last}, count=1000, block=max(1, int(block_s * 1000)))
+        replies: list[Reply] = []
+        for entry_id, fields in (res[0][1] if res else []):
+            self.last = entry_id
+            replies += unpack_replies(fields.get(b"pack", b""))
+        return replies
+
+    async def trim(self) -> None:
+        """Drop the entries already read."""
+        if self.last is not None:
+            await self.redis.xtrim(self.stream, minid=self.last)
+
+    async def refresh(self) -> None:
+        """Extend the TTL; recreate the stream if Redis lost it."""
+        if not await self.redis.expire(self.stream, keys.REPLY_STREAM_TTL_S):
+            await self.create()
+
+    async def delete(self) -> None:
+        try:
+            await self.redis.delete(self.stream)
+        except BROKER_ERRORS:
+            pass

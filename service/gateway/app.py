@@ -10,20 +10,23 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 import service
-from service.broker.client import connect
+from service.broker.client import BROKER_ERRORS, connect
+from service.broker.registry import Registry
 from service.config import Settings
 from service.errors import InferlineError
-from service.gateway.directory import Directory
 from service.gateway.dispatch import Dispatcher
 from service.gateway.edge import Edge
 from service.gateway.errors import from_validation, http_error, render
 from service.gateway.hot import HotPath
-from service.gateway.routes import classify, forecast, generate, health, kserve, models, openai, sentiment
+from service.gateway.openapi import with_models
+from service.gateway.routes import classify, forecast, generate, health, kserve, models, openai, predict, sentiment
 from service.metrics import GatewayMetrics
+from service.protocol import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,8 @@ def create_app(settings: Settings) -> Any:
         redis = connect(str(settings.redis_url), socket_timeout=10, max_connections=256)
         dispatcher = Dispatcher(redis, settings, metrics)
         app.state.settings = settings
-        app.state.redis = redis
         app.state.dispatcher = dispatcher
-        app.state.directory = Directory(redis)
+        app.state.registry = Registry(redis)
         app.state.metrics = metrics
         await dispatcher.start()
         log.info("gateway up id=%s models=%s", dispatcher.gateway_id, sorted(settings.models))
@@ -52,8 +54,26 @@ def create_app(settings: Settings) -> Any:
             await dispatcher.stop()
             await redis.aclose()
 
-    app = FastAPI(title="inferline", version=service.__version__, lifespan=lifespan,
-                  description="Model serving: gateway -> Redis Streams -> batching workers.")
+    app = FastAPI(title="inferline", version=service.__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description="Model serving: gateway -> Redis Streams -> batching workers.")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        """FastAPI's document plus each served model's own predict operation (schemas its workers published)."""
+        registry: Registry = request.app.state.registry
+        infos: dict[str, ModelInfo] = {}
+        for name in settings.models:
+            try:
+                info = await registry.info(name)
+            except BROKER_ERRORS:
+                break   # Redis away: the fixed routes are still documented
+            if info is not None:
+                infos[name] = info
+        return JSONResponse(with_models(app.openapi(), infos))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="inferline")
 
     async def on_inferline_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InferlineError)
@@ -71,7 +91,7 @@ def create_app(settings: Settings) -> Any:
     app.add_exception_handler(InferlineError, on_inferline_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    for module in (health, models, classify, forecast, sentiment, kserve, generate, openai):
+    for module in (health, models, predict, classify, forecast, sentiment, kserve, generate, openai):
         app.include_router(module.router)
     return Edge(HotPath(app), settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s)
 

@@ -2,7 +2,8 @@
 
 One reply stream per gateway process, read by one task that hands each reply to the coroutine waiting
 for it. Queue at cap -> Overloaded (503 + Retry-After); Redis unreachable -> Unavailable (503);
-deadline passed -> DeadlineExceeded (504); the worker's error replies come back as InferlineErrors.
+deadline passed -> DeadlineExceeded (504); the worker's error replies come back as InferlineErrors of their type.
+Every Redis call goes through the broker (service/broker/).
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from service.broker import keys
-from service.broker.streams import Enqueuer
+from service.broker.client import BROKER_ERRORS, Redis
+from service.broker.streams import Cancels, Enqueuer, ReplyInbox
 from service.config import ModelSpec, Settings
-from service.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, from_body
+from service.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, typed
 from service.ids import new_id
+from service.logs import RepeatingError
 from service.metrics import GatewayMetrics
-from service.protocol import Envelope, Reply, encode_payload, now_ms, unpack_replies
+from service.protocol import Cancel, Envelope, Reply, encode_payload, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +34,13 @@ TRIM_EVERY_S = 0.2
 
 
 class Dispatcher:
-    def __init__(self, redis: aioredis.Redis, settings: Settings, metrics: GatewayMetrics) -> None:
+    def __init__(self, redis: Redis, settings: Settings, metrics: GatewayMetrics) -> None:
         self.redis = redis
         self.settings = settings
         self.metrics = metrics
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.reply_stream = keys.reply_stream(self.gateway_id)
+        self.inbox = ReplyInbox(redis, self.gateway_id)
+        self.reply_stream = self.inbox.stream
         self.enqueuer = Enqueuer(redis)
         self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
@@ -56,19 +56,20 @@ class Dispatcher:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.delete(self.reply_stream)
-
-    async def _create_reply_stream(self) -> bytes:
-        last: Any = await self.redis.xadd(self.reply_stream, {"pack": b""})
-        await self.redis.expire(self.reply_stream, keys.REPLY_STREAM_TTL_S)
-        return bytes(last)
+        await self.inbox.delete()
 
     def spec(self, model: str) -> ModelSpec:
         spec = self.settings.models.get(model)
         if spec is None:
             raise NotFound(f"model {model!r} is not served here; served models: {sorted(self.settings.models)}",
                            field="model")
+        return spec
+
+    def task(self, task: str) -> ModelSpec:
+        """The deployment bound to a task route. Raises NotFound when the configuration binds none."""
+        spec = self.settings.deployment_for(task)
+        if spec is None:
+            raise NotFound(f"no model serves /{task} here: set task = \"{task}\" on a deployment", field="model")
         return spec
 
     def new_request_id(self, wanted: str | None = None) -> str:
@@ -86,7 +87,7 @@ class Dispatcher:
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
                                                 timeout_ms + keys.UNANSWERED_GRACE_MS)
-        except (RedisError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             self.metrics.rejected.labels(spec.name, "redis").inc()
             raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None
         if depth < 0:
@@ -113,7 +114,7 @@ class Dispatcher:
         finally:
             timer.cancel()
             self.waiters.pop(request_id, None)
-        if reply.status != 200:
+        if not reply.ok:
             raise reply_error(reply)
         return reply
 
@@ -135,7 +136,7 @@ class Dispatcher:
                 except TimeoutError:
                     raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
                                            f"{timeout:g} s") from None
-                if reply.status != 200:
+                if not reply.ok:
                     raise reply_error(reply)
                 yield reply
                 if reply.final:
@@ -145,57 +146,44 @@ class Dispatcher:
 
     async def cancel(self, model: str, request_id: str) -> None:
         """Tell the model's workers the caller is gone, so they drop the request (best effort)."""
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.xadd(keys.cancel_stream(model), {"id": request_id}, maxlen=keys.CANCEL_MAXLEN,
-                                  approximate=True)
+        with contextlib.suppress(*BROKER_ERRORS):
+            await Cancels(self.redis, model).publish(Cancel(request_id))
 
     async def _read_replies(self) -> None:
-        while True:   # the reply stream is made here, never by workers: a dead gateway's one just expires
-            try:
-                last = await self._create_reply_stream()
-                break
-            except (RedisError, OSError):
-                log.warning("cannot create reply stream gateway=%s; retrying", self.gateway_id)
-                await asyncio.sleep(1.0)
+        errors = RepeatingError(log, f"reply stream gateway={self.gateway_id}")
         trimmed_at = time.monotonic()
         while True:
             try:
-                res: Any = await self.redis.xread({self.reply_stream: last}, count=1000, block=1000)
+                for reply in await self.inbox.read(block_s=1.0):
+                    self._deliver(reply)
+                now = time.monotonic()
+                if now - trimmed_at > TRIM_EVERY_S:   # everything read is handled; trim now and then
+                    trimmed_at = now
+                    await self.inbox.trim()
+                errors.ok()
             except asyncio.CancelledError:
                 raise
-            except Exception:   # Redis away: waiting callers hit their deadlines; keep trying
-                log.warning("reply stream read failed gateway=%s; retrying", self.gateway_id, exc_info=True)
+            except Exception as exc:   # noqa: BLE001 - Redis away: waiting callers hit their deadlines; keep trying
+                errors.failed(exc)
                 await asyncio.sleep(0.5)
-                continue
-            if not res:
-                continue
-            entries = res[0][1]
-            for entry_id, fields in entries:
-                last = entry_id
-                for reply in unpack_replies(fields.get(b"pack", b"")):
-                    self._deliver(reply)
-            now = time.monotonic()
-            if now - trimmed_at > TRIM_EVERY_S:   # everything before `last` is handled; trim now and then
-                trimmed_at = now
-                with contextlib.suppress(RedisError, OSError):
-                    await self.redis.xtrim(self.reply_stream, minid=last)
 
     def _deliver(self, reply: Reply) -> None:
         """Hand a reply to whoever waits for it; nobody does once the caller timed out or left."""
         waiter = self.waiters.get(reply.request_id)
         if isinstance(waiter, asyncio.Queue):
             waiter.put_nowait(reply)
-        elif waiter is not None and not waiter.done() and (reply.final or reply.status != 200):
+        elif waiter is not None and not waiter.done() and (reply.final or not reply.ok):
             waiter.set_result(reply)
 
     async def _keep_alive(self) -> None:
+        errors = RepeatingError(log, f"reply stream refresh gateway={self.gateway_id}")
         while True:
             await asyncio.sleep(keys.REPLY_STREAM_TTL_S / 4)
             try:
-                if not await self.redis.expire(self.reply_stream, keys.REPLY_STREAM_TTL_S):
-                    await self._create_reply_stream()   # Redis lost it (restart or flush)
-            except (RedisError, OSError):
-                log.warning("could not refresh reply stream gateway=%s", self.gateway_id)
+                await self.inbox.refresh()   # recreates it if Redis lost it (restart or flush)
+                errors.ok()
+            except BROKER_ERRORS as exc:
+                errors.failed(exc)
 
 
 def expire(future: asyncio.Future[Reply], error: InferlineError) -> None:
@@ -204,8 +192,5 @@ def expire(future: asyncio.Future[Reply], error: InferlineError) -> None:
 
 
 def reply_error(reply: Reply) -> InferlineError:
-    try:
-        body = orjson.loads(reply.body)
-    except orjson.JSONDecodeError:
-        body = {"error": reply.body.decode(errors="replace")}
-    return from_body(reply.status, body, orjson.loads(reply.headers) if reply.headers else None)
+    message, field = reply.error_fields()
+    return typed(reply.error_type, message, field)

@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from service.gateway.dispatch import Dispatcher
-from service.protocol import OP_GENERATE
+from service.protocol import OP_GENERATE, TokenEvent
 
 _cancelling: set[asyncio.Task[None]] = set()
 
@@ -33,11 +31,11 @@ class Generation:
         return len(self.tokens)
 
 
-def token_of(event: dict[str, Any]) -> dict[str, Any]:
-    return {"id": event["id"], "text": event["text"], "logprob": event["logprob"], "special": event["special"]}
+def token_of(event: TokenEvent) -> dict[str, Any]:
+    return {"id": event.token_id, "text": event.text, "logprob": event.logprob, "special": event.special}
 
 
-async def token_events(d: Dispatcher, model: str, params: dict[str, Any], rid: str) -> AsyncIterator[dict[str, Any]]:
+async def token_events(d: Dispatcher, model: str, params: dict[str, Any], rid: str) -> AsyncIterator[TokenEvent]:
     """The token events of one request in order, each once; the last has `finish_reason`. Errors before the
     first token raise as InferlineErrors (so routes can still answer with a status). If the consumer stops
     early (client gone), the workers are told to drop the sequence."""
@@ -46,11 +44,11 @@ async def token_events(d: Dispatcher, model: str, params: dict[str, Any], rid: s
     finished = False
     try:
         async for reply in d.stream(model, OP_GENERATE, params, rid):
-            event = orjson.loads(reply.body)
-            if event["index"] < expected:
+            event = TokenEvent.decode(reply.body)
+            if event.index < expected:
                 continue
-            expected = event["index"] + 1
-            finished = event.get("finish_reason") is not None
+            expected = event.index + 1
+            finished = event.finish_reason is not None
             yield event
     finally:
         if not finished:   # we may be inside a cancellation: fire and forget, keeping a reference
@@ -59,25 +57,25 @@ async def token_events(d: Dispatcher, model: str, params: dict[str, Any], rid: s
             task.add_done_callback(_cancelling.discard)
 
 
-async def collect(events: AsyncIterator[dict[str, Any]]) -> Generation:
+async def collect(events: AsyncIterator[TokenEvent]) -> Generation:
     result = Generation()
     async for event in events:
         result.tokens.append(token_of(event))
-        result.prompt_tokens = event["prompt_tokens"]
-        result.seed = event.get("seed")
-        if event.get("prefill") is not None:
-            result.prefill = event["prefill"]
-        if event.get("finish_reason") is not None:
-            result.finish_reason = event["finish_reason"]
-            result.text = event.get("generated_text") or ""
+        result.prompt_tokens = event.prompt_tokens
+        result.seed = event.seed
+        if event.prefill is not None:
+            result.prefill = event.prefill
+        if event.finish_reason is not None:
+            result.finish_reason = event.finish_reason
+            result.text = event.generated_text or ""
     return result
 
 
-async def first_then_rest(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+async def first_then_rest(events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
     """Wait for the first event before a streaming response starts, so an error can still be a 4xx/5xx."""
     first = await events.__anext__()
 
-    async def chained() -> AsyncIterator[dict[str, Any]]:
+    async def chained() -> AsyncIterator[TokenEvent]:
         yield first
         async for event in events:
             yield event

@@ -10,12 +10,14 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
-from service.gateway.routes import classify, forecast, kserve, sentiment
+from service.gateway.routes import classify, forecast, kserve, predict, sentiment
 from service.gateway.routes.common import Handler
 
-EXACT: dict[str, Handler] = {"/forecast": forecast.handle, "/sentiment": sentiment.handle,
-                             "/classify-image": classify.handle}
-V2_PREFIX, V2_SUFFIX = "/v2/models/", "/infer"
+EXACT: dict[str, Handler] = {"/forecast": forecast.handle, "/sentiment": sentiment.handle_sentiment,
+                             "/classify-text": sentiment.handle_classify_text, "/classify-image": classify.handle}
+# /v2/models/{model}/infer and /v1/models/{model}/predict
+BY_MODEL = (("/v2/models/", "/infer", kserve.handle_infer, "/v2/models/{model}/infer"),
+            (predict.PREFIX, predict.SUFFIX, predict.handle, "/v1/models/{model}/predict"))
 
 
 class HotPath:
@@ -27,10 +29,11 @@ class HotPath:
         handler = EXACT.get(path)
         if handler is not None:
             return handler, path, {}
-        if path.startswith(V2_PREFIX) and path.endswith(V2_SUFFIX):
-            model = path[len(V2_PREFIX):-len(V2_SUFFIX)]
-            if model and "/" not in model:
-                return kserve.handle_infer, "/v2/models/{model}/infer", {"model": model}
+        for prefix, suffix, by_model, route in BY_MODEL:
+            if path.startswith(prefix) and path.endswith(suffix):
+                model = path[len(prefix):-len(suffix)]
+                if model and "/" not in model:
+                    return by_model, route, {"model": model}
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

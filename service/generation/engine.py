@@ -36,25 +36,11 @@ from service.generation import kvcache
 from service.generation.detokenizer import IncrementalDecoder, TokenBytes, make_decoder, token_text
 from service.generation.sampling import Sampler, SamplingParams, choose_greedy_batch, validate
 from service.generation.stopping import STOP_SEQUENCE, StopChecker
+from service.protocol import TokenEvent
 
 __all__ = ["Engine", "SamplingParams", "TokenEvent", "generate"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenEvent:
-    request_id: str
-    index: int                  # 0-based index of this generated token
-    token_id: int
-    text: str                   # this token's text ("" while a multi-byte character is incomplete)
-    logprob: float
-    special: bool
-    finish_reason: str | None   # "length" | "eos_token" | "stop_sequence", on the request's last event only
-    generated_text: str | None  # full generated text (stop sequence kept, special tokens left out), last event only
-    prompt_tokens: int
-    seed: int | None            # the sampling seed (drawn when none was given); None for greedy
-    prefill: list[dict[str, Any]] | None  # on the first event when want_prefill: [{"id", "text", "logprob"}]
 
 
 @dataclass(eq=False)  # identity: requests are compared with `in` on the batch list

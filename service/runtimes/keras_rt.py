@@ -1,9 +1,6 @@
-"""KerasRuntime: the shared half of every Keras (TensorFlow) model runtime.
-
-ArtifactRuntime.load() has the subclass read its store version; place() then imports TF with the worker's thread
-count, loads the saved Keras model onto the device and wraps it in one tf.function with a fixed input signature,
-which the warm-up batch traces once. forward() runs a whole batch through that function: no retrace per batch size,
-and none of model.predict's per-call overhead (50-65 ms against ~3 ms for a small batch, ../shared/ENVIRONMENT.md).
+"""Keras (TensorFlow) helpers for Model.setup: load a saved model onto a device and serve it through one tf.function
+with a fixed input signature. A whole batch runs through that function: no retrace per batch size, and none of
+model.predict's per-call overhead (50-65 ms against ~3 ms for a small batch, ../shared/ENVIRONMENT.md).
 
 TensorFlow and Keras are imported inside functions only: importing this module loads no framework.
 """
@@ -12,52 +9,31 @@ from __future__ import annotations
 
 import logging
 import os
-from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.runtimes.base import ArtifactRuntime, Output, Prepared
-
 log = logging.getLogger(__name__)
 
-__all__ = ["KerasRuntime", "configure_tensorflow", "tf_device"]
+__all__ = ["configure_tensorflow", "keras_forward", "tf_device"]
 
 
-class KerasRuntime(ArtifactRuntime[Prepared, Output]):
-    """A Keras model saved as one file in a store version directory (`manifest["files"]["model"]`), served through
-    one tf.function whose input signature input_spec() gives. Subclasses implement read_artifact, input_spec and
-    warm_up_batch, and call forward() from predict_batch."""
+def keras_forward(model_file: Path, device: str, threads: int, row_shape: tuple[int, ...], dtype: str
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+    """Load a saved Keras model onto `device` with `threads` threads and return forward(x) -> numpy for a whole batch
+    x [n, *row_shape] of `dtype`: one graph with a fixed input signature, traced once (no retrace per batch size,
+    and none of model.predict's per-call overhead)."""
+    tf = configure_tensorflow(threads)
+    import keras
 
-    platform = "tensorflow_keras"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._forward: Any = None
-
-    @abstractmethod
-    def input_spec(self) -> tuple[tuple[int, ...], str]:
-        """The shape of one input row (no batch dimension) and its dtype name ("float32", "int32", ...)."""
-
-    def place(self, path: Path, device: str, threads: int) -> str:
-        tf = configure_tensorflow(threads)
-        import keras
-
-        placement = tf_device(tf, device)
-        with tf.device(placement):
-            model = keras.saving.load_model(path / self.manifest["files"]["model"], compile=False)
-        model.trainable = False
-        self._forward = _fixed_signature(tf, model, placement, *self.input_spec())
-        return placement
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Run the model on a whole batch `x` [n, *input row shape] of the input dtype; return its output as numpy.
-        Raises RuntimeError before load()."""
-        if self._forward is None:
-            raise RuntimeError(f"{type(self).__name__}.load() first")
-        out: np.ndarray = self._forward(x).numpy()
-        return out
+    placement = tf_device(tf, device)
+    with tf.device(placement):
+        model = keras.saving.load_model(model_file, compile=False)
+    model.trainable = False
+    graph = _fixed_signature(tf, model, placement, row_shape, dtype)
+    return lambda x: graph(x).numpy()
 
 
 def _fixed_signature(tf: Any, model: Any, placement: str, row_shape: tuple[int, ...], dtype: str) -> Any:

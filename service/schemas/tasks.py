@@ -1,4 +1,4 @@
-"""Wire models of the task routes' small requests (/forecast, /sentiment, /classify-image's options).
+"""Wire models of the task routes' small requests (/forecast, /sentiment and /classify-text, /classify-image's options).
 Pydantic only: validated in the gateway so the error names the field before anything is queued."""
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ class ForecastRequest(BaseModel):
     series: list[float] = Field(min_length=1, max_length=MAX_SERIES)
     horizon: int = Field(1, ge=1, le=MAX_HORIZON)   # the model's own max_horizon is checked by its worker
 
-    def to_params(self) -> dict[str, Any]:
-        return {"series": self.series, "horizon": self.horizon}
-
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
@@ -40,10 +37,6 @@ class SentimentRequest(BaseModel):
         if (self.text is None) == (self.texts is None):
             raise ValueError("give exactly one of `text` (a string) or `texts` (a list of strings)")
         return self
-
-    def to_params(self) -> dict[str, Any]:
-        single = self.text is not None
-        return {"texts": [self.text] if single else self.texts, "single": single}
 
 
 class ClassifyOptions(BaseModel):

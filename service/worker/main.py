@@ -1,7 +1,8 @@
 """Worker process entry: `inferline worker MODEL` (or `python -m service.worker.main MODEL`).
 
-Resolve the device, load the runtime once, publish the model's metadata, heartbeat, and serve batches
-until SIGTERM/SIGINT, which drains: stop reading, finish and acknowledge the batch in hand, exit.
+Resolve the device, load the deployment's Model once, publish its metadata, and serve it through the one worker
+shell with the scheduler its kind needs (dynamic batching, or continuous batching for a LanguageModel) until
+SIGTERM/SIGINT, which drains: stop reading, answer and acknowledge what is in hand, exit.
 No web framework is imported on this side.
 """
 
@@ -10,36 +11,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 import uuid
-from pathlib import Path
-from typing import Any, Protocol
 
-import orjson
-import redis.asyncio as aioredis
-
-from service.broker import keys
 from service.broker.client import connect
-from service.broker.streams import ModelQueue
+from service.broker.registry import Registry
+from service.broker.streams import Cancels, ModelQueue
 from service.config import ConfigError, ModelSpec, Settings, spec_from_env
-from service.runtimes.base import Runtime
+from service.model import LanguageModel, Model, signature
+from service.protocol import ModelInfo, WorkerStatus
 from service.worker import device as devices
-from service.worker.heartbeat import Heartbeat, WorkerStats
+from service.worker.batching import DynamicBatching, Executor
+from service.worker.loading import load_model
+from service.worker.rows import RowCodec
+from service.worker.shell import Scheduler, Shell
 
 log = logging.getLogger("inferline.worker")
 
-
-class Serving(Protocol):
-    """A worker's main loop: the batch loop of classic models, or the generation loop."""
-
-    async def serve(self) -> None: ...
-
-    def stop(self) -> None: ...
+PUBLIC_MANIFEST = ("version", "framework", "metrics", "labels", "window", "max_horizon", "quick", "context_length")
 
 
 def limit_threads(threads: int) -> None:
@@ -51,90 +45,58 @@ def limit_threads(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def import_object(path: str) -> Any:
-    """`package.module:Name` -> the object."""
-    module, _, name = path.partition(":")
-    if not name:
-        raise ConfigError(f"runtime {path!r} must look like 'package.module:Class'")
-    return getattr(importlib.import_module(module), name)
+def model_info(spec: ModelSpec, model: Model, max_batch_size: int, context_length: int | None = None) -> ModelInfo:
+    """What gateways learn of this model: identity, v2 tensors, request/response schemas (for /docs)."""
+    manifest = {k: v for k, v in model.manifest.items() if k in PUBLIC_MANIFEST}
+    if isinstance(model, LanguageModel):
+        return ModelInfo(spec.name, model.version, model.platform, model.kind,
+                         [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
+                         [{"name": "text_output", "datatype": "BYTES", "shape": [1]}], max_batch_size,
+                         manifest=manifest, context_length=context_length)
+    sig = signature(type(model))
+    return ModelInfo(spec.name, model.version, model.platform, model.kind, [t.to_json() for t in sig.inputs],
+                     [t.to_json() for t in sig.outputs], max_batch_size, manifest=manifest, **sig.schemas())
 
 
-def locate(spec: ModelSpec) -> tuple[str, Path | None, dict[str, Any]]:
-    """(runtime dotted path, version directory or None, manifest) for a spec."""
-    manifest: dict[str, Any] = {}
-    version_dir = None
-    if spec.options.get("source"):   # a generation model loaded from a hub id or a save_pretrained directory
-        return "generation", None, {"kind": "generation"}
-    if spec.artifact is not None:
-        from models import store  # light: no frameworks
-        version_dir = store.resolve(Path(spec.artifact))
-        manifest = store.read_manifest(version_dir)
-    runtime = spec.runtime or manifest.get("runtime") or ("generation" if manifest.get("kind") == "generation"
-                                                          else None)
-    if not runtime:
-        raise ConfigError(f"models.{spec.name}.runtime is not set and {version_dir} has no runtime in its manifest")
-    return runtime, version_dir, manifest
+def scheduler_for(shell: Shell, spec: ModelSpec, model: Model, device: str) -> tuple[Scheduler, ModelInfo]:
+    max_batch_size = spec.max_batch_size or type(model).max_batch_size
+    if isinstance(model, LanguageModel):
+        from service.generation.engine import Engine
+        from service.worker.continuous import ContinuousBatching
 
-
-async def publish_info(redis: aioredis.Redis, spec: ModelSpec, runtime: Runtime[Any, Any], kind: str) -> None:
-    info = {"name": spec.name, "version": runtime.version, "platform": runtime.platform, "kind": kind,
-            "inputs": [t.to_json() for t in runtime.v2_inputs()],
-            "outputs": [t.to_json() for t in runtime.v2_outputs()],
-            "max_batch_size": spec.max_batch_size, "manifest": public_manifest(runtime.manifest)}
-    await redis.set(keys.model_info(spec.name), orjson.dumps(info))
-
-
-def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a gateway may show of a manifest: small scalars and metrics, not vocabularies."""
-    return {k: v for k, v in manifest.items() if k in ("version", "framework", "metrics", "labels", "window",
-                                                       "max_horizon", "quick", "context_length")}
+        engine = Engine(model.model, model.tokenizer, device=device, max_batch_size=max_batch_size)
+        return (ContinuousBatching(shell, model, engine, max_batch_size),
+                model_info(spec, model, max_batch_size, engine.context_length))
+    delay = spec.max_batch_delay_ms if spec.max_batch_delay_ms is not None else type(model).max_batch_delay_ms
+    executor = Executor(model, RowCodec(model, spec.name), spec.name)
+    return DynamicBatching(shell, executor, max_batch_size, delay), model_info(spec, model, max_batch_size)
 
 
 async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
     device = devices.resolve(spec.device, replica)
-    runtime_path, version_dir, manifest = locate(spec)
+    model = load_model(spec, device)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     redis = connect(redis_url, health_check_interval=30)
-    stats = WorkerStats()
-    stopping = asyncio.Event()
+    registry = Registry(redis)
+    status = WorkerStatus(os.getpid(), socket.gethostname(), device, model.version, int(time.time()))
+    shell = Shell(spec, ModelQueue(redis, spec.name, worker_id), registry, Cancels(redis, spec.name), worker_id,
+                  status)
+    scheduler, info = scheduler_for(shell, spec, model, device)
+    await registry.publish(info)
     loop = asyncio.get_running_loop()
-
-    serving: Serving
-    if manifest.get("kind") == "generation" or spec.options.get("source"):
-        from service.worker.generate_loop import build_generation_loop
-        serving, version, info = await build_generation_loop(spec, redis, worker_id, version_dir, manifest, device,
-                                                             stats)
-        await redis.set(keys.model_info(spec.name), orjson.dumps(info))
-    else:
-        from service.worker.execute import Executor
-        from service.worker.loop import BatchLoop
-        runtime: Runtime[Any, Any] = import_object(runtime_path)()
-        runtime.load(version_dir, device, spec.threads)
-        version = runtime.version
-        await publish_info(redis, spec, runtime, "batch")
-        serving = BatchLoop(spec, ModelQueue(redis, spec.name, worker_id), Executor(runtime, spec.name), stats)
-
-    def drain() -> None:
-        stopping.set()
-        serving.stop()
-
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, drain)
+        loop.add_signal_handler(sig, shell.stop)
     # The framework and the model are millions of long-lived objects: keep the collector from walking them
     # again and again (full collections showed as ~90 ms stalls in latency tails).
     gc.collect()
     gc.freeze()
-    heartbeat = Heartbeat(redis, spec.name, worker_id, device, version, stats)
-    beating = asyncio.create_task(heartbeat.run(stopping))
-    log.info("worker ready model=%s version=%s device=%s id=%s", spec.name, version, device, worker_id)
+    log.info("worker ready model=%s version=%s device=%s id=%s", spec.name, model.version, device, worker_id)
     try:
-        await serving.serve()
+        await shell.serve(scheduler)
     finally:
-        stopping.set()
-        await beating
-        await heartbeat.remove()
         await redis.aclose()
-        log.info("worker stopped model=%s id=%s batches=%d items=%d", spec.name, worker_id, stats.batches, stats.items)
+        log.info("worker stopped model=%s id=%s batches=%d items=%d", spec.name, worker_id, status.batches,
+                 status.items)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,7 @@ import numpy as np
 import orjson
 
 from service.errors import InputError, MalformedInput
-
-DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
-}
-NAMES = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
+from service.tensors import DTYPES, datatype_of
 
 
 def _field(i: int, key: str) -> str:
@@ -123,12 +117,11 @@ def encode_response(model: str, version: str, request_id: str | None, outputs: d
     tensors = []
     for name in names:
         array = outputs[name]
-        if array.dtype == object:
+        datatype = datatype_of(array)
+        if datatype == "BYTES":
             data: Any = [x.decode() if isinstance(x, bytes) else str(x) for x in array.reshape(-1)]
-            datatype = "BYTES"
         else:
             data = array.reshape(-1)
-            datatype = NAMES[array.dtype.name]
         tensors.append({"name": name, "datatype": datatype, "shape": list(array.shape), "data": data})
     body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": tensors}
     if request_id is not None:

@@ -1,5 +1,5 @@
-"""/classify-image: a multipart `file`, a JSON {"image": base64}, or a raw image/* body. The gateway
-only unwraps the image bytes; decoding them is the worker's job (it rejects a bad image with 422)."""
+"""/classify-image: a multipart `file`, a JSON {"image": base64}, or a raw image/* body. The gateway only unwraps the
+image bytes; decoding them is the worker's job (its model's `decode` hook; a bad image gets a 422)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str
     return await classify(d, rid, image, {**query_options(query), **options})
 
 
-@router.post("/classify-image", summary="Classify an image (cnn); returns the top_k labels by score",
+@router.post("/classify-image", summary="Classify an image (the `classify-image` deployment): top_k labels by score",
              openapi_extra=OPENAPI_BODY)
 async def classify_image(request: Request) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -67,7 +67,7 @@ async def classify(d: Dispatcher, rid: str, image: bytes, options: dict[str, Any
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "top_k"
         raise ValidationFailed(f"`{field}`: {err['msg']}. Given: {err.get('input')!r}", field=field) from None
-    return await run_task(d, rid, "cnn", {"top_k": parsed.top_k}, image)
+    return await run_task(d, rid, "classify-image", {"options": {"top_k": parsed.top_k}}, image)
 
 
 async def from_form(request: Request) -> tuple[bytes, dict[str, Any]]:

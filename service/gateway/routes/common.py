@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from service.gateway.dispatch import Dispatcher
 from service.gateway.errors import from_validation
-from service.protocol import OP_TASK
+from service.protocol import OP_PREDICT
 
 JSON = "application/json"
 Model = TypeVar("Model", bound=BaseModel)
@@ -43,9 +43,10 @@ def request_id(request: Request) -> str:
     return str(request.scope["state"]["request_id"])
 
 
-async def run_task(d: Dispatcher, rid: str, model: str, params: dict[str, Any], blob: bytes = b"") -> bytes:
-    """Queue a task request; the worker's JSON body is the answer as is (no re-encoding here)."""
-    reply = await d.call(model, OP_TASK, params, blob, request_id=rid)
+async def run_task(d: Dispatcher, rid: str, task: str, params: dict[str, Any], blob: bytes = b"") -> bytes:
+    """Queue a request for the deployment bound to `task`; the worker's JSON body is the answer as is (no
+    re-encoding here). params: {"row": {...}}, {"rows": [...]}, or {"options": {...}} beside raw bytes."""
+    reply = await d.call(d.task(task).name, OP_PREDICT, params, blob, request_id=rid)
     return reply.body
 
 

@@ -14,10 +14,10 @@ router = APIRouter(tags=["tasks"])
 
 async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
                  query: str) -> bytes:
-    return await run_task(d, rid, "lstm", parse_json(body, ForecastRequest).to_params())
+    return await run_task(d, rid, "forecast", {"row": parse_json(body, ForecastRequest).model_dump()})
 
 
-@router.post("/forecast", summary="Forecast the next `horizon` values of a time series (lstm)",
+@router.post("/forecast", summary="Forecast the next `horizon` values of a time series (the `forecast` deployment)",
              openapi_extra=json_body(ForecastRequest))
 async def forecast(request: Request) -> Response:
     return await answer(request, handle)

@@ -11,12 +11,13 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from service.errors import InferlineError
+from service.gateway.errors import stream_event
 from service.gateway.generation import Generation, collect, first_then_rest, token_events, token_of
 from service.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
 from service.schemas.tgi import GenerateRequest
 
 router = APIRouter(tags=["text generation (TGI)"])
-MODEL = "gpt2"
+TASK = "generate"   # the deployment these routes serve is the one configured with task = "generate"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -30,27 +31,29 @@ def response_body(req: GenerateRequest, gen: Generation) -> dict[str, Any]:
 
 
 async def generate_once(request: Request, req: GenerateRequest) -> dict[str, Any]:
-    events = token_events(dispatcher(request), MODEL, req.parameters.to_params(req.inputs), request_id(request))
+    d = dispatcher(request)
+    events = token_events(d, d.task(TASK).name, req.parameters.to_params(req.inputs), request_id(request))
     return response_body(req, await collect(events))
 
 
 async def sse(request: Request, req: GenerateRequest) -> Response:
-    events = await first_then_rest(token_events(dispatcher(request), MODEL, req.parameters.to_params(req.inputs),
+    d = dispatcher(request)
+    events = await first_then_rest(token_events(d, d.task(TASK).name, req.parameters.to_params(req.inputs),
                                                 request_id(request)))
 
     async def lines() -> AsyncIterator[bytes]:
         try:
             async for event in events:
-                last = event.get("finish_reason") is not None
-                text = event.get("generated_text") if last else None
+                last = event.finish_reason is not None
+                text = event.generated_text if last else None
                 if last and req.parameters.return_full_text:
                     text = req.inputs + (text or "")
                 yield b"data:" + orjson.dumps({
-                    "index": event["index"], "token": token_of(event), "generated_text": text,
-                    "details": {"finish_reason": event["finish_reason"], "generated_tokens": event["index"] + 1,
-                                "seed": event.get("seed")} if last else None}) + b"\n\n"
+                    "index": event.index, "token": token_of(event), "generated_text": text,
+                    "details": {"finish_reason": event.finish_reason, "generated_tokens": event.index + 1,
+                                "seed": event.seed} if last else None}) + b"\n\n"
         except InferlineError as exc:
-            yield b"data:" + orjson.dumps({"error": exc.message, "error_type": exc.error_type}) + b"\n\n"
+            yield b"data:" + orjson.dumps(stream_event(exc)) + b"\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 

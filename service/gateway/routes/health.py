@@ -4,11 +4,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 
+from service.broker.client import BROKER_ERRORS
+from service.broker.registry import Registry
 from service.config import Settings
-from service.gateway.directory import Directory
 from service.metrics import GatewayMetrics
 
 router = APIRouter(tags=["operations"])
@@ -22,14 +22,14 @@ async def healthz() -> dict[str, str]:
 async def readiness(request: Request) -> tuple[bool, list[str]]:
     """Ready when Redis answers and every configured model with replicas has a live worker."""
     settings: Settings = request.app.state.settings
-    directory: Directory = request.app.state.directory
+    registry: Registry = request.app.state.registry
     missing: list[str] = []
     try:
-        await request.app.state.redis.ping()
+        await registry.ping()
         for name, spec in settings.models.items():
-            if spec.replicas > 0 and (await directory.status(name))["live_replicas"] == 0:
+            if spec.replicas > 0 and (await registry.status(name)).live_replicas == 0:
                 missing.append(f"model {name} has no live worker")
-    except (RedisError, OSError) as exc:
+    except BROKER_ERRORS as exc:
         missing.append(f"redis unreachable: {type(exc).__name__}")
     return not missing, missing
 
@@ -45,15 +45,15 @@ async def readyz(request: Request) -> Response:
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    directory: Directory = request.app.state.directory
+    registry: Registry = request.app.state.registry
     m: GatewayMetrics = request.app.state.metrics
     for name in settings.models:
         try:
-            status = await directory.status(name)
-        except (RedisError, OSError):
+            status = await registry.status(name)
+        except BROKER_ERRORS:
             break
-        m.queue_depth.labels(name).set(status["queue_depth"])
-        m.live_workers.labels(name).set(status["live_replicas"])
-        m.worker_batches.labels(name).set(status["batches"])
-        m.worker_items.labels(name).set(status["items"])
+        m.queue_depth.labels(name).set(status.queue_depth)
+        m.live_workers.labels(name).set(status.live_replicas)
+        m.worker_batches.labels(name).set(sum(w.batches for w in status.workers))
+        m.worker_items.labels(name).set(sum(w.items for w in status.workers))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

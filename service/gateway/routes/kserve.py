@@ -10,12 +10,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 import service
+from service.broker.registry import Registry
 from service.errors import BadRequest, NotFound, Unavailable
-from service.gateway.directory import Directory
 from service.gateway.dispatch import Dispatcher
 from service.gateway.routes.common import answer, dispatcher
 from service.gateway.routes.health import readiness
-from service.protocol import OP_V2
+from service.protocol import OP_V2, ModelInfo
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 
@@ -36,14 +36,14 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-async def model_info(request: Request, model: str, version: str | None) -> dict[str, Any]:
+async def model_info(request: Request, model: str, version: str | None) -> ModelInfo:
     dispatcher(request).spec(model)   # 404 for a model this gateway does not serve
-    directory: Directory = request.app.state.directory
-    info = await directory.info(model)
+    registry: Registry = request.app.state.registry
+    info = await registry.info(model)
     if info is None:
         raise Unavailable(f"model {model} has no worker that has published its metadata yet")
-    if version is not None and version != str(info.get("version")):
-        raise NotFound(f"model {model} has no version {version!r}; serving {info.get('version')!r}", field="version")
+    if version is not None and version != info.version:
+        raise NotFound(f"model {model} has no version {version!r}; serving {info.version!r}", field="version")
     return info
 
 
@@ -51,16 +51,16 @@ async def model_info(request: Request, model: str, version: str | None) -> dict[
 @router.get("/models/{model}/versions/{version}")
 async def metadata(model: str, request: Request, version: str | None = None) -> dict[str, Any]:
     info = await model_info(request, model, version)
-    return {"name": model, "versions": [str(info["version"])], "platform": info.get("platform", ""),
-            "inputs": info.get("inputs", []), "outputs": info.get("outputs", [])}
+    return {"name": model, "versions": [info.version], "platform": info.platform, "inputs": info.inputs,
+            "outputs": info.outputs}
 
 
 @router.get("/models/{model}/ready")
 @router.get("/models/{model}/versions/{version}/ready")
 async def model_ready(model: str, request: Request, version: str | None = None) -> Response:
     await model_info(request, model, version)
-    status = await request.app.state.directory.status(model)
-    ok = status["live_replicas"] > 0
+    status = await request.app.state.registry.status(model)
+    ok = status.live_replicas > 0
     return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
 
 

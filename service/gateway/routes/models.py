@@ -4,8 +4,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from service.broker.registry import Registry
 from service.config import Settings
-from service.gateway.directory import Directory
 
 router = APIRouter(tags=["operations"])
 
@@ -13,12 +13,12 @@ router = APIRouter(tags=["operations"])
 @router.get("/v1/models", summary="Served models (OpenAI shape) with version, live replicas, device and queue depth")
 async def list_models(request: Request) -> dict[str, Any]:
     settings: Settings = request.app.state.settings
-    directory: Directory = request.app.state.directory
+    registry: Registry = request.app.state.registry
     data = []
     for name, spec in settings.models.items():
-        status = await directory.status(name)
+        status = await registry.status(name)
         data.append({"id": name, "object": "model", "created": 0, "owned_by": "inferline",
-                     "version": status["version"], "live_replicas": status["live_replicas"],
-                     "replicas": spec.replicas, "devices": status["devices"], "queue_depth": status["queue_depth"],
-                     "kind": status["kind"]})
+                     "version": status.info.version if status.info else None, "live_replicas": status.live_replicas,
+                     "replicas": spec.replicas, "devices": status.devices, "queue_depth": status.queue_depth,
+                     "kind": status.info.kind if status.info else None, "task": spec.task})
     return {"object": "list", "data": data}

@@ -13,9 +13,10 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from service.errors import InferlineError
-from service.gateway.errors import OPENAI_TYPES
+from service.gateway.errors import body_of
 from service.gateway.generation import collect, first_then_rest, token_events
 from service.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
+from service.protocol import TokenEvent
 from service.schemas.openai import CompletionRequest
 
 router = APIRouter(tags=["text generation (OpenAI)"])
@@ -57,12 +58,12 @@ async def completions(request: Request) -> Response:
 
 
 async def stream(req: CompletionRequest, head: dict[str, Any],
-                 streams: list[AsyncIterator[dict[str, Any]]]) -> Response:
+                 streams: list[AsyncIterator[TokenEvent]]) -> Response:
     # Start every prompt and wait for each first token, so a bad request is still a plain 4xx.
     started = await asyncio.gather(*[first_then_rest(s) for s in streams])
-    merged: asyncio.Queue[tuple[int, dict[str, Any] | InferlineError | None]] = asyncio.Queue()
+    merged: asyncio.Queue[tuple[int, TokenEvent | InferlineError | None]] = asyncio.Queue()
 
-    async def pump(index: int, events: AsyncIterator[dict[str, Any]]) -> None:
+    async def pump(index: int, events: AsyncIterator[TokenEvent]) -> None:
         try:
             async for event in events:
                 await merged.put((index, event))
@@ -86,15 +87,14 @@ async def stream(req: CompletionRequest, head: dict[str, Any],
                 if item is None:
                     open_streams -= 1
                 elif isinstance(item, InferlineError):
-                    yield b"data: " + orjson.dumps({"error": {"message": item.message, "type": OPENAI_TYPES.get(
-                        item.error_type, item.error_type), "param": param_of(item.field), "code": item.error_type}}) \
-                        + b"\n\n"
+                    item.field = param_of(item.field)
+                    yield b"data: " + orjson.dumps(body_of(item, "/v1/completions", "")) + b"\n\n"
                 else:
                     completion_tokens += 1
-                    prompt_tokens = prompt_tokens if item["index"] else prompt_tokens + item["prompt_tokens"]
-                    finish = FINISH.get(item["finish_reason"]) if item.get("finish_reason") else None
+                    prompt_tokens = prompt_tokens if item.index else prompt_tokens + item.prompt_tokens
+                    finish = FINISH.get(item.finish_reason) if item.finish_reason else None
                     # A special token (EOS) is not part of the text: the chunks must add up to the completion.
-                    text = "" if item["special"] else item["text"]
+                    text = "" if item.special else item.text
                     yield chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": finish}])
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield chunk([], usage=usage(prompt_tokens, completion_tokens))

@@ -1,23 +1,45 @@
+"""Text classification routes: /sentiment and /classify-text take one `text` or a list of `texts`, each served by
+the deployment bound to that task. A list becomes one row per text in a single request."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.gateway.dispatch import Dispatcher
-from service.gateway.routes.common import answer, json_body, parse_json, run_task
+from service.gateway.routes.common import Handler, answer, json_body, parse_json, run_task
 from service.schemas.tasks import SentimentRequest
 
 router = APIRouter(tags=["tasks"])
 
 
-async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
-                 query: str) -> bytes:
-    return await run_task(d, rid, "sentiment", parse_json(body, SentimentRequest).to_params())
+def rows(req: SentimentRequest) -> dict[str, Any]:
+    if req.text is not None:
+        return {"row": {"text": req.text}}
+    return {"rows": [{"text": t} for t in req.texts or []]}
 
 
-@router.post("/sentiment", summary="Positive or negative: one `text`, or a list of `texts` (sentiment)",
-             openapi_extra=json_body(SentimentRequest))
+def handler_for(task: str) -> Handler:
+    async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+                     query: str) -> bytes:
+        return await run_task(d, rid, task, rows(parse_json(body, SentimentRequest)))
+    return handle
+
+
+handle_sentiment = handler_for("sentiment")
+handle_classify_text = handler_for("classify-text")
+
+
+@router.post("/sentiment", summary="Positive or negative: one `text`, or a list of `texts` (the `sentiment` "
+             "deployment)", openapi_extra=json_body(SentimentRequest))
 async def sentiment(request: Request) -> Response:
-    return await answer(request, handle)
+    return await answer(request, handle_sentiment)
+
+
+@router.post("/classify-text", summary="Label one `text`, or a list of `texts`, with scores (the `classify-text` "
+             "deployment)", openapi_extra=json_body(SentimentRequest))
+async def classify_text(request: Request) -> Response:
+    return await answer(request, handle_classify_text)

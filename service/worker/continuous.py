@@ -1,0 +1,187 @@
+"""Continuous batching, the scheduler of language models (LanguageModel): new requests join the running batch
+between decoding steps, finished ones leave at once, and every step's tokens stream back as they are made.
+
+Two tasks share one engine: intake reads new requests (and takes reclaimed ones) as room frees up, and the stepper
+runs one engine step at a time on the model thread and sends each token to its caller. A request stays pending in
+the consumer group for its whole generation; the shell keeps it claimed, so no other worker steals live work, and a
+dead worker's requests are reclaimed and restarted elsewhere (the gateway skips the token indexes it already has).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import numpy as np
+
+from service.broker.streams import Delivery
+from service.errors import InferlineError, InputError
+from service.generation.engine import Engine, SamplingParams
+from service.logs import RepeatingError
+from service.model import LanguageModel
+from service.protocol import OP_GENERATE, OP_V2, Reply, TokenEvent, decode_payload
+from service.worker import v2codec
+from service.worker.model_thread import ModelThread
+from service.worker.shell import Shell, expire
+
+log = logging.getLogger(__name__)
+
+PARAMS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
+          "want_prefill")
+
+
+class ContinuousBatching:
+    cancellable = True
+
+    def __init__(self, shell: Shell, model: LanguageModel, engine: Engine, max_batch_size: int) -> None:
+        self.shell = shell
+        self.model = model
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.name = shell.spec.name
+        self.v2_ids: dict[str, str | None] = {}   # requests that came through /v2 infer -> their v2 "id"
+        self.work = asyncio.Event()
+        self.freed = asyncio.Event()
+        self.model_thread = ModelThread()          # steps and cancels, one at a time, in order
+
+    async def run(self) -> None:
+        """Until the shell stops: then take no new requests, finish the sequences in hand, return."""
+        intake = asyncio.create_task(self._intake())
+        try:
+            while not (self.shell.stopping.is_set() and not self.engine.has_work() and not self.shell.inflight):
+                if not self.engine.has_work():
+                    self.work.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.work.wait(), 0.25)
+                else:
+                    await self.step()
+                await self._expire()
+        finally:
+            intake.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await intake
+
+    async def cancel(self, request_id: str) -> bool:
+        d = self.shell.inflight.get(request_id)
+        if d is None or not await self.model_thread.run(self.engine.cancel, request_id):
+            return False
+        await self._finish([(d, Reply.error(request_id, "cancelled", "the client went away"))])
+        return True
+
+    # intake ----------------------------------------------------------------------------------------------------
+    async def _intake(self) -> None:
+        errors = RepeatingError(log, f"intake model={self.name}")
+        while not self.shell.stopping.is_set():
+            try:
+                claimed = []
+                while not self.shell.claimed.empty():
+                    claimed.append(self.shell.claimed.get_nowait())
+                await self.admit(claimed)
+                room = self.max_batch_size - self.engine.num_running - self.engine.num_waiting
+                if room <= 0:   # full: wait until sequences finish
+                    self.freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.freed.wait(), 0.25)
+                    continue
+                await self.admit(await self.shell.queue.read(count=room, block_s=0.25))
+                errors.ok()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:   # noqa: BLE001 - nothing was acknowledged: what was read is redelivered
+                errors.failed(exc)
+                await asyncio.sleep(1.0)
+
+    async def admit(self, deliveries: list[Delivery]) -> None:
+        live, answers = expire(deliveries)
+        for d in live:
+            try:
+                self._add(d)
+                self.shell.inflight[d.request_id] = d
+            except InferlineError as exc:
+                self.v2_ids.pop(d.request_id, None)
+                answers.append((d, Reply.error(d.request_id, exc.error_type, exc.message, exc.field)))
+            except (TypeError, ValueError) as exc:
+                answers.append((d, Reply.error(d.request_id, "validation", f"bad generation request: {exc}")))
+        await self.shell.send(answers, [d for d, _ in answers])
+        if len(answers) < len(deliveries):
+            self.work.set()
+
+    def _add(self, d: Delivery) -> None:
+        params, blob = decode_payload(d.payload)
+        if d.envelope.op == OP_V2:
+            params = self._from_v2(d.request_id, blob, params.get("header_length"))
+        elif d.envelope.op != OP_GENERATE:
+            raise InputError(f"model {self.name} only generates text", "op")
+        prompt = params.get("inputs")
+        if not isinstance(prompt, str):
+            raise InputError("`inputs` must be a string", "inputs")
+        sampling = SamplingParams(**{k: params[k] for k in PARAMS if params.get(k) is not None})
+        self.engine.add(d.request_id, prompt, sampling)
+
+    def _from_v2(self, rid: str, blob: bytes, header_length: int | None) -> dict[str, Any]:
+        """An Open Inference Protocol request: one BYTES `text_input`, generation parameters in `parameters`."""
+        request, tensors = v2codec.decode_request(blob, header_length)
+        text = tensors.get("text_input")
+        if text is None or text.size != 1:
+            raise InputError("expected one BYTES input `text_input` holding one prompt", "inputs")
+        parameters = request.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InputError("`parameters` must be an object", "parameters")
+        value = text.reshape(-1)[0]
+        request_id = request.get("id")
+        self.v2_ids[rid] = request_id if isinstance(request_id, str) else None
+        return {**{k: parameters[k] for k in PARAMS if k in parameters},
+                "inputs": value.decode(errors="replace") if isinstance(value, bytes) else str(value)}
+
+    # stepping --------------------------------------------------------------------------------------------------
+    async def step(self) -> None:
+        try:
+            events = await self.model_thread.run(self.engine.step)
+        except Exception:   # noqa: BLE001 - the engine dropped its running batch: fail those, keep serving
+            lost = [d for rid, d in self.shell.inflight.items() if not self.engine.has_request(rid)]
+            await self._finish([(d, Reply.error(d.request_id, "generation", f"generation failed for request "
+                                                f"{d.request_id}")) for d in lost])
+            return
+        self.shell.status.record_batch(len(events))
+        self.shell.status.active = self.engine.num_running
+        answers: list[tuple[Delivery, Reply]] = []
+        finished: list[Delivery] = []
+        for event in events:
+            d = self.shell.inflight.get(event.request_id)
+            if d is None:
+                continue
+            final = event.finish_reason is not None
+            if event.request_id in self.v2_ids:   # v2 answers once, with the whole text
+                if final:
+                    answers.append((d, self.v2_reply(event)))
+            else:
+                answers.append((d, Reply(event.request_id, event.encode(), final=final)))
+            if final:
+                finished.append(d)
+        if finished:
+            self.freed.set()
+        await self.shell.send(answers, finished)
+
+    def v2_reply(self, event: TokenEvent) -> Reply:
+        text = np.array([(event.generated_text or "").encode()], dtype=object)
+        body = v2codec.encode_response(self.name, self.model.version, self.v2_ids.pop(event.request_id, None),
+                                       {"text_output": text}, None)
+        return Reply(event.request_id, body)
+
+    async def _finish(self, answered: list[tuple[Delivery, Reply]]) -> None:
+        self.freed.set()
+        for d, _ in answered:
+            self.v2_ids.pop(d.request_id, None)
+        await self.shell.send(answered, [d for d, _ in answered])
+        self.shell.status.active = self.engine.num_running
+
+    async def _expire(self) -> None:
+        """Sequences past their deadline: nobody waits for them any more."""
+        _, late = expire(list(self.shell.inflight.values()))
+        for d, _ in late:
+            await self.model_thread.run(self.engine.cancel, d.request_id)
+        if late:
+            await self._finish([(d, Reply.error(d.request_id, "timeout", f"request {d.request_id} passed its "
+                                                "deadline while generating")) for d, _ in late])

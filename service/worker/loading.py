@@ -1,0 +1,74 @@
+"""Find a deployment's Model class by its dotted path and load it: `package.module:Class` or `path/to/file.py:Class`.
+The worker imports whatever the deployment names, and no model module by name of its own."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from service import store
+from service.config import ConfigError, ModelSpec
+from service.model import Model
+
+log = logging.getLogger(__name__)
+
+
+def import_object(path: str) -> Any:
+    """`package.module:Name` or `file.py:Name` -> the object. Raises ConfigError naming what is missing."""
+    module_name, _, name = path.rpartition(":")
+    if not module_name or not name:
+        raise ConfigError(f"model {path!r} must look like 'package.module:Class' or 'file.py:Class'")
+    if module_name.endswith(".py"):
+        file = Path(module_name).resolve()
+        if not file.is_file():
+            raise ConfigError(f"model file {file} does not exist")
+        spec = importlib.util.spec_from_file_location(file.stem, file)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"cannot import {file}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[file.stem] = module   # pickling and typing.get_type_hints look the module up by name
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ConfigError(f"{module_name} has no {name!r}") from None
+
+
+def model_class(spec: ModelSpec) -> tuple[type[Model], Path | None, dict[str, Any]]:
+    """(the Model class, its version directory or None, that directory's manifest) for a deployment. The class is
+    the spec's `model`, else the artifact manifest's `runtime`."""
+    version_dir: Path | None = None
+    manifest: dict[str, Any] = {}
+    if spec.artifact is not None and Path(spec.artifact).exists():
+        version_dir = store.resolve(Path(spec.artifact))
+        manifest = store.read_manifest(version_dir)
+    path = spec.model or manifest.get("runtime")
+    if not path:
+        raise ConfigError(f"models.{spec.name}.model is not set, and {spec.artifact} holds no built model naming one")
+    cls = import_object(path)
+    if not (isinstance(cls, type) and issubclass(cls, Model)):
+        raise ConfigError(f"models.{spec.name}.model {path!r} is not a subclass of inferline.Model")
+    return cls, version_dir, manifest
+
+
+def load_model(spec: ModelSpec, device: str) -> Model:
+    """Instantiate the deployment's model, hand it its artifact, manifest, options and threads, and set it up."""
+    cls, version_dir, manifest = model_class(spec)
+    model = cls()
+    model.artifact = version_dir if version_dir is not None else spec.artifact
+    model.manifest = manifest
+    model.version = str(manifest.get("version", model.version))
+    model.options = dict(spec.options)
+    model.threads = spec.threads
+    started = time.perf_counter()
+    model.setup(device)
+    log.info("loaded model=%s class=%s version=%s device=%s ms=%.0f", spec.name, cls.__name__, model.version, device,
+             (time.perf_counter() - started) * 1000)
+    return model
