@@ -32,7 +32,7 @@ device = "cuda:1"
 timeout_s = 5
 
 [models.echo]
-runtime = "tests.runtimes:Echo"
+model = "tests.runtimes:Echo"
 options = { scale = 2 }
 """
 
@@ -68,9 +68,10 @@ def test_toml_is_read(tmp_path: Path) -> None:
     cnn, lstm, echo = settings.models["cnn"], settings.models["lstm"], settings.models["echo"]
     assert (cnn.name, cnn.replicas, cnn.device, cnn.max_batch_size, cnn.max_batch_delay_ms) == ("cnn", 2, "auto", 16,
                                                                                                 2.5)
-    assert cnn.artifact == Path("store") / "cnn" and cnn.runtime is None   # the store's model by default
-    assert (lstm.replicas, lstm.device, lstm.timeout_s, lstm.max_batch_size) == (1, "cuda:1", 5.0, 32)
-    assert echo.runtime == "tests.runtimes:Echo" and echo.artifact is None and echo.options == {"scale": 2}
+    assert cnn.artifact == Path("store") / "cnn" and cnn.model is None   # the store's model by default
+    assert (lstm.replicas, lstm.device, lstm.timeout_s, lstm.max_batch_size) == (1, "cuda:1", 5.0, None)   # None: the class default
+    assert echo.model == "tests.runtimes:Echo" and echo.options == {"scale": 2}
+    assert echo.artifact == Path("store") / "echo"   # read only where it exists
 
 
 def test_defaults_without_a_file(tmp_path: Path) -> None:

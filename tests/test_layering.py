@@ -3,10 +3,12 @@ worker side never loads the web stack. Each check imports in a fresh interpreter
 
 from __future__ import annotations
 
+import ast
 import json
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +56,44 @@ def worker_side_modules() -> list[str]:
 
 
 def test_worker_side_modules_are_all_checked() -> None:
-    assert {"service.worker.main", "service.worker.loop", "service.runtimes.base"} <= set(worker_side_modules())
+    assert {"service.worker.main", "service.worker.shell", "service.worker.batching", "service.worker.continuous",
+            "service.runtimes.keras_rt"} <= set(worker_side_modules())
+
+
+def imports_of(path: Path) -> set[str]:
+    """The modules a source file imports (top-level and inside functions)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+SOURCES = sorted((ROOT / "service").rglob("*.py"))
+
+
+def test_only_the_broker_speaks_redis() -> None:
+    speakers = [str(p.relative_to(ROOT)) for p in SOURCES if any(m.split(".")[0] == "redis" for m in imports_of(p))]
+    assert speakers and all(s.startswith("service/broker/") for s in speakers), speakers
+
+
+def test_the_service_imports_no_model_module() -> None:
+    """Deployments name their Model class by dotted path; only the CLI's `models build` reaches into models/."""
+    importers = [str(p.relative_to(ROOT)) for p in SOURCES
+                 if any(m == "models" or m.startswith("models.") for m in imports_of(p))]
+    assert importers == ["service/cli.py"], importers
+
+
+def test_the_generation_engine_speaks_no_redis_and_no_web() -> None:
+    for path in (ROOT / "service" / "generation").glob("*.py"):
+        assert not any(m.split(".")[0] in ("redis", *WEB) for m in imports_of(path)), path
+
+
+def test_the_public_contract_loads_no_framework() -> None:
+    loaded = modules_after("import inferline\nfrom inferline import Model, Tensor, CausalLM")
+    assert "inferline" in loaded and offenders(loaded, FRAMEWORKS + WEB) == []
 
 
 @pytest.mark.parametrize("module", worker_side_modules())

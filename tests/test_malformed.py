@@ -182,7 +182,7 @@ CASES = [
          {"json": cnn_tensor([1, 784], PIXELS)}),
     Case("v2-unknown-datatype", "POST", "/v2/models/cnn/infer", 422, "datatype", None,
          {"json": cnn_tensor([1, 784], PIXELS, datatype="FP99")}),
-    Case("v2-bytes-for-fp32-input", "POST", "/v2/models/cnn/infer", 422, "fp32", None,
+    Case("v2-bytes-for-fp32-input", "POST", "/v2/models/cnn/infer", 400, "fp32", None,
          {"json": cnn_tensor([1, 784], ["abc"] * 784, datatype="BYTES")}),
     Case("v2-numbers-for-bytes-input", "POST", "/v2/models/sentiment/infer", 422, "string", None,
          {"json": {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": [1, 2]}]}}),

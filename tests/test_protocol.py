@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import pytest
 
-from service.protocol import Envelope, Reply, decode_payload, encode_payload, pack_replies, unpack_replies
+from service.protocol import (Cancel, Envelope, ModelInfo, Reply, TokenEvent, WorkerStatus, decode_payload,
+                              encode_payload, pack_replies, unpack_replies)
 
 
-def test_replies_pack_and_unpack_in_order_with_headers_and_empty_bodies() -> None:
-    replies = [Reply("a", 200, b'{"x": 1}'), Reply("b", 500, b'{"error": "e"}', True, b'{"x-should-retry": "false"}'),
-               Reply("c", 200, b"", False), Reply("d\u00e9", 422, b"\x00\xff binary", True)]
+def test_replies_pack_and_unpack_in_order_with_error_types_and_empty_bodies() -> None:
+    replies = [Reply("a", b'{"x": 1}'), Reply.error("b", "dead_letter", "gone", field="x"),
+               Reply("c", b"", final=False), Reply("d\u00e9", b"\x00\xff binary", "validation")]
     assert unpack_replies(pack_replies(replies)) == replies
     assert unpack_replies(b"") == []
+    assert replies[1].error_fields() == ("gone", "x") and not replies[1].ok and replies[0].ok
+
+
+def test_every_record_round_trips_through_its_codec() -> None:
+    event = TokenEvent("r1", 3, 42, " the", -0.25, False, "length", "a the", 7, 11, [{"id": 1, "text": "a",
+                                                                                      "logprob": None}])
+    assert TokenEvent.decode(event.encode()) == event
+    info = ModelInfo("m", "2", "python", "batch", [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}], [], 8,
+                     {"type": "object"}, None, {"metrics": {"accuracy": 0.9}})
+    assert ModelInfo.decode(info.encode()) == info
+    status = WorkerStatus(12, "host", "cpu", "2", 1000, batches=3, items=9, max_batch=4, active=1, beat=77)
+    fields = {k.encode(): str(v).encode() for k, v in status.fields().items()}
+    assert WorkerStatus.from_fields(fields) == status
+    cancel = Cancel("r9")
+    assert Cancel.from_fields({k.encode(): v.encode() for k, v in cancel.fields().items()}) == cancel
 
 
 def test_payload_round_trip_and_truncation() -> None:

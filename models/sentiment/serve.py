@@ -5,7 +5,7 @@ pass."""
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from inferline import Model, keras_forward
 from models.sentiment.tokenizer import NAME as TOKENIZER
@@ -15,7 +15,14 @@ MAX_CHARS = 100_000   # only the first max_len tokens count anyway; bound the to
 
 
 class TextRow(BaseModel):
-    text: str = Field(min_length=1, max_length=MAX_CHARS, pattern=r"\S")
+    text: str = Field(max_length=MAX_CHARS)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty string")
+        return value
 
 
 class Label(BaseModel):
