@@ -38,7 +38,7 @@ def served(redis_url: str, quick_gpt2: Path, tmp_path_factory: pytest.TempPathFa
     with redis.Redis.from_url(redis_url) as client:
         client.flushdb()
     cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation"))
-    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), max_batch_size=16, timeout_s=60)
+    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, timeout_s=60)
     cluster.start_gateway()
     cluster.start_worker("gpt2")
     yield cluster
@@ -204,7 +204,7 @@ def test_client_gone_mid_stream_frees_its_slot(served: Cluster, url: str) -> Non
 def test_overloaded_queue_raises_overloaded_error(served: Cluster, quick_gpt2: Path, tmp_path: Path) -> None:
     """A second gateway on the same Redis and worker, with room for one queued request."""
     small = Cluster(served.redis_url, tmp_path)
-    small.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), max_batch_size=16, queue_cap=1, timeout_s=60)
+    small.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, queue_cap=1, timeout_s=60)
     try:
         client = text_generation.AsyncClient(small.start_gateway(), timeout=60)
 
