@@ -23,10 +23,8 @@ from models import store as model_store
 
 log = logging.getLogger(__name__)
 
-# ZOO: the classic models, served by service.runtimes Runtime classes (tests/test_zoo.py loads each one that way).
-# transformer is served through the public model contract (inferline.Model) instead, so it is known, not ZOO.
-ZOO = ("cnn", "lstm", "sentiment")
-KNOWN = (*ZOO, "transformer", "gpt2")
+ZOO = ("cnn", "lstm", "sentiment", "transformer")   # the classic models: seconds to build
+KNOWN = (*ZOO, "gpt2")
 
 TrainFn = Callable[[Path, bool], Path]
 

@@ -59,7 +59,7 @@ def quick_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.build import build_missing
 
     store = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("store"))
-    build_missing(store, ["cnn", "lstm", "sentiment"], quick=True)
+    build_missing(store, ["cnn", "lstm", "sentiment", "transformer"], quick=True)
     return store
 
 
@@ -100,6 +100,13 @@ def live_workers(client: redis.Redis, model: str) -> list[dict[str, str]]:
     return [{k.decode(): v.decode() for k, v in r.items()} for r in records if r]
 
 
+def toml_value(value: Any) -> str:
+    """A TOML value: JSON's spelling serves for strings, numbers, booleans and lists; tables are inline."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
 class Cluster:
     """Real processes: one gateway and any number of workers, all killed at teardown."""
 
@@ -135,8 +142,7 @@ class Cluster:
         lines = ["[gateway]", *(f"{k} = {json.dumps(v)}" for k, v in (gateway or {}).items())]
         for name, spec in self.specs.items():
             lines.append(f"[models.{name}]")
-            lines += [f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
-                      for k, v in spec.items() if k != "name"]
+            lines += [f"{k} = {toml_value(v)}" for k, v in spec.items() if k != "name"]
         config.write_text("\n".join(lines) + "\n")
         port = embedded.free_port()
         env = child_env(REDIS_URL=self.redis_url, INFERLINE_CONFIG=str(config))

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from service.protocol import (Cancel, Envelope, ModelInfo, Reply, TokenEvent, WorkerStatus, decode_payload,
-                              encode_payload, pack_replies, unpack_replies)
+from service.protocol import (
+    Cancel,
+    Envelope,
+    ModelInfo,
+    Reply,
+    TokenEvent,
+    WorkerStatus,
+    decode_payload,
+    encode_payload,
+    pack_replies,
+    unpack_replies,
+)
 
 
 def test_replies_pack_and_unpack_in_order_with_error_types_and_empty_bodies() -> None:

@@ -1,6 +1,6 @@
 """The transformer zoo model: a quick build through models.build, its manifest, and its weights reloaded from the store.
 
-Real training (a few seconds), no mocks. serve.py is not tested here: it needs the public model contract (inferline).
+Real training (a few seconds), no mocks. Served end to end in tests/test_contract.py.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("transformer-store")
-    result = build.build_missing(store, ["transformer"], quick=True)
-    return result["transformer"]
+def built(quick_store: Path) -> Path:
+    return build.build_missing(quick_store, ["transformer"], quick=True)["transformer"]   # the session's build
 
 
 @pytest.fixture(scope="module")

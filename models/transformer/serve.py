@@ -7,15 +7,11 @@ No `from __future__ import annotations`: the contract reads the request and resp
 stay real classes here rather than strings to resolve.
 """
 
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
 from inferline import Model
-from models import store as model_store
 from models.sentiment.tokenizer import PAD, Vocab
 from models.transformer.model import TransformerClassifier, load_classifier, trim
 
@@ -40,20 +36,19 @@ class Label(BaseModel):
 class TextClassifier(Model):
     """The store's transformer text classifier (models/transformer/train.py builds it)."""
 
+    platform = "pytorch"
     max_batch_size = 32
     max_batch_delay_ms = 5
 
     def setup(self, device: str) -> None:
-        """Load the artifact (a model directory: its newest version; or a version directory) onto `device` in eval
+        """Load the artifact (its version directory and manifest, as the worker resolved them) onto `device` in eval
         mode, with `self.threads` torch threads, and run one warm-up batch.
 
         Raises FileNotFoundError when there is no artifact or no built version in it."""
-        if self.artifact is None:
+        if self.artifact is None or not self.manifest:
             raise FileNotFoundError("the transformer model needs an artifact: build it with "
                                     "`python -m models.build transformer`")
-        path = model_store.resolve(Path(self.artifact))
-        self.manifest: dict[str, Any] = model_store.read_manifest(path)
-        self.version = str(self.manifest["version"])
+        path = self.artifact   # the worker resolved the version directory and read its manifest (self.manifest)
         self.labels: list[str] = [str(label) for label in self.manifest["labels"]]
         self.max_len = int(self.manifest["max_len"])
         self.vocab = Vocab.load(path / self.manifest["files"]["vocab"])
