@@ -69,7 +69,8 @@ def test_toml_is_read(tmp_path: Path) -> None:
     assert (cnn.name, cnn.replicas, cnn.device, cnn.max_batch_size, cnn.max_batch_delay_ms) == ("cnn", 2, "auto", 16,
                                                                                                 2.5)
     assert cnn.artifact == Path("store") / "cnn" and cnn.model is None   # the store's model by default
-    assert (lstm.replicas, lstm.device, lstm.timeout_s, lstm.max_batch_size) == (1, "cuda:1", 5.0, None)   # None: the class default
+    # max_batch_size None: the Model class's own default
+    assert (lstm.replicas, lstm.device, lstm.timeout_s, lstm.max_batch_size) == (1, "cuda:1", 5.0, None)
     assert echo.model == "tests.runtimes:Echo" and echo.options == {"scale": 2}
     assert echo.artifact == Path("store") / "echo"   # read only where it exists
 

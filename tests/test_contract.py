@@ -107,7 +107,8 @@ def test_the_readme_example_documents_and_validates_its_own_fields(served: str) 
 
     # /v1/... routes answer errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
     bad = httpx.post(served + "/v1/models/tinycnn/predict", json={"pixels": [[1.0] * 27] * 28}, timeout=10)
-    assert bad.status_code == 422 and bad.json()["error"]["param"] == "pixels" and "28" in bad.json()["error"]["message"]
+    error = bad.json()["error"]
+    assert bad.status_code == 422 and error["param"] == "pixels" and "28" in error["message"]
     missing = httpx.post(served + "/v1/models/tinycnn/predict", json={"pixel": []}, timeout=10)
     assert missing.status_code == 422 and missing.json()["error"]["param"] == "pixels"
 

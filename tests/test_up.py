@@ -65,7 +65,8 @@ def up(quick_store: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byt
     config = tmp_path / "inferline.toml"
     # state_dir left at its default, relative to the working directory, as a user's would be
     config.write_text(f'model_store = "{quick_store}"\n'
-                      f"[gateway]\nport = {port}\n[models.lstm]\ntask = \"forecast\"\nreplicas = 1\n[models.cnn]\nreplicas = 1\n")
+                      f"[gateway]\nport = {port}\n[models.lstm]\ntask = \"forecast\"\nreplicas = 1\n"
+                      "[models.cnn]\nreplicas = 1\n")
     log = tmp_path / "up.log"
     env = child_env()
     assert "REDIS_URL" not in env and not any(k.startswith("INFERLINE_") for k in env)
