@@ -85,8 +85,9 @@ class Direct:
     def replies(self, requests: list[tuple[str, dict[str, Any], bytes]]) -> list[Reply]:
         """One batch of (op, params, blob) requests, as the worker runs it."""
         deadline = now_ms() + 60_000
-        return self.executor.run([Delivery(f"0-{i}".encode(), Envelope(f"direct-{i}", "nowhere", deadline, op),
-                                           encode_payload(params, blob)) for i, (op, params, blob) in enumerate(requests)])
+        return self.executor.run([
+            Delivery(f"0-{i}".encode(), Envelope(f"direct-{i}", "nowhere", deadline, op), encode_payload(params, blob))
+            for i, (op, params, blob) in enumerate(requests)])
 
     def call(self, op: str, params: dict[str, Any], blob: bytes = b"") -> dict[str, Any]:
         (reply,) = self.replies([(op, params, blob)])
