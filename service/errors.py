@@ -59,6 +59,38 @@ class Unavailable(InferlineError):
     error_type = "unavailable"
 
 
+class Unauthorized(InferlineError):
+    """No API key, or one that is malformed, unknown, revoked or expired: 401 with WWW-Authenticate."""
+
+    status = 401
+    error_type = "auth"
+
+    def __init__(self, message: str, field: str | None = None, reason: str = "invalid_token") -> None:
+        super().__init__(message, field)
+        # RFC 6750: a request with no credentials gets the challenge without an error code.
+        challenge = 'Bearer realm="inferline"' + (f', error="{reason}"' if reason else "")
+        self.headers["www-authenticate"] = challenge
+
+
+class Forbidden(InferlineError):
+    """A valid key without the scope or model the route needs."""
+
+    status = 403
+    error_type = "forbidden"
+
+
+class RateLimited(InferlineError):
+    """A key over its rate or concurrency limit: 429 with Retry-After and x-ratelimit-* headers."""
+
+    status = 429
+    error_type = "rate_limited"
+
+
+class HeadersTooLarge(InferlineError):
+    status = 431
+    error_type = "validation"
+
+
 class DeadlineExceeded(InferlineError):
     status = 504
     error_type = "timeout"
