@@ -23,6 +23,7 @@ from service.gateway.edge import Edge
 from service.gateway.errors import from_validation, http_error, render
 from service.gateway.hot import HotPath
 from service.gateway.routes import classify, forecast, generate, health, kserve, models, openai, sentiment
+from service.gateway.security import Security, auth_enforced
 from service.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,11 @@ def create_app(settings: Settings) -> Any:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     for module in (health, models, classify, forecast, sentiment, kserve, generate, openai):
         app.include_router(module.router)
-    return Edge(HotPath(app), settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s)
+    inner: Any = HotPath(app)
+    if auth_enforced(settings):   # off: no layer at all, the hot path exactly as without keys
+        inner = Security(inner, app, settings)
+    return Edge(inner, settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s,
+                max_headers=settings.gateway.max_headers)
 
 
 def error_response(request: Request, exc: InferlineError) -> Response:
