@@ -95,22 +95,20 @@ def start(workdir: Path, port: int | None = None, open_tcp: bool = False,
 
 
 def _pong(sock: Path | None, port: int, password: str) -> bool:
+    s = socket.socket(socket.AF_UNIX) if sock is not None else socket.socket()
     try:
-        if sock is not None:
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(0.2)
-            s.connect(str(sock))
-        else:
-            s = socket.create_connection(("127.0.0.1", port), timeout=0.2)
-        with s:
-            if password:
-                s.sendall(f"AUTH {password}\r\n".encode())
-                if not s.recv(16).startswith(b"+OK"):
-                    return False
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+        s.settimeout(0.2)
+        s.connect(str(sock) if sock is not None else ("127.0.0.1", port))
+        if password:
+            s.sendall(f"AUTH {password}\r\n".encode())
+            if not s.recv(16).startswith(b"+OK"):
+                return False
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+    finally:
+        s.close()
 
 
 def write_url(workdir: Path, url: str) -> None:
