@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def toml_lines(section: str, values: dict[str, Any]) -> list[str]:
 
 def start_gateway(cluster: Cluster, name: str = "gw", security: dict[str, Any] | None = None,
                   gateway: dict[str, Any] | None = None, redis_url: str | None = None,
-                  env: dict[str, str] | None = None, verify: str | bool = True) -> str:
+                  env: dict[str, str] | None = None, verify: ssl.SSLContext | bool = True) -> str:
     """Start one more gateway process for `cluster`'s models (killed with the cluster's workers). Returns its
     base URL once /healthz answers; https when gateway sets tls_certfile."""
     lines = toml_lines("gateway", gateway or {}) + toml_lines("security", security or {})
@@ -77,3 +78,22 @@ def bearer(key: str) -> dict[str, str]:
 
 def v2_body(value: float, **params: Any) -> dict[str, Any]:
     return {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [value]}], "parameters": params}
+
+
+def make_certs(directory: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate, with openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=inferline test CA")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", str(ext))
+    return {n: directory / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
