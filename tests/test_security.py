@@ -6,6 +6,7 @@ import asyncio
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -200,3 +201,27 @@ def test_loopback_gateway_without_keys_says_so(cluster: Cluster) -> None:
     url = start_gateway(cluster)
     assert httpx.get(url + "/v1/models").status_code == 200
     assert "API keys NOT required" in (cluster.tmp / "gw.log").read_text()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation.*")
+def test_openai_and_tgi_clients_work_with_a_key(cluster: Cluster, quick_gpt2: Path) -> None:
+    """The clients' own ways of sending a key: openai's api_key=, text-generation's headers=."""
+    import openai
+    import text_generation
+
+    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), max_batch_size=4, timeout_s=60)
+    cluster.start_worker("gpt2")
+    url = start_gateway(cluster, security=REQUIRED)
+    key, _ = create_key(cluster.redis_url, models={"gpt2"})
+    oai = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    done = oai.completions.create(model="gpt2", prompt="The function returns", max_tokens=4)
+    assert done.choices[0].finish_reason in ("length", "stop") and done.usage is not None
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="il_" + "0" * 16 + "_" + "A" * 43,
+                      max_retries=0).completions.create(model="gpt2", prompt="x", max_tokens=2)
+    tgi = text_generation.Client(url, headers=bearer(key), timeout=60)
+    assert tgi.generate("The function returns", max_new_tokens=4).details.generated_tokens >= 1
+    assert len(list(tgi.generate_stream("The function returns", max_new_tokens=3))) >= 1
+    with pytest.raises(Exception, match="API key"):
+        text_generation.Client(url, timeout=60).generate("x", max_new_tokens=2)
+    oai.close()
