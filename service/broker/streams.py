@@ -38,13 +38,10 @@ REPLY_MAXLEN = 100_000
 # KEYS: request stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope fields, then the cap in
 # bytes (0: none). Returns the queue length before the add, or -1 when the queue is at a cap (nothing written).
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
-# ahead would otherwise trim fresh entries, its own new one included. Trimming comes first so that entries
-# nobody waits for never count against the caps. The byte cap reads MEMORY USAGE (sampled, so approximate
-# for mixed sizes); an empty queue always takes one request, so a body over the cap is not refused forever.
+# ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
+# so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
+# refused forever.
 _ENQUEUE = """
-local t = redis.call('TIME')
-local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
-redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f', oldest))
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return -1 end
 local cap_bytes = tonumber(ARGV[8] or '0')
@@ -52,7 +49,9 @@ if n > 0 and cap_bytes > 0 then
   local used = redis.call('MEMORY', 'USAGE', KEYS[1]) or 0
   if used + string.len(ARGV[3]) > cap_bytes then return -1 end
 end
-redis.call('XADD', KEYS[1], '*', 'p', ARGV[3],
+local t = redis.call('TIME')
+local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
            'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
 return n
 """
