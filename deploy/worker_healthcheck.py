@@ -27,7 +27,10 @@ def main(argv: list[str]) -> int:
         print("worker healthcheck: MODEL and REDIS_URL must be set", file=sys.stderr)
         return 1
     host = socket.gethostname()
-    client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+    tls = {opt: os.environ[env] for opt, env in (("ssl_ca_certs", "REDIS_CA_FILE"), ("ssl_certfile", "REDIS_CERT_FILE"),
+                                                 ("ssl_keyfile", "REDIS_KEY_FILE")) if url.startswith("rediss:")
+           and os.environ.get(env)}   # as service/broker/client.py does for the worker itself
+    client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3, **tls)
     try:
         beats = cast("list[tuple[bytes, float]]", client.zrange(keys.workers_index(model), 0, -1, withscores=True))
     except (redis.RedisError, OSError) as exc:

@@ -3,5 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh models,test
+# The security tests run a TLS Redis (Debian's redis-server is built with TLS) and make certificates with openssl.
+if ! { [ -x /usr/bin/redis-server ] && command -v openssl >/dev/null; }; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq redis-server openssl >/dev/null
+  else
+    echo "test.sh: no /usr/bin/redis-server or openssl; the TLS Redis tests will be skipped" >&2
+  fi
+fi
 . .venv/bin/activate
 exec python -m pytest -q -p no:cacheprovider "$@"

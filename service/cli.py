@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from service.config import ConfigError, Settings
@@ -56,7 +58,11 @@ def supervise(settings: Settings) -> int:
     redis_url = settings.redis_url
     if not redis_url:
         redis_proc, redis_url = embedded.start(settings.state_dir / "redis")
-        print(f"inferline: started a private Redis at {redis_url} (set REDIS_URL to use your own)", flush=True)
+        print(f"inferline: started a private Redis at {embedded.redacted(redis_url)} (set REDIS_URL to use your own)",
+              flush=True)
+    from service.gateway.security import describe
+
+    print(f"inferline: {describe(settings)}", flush=True)
     try:
         return Supervisor(settings, redis_url).run()
     finally:
@@ -91,11 +97,99 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
     if not settings.redis_url:
         raise ConfigError("REDIS_URL is not set: the gateway needs the Redis its workers use (or run `inferline up`)")
-    host = args.host or settings.gateway.host
-    port = args.port or settings.gateway.port
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False,
-                loop="auto", http="auto", timeout_graceful_shutdown=10)
+    from service.gateway.connlimits import protocol_for
+    from service.gateway.security import describe
+
+    gw = settings.gateway
+    if args.host:
+        gw.host = args.host   # loopback or not decides whether keys are required under security.auth = "auto"
+    if args.tls_cert or args.tls_key:
+        gw.tls_certfile, gw.tls_keyfile = args.tls_cert, args.tls_key
+        if not (gw.tls_certfile and gw.tls_keyfile):
+            raise ConfigError("--tls-cert and --tls-key go together")
+    port = args.port or gw.port
+    tls = {"ssl_certfile": str(gw.tls_certfile), "ssl_keyfile": str(gw.tls_keyfile)} if gw.tls_certfile else {}
+    scheme = "https" if tls else "http"
+    print(f"inferline gateway: {scheme}://{gw.host}:{port}; {describe(settings)}", file=sys.stderr, flush=True)
+    # httptools with our per-connection limits (header bytes, count and read deadline); h11's own size bound is
+    # set too, for a machine without httptools.
+    uvicorn.run(create_app(settings), host=gw.host, port=port, log_level="warning", access_log=False,
+                loop="auto", http=protocol_for(gw), timeout_graceful_shutdown=10,
+                timeout_keep_alive=int(math.ceil(gw.keep_alive_s)), limit_concurrency=gw.max_connections,
+                h11_max_incomplete_event_size=gw.max_header_bytes, **tls)  # type: ignore[arg-type]
     return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """inferline keys create|list|revoke, against the Redis the gateways use."""
+    import asyncio
+
+    from service.auth.keys import ALL_MODELS, ApiKey, BadKey, new_key, parse
+    from service.broker import keystore
+    from service.broker.client import connect
+
+    settings = Settings.load(args.config)
+    url = settings.redis_url or private_redis_url(settings)
+    if not url:
+        raise ConfigError("REDIS_URL is not set and no `inferline up` Redis runs here: set REDIS_URL")
+
+    async def run() -> int:
+        redis = connect(url, socket_timeout=10)
+        try:
+            if args.keys_command == "create":
+                try:
+                    key, record = new_key(args.name or "", set(args.scope or ["infer"]),
+                                          set(args.model or [ALL_MODELS]), parse_duration(args.ttl),
+                                          args.rate, args.burst, args.concurrency)
+                except BadKey as exc:
+                    raise ConfigError(str(exc)) from None
+                await keystore.save(redis, record.key_id, record.to_fields())
+                print(key)
+                print(f"inferline: created key {record.key_id}; the secret above is shown only this once",
+                      file=sys.stderr)
+            elif args.keys_command == "list":
+                rows = await keystore.list_all(redis)
+                print("id\tname\tscopes\tmodels\texpires\trate/s\tburst\tconcurrency")
+                for key_id, fields in rows.items():
+                    r = ApiKey.from_fields(key_id, fields)
+                    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.expires_at)) if r.expires_at else "-"
+                    if r.expired():
+                        expires += " (expired)"
+                    print(f"{key_id}\t{r.name or '-'}\t{','.join(sorted(r.scopes))}\t{','.join(sorted(r.models))}"
+                          f"\t{expires}\t{r.rate_per_s or 'default'}\t{r.burst or 'default'}"
+                          f"\t{r.concurrency or 'default'}")
+            else:
+                parsed = parse(args.key_id)
+                key_id = parsed[0] if parsed else args.key_id
+                if not await keystore.revoke(redis, key_id):
+                    print(f"inferline: no key {key_id}", file=sys.stderr)
+                    return 1
+                print(f"inferline: revoked key {key_id}", file=sys.stderr)
+            return 0
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
+
+
+def private_redis_url(settings: Settings) -> str | None:
+    """The URL `inferline up` wrote for its private Redis (owner-only file), if one runs from this directory."""
+    from service.broker import embedded
+
+    return embedded.read_url(settings.state_dir / "redis")
+
+
+def parse_duration(text: str | None) -> float:
+    """Seconds in "3600", "90m", "12h" or "30d"; None or "" is 0 (no expiry)."""
+    if not text:
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--ttl {text!r}: give seconds or a number with s, m, h or d") from None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -135,7 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     gw = sub.add_parser("gateway", help="run the HTTP gateway (needs REDIS_URL)")
     gw.add_argument("--host")
     gw.add_argument("--port", type=int)
+    gw.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM; gateway.tls_certfile)")
+    gw.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM; gateway.tls_keyfile)")
     gw.set_defaults(func=cmd_gateway)
+    ks = sub.add_parser("keys", help="API keys: create, list, revoke (stored as salted hashes in Redis)")
+    ks_sub = ks.add_subparsers(dest="keys_command", required=True)
+    kc = ks_sub.add_parser("create", help="create a key and print it (shown only once)")
+    kc.add_argument("--name", help="a label for people (who holds the key)")
+    kc.add_argument("--scope", action="append", choices=["infer", "admin"], help="repeatable; default: infer")
+    kc.add_argument("--model", action="append", help="a model the key may use (repeatable); default: all")
+    kc.add_argument("--ttl", help="expire after this long: seconds, or 90m, 12h, 30d; default: never")
+    kc.add_argument("--rate", type=float, default=0.0, help="requests/s (token refill); default: security.rate_per_s")
+    kc.add_argument("--burst", type=int, default=0, help="bucket size; default: security.burst")
+    kc.add_argument("--concurrency", type=int, default=0, help="requests in flight; default: security.concurrency")
+    ks_sub.add_parser("list", help="list keys (ids, scopes, models, expiry, limits; never secrets)")
+    kr = ks_sub.add_parser("revoke", help="revoke a key now, on every gateway")
+    kr.add_argument("key_id", help="the key's id (or the whole key)")
+    ks.set_defaults(func=cmd_keys)
     wk = sub.add_parser("worker", help="run one replica of a model (needs REDIS_URL)")
     wk.add_argument("model")
     wk.add_argument("--replica", type=int, default=0)

@@ -18,7 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -49,6 +49,7 @@ class ModelSpec(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, le=4096)        # None: the Model class's own default
     max_batch_delay_ms: float | None = Field(None, ge=0, le=10_000)
     queue_cap: int = Field(2048, ge=1, le=10_000_000)
+    queue_cap_bytes: int = Field(128 * 1024 * 1024, ge=1024)   # the stream's memory in Redis (MEMORY USAGE)
     timeout_s: float = Field(30.0, gt=0, le=3600)
     threads: int = Field(1, ge=1, le=256)
     visibility_timeout_s: float = Field(30.0, gt=0, le=3600)   # pending this long -> another worker claims it
@@ -77,6 +78,35 @@ class GatewaySettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     retry_after_s: int = Field(1, ge=1, le=3600)
+    # Bounded cost per connection (service/gateway/connlimits.py). Headers beyond these: 431 and the connection closes.
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)   # request line + all headers
+    max_headers: int = Field(100, ge=8, le=1000)
+    header_timeout_s: float = Field(10.0, gt=0, le=300)    # from connection (or first byte) to the end of headers
+    keep_alive_s: float = Field(5.0, gt=0, le=300)         # idle between requests on a kept-alive connection
+    max_connections: int = Field(2048, ge=1, le=1_000_000)   # beyond it uvicorn answers 503
+    tls_certfile: Path | None = None                       # both set: the gateway serves HTTPS only
+    tls_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewaySettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("gateway.tls_certfile and gateway.tls_keyfile must be set together")
+        return self
+
+
+class SecuritySettings(BaseModel):
+    """API keys and per-key limits (SECURITY.md). A key's own record may set its rate, burst and concurrency;
+    these are the defaults for keys that do not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "auto": keys required unless the gateway binds a loopback address; "required"; "off" (no key checks).
+    auth: Literal["auto", "required", "off"] = "auto"
+    metrics_public: bool = True        # /metrics without a key (for a scraper on a private network); else admin
+    rate_per_s: float = Field(50.0, ge=0, le=1e6)        # token refill per key; 0: no rate limit
+    burst: int = Field(100, ge=1, le=10_000_000)         # bucket size: requests a key may send at once
+    concurrency: int = Field(64, ge=0, le=1_000_000)     # requests in flight per key; 0: no cap
+    concurrency_lease_s: float = Field(600.0, gt=0, le=86_400)   # a slot a dead gateway held lapses after this
 
 
 class Settings(BaseSettings):
@@ -89,6 +119,7 @@ class Settings(BaseSettings):
     model_store: Path = Path("model_store")
     state_dir: Path = Path(".inferline")   # the embedded Redis and logs of `inferline up`
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")

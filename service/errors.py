@@ -14,6 +14,7 @@ class InferlineError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.headers: dict[str, str] = {}   # gateway-side only: e.g. WWW-Authenticate, x-ratelimit-*
 
 
 class ValidationFailed(InferlineError):
@@ -60,6 +61,34 @@ class Unavailable(InferlineError):
     """Redis or every worker of a model is unreachable."""
 
     error_type = "unavailable"
+
+
+class Unauthorized(InferlineError):
+    """No API key, or one that is malformed, unknown, revoked or expired: 401 with WWW-Authenticate."""
+
+    error_type = "auth"
+
+    def __init__(self, message: str, field: str | None = None, reason: str = "invalid_token") -> None:
+        super().__init__(message, field)
+        # RFC 6750: a request with no credentials gets the challenge without an error code.
+        challenge = 'Bearer realm="inferline"' + (f', error="{reason}"' if reason else "")
+        self.headers["www-authenticate"] = challenge
+
+
+class Forbidden(InferlineError):
+    """A valid key without the scope or model the route needs."""
+
+    error_type = "forbidden"
+
+
+class RateLimited(InferlineError):
+    """A key over its rate or concurrency limit: 429 with Retry-After and x-ratelimit-* headers."""
+
+    error_type = "rate_limited"
+
+
+class HeadersTooLarge(InferlineError):
+    error_type = "headers_too_large"
 
 
 class DeadlineExceeded(InferlineError):

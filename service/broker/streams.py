@@ -35,20 +35,26 @@ log = logging.getLogger(__name__)
 
 REPLY_MAXLEN = 100_000
 
-# KEYS: request stream. ARGV: cap, how long (ms) to keep entries, payload, then the envelope fields.
-# Returns the queue length before the add, or -1 when the queue is at its cap (nothing written).
+# KEYS: request stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope fields, then the cap in
+# bytes (0: none). Returns the queue length before the add, or -1 when the queue is at a cap (nothing written).
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
-# ahead would otherwise trim fresh entries, its own new one included.
+# ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
+# so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
+# refused forever.
 _ENQUEUE = """
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return -1 end
+local cap_bytes = tonumber(ARGV[8] or '0')
+if n > 0 and cap_bytes > 0 then
+  local used = redis.call('MEMORY', 'USAGE', KEYS[1]) or 0
+  if used + string.len(ARGV[3]) > cap_bytes then return -1 end
+end
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
 redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
            'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
 return n
 """
-
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -74,14 +80,16 @@ class Enqueuer:
         self.pending: list[tuple[list[Any], asyncio.Future[int]]] = []
         self.flushing: set[asyncio.Task[None]] = set()
 
-    async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int) -> int:
+    async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int,
+                      cap_bytes: int = 0) -> int:
         """Queue one request, and drop the model's entries that arrived more than keep_ms ago (nobody waits
-        for them any more). Returns the queue depth it found, or -1 when the model's queue is full.
+        for them any more). Returns the queue depth it found, or -1 when the model's queue is full (cap entries,
+        or cap_bytes of Redis memory when cap_bytes > 0).
         Raises redis errors (the caller answers 503)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         args = [keys.request_stream(model), cap, keep_ms, payload,
-                envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op]
+                envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, cap_bytes]
         if not self.pending:
             loop.call_soon(self._flush)
         self.pending.append((args, future))
@@ -222,7 +230,7 @@ class ModelQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for d in deliveries:
                 pipe.xadd(dlq, {"id": d.request_id, "entry": d.entry_id, "tries": d.tries, "reason": reason,
-                                "op": d.envelope.op, "payload": d.payload},  # type: ignore[dict-item]
+                                "op": d.envelope.op},   # metadata only: no payload outlives its request
                           maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
             await pipe.execute()
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)

@@ -25,6 +25,7 @@ from service.gateway.errors import from_validation, http_error, render
 from service.gateway.hot import HotPath
 from service.gateway.openapi import with_models
 from service.gateway.routes import classify, forecast, generate, health, kserve, models, openai, predict, sentiment
+from service.gateway.security import Security, auth_enforced
 from service.metrics import GatewayMetrics
 from service.protocol import ModelInfo
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> Any:
         redis = connect(str(settings.redis_url), socket_timeout=10, max_connections=256)
         dispatcher = Dispatcher(redis, settings, metrics)
         app.state.settings = settings
+        app.state.redis = redis   # the security layer's keystore and rate limiter (service/broker/) use it
         app.state.dispatcher = dispatcher
         app.state.registry = Registry(redis)
         app.state.metrics = metrics
@@ -93,7 +95,11 @@ def create_app(settings: Settings) -> Any:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     for module in (health, models, predict, classify, forecast, sentiment, kserve, generate, openai):
         app.include_router(module.router)
-    return Edge(HotPath(app), settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s)
+    inner: Any = HotPath(app)
+    if auth_enforced(settings):   # off: no layer at all, the hot path exactly as without keys
+        inner = Security(inner, app, settings)
+    return Edge(inner, settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s,
+                max_headers=settings.gateway.max_headers)
 
 
 def error_response(request: Request, exc: InferlineError) -> Response:

@@ -86,7 +86,7 @@ class Dispatcher:
         envelope = Envelope(request_id, self.reply_stream, now_ms() + timeout_ms, op)
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
-                                                timeout_ms + keys.UNANSWERED_GRACE_MS)
+                                                timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes)
         except BROKER_ERRORS as exc:
             self.metrics.rejected.labels(spec.name, "redis").inc()
             raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None

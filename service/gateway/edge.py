@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import InferlineError, PayloadTooLarge
+from service.errors import HeadersTooLarge, InferlineError, PayloadTooLarge
 from service.gateway.errors import render
 from service.ids import new_id
 from service.metrics import GatewayMetrics
@@ -22,8 +22,10 @@ def sane_id(value: str) -> bool:
 
 
 class Edge:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: GatewayMetrics, retry_after_s: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: GatewayMetrics, retry_after_s: int,
+                 max_headers: int = 100) -> None:
         self.app = app
+        self.max_headers = max_headers
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.retry_after_s = retry_after_s
@@ -75,7 +77,10 @@ class Edge:
             return message
 
         try:
-            if length > limit:
+            if len(scope["headers"]) > self.max_headers:   # the connection layer refuses these first; kept for h11
+                await send_error(HeadersTooLarge(f"request has {len(scope['headers'])} headers; the limit is "
+                                                 f"{self.max_headers} (gateway.max_headers)", field="headers"))
+            elif length > limit:
                 await send_error(PayloadTooLarge(f"body is {length} bytes; the limit is {limit}", field="body"))
             else:
                 await self.app(scope, limited_receive, send_with_id)

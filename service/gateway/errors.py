@@ -33,6 +33,10 @@ ERRORS: dict[str, Kind] = {
     "not_found": Kind(404, "not_found"),
     "method_not_allowed": Kind(405, "validation"),
     "too_large": Kind(413, "validation"),
+    "headers_too_large": Kind(431, "validation"),
+    "auth": Kind(401, "auth"),
+    "forbidden": Kind(403, "forbidden"),
+    "rate_limited": Kind(429, "rate_limited", ((RETRY, ""),)),
     "cancelled": Kind(499, "cancelled"),
     "overloaded": Kind(503, "overloaded", ((RETRY, ""),)),
     "unavailable": Kind(503, "unavailable", ((RETRY, ""),)),
@@ -42,6 +46,7 @@ ERRORS: dict[str, Kind] = {
     "internal": Kind(500, "internal"),
 }
 OPENAI_TYPES = {"validation": "invalid_request_error", "not_found": "not_found_error", "auth": "authentication_error",
+                "forbidden": "permission_error", "rate_limited": "rate_limit_error",
                 "overloaded": "server_overloaded", "unavailable": "server_error", "timeout": "timeout",
                 "generation": "server_error", "dead_letter": "server_error", "internal": "server_error"}
 
@@ -77,7 +82,7 @@ def render(err: InferlineError, path: str, request_id: str,
            retry_after_s: int = 1) -> tuple[int, bytes, dict[str, str]]:
     """(status, JSON body, extra headers) for an error on `path`."""
     kind = kind_of(err)
-    headers = {name: value or str(retry_after_s) for name, value in kind.headers}
+    headers = {name: value or str(retry_after_s) for name, value in kind.headers} | err.headers
     return kind.status, orjson.dumps(body_of(err, path, request_id)), headers
 
 

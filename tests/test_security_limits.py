@@ -1,0 +1,129 @@
+"""Bounded cost per caller, probed as issue 11 probed it: oversized and too many headers, idle and slowloris
+connections, a queue cap in bytes; and HTTPS to the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+
+import httpx
+import pytest
+
+from service.broker import keys
+from tests.conftest import Cluster
+from tests.security_cluster import ECHO, make_certs, start_gateway, v2_body
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    return s
+
+
+def read_all(s: socket.socket, timeout: float) -> bytes:
+    """What the server sends until it closes the connection (or the timeout passes: then TimeoutError)."""
+    s.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_oversized_and_too_many_headers_get_431_and_the_connection_closes(cluster: Cluster) -> None:
+    cluster.spec("echo", runtime=ECHO)
+    url = start_gateway(cluster, gateway={"max_header_bytes": 8192, "max_headers": 50})
+    ok = httpx.get(url + "/healthz", headers={f"x-h{i}": "v" * 100 for i in range(40)})
+    assert ok.status_code == 200
+    with connect(url) as s:   # one header over the byte limit
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nx-big: " + b"a" * 20_000 + b"\r\n\r\n")
+        reply = read_all(s, 10)
+    assert reply.startswith(b"HTTP/1.1 431") and b"max_header_bytes" in reply
+    with connect(url) as s:   # too many small headers
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"x-%d: v\r\n" % i for i in range(60)) + b"\r\n")
+        reply = read_all(s, 10)
+    assert reply.startswith(b"HTTP/1.1 431") and b"max_headers" in reply
+    # a 64 MB header: refused after the first bytes past the limit, not buffered whole
+    sent = 0
+    with connect(url) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nx-huge: ")
+        chunk = b"a" * 65536
+        with pytest.raises(OSError):
+            for _ in range(1024):
+                s.sendall(chunk)
+                sent += len(chunk)
+    assert sent < 8 * 1024 * 1024, sent   # the kernel's buffers, not the gateway's memory
+    assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_idle_and_slow_connections_are_closed(cluster: Cluster) -> None:
+    """Connections that never send a byte, that send their headers a byte at a time (slowloris), and kept-alive
+    ones left idle after a response are all closed within the configured times."""
+    cluster.spec("echo", runtime=ECHO)
+    url = start_gateway(cluster, gateway={"header_timeout_s": 1.0, "keep_alive_s": 1.0})
+    idle = [connect(url) for _ in range(50)]
+    slow = connect(url)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    kept = connect(url)
+    kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    started = time.monotonic()
+    closed_early = False
+    for _ in range(12):   # slowloris: one byte every 0.25 s, never finishing the headers
+        try:
+            slow.sendall(b"a")
+        except OSError:
+            closed_early = True
+            break
+        time.sleep(0.25)
+    assert closed_early or read_all(slow, 3) == b""
+    for s in idle:
+        assert read_all(s, 3) == b""
+    assert read_all(kept, 3).startswith(b"HTTP/1.1 200")   # answered, then closed when idle
+    assert time.monotonic() - started < 6
+    for s in [*idle, slow, kept]:
+        s.close()
+    assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_queue_cap_in_bytes(cluster: Cluster) -> None:
+    """With no worker, ~1 MB requests pile up in the model's stream until its byte cap; the rest get 503."""
+    cap = 4 * 1024 * 1024
+    cluster.spec("echo", runtime=ECHO, queue_cap=1000, queue_cap_bytes=cap, timeout_s=4)
+    url = start_gateway(cluster)
+    body = v2_body(0.0)
+    body["inputs"][0].update(shape=[1, 100_000], data=[0.123456] * 100_000)   # ~0.9 MB of JSON
+
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            out = []
+            for _ in range(10):   # one at a time, so each sees the queue its predecessors left
+                out.append(asyncio.create_task(client.post(url + "/v2/models/echo/infer", json=body)))
+                await asyncio.sleep(0.1)
+            return await asyncio.gather(*out)
+
+    codes = [r.status_code for r in asyncio.run(send())]
+    assert codes.count(503) >= 5 and set(codes) <= {503, 504}, codes
+    assert 3 <= codes.count(504) <= 5, codes       # queued, then nobody answered
+    used = cluster.client.memory_usage(keys.request_stream("echo"))
+    assert used is not None and used <= cap + 1024 * 1024
+
+
+def test_https_gateway(cluster: Cluster) -> None:
+    certs = make_certs(cluster.tmp / "certs")
+    cluster.spec("echo", runtime=ECHO)
+    cluster.start_worker("echo")
+    url = start_gateway(cluster, gateway={"tls_certfile": certs["server.pem"], "tls_keyfile": certs["server.key"]},
+                        verify=ssl.create_default_context(cafile=certs["ca.pem"]))
+    assert url.startswith("https://")
+    r = httpx.post(url + "/v2/models/echo/infer", json=v2_body(3),
+                   verify=ssl.create_default_context(cafile=certs["ca.pem"]))
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [6.0]
+    with pytest.raises(httpx.HTTPError):   # plain HTTP is not served on the TLS port
+        httpx.get(url.replace("https", "http") + "/healthz", timeout=3)
+    with pytest.raises(httpx.ConnectError):   # and a client that does not trust the CA refuses the certificate
+        httpx.get(url + "/healthz", timeout=3)
