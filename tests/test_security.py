@@ -209,7 +209,7 @@ def test_openai_and_tgi_clients_work_with_a_key(cluster: Cluster, quick_gpt2: Pa
     import openai
     import text_generation
 
-    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), max_batch_size=4, timeout_s=60)
+    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=4, timeout_s=60)
     cluster.start_worker("gpt2")
     url = start_gateway(cluster, security=REQUIRED)
     key, _ = create_key(cluster.redis_url, models={"gpt2"})
