@@ -50,25 +50,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def supervise(settings: Settings) -> int:
-    """Run the gateway and every worker under the supervisor, with a private Redis unless REDIS_URL is set."""
-    from service.broker import embedded
+    """Run the gateway and every worker under the supervisor, with a private Redis (supervised like them) unless
+    REDIS_URL is set."""
+    from service.gateway.security import describe
     from service.supervisor import Supervisor
 
-    redis_proc: subprocess.Popen[bytes] | None = None
-    redis_url = settings.redis_url
-    if not redis_url:
-        redis_proc, redis_url = embedded.start(settings.state_dir / "redis")
-        print(f"inferline: started a private Redis at {embedded.redacted(redis_url)} (set REDIS_URL to use your own)",
-              flush=True)
-    from service.gateway.security import describe
-
     print(f"inferline: {describe(settings)}", flush=True)
-    try:
-        return Supervisor(settings, redis_url).run()
-    finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
+    return Supervisor(settings, settings.redis_url or None).run()
 
 
 def build_missing(settings: Settings, quick: bool) -> None:
@@ -134,7 +122,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         raise ConfigError("REDIS_URL is not set and no `inferline up` Redis runs here: set REDIS_URL")
 
     async def run() -> int:
-        redis = connect(url, socket_timeout=10)
+        redis = connect(url, settings.broker.timeout_s)
         try:
             if args.keys_command == "create":
                 try:

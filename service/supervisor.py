@@ -1,7 +1,9 @@
 """`inferline up`: Redis (a private one unless REDIS_URL is set), the demo models (built if missing),
 the gateway and one process per model replica. Restarts a process that dies, with backoff, so a dead
-worker's pending requests are claimed by its successor. The first Ctrl-C drains (SIGTERM to all, wait),
-the second kills. No process is left behind."""
+worker's pending requests are claimed by its successor; the private Redis too (empty unless broker.persist:
+every part recreates what it lost). The first Ctrl-C drains (SIGTERM to the gateway and workers, wait, then
+Redis), the second kills. No process is left behind, even when `up` itself is killed with -9: every child
+gets SIGTERM from the kernel when its parent dies (PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.broker import embedded
 from service.config import Settings
 
 log = logging.getLogger("inferline.up")
@@ -43,11 +46,14 @@ class Child:
     failures: int = 0
     restart_at: float = 0.0
     restarts: int = field(default=0)
+    # Its own session: a Ctrl-C to the terminal's process group must not reach it (Redis outlives the drain).
+    own_session: bool = False
 
     def start(self) -> None:
         out = self.log_path.open("ab")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                     start_new_session=self.own_session)
         out.close()
         self.started = time.monotonic()
 
@@ -56,13 +62,20 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, redis_url: str) -> None:
+    def __init__(self, settings: Settings, redis_url: str | None) -> None:
+        """redis_url None: run a private Redis (service/broker/embedded.py) in <state_dir>/redis, supervised."""
         self.settings = settings
-        self.redis_url = redis_url
         self.children: list[Child] = []
         self.stopping = 0
         logs = settings.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        self.redis: Child | None = None
+        self.redis_plan: embedded.Plan | None = None
+        if redis_url is None:
+            self.redis_plan = embedded.plan(settings.state_dir / "redis", persist=settings.broker.persist)
+            redis_url = self.redis_plan.url
+            self.redis = Child("redis", self.redis_plan.argv, dict(os.environ), logs / "redis.log", own_session=True)
+        self.redis_url = redis_url
         env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
         py = sys.executable
         self.children.append(Child("gateway", [py, "-m", "service.cli", "gateway"], env, logs / "gateway.log"))
@@ -76,6 +89,13 @@ class Supervisor:
         """Start everything and watch it until Ctrl-C/SIGTERM. Returns the exit code."""
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        if self.redis is not None and self.redis_plan is not None:
+            self.redis.start()
+            assert self.redis.proc is not None
+            embedded.wait_ready(self.redis.proc, self.redis_plan)
+            print(f"inferline: started a private Redis at {embedded.redacted(self.redis_url)} (set REDIS_URL to use "
+                  f"your own{'' if self.settings.broker.persist else '; broker.persist = true keeps its data'})",
+                  flush=True)
         for child in self.children:
             child.start()
             log.info("started %s pid=%d log=%s", child.name, child.proc.pid if child.proc else -1, child.log_path)
@@ -89,7 +109,7 @@ class Supervisor:
 
     def _watch(self) -> None:
         now = time.monotonic()
-        for child in self.children:
+        for child in [*([self.redis] if self.redis else []), *self.children]:
             code = child.poll()
             if code is None:
                 if child.failures and now - child.started > STABLE_S:
@@ -113,7 +133,7 @@ class Supervisor:
             self._kill_all()
 
     def _kill_all(self) -> None:
-        for child in self.children:
+        for child in [*self.children, *([self.redis] if self.redis else [])]:
             if child.poll() is None and child.proc is not None:
                 child.proc.kill()
 
@@ -125,9 +145,24 @@ class Supervisor:
         deadline = time.monotonic() + DRAIN_S
         while any(c.poll() is None for c in live) and time.monotonic() < deadline and self.stopping < 2:
             time.sleep(0.1)
-        self._kill_all()
+        for child in self.children:
+            if child.poll() is None and child.proc is not None:
+                child.proc.kill()
         for child in live:
             assert child.proc is not None
             child.proc.wait()
+        self._stop_redis()
         print("inferline: stopped", flush=True)
         return 0
+
+    def _stop_redis(self) -> None:
+        """Last, once nothing uses it: SIGTERM (it writes its append-only file when persisting), then SIGKILL."""
+        if self.redis is None or self.redis.proc is None:
+            return
+        if self.redis.poll() is None:
+            self.redis.proc.terminate()
+        try:
+            self.redis.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.redis.proc.kill()
+            self.redis.proc.wait()

@@ -385,6 +385,22 @@ def load_healthcheck() -> Any:
     return module
 
 
+def test_worker_liveness_checks_the_process_not_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default check (Docker HEALTHCHECK, k8s liveness and startup probes) reads the age of the alive file the
+    worker touches every heartbeat: no Redis is involved, so an outage restarts no worker."""
+    check = load_healthcheck()
+    alive_file = tmp_path / "alive"
+    monkeypatch.setenv("INFERLINE_ALIVE_FILE", str(alive_file))
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")          # Redis away: irrelevant to liveness
+    monkeypatch.setenv("HEALTHCHECK_MAX_AGE_S", "30")
+    assert check.main(["hc"]) == 1                                    # not serving yet (loading the model)
+    alive_file.touch()
+    assert check.main(["hc"]) == 0
+    old = time.time() - 60
+    os.utime(alive_file, (old, old))                                  # the worker stopped beating: hung or dead
+    assert check.main(["hc"]) == 1
+
+
 def test_worker_healthcheck_reads_this_hosts_heartbeat(rdb: redis.Redis, redis_url: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     check = load_healthcheck()
@@ -393,16 +409,16 @@ def test_worker_healthcheck_reads_this_hosts_heartbeat(rdb: redis.Redis, redis_u
     host = socket.gethostname()
     now_ms = time.time() * 1000
     index = keys.workers_index("hc-model")
-    assert check.main(["hc"]) == 1                                   # no worker at all
+    assert check.main(["hc", "--heartbeat"]) == 1                    # no worker at all
     rdb.zadd(index, {f"{host}x-1-abcdef": now_ms})                    # another host whose name extends ours
-    assert check.main(["hc"]) == 1
+    assert check.main(["hc", "--heartbeat"]) == 1
     rdb.zadd(index, {f"{host}-42-abcdef": now_ms - 120_000})          # ours, but stale
-    assert check.main(["hc"]) == 1
+    assert check.main(["hc", "--heartbeat"]) == 1
     rdb.zadd(index, {f"{host}-42-abcdef": now_ms})                    # ours, fresh
-    assert check.main(["hc"]) == 0
-    assert check.main(["hc", "other-model"]) == 1
+    assert check.main(["hc", "--heartbeat"]) == 0
+    assert check.main(["hc", "--heartbeat", "other-model"]) == 1
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")         # Redis away: unhealthy, not a crash
-    assert check.main(["hc"]) == 1
+    assert check.main(["hc", "--heartbeat"]) == 1
 
 
 # --- the real tools, where installed ----------------------------------------------------------------------------

@@ -135,13 +135,20 @@ def test_deadline_answers_504_and_workers_skip_expired_work(cluster: Cluster) ->
     assert int(worker["items"]) == 1   # only the first request ran
 
 
-def test_no_worker_means_504_not_a_hang(cluster: Cluster) -> None:
-    cluster.spec("echo", model=ECHO, timeout_s=0.3)
+def test_no_worker_means_503_at_once_not_a_hang(cluster: Cluster) -> None:
+    cluster.spec("echo", model=ECHO, timeout_s=30)
     url = cluster.start_gateway()
+    started = time.monotonic()
     (r,) = asyncio.run(post_all(url + "/v2/models/echo/infer", [v2_body(1)]))
-    assert r.status_code == 504
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "echo has no live worker" in r.json()["error"]
+    assert time.monotonic() - started < 5   # refused, not queued until its 30 s deadline
     ready = httpx.get(url + "/readyz")
     assert ready.status_code == 503 and "echo" in ready.json()["error"]
+    assert ready.json()["models"]["echo"] == {"ready": False, "live_workers": 0, "reason": "no live worker"}
+    cluster.start_worker("echo")   # a worker that comes up is used at once, not after a cache expires
+    (r,) = asyncio.run(post_all(url + "/v2/models/echo/infer", [v2_body(1)]))
+    assert r.status_code == 200
 
 
 def test_serves_through_a_tcp_redis_url(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> None:

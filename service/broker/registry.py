@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,18 @@ class ModelStatus:
         return sorted({w.device for w in self.workers})
 
 
+@dataclass(frozen=True)
+class Serving:
+    """Whether a model can be served now: live workers, and a consumer group for them to read."""
+
+    live_workers: int
+    group: bool
+
+    @property
+    def ready(self) -> bool:
+        return self.live_workers > 0 and self.group
+
+
 class Registry:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
@@ -45,7 +58,9 @@ class Registry:
     async def publish(self, info: ModelInfo) -> None:
         await self.redis.set(keys.model_info(info.name), info.encode())
 
-    async def beat(self, model: str, worker_id: str, status: WorkerStatus) -> None:
+    async def beat(self, model: str, worker_id: str, status: WorkerStatus, info: ModelInfo | None = None) -> None:
+        """Write the worker's heartbeat. With `info`, also put the model's metadata back if Redis lost it (a
+        restart without persistence, FLUSHALL): gateways need it to route and document the model."""
         now_ms = int(time.time() * 1000)
         status.beat = now_ms
         key = keys.worker(model, worker_id)
@@ -55,7 +70,19 @@ class Registry:
             pipe.pexpire(key, int(keys.HEARTBEAT_TTL_S * 1000))
             pipe.zadd(index, {worker_id: now_ms})
             pipe.zremrangebyscore(index, 0, now_ms - int(keys.HEARTBEAT_TTL_S * 1000) * 10)
+            if info is not None:
+                pipe.set(keys.model_info(info.name), info.encode(), nx=True)
             await pipe.execute()
+
+    async def alive(self, model: str, worker_ids: Sequence[str]) -> set[str]:
+        """The ones among worker_ids whose heartbeat has not lapsed."""
+        if not worker_ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in worker_ids:
+                pipe.exists(keys.worker(model, wid))
+            found: list[int] = await pipe.execute()
+        return {wid for wid, n in zip(worker_ids, found, strict=True) if n}
 
     async def remove(self, model: str, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -88,6 +115,25 @@ class Registry:
                 pipe.hgetall(keys.worker(model, wid.decode()))
             records: list[dict[bytes, bytes]] = await pipe.execute()
         return [WorkerStatus.from_fields(r) for r in records if r]
+
+    async def serving(self, models: Sequence[str]) -> dict[str, Serving]:
+        """For each model: how many workers beat, and whether its consumer group exists (a live worker recreates a
+        lost one within a second). One round trip for all models, so /readyz stays cheap and bounded."""
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.zcount(keys.workers_index(model), now_ms - int(keys.HEARTBEAT_TTL_S * 1000), "+inf")
+                pipe.xinfo_groups(keys.request_stream(model))
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        out = {}
+        for i, model in enumerate(models):
+            live, groups = results[2 * i], results[2 * i + 1]
+            if isinstance(live, Exception):
+                raise live
+            group = not isinstance(groups, Exception) and any(g["name"] in (keys.GROUP, keys.GROUP.encode())
+                                                             for g in groups)
+            out[model] = Serving(int(live), group)
+        return out
 
     async def status(self, model: str) -> ModelStatus:
         info = await self.info(model)

@@ -155,9 +155,7 @@ class ModelQueue:
             res: Any = await self.redis.xreadgroup(keys.GROUP, self.consumer, {self.stream: ">"}, count=count,
                                                    block=block)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.ensure_group()   # the stream was deleted under us (e.g. FLUSHALL): start over
+            await self._recreate_on_nogroup(exc)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
         entries = res[0][1] if res else []
         return [parse_entry(eid, fields, 1) for eid, fields in entries if fields]
@@ -194,13 +192,22 @@ class ModelQueue:
         """Take over entries left pending longer than min_idle_ms (their worker died or hung).
         Returns (claimed, exhausted): exhausted ones were already delivered max_tries times and must be
         dead-lettered, not run again."""
+        return await self._claim(min_idle_ms, max_tries, count, None)
+
+    async def claim_from(self, consumer: str, min_idle_ms: int, max_tries: int,
+                         count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
+        """Take over the entries of one consumer (a worker whose heartbeat lapsed), as reclaim() does. min_idle_ms
+        is kept above zero on purpose: the first claimer resets the idle time, so two workers claiming the same dead
+        consumer's entries at once never both get one."""
+        return await self._claim(min_idle_ms, max_tries, count, consumer)
+
+    async def _claim(self, min_idle_ms: int, max_tries: int, count: int,
+                     consumer: str | None) -> tuple[list[Delivery], list[Delivery]]:
         try:
             pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
-                                                           idle=min_idle_ms)
+                                                           idle=min_idle_ms, consumername=consumer)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.ensure_group()   # Redis lost the stream (restart, FLUSHALL): recreate it here, on the spot
+            await self._recreate_on_nogroup(exc)
             return [], []
         if not pending:
             return [], []
@@ -216,11 +223,52 @@ class ModelQueue:
         exhausted = [d for d in deliveries if d.tries > max_tries]
         return fresh, exhausted
 
+    async def consumers(self) -> list[str]:
+        """The names of the group's consumers other than this one (worker ids)."""
+        try:
+            found: Any = await self.redis.xinfo_consumers(self.stream, keys.GROUP)
+        except ResponseError as exc:
+            await self._recreate_on_nogroup(exc)
+            return []
+        names = [c["name"] for c in found]
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names if n not in (self.consumer,
+                                                                                             self.consumer.encode())]
+
+    async def remove_consumer(self, consumer: str) -> bool:
+        """Remove a dead worker's consumer from the group once nothing is pending on it (XGROUP DELCONSUMER would
+        drop what is). True when it was removed."""
+        try:
+            left: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=1,
+                                                        consumername=consumer)
+            if left:
+                return False
+            await self.redis.xgroup_delconsumer(self.stream, keys.GROUP, consumer)
+        except ResponseError as exc:
+            await self._recreate_on_nogroup(exc)
+            return False
+        return True
+
     async def refresh_claims(self, deliveries: Sequence[Delivery]) -> None:
-        """Reset the idle time of entries this worker still works on, so no other worker reclaims live work."""
-        if deliveries:
-            await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, [d.entry_id for d in deliveries],
-                                    justid=True)
+        """Reset the idle time of entries this worker still works on, so no other worker reclaims live work. Also
+        proves the group is there: Redis lost it (restart, FLUSHALL) -> it is recreated here, on the spot."""
+        try:
+            if deliveries:
+                await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, [d.entry_id for d in deliveries],
+                                        justid=True)
+            else:
+                groups: Any = await self.redis.xinfo_groups(self.stream)
+                if not any(g["name"] in (keys.GROUP, keys.GROUP.encode()) for g in groups):
+                    await self.ensure_group()   # the stream is back (an enqueue made it) but not its group
+        except ResponseError as exc:
+            await self._recreate_on_nogroup(exc)
+
+    async def _recreate_on_nogroup(self, exc: ResponseError) -> None:
+        """Redis lost the stream or its group (a restart without persistence, FLUSHALL): make them again here, on
+        the spot, rather than failing the same call every round. Other errors are raised."""
+        text = str(exc)
+        if "NOGROUP" not in text and "no such key" not in text.lower():
+            raise exc
+        await self.ensure_group()
 
     async def dead_letter(self, deliveries: Sequence[Delivery], reason: str) -> None:
         """Move deliveries to the dead-letter stream, answer them (not to be retried), ack and delete."""
@@ -297,6 +345,11 @@ class ReplyInbox:
         if self.last is None:
             await self.create()
         res: Any = await self.redis.xread({self.stream: self.last}, count=1000, block=max(1, int(block_s * 1000)))
+        if not res and not await self.redis.exists(self.stream):
+            # Redis lost the stream (restart, FLUSHALL): workers reply with NOMKSTREAM, so until it exists again
+            # every reply is dropped. An empty read is the cheap moment to look: one EXISTS per idle block.
+            await self.create()
+            return []
         replies: list[Reply] = []
         for entry_id, fields in (res[0][1] if res else []):
             self.last = entry_id

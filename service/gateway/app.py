@@ -40,8 +40,8 @@ def create_app(settings: Settings) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # socket_timeout bounds a hung Redis; it must outlast the reply reader's 1 s blocking XREAD.
-        redis = connect(str(settings.redis_url), socket_timeout=10, max_connections=256)
+        # broker.timeout_s bounds a hung Redis (requests get 503 after it); it outlasts every blocking read.
+        redis = connect(str(settings.redis_url), settings.broker.timeout_s, max_connections=256)
         dispatcher = Dispatcher(redis, settings, metrics)
         app.state.settings = settings
         app.state.redis = redis   # the security layer's keystore and rate limiter (service/broker/) use it

@@ -1,18 +1,26 @@
 """Token streams from a generation worker, shared by the TGI and OpenAI routes: parse each token reply,
 skip indexes already seen (a request restarted on another replica repeats them), collect the whole
-answer, and tell the workers when the client leaves mid-stream."""
+answer, and tell the workers when the client leaves, mid-stream or while a whole answer is being collected."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from service.gateway.dispatch import Dispatcher
 from service.protocol import OP_GENERATE, TokenEvent
 
 _cancelling: set[asyncio.Task[None]] = set()
+T = TypeVar("T")
+CLIENT_GONE = 499   # nginx's "client closed request": the status the access metrics record for a caller that left
+Receive = Callable[[], Awaitable[Any]]   # an ASGI receive: the HTTP connection's next message
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready; nobody reads a response any more."""
 
 
 @dataclass
@@ -81,3 +89,27 @@ async def first_then_rest(events: AsyncIterator[TokenEvent]) -> AsyncIterator[To
             yield event
 
     return chained()
+
+
+async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work` (whose request body is already read) while watching the connection. If the client disconnects
+    first, cancel `work` - its token streams then tell the workers to drop their sequences, freeing them within a
+    step, as a closed stream does - and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():   # the client left, or this handler itself was cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()

@@ -72,16 +72,17 @@ def scheduler_for(shell: Shell, spec: ModelSpec, model: Model, device: str) -> t
     return DynamicBatching(shell, executor, max_batch_size, delay), model_info(spec, model, max_batch_size)
 
 
-async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
+async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int) -> None:
     device = devices.resolve(spec.device, replica)
     model = load_model(spec, device)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    redis = connect(redis_url, health_check_interval=30)
+    redis = connect(redis_url, settings.broker.timeout_s, health_check_interval=30)
     registry = Registry(redis)
     status = WorkerStatus(os.getpid(), socket.gethostname(), device, model.version, int(time.time()))
     shell = Shell(spec, ModelQueue(redis, spec.name, worker_id), registry, Cancels(redis, spec.name), worker_id,
-                  status)
+                  status, alive_file=settings.alive_file)
     scheduler, info = scheduler_for(shell, spec, model, device)
+    shell.info = info
     await registry.publish(info)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.redis_url:
             raise ConfigError("REDIS_URL is not set: a worker needs the Redis its gateway uses")
         limit_threads(spec.threads)
-        asyncio.run(run(spec, settings.redis_url, args.replica))
+        asyncio.run(run(spec, settings, settings.redis_url, args.replica))
     except ConfigError as exc:
         print(f"inferline worker: {exc}", file=sys.stderr)
         return 2

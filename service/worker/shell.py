@@ -1,6 +1,12 @@
 """The one process shell every worker runs, whatever its scheduler: it reads nothing itself, but keeps the consumer
-group, claims a dead worker's entries after the visibility timeout (dead-lettering those delivered max_tries times),
-keeps its own in-flight entries claimed, sends replies in order, forwards cancels, beats, and drains on stop.
+group, claims a dead worker's entries (dead-lettering those delivered max_tries times), keeps its own in-flight
+entries claimed, sends replies in order, forwards cancels, beats, and drains on stop.
+
+A worker's entries are claimed by another as soon as its heartbeat lapses (HEARTBEAT_TTL_S, then DEAD_AFTER_S of
+grace), not after the visibility timeout: a kill -9 costs its callers seconds, well within their deadline. Its
+consumer is then removed from the group. The visibility timeout still covers a worker that beats but holds an entry
+without refreshing it. Every loop here retries on its own, logs a repeating error once with a count, and recreates
+what Redis lost (the group, the model's metadata) where it is used.
 
 Two schedulers plug into it (service/worker/batching.py: dynamic batching; service/worker/continuous.py: continuous
 batching for language models). A scheduler reads new work through `queue`, takes reclaimed work from `claimed`,
@@ -12,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from service.broker import keys
@@ -20,11 +28,17 @@ from service.broker.registry import Registry
 from service.broker.streams import Cancels, Delivery, ModelQueue
 from service.config import ModelSpec
 from service.logs import RepeatingError
-from service.protocol import Reply, WorkerStatus, now_ms
+from service.protocol import ModelInfo, Reply, WorkerStatus, now_ms
 
 log = logging.getLogger(__name__)
 
 RECLAIM_EVERY_S = 1.0
+# A consumer whose heartbeat is gone is claimed from only if it is still gone this long after first seen so: right
+# after Redis comes back from a stall, every heartbeat has lapsed at once and the live ones need a beat to return.
+DEAD_AFTER_S = 2.0
+# Claims from a dead consumer use this min-idle rather than 0: the first claimer resets the idle time, so a second
+# worker claiming at the same moment gets nothing instead of running the request twice.
+DEAD_CLAIM_MIN_IDLE_MS = 1000
 
 
 class Scheduler(Protocol):
@@ -52,8 +66,10 @@ def expire(deliveries: Sequence[Delivery]) -> tuple[list[Delivery], list[tuple[D
 
 class Shell:
     def __init__(self, spec: ModelSpec, queue: ModelQueue, registry: Registry, cancels: Cancels, worker_id: str,
-                 status: WorkerStatus) -> None:
+                 status: WorkerStatus, info: ModelInfo | None = None, alive_file: Path | None = None) -> None:
         self.spec = spec
+        self.info = info                # put back in Redis by the heartbeat when Redis lost it
+        self.alive_file = alive_file    # touched every beat, Redis or not: the container's liveness
         self.queue = queue
         self.registry = registry
         self.cancels = cancels
@@ -63,6 +79,8 @@ class Shell:
         self.claimed: asyncio.Queue[Delivery] = asyncio.Queue()
         self.inflight: dict[str, Delivery] = {}   # read and not yet answered: kept claimed
         self.sending: asyncio.Task[None] | None = None
+        self.send_errors = RepeatingError(log, f"sending replies model={spec.name}")
+        self.suspects: dict[str, float] = {}   # consumers without a heartbeat -> when first seen so
 
     def stop(self) -> None:
         self.stopping.set()
@@ -70,6 +88,8 @@ class Shell:
     async def serve(self, scheduler: Scheduler) -> None:
         """Run the scheduler with the shell's upkeep around it; returns after a drain."""
         await self.queue.ensure_group()
+        with contextlib.suppress(Exception):   # beat before the first read: a consumer without one looks dead
+            await self.registry.beat(self.spec.name, self.worker_id, self.status, self.info)
         upkeep = [asyncio.create_task(self._beat()), asyncio.create_task(self._claims())]
         if scheduler.cancellable:
             upkeep.append(asyncio.create_task(self._cancels(scheduler)))
@@ -102,24 +122,28 @@ class Shell:
         if self.sending is not None:
             try:
                 await self.sending
+                self.send_errors.ok()
             except Exception as exc:   # noqa: BLE001 - Redis away: unacked entries are redelivered, nothing is lost
-                log.warning("sending replies failed model=%s: %s", self.spec.name, exc)
+                self.send_errors.failed(exc)
             self.sending = None
 
     # upkeep ----------------------------------------------------------------------------------------------------
     async def _beat(self) -> None:
         errors = RepeatingError(log, f"heartbeat model={self.spec.name}")
         while True:
+            if self.alive_file is not None:
+                with contextlib.suppress(OSError):
+                    self.alive_file.touch()
             try:
-                await self.registry.beat(self.spec.name, self.worker_id, self.status)
+                await self.registry.beat(self.spec.name, self.worker_id, self.status, self.info)
                 errors.ok()
             except Exception as exc:   # noqa: BLE001 - a missed beat is retried next time
                 errors.failed(exc)
             await asyncio.sleep(keys.HEARTBEAT_EVERY_S)
 
     async def _claims(self) -> None:
-        """Keep in-flight entries claimed; take over entries idle past the visibility timeout (their worker died
-        or hung) and dead-letter those delivered too many times."""
+        """Keep in-flight entries claimed (which also recreates a lost group); take over the entries of workers whose
+        heartbeat lapsed, and of any idle past the visibility timeout; dead-letter those delivered too many times."""
         every = min(RECLAIM_EVERY_S, max(0.2, self.spec.visibility_timeout_s / 3))
         errors = RepeatingError(log, f"claim upkeep model={self.spec.name}")
         while True:
@@ -128,17 +152,36 @@ class Shell:
                 await self.queue.refresh_claims(list(self.inflight.values()))
                 if self.stopping.is_set():
                     continue
-                claimed, exhausted = await self.queue.reclaim(int(self.spec.visibility_timeout_s * 1000),
-                                                              self.spec.max_tries)
-                await self.queue.dead_letter(exhausted, "delivered too many times; its worker died or timed out "
-                                                        "on it")
-                for d in claimed:
-                    log.warning("reclaimed model=%s id=%s tries=%d", self.spec.name, d.request_id, d.tries)
-                    self.inflight[d.request_id] = d   # kept claimed while it waits its turn
-                    self.claimed.put_nowait(d)
+                await self._take_over(*await self.queue.reclaim(int(self.spec.visibility_timeout_s * 1000),
+                                                                self.spec.max_tries))
+                await self._claim_dead()
                 errors.ok()
             except Exception as exc:   # noqa: BLE001 - the next round tries again
                 errors.failed(exc)
+
+    async def _claim_dead(self) -> None:
+        """Claim the entries of consumers whose worker stopped beating, then remove those consumers."""
+        others = await self.queue.consumers()
+        dead = set(others) - await self.registry.alive(self.spec.name, others)
+        now = time.monotonic()
+        self.suspects = {c: self.suspects.get(c, now) for c in dead}
+        for consumer, since in self.suspects.items():
+            if now - since < DEAD_AFTER_S:
+                continue
+            claimed, exhausted = await self.queue.claim_from(consumer, DEAD_CLAIM_MIN_IDLE_MS, self.spec.max_tries)
+            if claimed or exhausted:
+                log.warning("worker gone model=%s consumer=%s: claimed %d of its requests", self.spec.name, consumer,
+                            len(claimed) + len(exhausted))
+            await self._take_over(claimed, exhausted)
+            if await self.queue.remove_consumer(consumer):
+                log.info("removed consumer model=%s consumer=%s (no heartbeat)", self.spec.name, consumer)
+
+    async def _take_over(self, claimed: list[Delivery], exhausted: list[Delivery]) -> None:
+        await self.queue.dead_letter(exhausted, "delivered too many times; its worker died or timed out on it")
+        for d in claimed:
+            log.warning("reclaimed model=%s id=%s tries=%d", self.spec.name, d.request_id, d.tries)
+            self.inflight[d.request_id] = d   # kept claimed while it waits its turn
+            self.claimed.put_nowait(d)
 
     async def _cancels(self, scheduler: Scheduler) -> None:
         errors = RepeatingError(log, f"cancel stream model={self.spec.name}")

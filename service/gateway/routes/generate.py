@@ -12,7 +12,16 @@ from starlette.responses import Response, StreamingResponse
 
 from service.errors import InferlineError
 from service.gateway.errors import stream_event
-from service.gateway.generation import Generation, collect, first_then_rest, token_events, token_of
+from service.gateway.generation import (
+    CLIENT_GONE,
+    ClientGone,
+    Generation,
+    collect,
+    first_then_rest,
+    token_events,
+    token_of,
+    unless_client_leaves,
+)
 from service.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
 from service.schemas.tgi import GenerateRequest
 
@@ -31,9 +40,10 @@ def response_body(req: GenerateRequest, gen: Generation) -> dict[str, Any]:
 
 
 async def generate_once(request: Request, req: GenerateRequest) -> dict[str, Any]:
+    """The whole answer. Raises ClientGone (the sequence is dropped) when the client leaves before it is ready."""
     d = dispatcher(request)
     events = token_events(d, d.task(TASK).name, req.parameters.to_params(req.inputs), request_id(request))
-    return response_body(req, await collect(events))
+    return response_body(req, await unless_client_leaves(request.receive, collect(events)))
 
 
 async def sse(request: Request, req: GenerateRequest) -> Response:
@@ -61,7 +71,10 @@ async def sse(request: Request, req: GenerateRequest) -> Response:
 @router.post("/generate", summary="Generate text (TGI format)", openapi_extra=json_body(GenerateRequest))
 async def generate(request: Request) -> Response:
     req = parse_json(await request.body(), GenerateRequest)
-    return Response(orjson.dumps(await generate_once(request, req)), media_type=JSON)
+    try:
+        return Response(orjson.dumps(await generate_once(request, req)), media_type=JSON)
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)
 
 
 @router.post("/generate_stream", summary="Generate text as Server-Sent Events, one per token (TGI format)",
@@ -76,4 +89,7 @@ async def compat(request: Request) -> Response:
     req = parse_json(await request.body(), GenerateRequest)
     if req.stream:
         return await sse(request, req)
-    return Response(orjson.dumps([await generate_once(request, req)]), media_type=JSON)
+    try:
+        return Response(orjson.dumps([await generate_once(request, req)]), media_type=JSON)
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)

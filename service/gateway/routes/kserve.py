@@ -32,7 +32,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
-    ok, _ = await readiness(request)
+    ok = (await readiness(request))["ready"]
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 

@@ -14,7 +14,14 @@ from starlette.responses import Response, StreamingResponse
 
 from service.errors import InferlineError
 from service.gateway.errors import body_of
-from service.gateway.generation import collect, first_then_rest, token_events
+from service.gateway.generation import (
+    CLIENT_GONE,
+    ClientGone,
+    collect,
+    first_then_rest,
+    token_events,
+    unless_client_leaves,
+)
 from service.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
 from service.protocol import TokenEvent
 from service.schemas.openai import CompletionRequest
@@ -46,7 +53,9 @@ async def completions(request: Request) -> Response:
     try:
         if req.stream:
             return await stream(req, head, streams)
-        results = await asyncio.gather(*[collect(s) for s in streams])
+        results = await unless_client_leaves(request.receive, asyncio.gather(*[collect(s) for s in streams]))
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)
     except InferlineError as exc:
         exc.field = param_of(exc.field)
         raise
