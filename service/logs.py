@@ -10,11 +10,14 @@ SUMMARY_EVERY_S = 30.0
 
 
 class RepeatingError:
-    """One per loop that retries. Call failed() in its except block and ok() after a success."""
+    """One per loop that retries. Call failed() in its except block and ok() after a success. Exceptions of the
+    `expected` types (Redis away: service.broker.client.BROKER_ERRORS) are logged without a traceback, which would
+    only say where the call was; any other keeps its traceback the first time."""
 
-    def __init__(self, log: logging.Logger, what: str) -> None:
+    def __init__(self, log: logging.Logger, what: str, expected: tuple[type[BaseException], ...] = ()) -> None:
         self.log = log
         self.what = what
+        self.expected = expected
         self.count = 0
         self.since = 0.0
         self.said = 0.0
@@ -24,7 +27,8 @@ class RepeatingError:
         self.count += 1
         if self.count == 1:
             self.since = self.said = now
-            self.log.warning("%s failed: %s", self.what, exc, exc_info=exc)
+            self.log.warning("%s failed: %s: %s", self.what, type(exc).__name__, exc,
+                             exc_info=None if isinstance(exc, self.expected) else exc)
         elif now - self.said >= SUMMARY_EVERY_S:
             self.said = now
             self.log.warning("%s still failing: %d times in %.0f s, last %s: %s", self.what, self.count,

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,39 +79,56 @@ Request = Callable[[int], tuple[str, str, dict[str, Any]]]   # i -> (target name
 
 
 async def run_load(request: Request, deadline_s: dict[str, float], clients: int, duration_s: float,
-                   fault: Callable[[], Awaitable[None]]) -> list[Outcome]:
+                   fault: Callable[[], Awaitable[None]], probe_every_s: float = 0.25) -> list[Outcome]:
     """`clients` concurrent clients send requests back to back for duration_s while `fault` runs; returns every
     request's outcome. A client waits each request's deadline (per target) plus GRACE_S, then counts it lost. A
-    refused or 503 request is retried after a short pause, as a client honouring Retry-After briefly would."""
+    refused or 503 request is retried after a short pause, as a client honouring Retry-After briefly would.
+    Besides, every probe_every_s one fresh request per target starts, whatever the clients wait on: when the service
+    comes back is read from these, not from clients still waiting out the deadline of a request Redis lost."""
     outcomes: list[Outcome] = []
     counter = itertools.count()
     end = time.monotonic() + duration_s
+    run = uuid.uuid4().hex[:8]   # request ids never repeat across runs: a worker remembers cancelled ones
+
+    async def send(http: httpx.AsyncClient, i: int) -> int | str:
+        target, url, body = request(i)
+        rid = f"load-{run}-{i}"
+        started = time.monotonic()
+        status: int | str
+        try:
+            response = await http.post(url, json=body, headers={"x-request-id": rid},
+                                       timeout=deadline_s[target] + GRACE_S)
+            status = response.status_code
+        except httpx.TimeoutException:
+            status = "lost"
+        except httpx.ConnectError:
+            status = "refused"
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            status = "dropped"
+        outcomes.append(Outcome(target, started, time.monotonic(), status, rid))
+        return status
 
     async def client(http: httpx.AsyncClient) -> None:
         while time.monotonic() < end:
-            i = next(counter)
-            target, url, body = request(i)
-            rid = f"load-{i}"
-            started = time.monotonic()
-            status: int | str
-            try:
-                response = await http.post(url, json=body, headers={"x-request-id": rid},
-                                           timeout=deadline_s[target] + GRACE_S)
-                status = response.status_code
-            except httpx.TimeoutException:
-                status = "lost"
-            except httpx.ConnectError:
-                status = "refused"
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                status = "dropped"
-            outcomes.append(Outcome(target, started, time.monotonic(), status, rid))
-            if status in ("refused", "dropped", 503):
+            if await send(http, next(counter)) in ("refused", "dropped", 503):
                 await asyncio.sleep(PAUSE_AFTER_REFUSAL_S)
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async def probe(http: httpx.AsyncClient) -> None:
+        sending: set[asyncio.Task[int | str]] = set()
+        while time.monotonic() < end:
+            targets: set[str] = set()
+            while len(targets) < len(deadline_s):   # one of each target, in the request plan's own mix
+                i = next(counter)
+                if request(i)[0] not in targets:
+                    targets.add(request(i)[0])
+                    sending.add(asyncio.create_task(send(http, i)))
+            await asyncio.sleep(probe_every_s)
+        await asyncio.gather(*sending)
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=clients)   # a pool wait is no "lost"
     async with httpx.AsyncClient(limits=limits) as http:
         faulting = asyncio.create_task(fault())
-        await asyncio.gather(*[client(http) for _ in range(clients)])
+        await asyncio.gather(probe(http), *[client(http) for _ in range(clients)])
         await faulting
     return outcomes
 

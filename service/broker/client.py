@@ -12,7 +12,10 @@ caught in the switch fail (our loops retry them, requests get 503 or their deadl
 promoted replica. The password, if any, is the data nodes' (the sentinels are asked without one).
 
 Timeouts: every call fails within `timeout_s` when Redis hangs (SIGSTOP, a dead host without a RST). Blocking
-reads (XREAD, XREADGROUP) block at most MAX_BLOCK_S, so their answer always comes well inside that bound.
+reads (XREAD, XREADGROUP) block at most MAX_BLOCK_S, so their answer always comes well inside that bound. A call
+is retried once, at once, and only when its connection broke (a pooled connection to a Redis that restarted): never
+after a timeout. (redis-py's default retries ten times with backoff, timeouts included: a hung Redis held each call
+for 10 x the timeout.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 # What a broker call raises when Redis is away, hung or refusing: callers outside the broker catch this tuple.
@@ -43,6 +49,7 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> a
         raise ValueError(f"timeout_s {timeout_s} must be above the longest blocking read ({MAX_BLOCK_S} s)")
     options.setdefault("socket_timeout", timeout_s)
     options.setdefault("socket_connect_timeout", timeout_s)
+    options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
     if url.startswith(SENTINEL_SCHEME):
         return _via_sentinel(url, options)
     if not url.startswith("unix:"):
@@ -76,7 +83,7 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str |
 
 def _via_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
     addresses, master, db, user, password = parse_sentinel_url(url)
-    timeouts = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout")}
+    timeouts = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout", "retry")}
     sentinel = Sentinel(addresses, sentinel_kwargs=timeouts, **timeouts)
     options = {k: v for k, v in options.items() if k not in timeouts}
     return sentinel.master_for(master, db=db, username=user, password=password, **timeouts, **options)

@@ -292,6 +292,12 @@ def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Deli
     return Delivery(entry_id, Envelope.from_fields(fields), fields.get(b"p", b""), tries)
 
 
+def entry_ms(entry_id: bytes | str) -> int:
+    """When Redis added a stream entry (ms): the first part of its id."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:
     return Reply.error(delivery.request_id, "dead_letter",
                        f"request {delivery.request_id} failed {delivery.tries - 1} times ({reason}) and was moved "
@@ -310,8 +316,9 @@ class Cancels:
         await self.redis.xadd(self.stream, cancel.fields(), maxlen=keys.CANCEL_MAXLEN,  # type: ignore[arg-type]
                               approximate=True)
 
-    async def read(self, block_s: float) -> list[Cancel]:
-        """Cancels published since the last read (since the first read's call, the first time)."""
+    async def read(self, block_s: float) -> list[tuple[Cancel, int]]:
+        """Cancels published since the last read (since the first read's call, the first time), each with when it
+        was published (ms, Redis's clock: the one request entry ids are made from, see entry_ms)."""
         if self.last is None:
             newest: Any = await self.redis.xrevrange(self.stream, count=1)
             self.last = newest[0][0] if newest else b"0-0"
@@ -319,7 +326,7 @@ class Cancels:
         out = []
         for entry_id, fields in (res[0][1] if res else []):
             self.last = entry_id
-            out.append(Cancel.from_fields(fields))
+            out.append((Cancel.from_fields(fields), entry_ms(entry_id)))
         return out
 
 

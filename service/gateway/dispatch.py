@@ -164,7 +164,11 @@ class Dispatcher:
         self.waiters[request_id] = inbox
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            await self._enqueue(spec, request_id, op, encode_payload(params))
+            try:   # the deadline covers the enqueue too (call() has its timer for that)
+                await asyncio.wait_for(self._enqueue(spec, request_id, op, encode_payload(params)), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(f"request {request_id} to model {model} could not be queued within "
+                                       f"{timeout:g} s") from None
             while True:
                 left = deadline - asyncio.get_running_loop().time()
                 try:
@@ -186,7 +190,7 @@ class Dispatcher:
             await Cancels(self.redis, model).publish(Cancel(request_id))
 
     async def _read_replies(self) -> None:
-        errors = RepeatingError(log, f"reply stream gateway={self.gateway_id}")
+        errors = RepeatingError(log, f"reply stream gateway={self.gateway_id}", BROKER_ERRORS)
         trimmed_at = time.monotonic()
         while True:
             try:
@@ -204,7 +208,7 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
 
     async def _watch_workers(self) -> None:
-        errors = RepeatingError(log, f"watching workers gateway={self.gateway_id}")
+        errors = RepeatingError(log, f"watching workers gateway={self.gateway_id}", BROKER_ERRORS)
         models = list(self.settings.models)
         while True:
             try:
@@ -227,7 +231,7 @@ class Dispatcher:
             waiter.set_result(reply)
 
     async def _keep_alive(self) -> None:
-        errors = RepeatingError(log, f"reply stream refresh gateway={self.gateway_id}")
+        errors = RepeatingError(log, f"reply stream refresh gateway={self.gateway_id}", BROKER_ERRORS)
         while True:
             await asyncio.sleep(keys.REPLY_STREAM_TTL_S / 4)
             try:

@@ -110,6 +110,5 @@ async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    if task.cancelled():
-        raise ClientGone()
+            raise ClientGone()
     return task.result()

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from service.broker.client import BROKER_ERRORS
 from service.broker.streams import Delivery
 from service.errors import InferlineError, InputError
 from service.logs import RepeatingError
@@ -102,7 +103,7 @@ class DynamicBatching:
         self.traffic = Traffic(max_batch_size)
         self.model_thread = ModelThread()
         self.quick = False   # the last lone batch ran under INLINE_UNDER_S
-        self.errors = RepeatingError(log, f"reading model={shell.spec.name}")
+        self.errors = RepeatingError(log, f"reading model={shell.spec.name}", BROKER_ERRORS)
 
     async def run(self) -> None:
         reading = asyncio.create_task(self.next_batch())

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from service.broker.client import BROKER_ERRORS
 from service.broker.streams import Delivery
 from service.errors import InferlineError, InputError
 from service.generation.engine import Engine, SamplingParams
@@ -72,7 +73,7 @@ class ContinuousBatching:
 
     # intake ----------------------------------------------------------------------------------------------------
     async def _intake(self) -> None:
-        errors = RepeatingError(log, f"intake model={self.name}")
+        errors = RepeatingError(log, f"intake model={self.name}", BROKER_ERRORS)
         while not self.shell.stopping.is_set():
             try:
                 claimed = []
@@ -94,7 +95,7 @@ class ContinuousBatching:
                 await asyncio.sleep(1.0)
 
     async def admit(self, deliveries: list[Delivery]) -> None:
-        live, answers = expire(deliveries)
+        live, answers = self.shell.triage(deliveries)   # not past its deadline, its caller not gone
         for d in live:
             try:
                 self._add(d)

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Protocol
 
 from service.broker import keys
+from service.broker.client import BROKER_ERRORS
 from service.broker.registry import Registry
-from service.broker.streams import Cancels, Delivery, ModelQueue
+from service.broker.streams import Cancels, Delivery, ModelQueue, entry_ms
 from service.config import ModelSpec
 from service.logs import RepeatingError
 from service.protocol import ModelInfo, Reply, WorkerStatus, now_ms
@@ -39,6 +40,9 @@ DEAD_AFTER_S = 2.0
 # Claims from a dead consumer use this min-idle rather than 0: the first claimer resets the idle time, so a second
 # worker claiming at the same moment gets nothing instead of running the request twice.
 DEAD_CLAIM_MIN_IDLE_MS = 1000
+# Cancels of requests this worker does not hold yet (still queued in Redis) are remembered, the newest this many, so
+# the request is dropped when it is read instead of run for nobody.
+CANCELLED_KEPT = 10_000
 
 
 class Scheduler(Protocol):
@@ -79,11 +83,28 @@ class Shell:
         self.claimed: asyncio.Queue[Delivery] = asyncio.Queue()
         self.inflight: dict[str, Delivery] = {}   # read and not yet answered: kept claimed
         self.sending: asyncio.Task[None] | None = None
-        self.send_errors = RepeatingError(log, f"sending replies model={spec.name}")
+        self.send_errors = RepeatingError(log, f"sending replies model={spec.name}", BROKER_ERRORS)
         self.suspects: dict[str, float] = {}   # consumers without a heartbeat -> when first seen so
+        # ids cancelled before this worker held them -> when (ms), oldest first. A caller may reuse an id (its own
+        # x-request-id): only a request queued before the cancel is dropped.
+        self.cancelled: dict[str, int] = {}
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def triage(self, deliveries: Sequence[Delivery]) -> tuple[list[Delivery], list[tuple[Delivery, Reply]]]:
+        """(the deliveries to run, answers for the rest): past their deadline, or their caller already left."""
+        live, answers = expire(deliveries)
+        if not self.cancelled:
+            return live, answers
+        kept = []
+        for d in live:
+            if self.cancelled.get(d.request_id, -1) >= entry_ms(d.entry_id):
+                del self.cancelled[d.request_id]
+                answers.append((d, Reply.error(d.request_id, "cancelled", "the client went away")))
+            else:
+                kept.append(d)
+        return kept, answers
 
     async def serve(self, scheduler: Scheduler) -> None:
         """Run the scheduler with the shell's upkeep around it; returns after a drain."""
@@ -129,7 +150,7 @@ class Shell:
 
     # upkeep ----------------------------------------------------------------------------------------------------
     async def _beat(self) -> None:
-        errors = RepeatingError(log, f"heartbeat model={self.spec.name}")
+        errors = RepeatingError(log, f"heartbeat model={self.spec.name}", BROKER_ERRORS)
         while True:
             if self.alive_file is not None:
                 with contextlib.suppress(OSError):
@@ -145,7 +166,7 @@ class Shell:
         """Keep in-flight entries claimed (which also recreates a lost group); take over the entries of workers whose
         heartbeat lapsed, and of any idle past the visibility timeout; dead-letter those delivered too many times."""
         every = min(RECLAIM_EVERY_S, max(0.2, self.spec.visibility_timeout_s / 3))
-        errors = RepeatingError(log, f"claim upkeep model={self.spec.name}")
+        errors = RepeatingError(log, f"claim upkeep model={self.spec.name}", BROKER_ERRORS)
         while True:
             await asyncio.sleep(every)
             try:
@@ -184,11 +205,16 @@ class Shell:
             self.claimed.put_nowait(d)
 
     async def _cancels(self, scheduler: Scheduler) -> None:
-        errors = RepeatingError(log, f"cancel stream model={self.spec.name}")
+        errors = RepeatingError(log, f"cancel stream model={self.spec.name}", BROKER_ERRORS)
         while True:
             try:
-                for cancel in await self.cancels.read(block_s=0.5):
-                    if cancel.request_id in self.inflight and await scheduler.cancel(cancel.request_id):
+                for cancel, at_ms in await self.cancels.read(block_s=0.5):
+                    held = self.inflight.get(cancel.request_id)
+                    if held is None:   # still queued, or another replica's
+                        self.cancelled[cancel.request_id] = at_ms
+                        if len(self.cancelled) > CANCELLED_KEPT:
+                            del self.cancelled[next(iter(self.cancelled))]
+                    elif entry_ms(held.entry_id) <= at_ms and await scheduler.cancel(cancel.request_id):
                         log.info("client gone model=%s id=%s", self.spec.name, cancel.request_id)
                 errors.ok()
             except Exception as exc:   # noqa: BLE001 - cancels resume when Redis is back
