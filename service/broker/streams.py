@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 REPLY_MAXLEN = 100_000
 
-# KEYS: request stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope fields, then the cap in
-# bytes (0: none). Returns the queue length before the add, or -1 when the queue is at a cap (nothing written).
+# KEYS: request stream, the gateway's reply stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope
+# fields, the cap in bytes (0: none), the reply stream's TTL (s). Returns the queue length before the add, or -1 when
+# the queue is at a cap (nothing written). A reply stream Redis lost (a restart, FLUSHALL) is made again here, before
+# the request it must carry the answer of is queued: workers reply with NOMKSTREAM, so without it the answer would
+# be dropped and the caller would wait out its deadline.
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
 # ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
 # so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
@@ -51,6 +54,10 @@ if n > 0 and cap_bytes > 0 then
 end
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XADD', KEYS[2], '*', 'pack', '')
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[9]))
+end
 redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
            'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
 return n
@@ -88,8 +95,9 @@ class Enqueuer:
         Raises redis errors (the caller answers 503)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        args = [keys.request_stream(model), cap, keep_ms, payload,
-                envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, cap_bytes]
+        args = [keys.request_stream(model), envelope.reply_to, cap, keep_ms, payload,
+                envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, cap_bytes,
+                keys.REPLY_STREAM_TTL_S]
         if not self.pending:
             loop.call_soon(self._flush)
         self.pending.append((args, future))
@@ -123,7 +131,7 @@ class Enqueuer:
             self.sha = await self.redis.script_load(_ENQUEUE)
         async with self.redis.pipeline(transaction=False) as pipe:
             for args in calls:
-                pipe.evalsha(self.sha, 1, *args)
+                pipe.evalsha(self.sha, 2, *args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, NoScriptError) for r in results):   # Redis restarted and forgot the script
             self.sha = None
