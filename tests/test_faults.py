@@ -179,6 +179,23 @@ def test_kill_9_gateway_loses_only_what_it_held(echo_cluster: Cluster, rows: lis
                      "all 200 after"]))
 
 
+def test_readiness_does_not_depend_on_every_model(echo_cluster: Cluster) -> None:
+    """A model without a live worker (a GPU-only one on a CPU cluster) answers 503 on its own routes and shows in
+    /readyz's body; the gateway stays ready for the models that are served."""
+    echo_cluster.spec("echo", model=ECHO)
+    echo_cluster.spec("gpu-only", model=ECHO)
+    url = echo_cluster.start_gateway()
+    echo_cluster.start_worker("echo")
+    ready = httpx.get(url + "/readyz", timeout=5)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["models"] == {"echo": {"ready": True, "live_workers": 1},
+                                      "gpu-only": {"ready": False, "live_workers": 0, "reason": "no live worker"}}
+    assert ready.json()["redis"] == "ok" and "error" not in ready.json()
+    refused = httpx.post(url + "/v2/models/gpu-only/infer", json=echo_body(1), timeout=5)
+    assert refused.status_code == 503 and "gpu-only has no live worker" in refused.json()["error"]
+    assert echo_ok(httpx.post(url + "/v2/models/echo/infer", json=echo_body(2), timeout=5), 2)
+
+
 # --- Redis dies, loses its data, hangs ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -264,13 +281,26 @@ def test_flushall_under_load(served: Cluster, fault_redis: PrivateRedis, rows: l
 
 
 def test_redis_stopped_10_s(served: Cluster, fault_redis: PrivateRedis, rows: list[Row]) -> None:
+    """Also: /readyz answers within the broker timeout (2 s) while Redis hangs, naming Redis as the cause."""
+    readyz: list[tuple[float, httpx.Response]] = []
+
     async def act() -> float:
         fault_redis.pause()
-        await asyncio.sleep(10)
+        await asyncio.sleep(2)
+        async with httpx.AsyncClient(timeout=10) as http:
+            started = time.monotonic()
+            response = await http.get(served.url + "/readyz")
+            readyz.append((time.monotonic() - started, response))
+        await asyncio.sleep(8 - readyz[0][0])
         fault_redis.resume()
         return time.monotonic()
 
     redis_fault(served, rows, "Redis SIGSTOP 10 s", 20, act)
+    ((seconds, response),) = readyz
+    assert response.status_code == 503 and seconds < 4
+    assert response.json()["redis"] == "unreachable: TimeoutError" and "redis" in response.json()["error"]
+    rows[-1].notes.append(f"/readyz 503 naming Redis in {seconds:.1f} s")
+    wait_for(lambda: httpx.get(served.url + "/readyz", timeout=5).status_code == 200, 10, "ready again")
 
 
 def test_abandoned_generations_free_their_sequences(served: Cluster, rows: list[Row]) -> None:
@@ -391,7 +421,8 @@ def test_up_restarts_its_redis_and_leaves_nothing_when_killed(tmp_path: Path, ro
     """`inferline up` restarts its private Redis when it dies (service resumes), and a kill -9 of `up` itself
     leaves no process of its tree behind, Redis included."""
     port = embedded.free_port()
-    (tmp_path / "inferline.toml").write_text(f'[gateway]\nport = {port}\n[models.echo]\nmodel = "{ECHO}"\n')
+    (tmp_path / "inferline.toml").write_text(f'[broker]\npersist = true\n[gateway]\nport = {port}\n'
+                                             f'[models.echo]\nmodel = "{ECHO}"\n')
     log = tmp_path / "up.log"
     with log.open("wb") as out:
         up = subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(tmp_path / "inferline.toml"),
@@ -411,12 +442,19 @@ def test_up_restarts_its_redis_and_leaves_nothing_when_killed(tmp_path: Path, ro
         wait_for(answers, 60, "inferline up serving")
         seen |= children(up.pid)
         (old,) = [p for p in seen if "redis-server" in cmdline(p)]
+        found = re.search(r"private Redis at (\S+)", log.read_text())
+        assert found, log.read_text()
+        private = redis.Redis.from_url(found.group(1))
+        private.set("inferline:test:kept", "1")
+        time.sleep(1.5)   # broker.persist: the append-only file is written every second
         os.kill(old, signal.SIGKILL)
         killed = time.monotonic()
         wait_for(lambda: [p for p in children(up.pid) if "redis-server" in cmdline(p) and p != old], 20,
                  "a new redis-server")
         wait_for(answers, 20, "serving again on the restarted Redis")
         recovered = time.monotonic() - killed
+        assert private.get("inferline:test:kept") == b"1"   # broker.persist kept it across the restart
+        private.close()
         assert re.search(r"redis exited with -9; restarting", log.read_text()), log.read_text()[-2000:]
         seen |= children(up.pid)
         assert len(seen) >= 4   # redis (twice), gateway, worker
@@ -424,7 +462,7 @@ def test_up_restarts_its_redis_and_leaves_nothing_when_killed(tmp_path: Path, ro
         up.wait(timeout=10)
         wait_for(lambda: not any(alive(p) for p in seen), 30, "every process of up's tree gone")
         rows.append(Row("up: its Redis kill -9; then kill -9 of up", [],
-                        [f"Redis restarted, 200 again in {recovered:.1f} s",
+                        [f"Redis restarted (broker.persist: data kept), 200 again in {recovered:.1f} s",
                          f"{len(seen)} processes of its tree all gone after kill -9 of up"]))
     finally:
         seen |= children(up.pid)

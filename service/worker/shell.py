@@ -83,6 +83,7 @@ class Shell:
         self.claimed: asyncio.Queue[Delivery] = asyncio.Queue()
         self.inflight: dict[str, Delivery] = {}   # read and not yet answered: kept claimed
         self.sending: asyncio.Task[None] | None = None
+        self.send_turn = asyncio.Lock()
         self.send_errors = RepeatingError(log, f"sending replies model={spec.name}", BROKER_ERRORS)
         self.suspects: dict[str, float] = {}   # consumers without a heartbeat -> when first seen so
         # ids cancelled before this worker held them -> when (ms), oldest first. A caller may reuse an id (its own
@@ -130,13 +131,15 @@ class Shell:
     async def send(self, answers: Sequence[tuple[Delivery, Reply]], done: Sequence[Delivery]) -> None:
         """Send answers, then acknowledge and delete `done`, after the previous send (order kept: tokens of one
         step before the next's, replies before acks). Returns once the send is started, so it overlaps the next
-        batch or step; a crash before it lands redelivers instead of losing."""
-        await self.flush()
-        for d in done:
-            self.inflight.pop(d.request_id, None)
-        if answers or done:
-            self.sending = asyncio.create_task(
-                self.queue.reply_and_ack([(d.envelope.reply_to, r) for d, r in answers], done))
+        batch or step; a crash before it lands redelivers instead of losing. Senders take turns (a cancel answered
+        from the cancel reader while a step answers): each send waits for the one before it, none is dropped."""
+        async with self.send_turn:
+            await self.flush()
+            for d in done:
+                self.inflight.pop(d.request_id, None)
+            if answers or done:
+                self.sending = asyncio.create_task(
+                    self.queue.reply_and_ack([(d.envelope.reply_to, r) for d, r in answers], done))
 
     async def flush(self) -> None:
         """Wait until the previous send is in Redis."""
