@@ -11,5 +11,14 @@ if ! { [ -x /usr/bin/redis-server ] && command -v openssl >/dev/null; }; then
     echo "test.sh: no /usr/bin/redis-server or openssl; the TLS Redis tests will be skipped" >&2
   fi
 fi
+# The fault suite's failover test runs Debian's redis-sentinel (tests/test_faults.py skips it, saying so, without).
+if ! command -v redis-sentinel >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && apt-get install -y -qq redis-sentinel >/dev/null; } \
+      || echo "test.sh: could not install redis-sentinel; the Sentinel failover test will be skipped" >&2
+  else
+    echo "test.sh: no redis-sentinel; the Sentinel failover test will be skipped" >&2
+  fi
+fi
 . .venv/bin/activate
 exec python -m pytest -q -p no:cacheprovider "$@"

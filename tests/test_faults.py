@@ -338,7 +338,7 @@ def test_abandoned_generations_free_their_sequences(served: Cluster, rows: list[
     assert sum(o.status == "abandoned" for o in outcomes) >= 24, [o.status for o in outcomes]
     after = beat(lambda w: int(w["beat"]) > left_at_ms and w["active"] == "0")
     freed_s = (int(after["beat"]) - left_at_ms) / 1000
-    assert freed_s < 2.5
+    assert freed_s < 3.5   # a heartbeat a second; measured 1.1-1.3 s, up to 2.7 s on a busy machine
     generated = int(after["items"]) - items_before
     assert generated < 32 * tokens / 2, generated   # left running, they would have made 32 x 240 tokens
     rows.append(Row("32 non-streaming generations abandoned after 1 s", outcomes,
@@ -472,3 +472,18 @@ def test_up_restarts_its_redis_and_leaves_nothing_when_killed(tmp_path: Path, ro
         for pid in seen:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_sentinel_urls_parse_and_bad_ones_name_the_problem() -> None:
+    from service.broker.client import connect, parse_sentinel_url
+
+    assert parse_sentinel_url("redis+sentinel://:pw@h1:26379,h2:26380/main/2") == (
+        [("h1", 26379), ("h2", 26380)], "main", 2, None, "pw")
+    assert parse_sentinel_url("redis+sentinel://10.0.0.1:26379/mymaster") == ([("10.0.0.1", 26379)], "mymaster", 0,
+                                                                             None, None)
+    with pytest.raises(ValueError, match="MASTER_NAME"):
+        parse_sentinel_url("redis+sentinel://h1:26379")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_sentinel_url("redis+sentinel://h1/main")
+    with pytest.raises(ValueError, match="blocking read"):
+        connect("redis://127.0.0.1:1/0", timeout_s=0.5)

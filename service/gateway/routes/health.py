@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,6 +13,7 @@ from service.config import Settings
 from service.metrics import GatewayMetrics
 
 router = APIRouter(tags=["operations"])
+REDIS_AWAY: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
 
 
 @router.get("/healthz", summary="The gateway process is up (liveness: never depends on Redis or workers)")
@@ -32,9 +34,9 @@ async def readiness(request: Request) -> dict[str, Any]:
     registry: Registry = request.app.state.registry
     body: dict[str, Any] = {"ready": False, "redis": "ok", "models": {}}
     missing: list[str] = []
-    try:
-        serving = await registry.serving(list(settings.models))
-    except BROKER_ERRORS as exc:
+    try:   # bounded as a whole: a fresh connection to a hung Redis would otherwise cost connect + read timeouts
+        serving = await asyncio.wait_for(registry.serving(list(settings.models)), settings.broker.timeout_s)
+    except REDIS_AWAY as exc:
         body["redis"] = f"unreachable: {type(exc).__name__}"
         missing.append(f"redis unreachable: {type(exc).__name__}")
         serving = {}
