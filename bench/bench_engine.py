@@ -197,8 +197,8 @@ def served_stack(artifact: Path, max_batch_size: int) -> Iterator[Measurement]:
     from bench.bench_serving import Served
 
     with tempfile.TemporaryDirectory(prefix="bench-served-") as tmp:
-        stack = Served(Path(tmp), "gpt2", {"artifact": str(artifact), "task": "generate", "max_batch_size": max_batch_size,
-                                           "timeout_s": 300})
+        stack = Served(Path(tmp), "gpt2", {"artifact": str(artifact), "task": "generate",
+                                           "max_batch_size": max_batch_size, "timeout_s": 300})
         try:
             yield served_measurement(stack.url)
         finally:
