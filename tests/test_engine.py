@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
@@ -31,7 +32,7 @@ from models.gpt2.loader import load
 from service.errors import InputError
 from service.generation.detokenizer import TokenBytes, make_decoder
 from service.generation.engine import Engine, SamplingParams, TokenEvent, generate
-from service.generation.sampling import Sampler
+from service.generation.sampling import RowSampling, SamplingBatch
 from tests.conftest import GPT2_PROMPTS
 
 Model = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -92,15 +93,25 @@ def test_matches_transformers_generate(engine: Engine, model: Model) -> None:
 
 
 def test_warpers_match_transformers_processors() -> None:
-    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    """Each row of one batch, with different settings, gets exactly what HF's processors give it alone."""
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * 3
     prompt = [5, 17, 99]
-    params = SamplingParams(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.3, seed=1)
-    mine = Sampler(params, 1000, prompt, torch.device("cpu")).process(logits[0])
-    ref = logits.clone()
-    for proc in [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(50),
-                 TopPLogitsWarper(0.9)]:
-        ref = proc(torch.tensor([prompt]), ref)
-    assert torch.equal(mine, ref[0])
+    settings = [dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.3),
+                dict(temperature=1.5, top_p=0.5),
+                dict(top_k=3, repetition_penalty=0.8)]
+    batch = SamplingBatch(1000, torch.device("cpu"))
+    batch.append([RowSampling(SamplingParams(do_sample=True, seed=1, **kw), prompt, torch.device("cpu"))
+                  for kw in settings])
+    mine = batch.process(logits)
+    for row, kw in enumerate(settings):
+        ref = logits[row : row + 1].clone()
+        procs = ([RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"])] if "repetition_penalty" in kw else [])
+        procs += [TemperatureLogitsWarper(kw["temperature"])] if "temperature" in kw else []
+        procs += [TopKLogitsWarper(kw["top_k"])] if "top_k" in kw else []
+        procs += [TopPLogitsWarper(kw["top_p"])] if "top_p" in kw else []
+        for proc in procs:
+            ref = proc(torch.tensor([prompt]), ref)
+        assert torch.equal(mine[row], ref[0]), row
 
 
 def test_same_seed_same_text_other_seed_other_text(engine: Engine) -> None:
@@ -266,11 +277,11 @@ def test_validation_errors(engine: Engine) -> None:
         engine.add("e", GPT2_PROMPTS[0], SamplingParams(max_new_tokens=ctx))
     assert err.value.field == "max_new_tokens"
     assert f"<= {ctx}" in err.value.message and f"{ctx} `max_new_tokens`" in err.value.message
-    for bad, name in [(SamplingParams(top_p=1.5), "top_p"), (SamplingParams(temperature=0.0), "temperature"),
-                      (SamplingParams(max_new_tokens=0), "max_new_tokens"), (SamplingParams(top_k=0), "top_k")]:
-        with pytest.raises(InputError) as err:
-            engine.add("e", GPT2_PROMPTS[0], bad)
-        assert err.value.field == name
+    for bad, name in [({"top_p": 1.5}, "top_p"), ({"temperature": 0.0}, "temperature"),
+                      ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_k": 0}, "top_k")]:
+        with pytest.raises(ValidationError) as verr:   # bounds are checked where the params are built
+            SamplingParams.model_validate(bad)
+        assert verr.value.errors()[0]["loc"] == (name,)
     assert not engine.has_work()
     engine.add("dup", GPT2_PROMPTS[0], SamplingParams())
     with pytest.raises(ValueError):
