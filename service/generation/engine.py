@@ -268,13 +268,14 @@ class Engine:
                 positions.append(end)
             last.append(len(positions) - 1)
         logits = ragged.forward(self.model, step, torch.tensor(ids, device=self.device),
-                                torch.tensor(positions, device=self.device))
+                                torch.tensor(positions, device=self.device) if admitted else None)
         self._sampling.append([r.sampling for r in admitted])
         self._running.extend(admitted)
         self._admitting = []
         for i, at in prefill_at.items():
             self._fill_prefill_details(self._running[i], logits[at : at + counts[i]])
-        events = self._choose(self._running, logits[torch.tensor(last, device=self.device)])
+        chosen_from = logits[torch.tensor(last, device=self.device)] if admitted else logits   # decode: all rows
+        events = self._choose(self._running, chosen_from)
         if admitted:
             waited = [time.monotonic() - r.queued_at for r in admitted]
             log.debug("admitted n=%d tokens=%d running=%d width=%d max_wait_ms=%.1f", len(admitted),

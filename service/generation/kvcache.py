@@ -5,9 +5,9 @@ are its last `lengths[i]` columns, every row ends at the newest column, padding 
 columns still go through the attention matmul, and NaN * 0 = NaN). Row i is the engine's running request i.
 
 A step appends each row's new tokens (one for a decoding row, a whole prompt for a newcomer) and keeps the layout:
-`extend` rebuilds each layer with one gather when rows grow by different amounts, or appends one column when every
-row grows by one (the common decode step, a plain torch.cat as DynamicCache does). `select_rows` drops finished rows
-and then the leading columns that are padding in every row, so memory follows the live sequences.
+`append_one` adds a column (the common decode step, a plain torch.cat as DynamicCache does), `append_with_newcomers`
+also adds the newcomers' rows, right-aligned. `select_rows` drops finished rows and then the leading columns that are
+padding in every row, so memory follows the live sequences.
 """
 
 from __future__ import annotations
@@ -54,51 +54,24 @@ class RowCache:
             self.keys[i], self.values[i] = k[keep][:, :, drop:, :], v[keep][:, :, drop:, :]
 
 
-def extend(old: torch.Tensor | None, old_lengths: torch.Tensor, new: torch.Tensor, new_counts: list[int],
-           plan: AppendPlan) -> torch.Tensor:
-    """One layer's [rows, heads, width', dim] after appending `new` ([tokens, heads, dim], rows' tokens packed in row
-    order, new_counts[i] of them for row i; rows beyond `old`'s are newcomers with no cached tokens)."""
-    rows = len(new_counts)
-    heads, dim = new.shape[1], new.shape[2]
-    if plan.all_single and old is not None and old.shape[0] == rows:
-        return torch.cat([old, new.view(rows, heads, 1, dim)], dim=2)
-    # Source columns: [zero | old cache (or nothing) | this step's tokens, right-aligned per row in a block].
-    block = new.new_zeros(rows, plan.block, heads, dim)
-    block[plan.token_row, plan.token_col] = new
-    parts = [new.new_zeros(rows, 1, heads, dim)]
-    if old is not None:
-        old_rows = old.shape[0]
-        old_t = old.transpose(1, 2)
-        if old_rows < rows:
-            old_t = torch.cat([old_t, old_t.new_zeros(rows - old_rows, *old_t.shape[1:])])
-        parts.append(old_t)
-    parts.append(block)
-    source = torch.cat(parts, dim=1)                          # [rows, 1 + width + block, heads, dim]
-    gathered = source[plan.row_index, plan.source_col]         # [rows, width', heads, dim]
-    return gathered.transpose(1, 2).contiguous()
+def append_one(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The decode step: every row brings one token ([rows, heads, dim]); it becomes the newest column."""
+    return torch.cat([old, new.unsqueeze(2)], dim=2)
 
 
-class AppendPlan:
-    """Index arithmetic shared by every layer of one step: where each new token lands and which source column each
-    column of the rebuilt cache reads. Built once per step, on the cache's device."""
-
-    def __init__(self, old_width: int, old_lengths: torch.Tensor, new_counts: list[int], device: torch.device) -> None:
-        rows = len(new_counts)
-        self.all_single = all(n == 1 for n in new_counts)
-        self.block = max(new_counts)
-        counts = torch.tensor(new_counts, dtype=torch.long, device=device)
-        old = torch.zeros(rows, dtype=torch.long, device=device)
-        old[: old_lengths.numel()] = old_lengths
-        self.new_lengths = old + counts
-        self.width = int(self.new_lengths.max().item())
-        self.token_row = torch.repeat_interleave(torch.arange(rows, device=device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        self.offset = torch.arange(int(counts.sum().item()), device=device) - starts[self.token_row]  # within its row
-        self.token_col = (self.block - counts)[self.token_row] + self.offset   # right-aligned in the block
-        # Column c of row r holds its content item j = c - (width - new_length); j < 0 is padding (source col 0).
-        col = torch.arange(self.width, device=device).view(1, -1)
-        j = col - (self.width - self.new_lengths).view(-1, 1)
-        from_old = 1 + (old_width - old).view(-1, 1) + j
-        from_new = 1 + old_width + (self.block - counts).view(-1, 1) + (j - old.view(-1, 1))
-        self.source_col = torch.where(j < 0, torch.zeros_like(j), torch.where(j < old.view(-1, 1), from_old, from_new))
-        self.row_index = torch.arange(rows, device=device).view(-1, 1)
+def append_with_newcomers(old: torch.Tensor | None, new: torch.Tensor, width: int, newcomer_rows: torch.Tensor,
+                          newcomer_cols: torch.Tensor) -> torch.Tensor:
+    """A step that admits requests. `new` packs [tokens, heads, dim]: first one token per old row, then the
+    newcomers' prompt tokens; newcomer token i goes to row old_rows + newcomer_rows[i], column newcomer_cols[i].
+    Returns [old_rows + newcomers, heads, width, dim] (width >= the old width + 1): old rows shifted right to end one
+    column before the last, their new token in the last column, everything else zero. One copy of the old cache,
+    as a plain append costs."""
+    r = 0 if old is None else old.shape[0]
+    rows = r + int(newcomer_rows.max().item()) + 1
+    out = new.new_zeros(rows, new.shape[1], width, new.shape[2])
+    if old is not None and r:
+        w = old.shape[2]
+        out[:r, :, width - 1 - w : width - 1] = old
+        out[:r, :, width - 1] = new[:r]
+    out[r + newcomer_rows, :, newcomer_cols] = new[r:]
+    return out

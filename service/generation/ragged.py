@@ -25,80 +25,84 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from service.generation.kvcache import AppendPlan, RowCache, extend
+from service.generation.kvcache import RowCache, append_one, append_with_newcomers
 
 ATTENTION = "inferline_ragged"
 
 
 class RaggedStep:
-    """The packing of one step. Rows 0..R-1 (R = rows already in `cache`) bring one token each; rows R.. are
-    newcomers and bring new_counts[i] tokens. Tokens are packed in row order."""
+    """The packing of one step, and the index arithmetic every layer shares. Rows 0..R-1 (R = rows already in
+    `cache`) bring one token each; rows R.. are newcomers and bring new_counts[i] prompt tokens. Tokens are packed in
+    row order. After the forward, the cache's lengths are `new_lengths`."""
 
     def __init__(self, cache: RowCache, new_counts: list[int]) -> None:
         device = cache.device
         self.cache = cache
-        self.old_rows = cache.rows
-        if any(n != 1 for n in new_counts[: self.old_rows]):
-            raise ValueError("running rows bring exactly one token per step")
+        self.old_rows = r = cache.rows
+        if len(new_counts) < r or any(n != 1 for n in new_counts[:r]):
+            raise ValueError("every running row brings exactly one token per step")
         self.counts = new_counts
-        self.old_lengths = cache.lengths
-        self.plan = AppendPlan(cache.width, cache.lengths, new_counts, device)
-        self.new_lengths = self.plan.new_lengths
-        old = torch.zeros(len(new_counts), dtype=torch.long, device=device)
-        old[: self.old_rows] = cache.lengths
-        # Position of each packed token: its row's cached tokens plus its offset in this step (GPT-2 learns absolute
-        # positions, RoPE models rotate by them: either way a row sees the positions it would see alone).
-        self.positions = old[self.plan.token_row] + self.plan.offset
-        self.ends = torch.cumsum(torch.tensor(new_counts, device=device), 0) - 1   # each row's last packed token
-        self.newcomer_block = max(new_counts[self.old_rows :], default=0)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.plan.token_row.numel())
+        self.num_tokens = sum(new_counts)
+        newcomers = new_counts[r:]
+        self.block = max(newcomers, default=0)   # the newcomers' query grid is [rows, block]
+        # Old rows end one column before the last (their new token is the last); newcomers end at the last.
+        self.width = max(cache.width + 1 if r else 0, self.block)
+        lengths = [cache.lengths + 1]
+        positions = [cache.lengths]
+        if newcomers:
+            counts = torch.tensor(newcomers, device=device)
+            self.newcomer_rows = torch.repeat_interleave(torch.arange(len(newcomers), device=device), counts)
+            offset = torch.arange(self.num_tokens - r, device=device) - (torch.cumsum(counts, 0) - counts)[
+                self.newcomer_rows]
+            self.newcomer_cols = self.width - counts[self.newcomer_rows] + offset    # right-aligned in the cache
+            self.newcomer_slots = self.newcomer_cols - (self.width - self.block)     # right-aligned in the grid
+            lengths.append(counts)
+            # GPT-2 learns absolute positions, RoPE models rotate by them: either way, a row's own token count.
+            positions.append(offset)
+        self.new_lengths = torch.cat(lengths)
+        self.positions = torch.cat(positions)
+        # Each row's last packed token: the one its next token is chosen from.
+        self.ends = torch.cumsum(torch.tensor(new_counts, device=device), 0) - 1
+        # Masks are the same for every layer: built once per step. True = may attend.
+        cols = torch.arange(self.width, device=device)
+        self.decode_mask = (cols.view(1, -1) >= (self.width - 1 - cache.lengths).view(-1, 1)).view(r, 1, 1, self.width)
+        if newcomers:
+            # Grid slot i of a newcomer row is column width - block + i: it sees its row's columns up to its own.
+            at = self.width - self.block + torch.arange(self.block, device=device)
+            first = (self.width - counts).view(-1, 1, 1)
+            visible = (cols.view(1, 1, -1) >= first) & (cols.view(1, 1, -1) <= at.view(1, -1, 1))
+            # Empty slots (a prompt shorter than the block) see one column, so no softmax row is all -inf (NaN).
+            empty = torch.arange(self.block, device=device).view(1, -1) < (self.block - counts).view(-1, 1)
+            self.newcomer_mask = (visible | (empty.unsqueeze(-1) & (cols == self.width - 1).view(1, 1, -1)))[:, None]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None) -> torch.Tensor:
         """query/key/value [1, heads, N, dim] -> attention output [1, N, heads, dim]; appends key/value to the cache."""
         old_k, old_v = self.cache.layer(layer)
         k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)   # [N, heads, dim]
-        keys = extend(old_k, self.old_lengths, k_new, self.counts, self.plan)
-        values = extend(old_v, self.old_lengths, v_new, self.counts, self.plan)
-        self.cache.set_layer(layer, keys, values)
-        width = keys.shape[2]
-        cols = torch.arange(width, device=keys.device)
-        q = query[0].transpose(0, 1)   # [N, heads, dim]
-        out = torch.empty_like(q)
+        q = query[0].transpose(0, 1)
         r = self.old_rows
+        if not self.block:   # decode only
+            assert old_k is not None and old_v is not None
+            keys, values = append_one(old_k, k_new), append_one(old_v, v_new)
+            self.cache.set_layer(layer, keys, values)
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=self.decode_mask,
+                                               scale=scaling)
+            return o.transpose(1, 2).reshape(1, r, *q.shape[1:])
+        keys = append_with_newcomers(old_k, k_new, self.width, self.newcomer_rows, self.newcomer_cols)
+        values = append_with_newcomers(old_v, v_new, self.width, self.newcomer_rows, self.newcomer_cols)
+        self.cache.set_layer(layer, keys, values)
+        out = torch.empty_like(q)   # [N, heads, dim]
         if r:
-            visible = cols.view(1, -1) >= (width - self.new_lengths[:r]).view(-1, 1)       # [R, width]
-            o = F.scaled_dot_product_attention(q[:r].unsqueeze(2), keys[:r], values[:r],
-                                               attn_mask=visible.view(r, 1, 1, width), scale=scaling)
+            o = F.scaled_dot_product_attention(q[:r].unsqueeze(2), keys[:r], values[:r], attn_mask=self.decode_mask,
+                                               scale=scaling)
             out[:r] = o[:, :, 0, :]
-        if len(self.counts) > r:
-            out[r:] = self._attend_newcomers(q[r:], keys[r:], values[r:], cols, scaling)
-        return out.unsqueeze(0)
-
-    def _attend_newcomers(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
-                          scaling: float | None) -> torch.Tensor:
-        """Prompt queries, right-aligned in a [rows, heads, block, dim] block, causal over each row's own columns."""
-        r, block, width = self.old_rows, self.newcomer_block, keys.shape[2]
-        n_rows = keys.shape[0]
-        counts = torch.tensor(self.counts[r:], device=keys.device)
-        mine = self.plan.token_row >= r
-        rows = self.plan.token_row[mine] - r
-        slot = self.plan.token_col[mine]     # the plan's block is this block: newcomers bring the most tokens
-        qb = q.new_zeros(n_rows, block, *q.shape[1:])
-        qb[rows, slot] = q
-        # Query slot i of a row sits at column width - block + i; it sees its row's columns up to its own.
-        at = width - block + torch.arange(block, device=keys.device)
-        first = (width - self.new_lengths[r:]).view(-1, 1, 1)
-        visible = (cols.view(1, 1, -1) >= first) & (cols.view(1, 1, -1) <= at.view(1, -1, 1))
-        # Empty slots (a prompt shorter than the block) see one column, so no softmax row is all -inf (NaN).
-        empty = torch.arange(block, device=keys.device).view(1, -1) < (block - counts).view(-1, 1)
-        visible = visible | (empty.unsqueeze(-1) & (cols == width - 1).view(1, 1, -1))
-        o = F.scaled_dot_product_attention(qb.transpose(1, 2), keys, values, attn_mask=visible.unsqueeze(1),
+        grid = q.new_zeros(keys.shape[0] - r, self.block, *q.shape[1:])
+        grid[self.newcomer_rows, self.newcomer_slots] = q[r:]
+        o = F.scaled_dot_product_attention(grid.transpose(1, 2), keys[r:], values[r:], attn_mask=self.newcomer_mask,
                                            scale=scaling)                      # [rows, heads, block, dim]
-        return o.transpose(1, 2)[rows, slot]
+        out[r:] = o.transpose(1, 2)[self.newcomer_rows, self.newcomer_slots]
+        return out.unsqueeze(0)
 
 
 def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -128,12 +132,13 @@ def install(model: PreTrainedModel) -> None:
 
 
 def forward(model: PreTrainedModel, step: RaggedStep, input_ids: torch.Tensor,
-            logits_at: torch.Tensor) -> torch.Tensor:
-    """Run the packed tokens ([N] ids) and return the logits at the packed positions `logits_at` ([K, vocab])."""
+            logits_at: torch.Tensor | None) -> torch.Tensor:
+    """Run the packed tokens ([N] ids) and return the logits at the packed positions `logits_at` ([K, vocab]), or at
+    every position when None."""
     # A 4-D mask is taken as prepared: transformers then builds none (ours live in RaggedStep).
     dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
     out = model(input_ids=input_ids.view(1, -1), position_ids=step.positions.view(1, -1), attention_mask=dummy_mask,
-                use_cache=False, logits_to_keep=logits_at, ragged_step=step)
+                use_cache=False, logits_to_keep=0 if logits_at is None else logits_at, ragged_step=step)
     step.cache.lengths = step.new_lengths
     logits: torch.Tensor = out.logits[0]
     return logits
