@@ -474,3 +474,32 @@ def test_batched_equals_solo_with_penalties_and_logprobs(engine: Engine) -> None
         for a, b in zip(events, solo[rid], strict=True):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert [t["id"] for t in a.top_logprobs or []] == [t["id"] for t in b.top_logprobs or []]
+
+
+def test_a_llama_with_grouped_query_attention_runs_the_same_way(model: Model) -> None:
+    """Not GPT-2 only: a tiny random Llama (RoPE positions, 2 KV heads for 4 query heads) built here, no hub. The
+    ragged step must give what transformers' own generate() gives, alone and batched."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = model[1]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    llama = LlamaForCausalLM(config).eval()
+    llama.requires_grad_(False)
+    engine = Engine(llama, tokenizer, max_batch_size=8)
+    params = SamplingParams(max_new_tokens=12)
+    got: dict[str, list[TokenEvent]] = defaultdict(list)
+    for i, prompt in enumerate(GPT2_PROMPTS[:6]):
+        engine.add(f"r{i}", prompt, params)
+        if i % 2:
+            for ev in engine.step():
+                got[ev.request_id].append(ev)
+    drain(engine, got)
+    for i, prompt in enumerate(GPT2_PROMPTS[:6]):
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = llama.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        ref = out[0, enc["input_ids"].shape[1] :].tolist()
+        assert ids_of(got[f"r{i}"]) == ref[: len(got[f"r{i}"])], i

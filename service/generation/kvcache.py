@@ -59,15 +59,14 @@ def append_one(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return torch.cat([old, new.unsqueeze(2)], dim=2)
 
 
-def append_with_newcomers(old: torch.Tensor | None, new: torch.Tensor, width: int, newcomer_rows: torch.Tensor,
-                          newcomer_cols: torch.Tensor) -> torch.Tensor:
+def append_with_newcomers(old: torch.Tensor | None, new: torch.Tensor, width: int, rows: int,
+                          newcomer_rows: torch.Tensor, newcomer_cols: torch.Tensor) -> torch.Tensor:
     """A step that admits requests. `new` packs [tokens, heads, dim]: first one token per old row, then the
     newcomers' prompt tokens; newcomer token i goes to row old_rows + newcomer_rows[i], column newcomer_cols[i].
-    Returns [old_rows + newcomers, heads, width, dim] (width >= the old width + 1): old rows shifted right to end one
+    Returns [rows (old and new), heads, width, dim] (width >= the old width + 1): old rows shifted right to end one
     column before the last, their new token in the last column, everything else zero. One copy of the old cache,
     as a plain append costs."""
     r = 0 if old is None else old.shape[0]
-    rows = r + int(newcomer_rows.max().item()) + 1
     out = new.new_zeros(rows, new.shape[1], width, new.shape[2])
     if old is not None and r:
         w = old.shape[2]

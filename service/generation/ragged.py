@@ -82,25 +82,26 @@ class RaggedStep:
         k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)   # [N, heads, dim]
         q = query[0].transpose(0, 1)
         r = self.old_rows
+        gqa = query.shape[1] != key.shape[1]   # grouped-query attention (Llama-style): fewer KV heads than queries
         if not self.block:   # decode only
             assert old_k is not None and old_v is not None
             keys, values = append_one(old_k, k_new), append_one(old_v, v_new)
             self.cache.set_layer(layer, keys, values)
             o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=self.decode_mask,
-                                               scale=scaling)
+                                               scale=scaling, enable_gqa=gqa)
             return o.transpose(1, 2).reshape(1, r, *q.shape[1:])
-        keys = append_with_newcomers(old_k, k_new, self.width, self.newcomer_rows, self.newcomer_cols)
-        values = append_with_newcomers(old_v, v_new, self.width, self.newcomer_rows, self.newcomer_cols)
+        where = (self.width, len(self.counts), self.newcomer_rows, self.newcomer_cols)
+        keys, values = append_with_newcomers(old_k, k_new, *where), append_with_newcomers(old_v, v_new, *where)
         self.cache.set_layer(layer, keys, values)
         out = torch.empty_like(q)   # [N, heads, dim]
         if r:
             o = F.scaled_dot_product_attention(q[:r].unsqueeze(2), keys[:r], values[:r], attn_mask=self.decode_mask,
-                                               scale=scaling)
+                                               scale=scaling, enable_gqa=gqa)
             out[:r] = o[:, :, 0, :]
         grid = q.new_zeros(keys.shape[0] - r, self.block, *q.shape[1:])
         grid[self.newcomer_rows, self.newcomer_slots] = q[r:]
         o = F.scaled_dot_product_attention(grid.transpose(1, 2), keys[r:], values[r:], attn_mask=self.newcomer_mask,
-                                           scale=scaling)                      # [rows, heads, block, dim]
+                                           scale=scaling, enable_gqa=gqa)   # [rows, heads, block, dim]
         out[r:] = o.transpose(1, 2)[self.newcomer_rows, self.newcomer_slots]
         return out.unsqueeze(0)
 
