@@ -254,26 +254,18 @@ class Engine:
         counts = [1] * old + [len(r.prompt_ids) for r in admitted]
         ids = [r.next_token for r in self._running] + [t for r in admitted for t in r.prompt_ids]
         step = ragged.RaggedStep(self._cache, counts)
-        # Logits only where a token is chosen (each row's last), plus every prompt position of a newcomer that
-        # asked for prefill details: the LM head is the largest matmul of a small model's step.
-        ends = step.ends.tolist()
-        positions: list[int] = []
+        keep: torch.Tensor | None = None
         last: list[int] = []
         prefill_at: dict[int, int] = {}
-        for i, end in enumerate(ends):
-            if i >= old and admitted[i - old].params.want_prefill:
-                prefill_at[i] = len(positions)
-                positions.extend(range(end - counts[i] + 1, end + 1))
-            else:
-                positions.append(end)
-            last.append(len(positions) - 1)
-        logits = ragged.forward(self.model, step, torch.tensor(ids, device=self.device),
-                                torch.tensor(positions, device=self.device) if admitted else None)
+        if admitted:   # a decode step keeps every position's logits: one per row
+            positions, last, prefill_at = self._logit_positions(counts, admitted)
+            keep = torch.tensor(positions, device=self.device)
+        logits = ragged.forward(self.model, step, torch.tensor(ids, device=self.device), keep)
         self._sampling.append([r.sampling for r in admitted])
         self._running.extend(admitted)
         self._admitting = []
-        for i, at in prefill_at.items():
-            self._fill_prefill_details(self._running[i], logits[at : at + counts[i]])
+        for i, first in prefill_at.items():
+            self._fill_prefill_details(self._running[i], logits[first : first + counts[i]])
         chosen_from = logits[torch.tensor(last, device=self.device)] if admitted else logits   # decode: all rows
         events = self._choose(self._running, chosen_from)
         if admitted:
@@ -282,6 +274,27 @@ class Engine:
                       step.num_tokens - old, len(self._running), self._cache.width, 1000 * max(waited))
         self._drop_finished()
         return events
+
+    def _logit_positions(self, counts: list[int],
+                         admitted: list[_Request]) -> tuple[list[int], list[int], dict[int, int]]:
+        """Packed positions whose logits a step needs: each row's last token (its next token is chosen there), and
+        every prompt position of a newcomer that asked for prefill details; the LM head is the largest matmul of a
+        small model's step, so no others. Returns (positions, row -> index of its last one, newcomer row -> index of
+        its first one)."""
+        old = len(counts) - len(admitted)
+        positions: list[int] = []
+        last: list[int] = []
+        prefill_at: dict[int, int] = {}
+        end = -1
+        for i, n in enumerate(counts):
+            end += n
+            if i >= old and admitted[i - old].params.want_prefill:
+                prefill_at[i] = len(positions)
+                positions.extend(range(end - n + 1, end + 1))
+            else:
+                positions.append(end)
+            last.append(len(positions) - 1)
+        return positions, last, prefill_at
 
     def _fill_prefill_details(self, req: _Request, logits: torch.Tensor) -> None:
         """TGI's details.prefill: each prompt token with the logprob the model gave it (none for the first)."""

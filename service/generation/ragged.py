@@ -61,8 +61,6 @@ class RaggedStep:
             positions.append(offset)
         self.new_lengths = torch.cat(lengths)
         self.positions = torch.cat(positions)
-        # Each row's last packed token: the one its next token is chosen from.
-        self.ends = torch.cumsum(torch.tensor(new_counts, device=device), 0) - 1
         # Masks are the same for every layer: built once per step. True = may attend.
         cols = torch.arange(self.width, device=device)
         self.decode_mask = (cols.view(1, -1) >= (self.width - 1 - cache.lengths).view(-1, 1)).view(r, 1, 1, self.width)
