@@ -503,3 +503,22 @@ def test_a_llama_with_grouped_query_attention_runs_the_same_way(model: Model) ->
             out = llama.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         ref = out[0, enc["input_ids"].shape[1] :].tolist()
         assert ids_of(got[f"r{i}"]) == ref[: len(got[f"r{i}"])], i
+
+
+def test_openai_stop_sequence_left_out_of_text_and_stream(engine: Engine) -> None:
+    full = generate(engine, GPT2_PROMPTS[0], SamplingParams(max_new_tokens=30))
+    text = full[-1].generated_text
+    assert text is not None
+    start = len(full[0].text) + 1
+    stop = text[start : start + 4]
+    params = SamplingParams(max_new_tokens=30, stop=("never appears", stop), include_stop_sequence=False)
+    events = generate(engine, GPT2_PROMPTS[0], params)
+    assert events[-1].finish_reason == "stop_sequence"
+    assert events[-1].generated_text == text[: text.index(stop)]
+    assert "".join(e.text for e in events) == events[-1].generated_text   # nothing of the stop was ever streamed
+    assert ids_of(events) == ids_of(full)[: len(events)]
+    # Ended by length with a possible stop start at the end: held back, then shown by the last event.
+    tail_stop = text[-1] + "\x00never"
+    events = generate(engine, GPT2_PROMPTS[0], SamplingParams(max_new_tokens=30, stop=(tail_stop,),
+                                                              include_stop_sequence=False))
+    assert events[-1].generated_text == text and "".join(e.text for e in events) == text

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.generation.params import MIN_TEMPERATURE, SamplingParams
+from service.generation.stopping import StopChecker, Verdict
 from service.schemas.openai import ChatCompletionRequest, CompletionRequest
 from service.schemas.tgi import GenerateRequest
 
@@ -39,6 +40,7 @@ def test_flat_params_round_trip_for_every_schema() -> None:
         assert SamplingParams(**flat) == built   # the worker's current call
     assert tgi.parameters.to_sampling().raw_logprobs is False and tgi.parameters.to_sampling().top_logprobs == 2
     assert oai.to_sampling().raw_logprobs is True and oai.to_sampling().stop == ("\n",)
+    assert oai.to_sampling().include_stop_sequence is False and tgi.parameters.to_sampling().include_stop_sequence
     assert chat.to_sampling().max_new_tokens == 7 and chat.to_sampling().top_logprobs == 4
     assert chat.to_params()["messages"] == [{"role": "user", "content": "hi"}]
 
@@ -101,3 +103,36 @@ def test_params_and_schemas_import_no_framework() -> None:
 
     loaded = modules_after("import service.generation.params, service.schemas.tgi, service.schemas.openai")
     assert "service.generation.params" in loaded and offenders(loaded, FRAMEWORKS) == []
+
+
+# ---------------------------------------------------------------------------------------------------- stopping
+def feed(checker: StopChecker, pieces: list[tuple[str, bool]], eos_after: bool = False) -> list[Verdict]:
+    out = [checker.update(i + 10, piece, special) for i, (piece, special) in enumerate(pieces)]
+    if eos_after:
+        out.append(checker.update(0, "<eos>", True))
+    return out
+
+
+def test_openai_stop_is_left_out_and_never_streamed() -> None:
+    checker = StopChecker(["END."], 50, eos_token_id=0, include_stop_sequence=False)
+    verdicts = feed(checker, [("Hello E", False), ("N", False), ("D", False), ("? no. ", False), ("Done E", False),
+                              ("ND", False), (". tail", False)])
+    shown = [v.text for v in verdicts]
+    assert shown == ["Hello ", "", "", "END? no. ", "Done ", "", ""]   # "E", "EN", "END" held back, then released
+    assert verdicts[-1].finish_reason == "stop_sequence" and checker.text == "Hello END? no. Done "
+    assert "".join(shown) == checker.text
+
+
+def test_tgi_stop_is_kept_and_pieces_are_the_tokens() -> None:
+    checker = StopChecker(["END."], 50, eos_token_id=0)
+    verdicts = feed(checker, [("Hello E", False), ("N", False), ("D. tail", False)])
+    assert [v.text for v in verdicts] == ["Hello E", "N", "D."] and checker.text == "Hello END."
+
+
+@pytest.mark.parametrize("eos", [False, True])
+def test_held_back_text_is_released_when_the_request_ends(eos: bool) -> None:
+    """A possible stop start at the very end (length or EOS) was text after all: the last event shows it."""
+    checker = StopChecker(["xyz"], 3 if not eos else 50, eos_token_id=0, include_stop_sequence=False)
+    verdicts = feed(checker, [("ab", False), ("<sp>", True), ("cx", False)], eos_after=eos)
+    assert [v.text for v in verdicts] == ["ab", "", "c", "x"] if eos else ["ab", "", "cx"]
+    assert verdicts[-1].finish_reason == ("eos_token" if eos else "length") and checker.text == "abcx"

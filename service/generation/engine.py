@@ -55,11 +55,11 @@ class TokenEvent:
     request_id: str
     index: int                  # 0-based index of this generated token
     token_id: int               # -1 on an error event
-    text: str                   # this token's text ("" while a multi-byte character is incomplete)
+    text: str                   # this event's text ("" while a multi-byte character is incomplete); see stopping.py
     logprob: float              # the chosen token's (see SamplingParams.raw_logprobs for which distribution)
     special: bool
     finish_reason: str | None   # "length" | "eos_token" | "stop_sequence" | "error", on the request's last event only
-    generated_text: str | None  # full generated text (stop sequence kept, special tokens left out), last event only
+    generated_text: str | None  # full generated text (special tokens left out), last event only
     prompt_tokens: int
     seed: int | None            # the sampling seed (drawn when none was given); None for greedy
     prefill: list[dict[str, Any]] | None  # on the first event when want_prefill: [{"id", "text", "logprob"}]
@@ -188,7 +188,8 @@ class Engine:
         req = _Request(
             request_id=request_id, prompt_ids=ids, params=params,
             sampling=RowSampling(params, ids, self.device),
-            stopper=StopChecker(list(params.stop), params.max_new_tokens, self.eos_token_id),
+            stopper=StopChecker(list(params.stop), params.max_new_tokens, self.eos_token_id,
+                                params.include_stop_sequence),
             decoder=make_decoder(self.tokenizer, self._bytes, ids), queued_at=time.monotonic())
         with self._queue_lock:
             if request_id in self._ids:

@@ -52,6 +52,9 @@ class SamplingParams(BaseModel):
     as in TGI. Penalties apply with or without sampling: repetition_penalty (HF/TGI: every token of prompt and output)
     first, then presence/frequency (OpenAI: generated tokens only), then the warpers.
 
+    Stop sequences: TGI keeps the matched one in the text, OpenAI and vLLM leave it out (include_stop_sequence=False;
+    the engine then holds back streamed text that may be the start of one, see stopping.py).
+
     Log-probabilities: every token event carries the chosen token's logprob; `top_logprobs` > 0 adds that many
     alternatives. `raw_logprobs` picks the distribution both are read from: False (TGI) the one the token was chosen
     from, after penalties and warpers; True (OpenAI, vLLM) the model's own log-softmax at that step."""
@@ -68,6 +71,7 @@ class SamplingParams(BaseModel):
     frequency_penalty: Penalty = 0.0
     seed: Seed | None = None
     stop: tuple[StopSequence, ...] = Field((), max_length=MAX_STOP)
+    include_stop_sequence: bool = True   # TGI keeps a matched stop in the text; OpenAI (False) leaves it out
     want_prefill: bool = False  # TGI decoder_input_details: prompt tokens with their logprobs on the first event
     top_logprobs: TopLogprobs = 0
     raw_logprobs: bool = False

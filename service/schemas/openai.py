@@ -2,8 +2,9 @@
 
 Both build the engine's SamplingParams (`to_sampling()`); its bounds (service.generation.params) are the only ones,
 except where OpenAI's own range is narrower (temperature <= 2, completions' logprobs <= 5). OpenAI semantics that
-differ from TGI's: temperature 0 means greedy, sampling is on by default, and log-probabilities are the model's own
-(raw_logprobs=True, as vLLM reports them), not the distribution after penalties and warpers.
+differ from TGI's: temperature 0 means greedy, sampling is on by default, a matched stop sequence is left out of the
+text, and log-probabilities are the model's own (raw_logprobs=True, as vLLM reports them), not the distribution after
+penalties and warpers.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def openai_sampling(max_new_tokens: int, temperature: float | None, top_p: float
         top_p=top_p if sampling and top_p != 1.0 else None, seed=seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
         presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
-        top_logprobs=top_logprobs, raw_logprobs=True)
+        include_stop_sequence=False, top_logprobs=top_logprobs, raw_logprobs=True)
 
 
 class CompletionRequest(BaseModel):
