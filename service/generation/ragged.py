@@ -51,7 +51,8 @@ class RaggedStep:
         positions = [cache.lengths]
         if newcomers:
             counts = torch.tensor(newcomers, device=device)
-            self.newcomer_rows = torch.repeat_interleave(torch.arange(len(newcomers), device=device), counts)
+            self.newcomer_rows = torch.repeat_interleave(torch.arange(len(newcomers), device=device), counts,
+                                                         output_size=self.num_tokens - r)   # no device sync
             offset = torch.arange(self.num_tokens - r, device=device) - (torch.cumsum(counts, 0) - counts)[
                 self.newcomer_rows]
             self.newcomer_cols = self.width - counts[self.newcomer_rows] + offset    # right-aligned in the cache
