@@ -12,6 +12,7 @@ in that row), or whose draw raises, fails alone; Choice.errors names it and the 
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -39,6 +40,33 @@ class RowSampling:
             self.generator.manual_seed(self.seed)
 
 
+@dataclass(frozen=True)
+class Uses:
+    """Which steps any of a set of rows needs: a step no row uses is skipped for the whole batch."""
+
+    repetition: bool
+    counts: bool        # presence or frequency penalty
+    temperature: bool
+    top_k: bool
+    top_p: bool
+    sampling: bool
+    raw: bool           # some row reports the model's distribution and it differs from the processed one
+    top_logprobs: int   # the most alternatives any row asked for
+
+    @staticmethod
+    def of(rows: list[RowSampling], vocab: int) -> Uses:
+        p = [r.params for r in rows]
+        return Uses(
+            repetition=any(x.repetition_penalty not in (None, 1.0) for x in p),
+            counts=any(x.frequency_penalty or x.presence_penalty for x in p),
+            temperature=any(x.temperature not in (None, 1.0) for x in p),
+            top_k=any(x.top_k is not None for x in p),
+            top_p=any(x.top_p is not None and x.top_p < 1.0 for x in p),
+            sampling=any(r.sampling for r in rows),
+            raw=any(x.raw_logprobs and (x.sampling or x.has_penalties) for x in p),
+            top_logprobs=min(max((x.top_logprobs for x in p), default=0), vocab))
+
+
 @dataclass
 class Choice:
     tokens: list[int]                       # one per row (0 for a failed row)
@@ -57,6 +85,7 @@ class SamplingBatch:
         self.vocab = vocab_size
         self.device = device
         self.rows: list[RowSampling] = []
+        self._uses: Uses | None = None   # of all rows; reset when rows change
         def column(fill: float) -> torch.Tensor:
             return torch.full((0, 1), fill, dtype=torch.float32, device=device)
 
@@ -100,11 +129,13 @@ class SamplingBatch:
             self.counts = torch.cat([self.counts, torch.zeros(len(rows), self.vocab, device=self.device)])
             self.prompt_mask = torch.cat([self.prompt_mask, mask])
         self.rows.extend(rows)
+        self._uses = None
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the rows at `index` (1-D long tensor), in that order."""
         idx = index.tolist()
         self.rows = [self.rows[i] for i in idx]
+        self._uses = None
         for name in ("temperature", "top_k", "top_p", "repetition", "presence", "frequency"):
             setattr(self, name, getattr(self, name)[index])
         if self.counts is not None and self.prompt_mask is not None:
@@ -124,32 +155,40 @@ class SamplingBatch:
                 self.counts[rows] = self.counts[rows].scatter_add(1, ids, ones)
 
     # ---------------------------------------------------------------------------------------- scoring
+    def _rows(self, rows: torch.Tensor | None) -> tuple[list[RowSampling], Uses]:
+        if rows is not None:
+            reqs = [self.rows[i] for i in rows.tolist()]
+            return reqs, Uses.of(reqs, self.vocab)
+        if self._uses is None:
+            self._uses = Uses.of(self.rows, self.vocab)
+        return self.rows, self._uses
+
     def process(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Penalties and warpers for [n, vocab] logits of the rows `rows` (default: all, in order). Returns float32
         scores; -inf marks an excluded token. Never modifies `logits`."""
         def take(t: torch.Tensor) -> torch.Tensor:
             return t if rows is None else t[rows]
 
-        reqs = self.rows if rows is None else [self.rows[i] for i in rows.tolist()]
+        reqs, uses = self._rows(rows)
         scores = logits.float()
         if self.counts is not None and self.prompt_mask is not None:
             counts = take(self.counts)
-            if any(r.params.repetition_penalty not in (None, 1.0) for r in reqs):
+            if uses.repetition:
                 penalty = take(self.repetition)
                 seen = take(self.prompt_mask) | (counts > 0)
                 scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-            if any(r.params.frequency_penalty or r.params.presence_penalty for r in reqs):
+            if uses.counts:
                 scores = scores - take(self.frequency) * counts - take(self.presence) * (counts > 0)
-        if any(r.params.temperature not in (None, 1.0) for r in reqs):
+        if uses.temperature:
             scores = scores / take(self.temperature)
-        if any(r.params.top_k is not None for r in reqs):
+        if uses.top_k:
             top_k = take(self.top_k)
             # The k-th best score per row (HF TopKLogitsWarper keeps ties with it); rows without top_k keep all.
             k_max = max(min(r.params.top_k, self.vocab) for r in reqs if r.params.top_k is not None)
             kth = torch.topk(scores, k_max, dim=-1).values.gather(1, (top_k.clamp(max=k_max) - 1).view(-1, 1))
             kth = torch.where(top_k.view(-1, 1) < self.vocab, kth, torch.full_like(kth, float("-inf")))
             scores = scores.masked_fill(scores < kth, float("-inf"))
-        if any(r.params.top_p is not None and r.params.top_p < 1.0 for r in reqs):
+        if uses.top_p:
             # HF TopPLogitsWarper: drop the low tail whose total mass is <= 1 - top_p, always keep the best token.
             top_p = take(self.top_p)
             sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
@@ -163,37 +202,41 @@ class SamplingBatch:
     def choose(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> Choice:
         """One token per row of [n, vocab] logits (rows `rows` of the batch, default all), with the logprobs each
         row asked for. A failing row is reported in Choice.errors; only a bug common to the batch raises."""
-        reqs = self.rows if rows is None else [self.rows[i] for i in rows.tolist()]
+        reqs, uses = self._rows(rows)
         scores = self.process(logits, rows)
         logprobs = torch.log_softmax(scores, dim=-1)
-        # NaN or +inf anywhere, or every token excluded, leave no distribution to draw from. amax propagates NaN.
-        best = scores.amax(dim=-1)
-        bad = set(torch.nonzero(~torch.isfinite(best)).view(-1).tolist())
-        errors = {i: "sampling produced no valid distribution (inf/nan scores)" for i in bad}
-
-        tokens = torch.argmax(logprobs, dim=-1)
-        for i, r in enumerate(reqs):
-            if r.sampling and i not in bad:
-                try:
-                    tokens[i] = torch.multinomial(logprobs[i].exp(), 1, generator=r.generator)[0]
-                except RuntimeError as exc:   # e.g. "probability tensor contains either inf, nan or element < 0"
-                    errors[i] = f"sampling failed: {exc}"
+        # NaN or +inf anywhere, or every token excluded, leave no distribution to draw from; log_softmax turns each of
+        # them into NaN, and max propagates NaN: one reduction gives the greedy choice and the broken rows.
+        best = torch.max(logprobs, dim=-1)
+        best_lp: list[float] = best.values.tolist()
+        errors = {i: "sampling produced no valid distribution (inf/nan scores)"
+                  for i, v in enumerate(best_lp) if not math.isfinite(v)}
+        tokens = best.indices
+        if uses.sampling:
+            tokens = tokens.clone()
+            for i, r in enumerate(reqs):
+                if r.sampling and i not in errors:
+                    try:
+                        tokens[i] = torch.multinomial(logprobs[i].exp(), 1, generator=r.generator)[0]
+                    except RuntimeError as exc:   # e.g. "probability tensor contains either inf, nan or element < 0"
+                        errors[i] = f"sampling failed: {exc}"
 
         # What each row reports: TGI the distribution the token was drawn from, OpenAI the model's own.
-        raw = [r.params.raw_logprobs and (r.sampling or r.params.has_penalties) for r in reqs]
         reported = logprobs
-        if any(raw):
+        if uses.raw:
+            raw = [r.params.raw_logprobs and (r.sampling or r.params.has_penalties) for r in reqs]
             model_lp = torch.log_softmax(logits.float(), dim=-1)
-            use_raw = torch.tensor(raw, device=logits.device).view(-1, 1)
-            reported = torch.where(use_raw, model_lp, logprobs)
-        chosen = reported.gather(1, tokens.view(-1, 1)).view(-1)
+            reported = torch.where(torch.tensor(raw, device=logits.device).view(-1, 1), model_lp, logprobs)
+        chosen = best_lp   # a greedy row's logprob is its best one
+        if uses.sampling or uses.raw:
+            chosen = reported.gather(1, tokens.view(-1, 1)).view(-1).tolist()
         top: list[list[tuple[int, float]]] = [[] for _ in reqs]
-        wanted = [min(r.params.top_logprobs, self.vocab) for r in reqs]
-        if max(wanted, default=0) > 0:
-            values, ids = torch.topk(reported, max(wanted), dim=-1)
+        if uses.top_logprobs:
+            values, ids = torch.topk(reported, uses.top_logprobs, dim=-1)
             for i, (vs, ts) in enumerate(zip(values.tolist(), ids.tolist(), strict=True)):
-                top[i] = list(zip(ts[: wanted[i]], vs[: wanted[i]], strict=True))
+                n = min(reqs[i].params.top_logprobs, self.vocab)
+                top[i] = list(zip(ts[:n], vs[:n], strict=True))
         token_list = tokens.tolist()
         for i in errors:
             token_list[i] = 0
-        return Choice(tokens=token_list, logprobs=chosen.tolist(), top=top, errors=errors)
+        return Choice(tokens=token_list, logprobs=chosen, top=top, errors=errors)
