@@ -54,6 +54,8 @@ class GenerateParameters(BaseModel):
     top_k: TopK | None = None
     top_p: TopP | None = None
     repetition_penalty: RepetitionPenalty | None = None
+    # Applied with OpenAI's formula (count of each generated token times the penalty, subtracted); TGI's own scales
+    # the logits of prompt and output tokens. Same range and neutral value, same intent.
     frequency_penalty: Penalty | None = None
     seed: Seed | None = None
     stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP)
