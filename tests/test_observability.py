@@ -379,6 +379,7 @@ def test_prometheus_reads_every_dashboard_and_alert_expression(cluster: Cluster,
                     await asyncio.gather(
                         *[client.post(url + "/v2/models/echo/infer", json=v2_body(j)) for j in range(8)],
                         client.post(url + "/v2/models/echo/infer", json=v2_body(1, reject=True)),
+                        client.post(url + "/v2/models/echo/infer", json=v2_body(1, **{"raise": True})),   # a 500
                         client.post(url + "/generate", json={"inputs": "The function", "parameters": {
                             "max_new_tokens": 6}}))
                     await asyncio.sleep(0.5)
