@@ -149,15 +149,17 @@ class TokenEvent:
 
     request_id: str
     index: int                  # 0-based index of this generated token
-    token_id: int
-    text: str                   # this token's text ("" while a multi-byte character is incomplete)
-    logprob: float
+    token_id: int               # -1 on an error event
+    text: str                   # this event's text ("" while a multi-byte character is incomplete); see stopping.py
+    logprob: float              # the chosen token's (see SamplingParams.raw_logprobs for which distribution)
     special: bool
-    finish_reason: str | None   # "length" | "eos_token" | "stop_sequence", on the request's last event only
-    generated_text: str | None  # full generated text (stop sequence kept, special tokens left out), last event only
+    finish_reason: str | None   # "length" | "eos_token" | "stop_sequence" | "error", on the request's last event only
+    generated_text: str | None  # full generated text (special tokens left out), last event only
     prompt_tokens: int
     seed: int | None            # the sampling seed (drawn when none was given); None for greedy
     prefill: list[dict[str, Any]] | None  # on the first event when want_prefill: [{"id", "text", "logprob"}]
+    top_logprobs: list[dict[str, Any]] | None = None  # when asked: [{"id", "text", "logprob"}], best first
+    error: str | None = None    # why the request failed (finish_reason "error"); names the request
 
     def encode(self) -> bytes:
         return dumps(self)

@@ -17,11 +17,13 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from service import tracing
 from service.broker.streams import Delivery
-from service.errors import InferlineError, InputError
-from service.generation.engine import Engine, SamplingParams
+from service.errors import InferlineError, InputError, describe_validation
+from service.generation.engine import ERROR, Engine
+from service.generation.params import SamplingParams
 from service.logs import RepeatingError
 from service.model import LanguageModel
 from service.protocol import OP_GENERATE, OP_V2, Reply, TokenEvent, decode_payload
@@ -31,8 +33,6 @@ from service.worker.shell import Shell, expire
 
 log = logging.getLogger(__name__)
 
-PARAMS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-          "want_prefill")
 
 
 class ContinuousBatching:
@@ -119,11 +119,10 @@ class ContinuousBatching:
             params = self._from_v2(d.request_id, blob, params.get("header_length"))
         elif d.envelope.op != OP_GENERATE:
             raise InputError(f"model {self.name} only generates text", "op")
-        prompt = params.get("inputs")
-        if not isinstance(prompt, str):
-            raise InputError("`inputs` must be a string", "inputs")
-        sampling = SamplingParams(**{k: params[k] for k in PARAMS if params.get(k) is not None})
-        self.engine.add(d.request_id, prompt, sampling)
+        prompt = params.pop("inputs", None)
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(type(t) is int for t in prompt)):
+            raise InputError("`inputs` must be a string or a list of token ids", "inputs")
+        self.engine.add(d.request_id, prompt, sampling_params(params))
 
     def _from_v2(self, rid: str, blob: bytes, header_length: int | None) -> dict[str, Any]:
         """An Open Inference Protocol request: one BYTES `text_input`, generation parameters in `parameters`."""
@@ -137,8 +136,7 @@ class ContinuousBatching:
         value = text.reshape(-1)[0]
         request_id = request.get("id")
         self.v2_ids[rid] = request_id if isinstance(request_id, str) else None
-        return {**{k: parameters[k] for k in PARAMS if k in parameters},
-                "inputs": value.decode(errors="replace") if isinstance(value, bytes) else str(value)}
+        return {**parameters, "inputs": value.decode(errors="replace") if isinstance(value, bytes) else str(value)}
 
     # stepping --------------------------------------------------------------------------------------------------
     async def step(self) -> None:
@@ -159,7 +157,10 @@ class ContinuousBatching:
             if d is None:
                 continue
             final = event.finish_reason is not None
-            if event.request_id in self.v2_ids:   # v2 answers once, with the whole text
+            if event.finish_reason == ERROR:   # this request failed alone (e.g. its sampling broke); the rest go on
+                self.v2_ids.pop(event.request_id, None)
+                answers.append((d, Reply.error(event.request_id, "generation", event.error or "generation failed")))
+            elif event.request_id in self.v2_ids:   # v2 answers once, with the whole text
                 if final:
                     answers.append((d, self.timed(d, self.v2_reply(event), event.index + 1)))
             elif final:
@@ -203,3 +204,13 @@ class ContinuousBatching:
         if late:
             await self._finish([(d, Reply.error(d.request_id, "timeout", f"request {d.request_id} passed its "
                                                 "deadline while generating")) for d, _ in late])
+
+
+def sampling_params(params: dict[str, Any]) -> SamplingParams:
+    """The request's generation parameters (what the gateway's schemas produced), validated once more by the same
+    type: a worker may be reached by other gateways or by hand. Raises InputError naming the field."""
+    try:
+        return SamplingParams.model_validate(params)
+    except ValidationError as exc:
+        message, field = describe_validation(exc.errors(include_url=False))
+        raise InputError(message, field=field) from None
