@@ -20,5 +20,13 @@ if ! command -v redis-sentinel >/dev/null; then
     echo "test.sh: no redis-sentinel; the Sentinel failover test will be skipped" >&2
   fi
 fi
+# The observability tests run Debian's Prometheus (a real server, and promtool) against a live gateway.
+if ! command -v promtool >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq prometheus >/dev/null || echo "test.sh: apt-get install prometheus failed" >&2
+  else
+    echo "test.sh: no promtool and no root apt-get; the Prometheus tests will be skipped" >&2
+  fi
+fi
 . .venv/bin/activate
 exec python -m pytest -q -p no:cacheprovider "$@"

@@ -29,6 +29,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from service.broker import keys
 from service.broker.client import BROKER_ERRORS
+from service.broker.registry import entry_ms
 from service.protocol import Cancel, Envelope, Reply, pack_replies, unpack_replies
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,11 @@ log = logging.getLogger(__name__)
 REPLY_MAXLEN = 100_000
 
 # KEYS: request stream, the gateway's reply stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope
-# fields, the cap in bytes (0: none), the reply stream's TTL (s). Returns the queue length before the add, or -1 when
-# the queue is at a cap (nothing written). A reply stream Redis lost (a restart, FLUSHALL) is made again here, before
-# the request it must carry the answer of is queued: workers reply with NOMKSTREAM, so without it the answer would
-# be dropped and the caller would wait out its deadline.
+# fields, then the cap in bytes (0: none), then the W3C traceparent ('' when tracing is off: no field), then the
+# reply stream's TTL (s). Returns the queue length before the add, or -1 when the queue is at a cap (nothing
+# written). A reply stream Redis lost (a restart, FLUSHALL) is made again here, before the request it must carry the
+# answer of is queued: workers reply with NOMKSTREAM, so without it the answer would be dropped and the caller would
+# wait out its deadline.
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
 # ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
 # so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
@@ -56,10 +58,15 @@ local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XADD', KEYS[2], '*', 'pack', '')
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[9]))
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
 end
-redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
-           'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
+if ARGV[9] and ARGV[9] ~= '' then
+  redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
+             'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7], 'tp', ARGV[9])
+else
+  redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
+             'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
+end
 return n
 """
 
@@ -75,6 +82,11 @@ class Delivery:
     @property
     def request_id(self) -> str:
         return self.envelope.request_id
+
+    @property
+    def arrived_ms(self) -> int:
+        """When the entry reached the stream: its id's time part, Redis's clock (epoch ms)."""
+        return int(self.entry_id.split(b"-", 1)[0])
 
 
 class Enqueuer:
@@ -97,7 +109,7 @@ class Enqueuer:
         future: asyncio.Future[int] = loop.create_future()
         args = [keys.request_stream(model), envelope.reply_to, cap, keep_ms, payload,
                 envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, cap_bytes,
-                keys.REPLY_STREAM_TTL_S]
+                envelope.traceparent, keys.REPLY_STREAM_TTL_S]
         if not self.pending:
             loop.call_soon(self._flush)
         self.pending.append((args, future))
@@ -229,6 +241,12 @@ class ModelQueue:
         deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
+        if deliveries:   # counted now, in Redis: the worker that claimed them may die on the next one
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(keys.stats(self.model), keys.STAT_RECLAIMED, len(deliveries))
+                if fresh:
+                    pipe.hincrby(keys.stats(self.model), keys.STAT_REDELIVERED, len(fresh))
+                await pipe.execute()
         return fresh, exhausted
 
     async def consumers(self) -> list[str]:
@@ -288,6 +306,7 @@ class ModelQueue:
                 pipe.xadd(dlq, {"id": d.request_id, "entry": d.entry_id, "tries": d.tries, "reason": reason,
                                 "op": d.envelope.op},   # metadata only: no payload outlives its request
                           maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.hincrby(keys.stats(self.model), keys.STAT_DEAD_LETTERED, len(deliveries))
             await pipe.execute()
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
         await self.reply([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries])
@@ -298,12 +317,6 @@ def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Deli
     """An entry as read. One without a payload (written by an older gateway, or by hand) gets an empty one,
     which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
     return Delivery(entry_id, Envelope.from_fields(fields), fields.get(b"p", b""), tries)
-
-
-def entry_ms(entry_id: bytes | str) -> int:
-    """When Redis added a stream entry (ms): the first part of its id."""
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(text.split("-", 1)[0])
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:

@@ -26,9 +26,10 @@ from typing import Protocol
 from service.broker import keys
 from service.broker.client import BROKER_ERRORS
 from service.broker.registry import Registry
-from service.broker.streams import Cancels, Delivery, ModelQueue, entry_ms
+from service.broker.streams import Cancels, Delivery, ModelQueue
 from service.config import ModelSpec
 from service.logs import RepeatingError
+from service.metrics import WorkerMetrics
 from service.protocol import ModelInfo, Reply, WorkerStatus, now_ms
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Shell:
         # ids cancelled before this worker held them -> when (ms), oldest first. A caller may reuse an id (its own
         # x-request-id): only a request queued before the cancel is dropped.
         self.cancelled: dict[str, int] = {}
+        self.metrics = WorkerMetrics(spec.name)   # folded into the model's stats in Redis with each beat
 
     def stop(self) -> None:
         self.stopping.set()
@@ -100,7 +102,7 @@ class Shell:
             return live, answers
         kept = []
         for d in live:
-            if self.cancelled.get(d.request_id, -1) >= entry_ms(d.entry_id):
+            if self.cancelled.get(d.request_id, -1) >= d.arrived_ms:
                 del self.cancelled[d.request_id]
                 answers.append((d, Reply.error(d.request_id, "cancelled", "the client went away")))
             else:
@@ -111,7 +113,7 @@ class Shell:
         """Run the scheduler with the shell's upkeep around it; returns after a drain."""
         await self.queue.ensure_group()
         with contextlib.suppress(Exception):   # beat before the first read: a consumer without one looks dead
-            await self.registry.beat(self.spec.name, self.worker_id, self.status, self.info)
+            await self.registry.beat(self.spec.name, self.worker_id, self.status, info=self.info)
         upkeep = [asyncio.create_task(self._beat()), asyncio.create_task(self._claims())]
         if scheduler.cancellable:
             upkeep.append(asyncio.create_task(self._cancels(scheduler)))
@@ -124,6 +126,8 @@ class Shell:
             for task in upkeep:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            with contextlib.suppress(Exception):
+                await self.registry.add_stats(self.spec.name, self.metrics.pending())   # the last beat's worth
             with contextlib.suppress(Exception):
                 await self.registry.remove(self.spec.name, self.worker_id)
 
@@ -159,7 +163,10 @@ class Shell:
                 with contextlib.suppress(OSError):
                     self.alive_file.touch()
             try:
-                await self.registry.beat(self.spec.name, self.worker_id, self.status, self.info)
+                stats = self.metrics.pending()
+                self.metrics.sample_process(self.status)
+                await self.registry.beat(self.spec.name, self.worker_id, self.status, stats, self.info)
+                self.metrics.commit(stats)
                 errors.ok()
             except Exception as exc:   # noqa: BLE001 - a missed beat is retried next time
                 errors.failed(exc)
@@ -217,7 +224,7 @@ class Shell:
                         self.cancelled[cancel.request_id] = at_ms
                         if len(self.cancelled) > CANCELLED_KEPT:
                             del self.cancelled[next(iter(self.cancelled))]
-                    elif entry_ms(held.entry_id) <= at_ms and await scheduler.cancel(cancel.request_id):
+                    elif held.arrived_ms <= at_ms and await scheduler.cancel(cancel.request_id):
                         log.info("client gone model=%s id=%s", self.spec.name, cancel.request_id)
                 errors.ok()
             except Exception as exc:   # noqa: BLE001 - cancels resume when Redis is back
