@@ -108,3 +108,11 @@ def test_worker_side_module_loads_no_web_stack(module: str) -> None:
 def test_shared_modules_load_neither(module: str) -> None:
     loaded = modules_after(f"import {module}")
     assert offenders(loaded, WEB + FRAMEWORKS) == []
+
+
+def test_the_client_needs_only_the_core_install() -> None:
+    """`from inferline.client import Client, AsyncClient` loads httpx, pydantic and numpy: no model framework, no
+    web stack, no Redis client."""
+    loaded = modules_after("from inferline.client import AsyncClient, Client\nClient('http://127.0.0.1:1').close()")
+    assert "inferline.client" in loaded and "httpx" in loaded
+    assert offenders(loaded, FRAMEWORKS + WEB + ("redis",)) == []

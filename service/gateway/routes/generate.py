@@ -13,12 +13,23 @@ from starlette.responses import Response, StreamingResponse
 from service.errors import InferlineError
 from service.gateway.errors import stream_event
 from service.gateway.generation import Generation, collect, first_then_rest, token_events, token_of
+from service.gateway.openapi import SSE, doc
 from service.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
+from service.schemas import responses as wire
 from service.schemas.tgi import GenerateRequest
 
 router = APIRouter(tags=["text generation (TGI)"])
 TASK = "generate"   # the deployment these routes serve is the one configured with task = "generate"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+REQUEST = {"inputs": "The module", "parameters": {"max_new_tokens": 2, "details": True}}
+ANSWER = {"generated_text": " is a", "details": {"finish_reason": "length", "generated_tokens": 2, "seed": None,
+                                                  "prefill": [], "tokens": [
+    {"id": 318, "text": " is", "logprob": -1.2, "special": False},
+    {"id": 257, "text": " a", "logprob": -0.9, "special": False}]}}
+EVENTS = ('data:{"index":0,"token":{"id":318,"text":" is","logprob":-1.2,"special":false},"generated_text":null,'
+          '"details":null}\n\n'
+          'data:{"index":1,"token":{"id":257,"text":" a","logprob":-0.9,"special":false},"generated_text":" is a",'
+          '"details":{"finish_reason":"length","generated_tokens":2,"seed":null}}\n\n')
 
 
 def response_body(req: GenerateRequest, gen: Generation) -> dict[str, Any]:
@@ -58,20 +69,25 @@ async def sse(request: Request, req: GenerateRequest) -> Response:
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.post("/generate", summary="Generate text (TGI format)", openapi_extra=json_body(GenerateRequest))
+@router.post("/generate", summary="Generate text (TGI format)", openapi_extra=json_body(GenerateRequest, REQUEST),
+             **doc(wire.Generation, ANSWER))
 async def generate(request: Request) -> Response:
     req = parse_json(await request.body(), GenerateRequest)
     return Response(orjson.dumps(await generate_once(request, req)), media_type=JSON)
 
 
 @router.post("/generate_stream", summary="Generate text as Server-Sent Events, one per token (TGI format)",
-             openapi_extra=json_body(GenerateRequest))
+             openapi_extra=json_body(GenerateRequest, REQUEST),
+             **doc(None, EVENTS, media=SSE, schema={"type": "string", "description": "each `data:` is a StreamEvent "
+                                                    "(components/schemas); an error mid-stream is a StreamError"},
+                   description="Server-Sent Events, one per token; no [DONE] line"))
 async def generate_stream(request: Request) -> Response:
     return await sse(request, parse_json(await request.body(), GenerateRequest))
 
 
 @router.post("/", summary="TGI compatibility route: a list of one response, or SSE when `stream` is true",
-             openapi_extra=json_body(GenerateRequest))
+             openapi_extra=json_body(GenerateRequest, {**REQUEST, "stream": False}),
+             **doc(list[wire.Generation], [ANSWER], stream_example=EVENTS))
 async def compat(request: Request) -> Response:
     req = parse_json(await request.body(), GenerateRequest)
     if req.stream:

@@ -15,8 +15,10 @@ from starlette.responses import Response, StreamingResponse
 from service.errors import InferlineError
 from service.gateway.errors import body_of
 from service.gateway.generation import collect, first_then_rest, token_events
+from service.gateway.openapi import doc
 from service.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
 from service.protocol import TokenEvent
+from service.schemas import responses as wire
 from service.schemas.openai import CompletionRequest
 
 router = APIRouter(tags=["text generation (OpenAI)"])
@@ -34,7 +36,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-@router.post("/v1/completions", summary="Text completion (OpenAI format)", openapi_extra=json_body(CompletionRequest))
+@router.post("/v1/completions", summary="Text completion (OpenAI format); SSE chunks ending in [DONE] when `stream`",
+             openapi_extra=json_body(CompletionRequest, {"model": "gpt2", "prompt": "The module", "max_tokens": 2}),
+             **doc(wire.Completion, {"id": "cmpl-0a1b2c3d4e5f", "object": "text_completion", "created": 1767225600,
+                                     "model": "gpt2", "choices": [{"index": 0, "text": " is a", "logprobs": None,
+                                                                   "finish_reason": "length"}],
+                                     "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}},
+                   family="openai", stream_event=wire.Completion, stream_example=(
+                       'data: {"id":"cmpl-0a1b2c3d4e5f","object":"text_completion","created":1767225600,"model":"gpt2",'
+                       '"choices":[{"index":0,"text":" is","logprobs":null,"finish_reason":null}]}\n\n'
+                       'data: [DONE]\n\n')))
 async def completions(request: Request) -> Response:
     req = parse_json(await request.body(), CompletionRequest)
     d = dispatcher(request)
