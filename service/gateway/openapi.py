@@ -56,8 +56,9 @@ HEADER_DOCS = {
     "x-request-id": {"description": "the request's id (the caller's own, when it sent a sane one)",
                      "schema": {"type": "string"}},
 }
-# Component schemas only referenced from x- extensions (an SSE event's shape); with_models adds them.
-EXTRA_SCHEMAS: tuple[type[BaseModel], ...] = (wire.StreamEvent, wire.StreamError, wire.Completion, wire.OpenAIError)
+# Component schemas referenced by hand (error bodies, an SSE event's shape); with_models adds them.
+EXTRA_SCHEMAS: tuple[type[BaseModel], ...] = (wire.StreamEvent, wire.StreamError, wire.Completion, wire.TaskError,
+                                              wire.OpenAIError, wire.V2Error)
 
 
 def error_example(family: str, status: int) -> dict[str, Any]:
@@ -72,8 +73,10 @@ def error_responses(family: str, statuses: tuple[int, ...]) -> dict[int | str, d
         error_type, description, _, _ = STATUSES[status]
         headers = {"x-request-id": HEADER_DOCS["x-request-id"]}
         headers |= {name: HEADER_DOCS[name] for name, _ in ERRORS[error_type].headers}
-        out[status] = {"model": FAMILY_MODEL[family], "description": description, "headers": headers,
-                       "content": {JSON: {"example": error_example(family, status)}}}
+        # An explicit JSON schema, not FastAPI's "model": that would land under a streaming route's own media type.
+        schema = {"$ref": f"#/components/schemas/{FAMILY_MODEL[family].__name__}"}
+        out[status] = {"description": description, "headers": headers,
+                       "content": {JSON: {"schema": schema, "example": error_example(family, status)}}}
     return out
 
 
@@ -92,8 +95,8 @@ def doc(model: Any, example: Any, family: str = "tgi", errors: tuple[int, ...] =
         ok["content"][media]["schema"] = schema
     if stream_example is not None:
         event = stream_event or wire.StreamEvent
-        ok["content"][SSE] = {"schema": {"type": "string", "description": f"Server-Sent Events; each `data:` is "
-                                         f"a {event.__name__} (components/schemas)"},
+        ok["content"][SSE] = {"schema": {"contentMediaType": SSE, "description": f"Server-Sent Events; each `data:` "
+                                         f"is a {event.__name__} (components/schemas)"},
                               "example": stream_example,
                               "x-sse-event": {"$ref": f"#/components/schemas/{event.__name__}"}}
     out: dict[str, Any] = {"responses": {200: ok, **error_responses(family, errors), **(more or {})}}
@@ -111,6 +114,13 @@ def with_models(base: dict[str, Any], infos: dict[str, ModelInfo]) -> dict[str, 
                                                  schemas))
     doc_["paths"] = hoist(doc_.setdefault("paths", {}), "", schemas)
     paths = doc_["paths"]
+    for ops in paths.values():
+        for op in ops.values():
+            for media in op.get("responses", {}).get("200", {}).get("content", {}).values():
+                # FastAPI types every non-JSON body as a JSON string; a byte stream is described by its
+                # contentMediaType alone (OpenAPI 3.1), or validators would read the SSE bytes as a string.
+                if "contentMediaType" in media.get("schema", {}):
+                    media["schema"].pop("type", None)
     for name, info in sorted(infos.items()):
         if info.request_schema is None:
             continue
@@ -127,7 +137,7 @@ def with_models(base: dict[str, Any], infos: dict[str, ModelInfo]) -> dict[str, 
             "summary": f"Run {name} (version {info.version}) on one request",
             "requestBody": {"required": True, "content": {
                 JSON: {"schema": request},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream",
                                                         "description": "bytes for a model with a decode hook"}}}},
             "responses": {"200": {"description": "The model's answer", "content": {JSON: {"schema": answer}}},
                           **errors}}}

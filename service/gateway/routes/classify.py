@@ -26,13 +26,13 @@ router = APIRouter(tags=["tasks"])
 
 OPENAPI_BODY: dict[str, Any] = {"requestBody": {"content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "minimum": 1}}}},
+        "file": {"type": "string", "contentMediaType": "image/*"}, "top_k": {"type": "integer", "minimum": 1}}}},
     "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "description": "base64 of a PNG/JPEG/... file"},
         "top_k": {"type": "integer", "minimum": 1}}}, "example": {"image": "iVBORw0KGgo...", "top_k": 3}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    "image/png": {"schema": {"contentMediaType": "image/png"}},
+    "image/jpeg": {"schema": {"contentMediaType": "image/jpeg"}},
+    "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream"}}}},
     "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
                     "description": "how many labels (default 5)"}]}
 

@@ -78,8 +78,8 @@ async def generate(request: Request) -> Response:
 
 @router.post("/generate_stream", summary="Generate text as Server-Sent Events, one per token (TGI format)",
              openapi_extra=json_body(GenerateRequest, REQUEST),
-             **doc(None, EVENTS, media=SSE, schema={"type": "string", "description": "each `data:` is a StreamEvent "
-                                                    "(components/schemas); an error mid-stream is a StreamError"},
+             **doc(None, EVENTS, media=SSE, schema={"contentMediaType": SSE, "description": (
+                 "each `data:` is a StreamEvent (components/schemas); an error mid-stream is a StreamError")},
                    description="Server-Sent Events, one per token; no [DONE] line"))
 async def generate_stream(request: Request) -> Response:
     return await sse(request, parse_json(await request.body(), GenerateRequest))

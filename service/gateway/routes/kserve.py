@@ -25,7 +25,7 @@ NOT_READY = {503: {"model": wire.V2Ready, "description": "Not ready", "content":
 INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": wire.V2InferRequest.model_json_schema(), "example": {
         "id": "q-1", "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 1.5]}]}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
+    "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream", "description": (
         "binary-data extension: the JSON request (Inference-Header-Content-Length bytes, each binary input with "
         "parameters.binary_data_size) followed by the tensors' raw little-endian bytes")}}}},
     "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
