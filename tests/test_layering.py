@@ -42,8 +42,9 @@ def test_the_gateway_loads_no_model_framework_or_model_code() -> None:
     assert sorted(m for m in loaded if m == "models" or m.startswith("models.")) == []
 
 
-def test_the_cli_loads_no_model_framework() -> None:
-    loaded = modules_after("import service.cli")
+@pytest.mark.parametrize("module", ["service.cli", "service.remote", "service.supervisor"])
+def test_the_cli_loads_no_model_framework(module: str) -> None:
+    loaded = modules_after(f"import {module}")
     assert offenders(loaded, FRAMEWORKS) == []
     assert offenders(loaded, WEB) == []   # `inferline up` itself is a supervisor: the web stack is the gateway's
 
