@@ -160,14 +160,25 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not running(pid):
             print(f"inferline: stopped (pid {pid})")
             return 0
         time.sleep(0.2)
     print(f"inferline: pid {pid} still draining after {args.wait:g} s", file=sys.stderr)
     return 1
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not exited (an exited one may linger as a zombie until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True   # no /proc (not Linux): kill(0) is all we know
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
