@@ -6,6 +6,9 @@ retries wait out a full queue per Retry-After with one request id; a 422 and a d
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +17,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from PIL import Image
 
@@ -35,6 +39,7 @@ from inferline.client import (
     TextClassification,
 )
 from inferline.client.types import ChatCompletion, Completion
+from tests.conftest import ROOT, child_env
 from tests.runtimes import EchoAnswer
 from tests.sdk_cluster import Deployment, start_deployment
 from tests.zoo_cluster import TEXTS
@@ -340,3 +345,39 @@ def test_map_hands_back_errors_in_place_when_asked(url: str) -> None:
                          return_exceptions=True)
     assert isinstance(got[0], Forecast) and isinstance(got[2], Forecast)
     assert isinstance(got[1], BadRequestError) and got[1].field == "series"
+
+
+def readme_blocks(kind: str) -> list[str]:
+    """The README's code blocks marked `<!-- readme-client: kind -->`, in order."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return re.findall(rf"<!-- readme-client: {kind} -->\n```\w+\n(.*?)```", text, flags=re.S)
+
+
+def test_the_readme_python_examples_run(url: str) -> None:
+    blocks = readme_blocks("python")
+    assert len(blocks) == 4   # the SDK, the OpenAI client, the TGI client, tritonclient
+    host = url.removeprefix("http://")
+    outputs = []
+    for block in blocks:
+        code = block.replace("http://127.0.0.1:8000", url).replace("127.0.0.1:8000", host)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env=child_env())
+        assert out.returncode == 0, f"{block}\n{out.stderr[-3000:]}"
+        assert out.stdout.strip(), block
+        outputs.append(out.stdout)
+    assert "422 validation horizon" in outputs[0]   # the SDK example's error carries status, type and field
+
+
+def test_the_readme_curl_examples_run(url: str) -> None:
+    (block,) = readme_blocks("curl")
+    lines = [line for line in block.splitlines() if line.startswith("curl ")]
+    assert len(lines) == 4
+    for line in lines:
+        out = subprocess.run(["bash", "-c", line.replace("localhost:8000", url.removeprefix("http://"))],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout, line
+        body = out.stdout.strip()
+        if body.startswith("data:"):
+            assert '"generated_text":"' in body.splitlines()[-1], body   # the last event carries the text
+        else:
+            assert "error" not in orjson.loads(body), body
