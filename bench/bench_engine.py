@@ -13,6 +13,12 @@ Targets at 32 streams: (a)/(b) tokens/s >= 5x, (a)/(c) >= 0.75.
 
 Greedy decoding, so every measurement does the same work (same tokens, EOS included): the table shows the token
 counts and a line flags any level where they differ. torch runs at 1 thread in this process and in the worker.
+
+Open loop (--arrivals N): N requests arrive as a Poisson process at --rate req/s (default: 0.9 of what the engine
+just sustained at 32 closed-loop streams), whether or not earlier ones are done, on (c) the bare engine and (b) naive
+`generate()` serving them one at a time in arrival order. Per request: TTFT (arrival to first token) and TPOT
+(time per output token after the first); also ITL p99, the worst gaps between two tokens of one stream, where a
+step that stops to admit newcomers shows up. Closed-loop rounds hide that cost: everyone arrives together.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import sys
 import tempfile
 import time
@@ -197,8 +204,8 @@ def served_stack(artifact: Path, max_batch_size: int) -> Iterator[Measurement]:
     from bench.bench_serving import Served
 
     with tempfile.TemporaryDirectory(prefix="bench-served-") as tmp:
-        stack = Served(Path(tmp), "gpt2", {"artifact": str(artifact), "max_batch_size": max_batch_size,
-                                           "timeout_s": 300})
+        stack = Served(Path(tmp), "gpt2", {"artifact": str(artifact), "task": "generate",
+                                           "max_batch_size": max_batch_size, "timeout_s": 300})
         try:
             yield served_measurement(stack.url)
         finally:
@@ -216,6 +223,147 @@ def measure(name: str, fn: Measurement, work: Workload) -> Result:
     started = time.perf_counter()
     records = fn(work)
     return Result(name, work.streams, records, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at_s: float       # offset from the start of the run
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Timeline:
+    arrived_s: float
+    token_s: list[float]  # when each generated token was emitted, same clock
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_s[0] - self.arrived_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        n = len(self.token_s)
+        return (self.token_s[-1] - self.token_s[0]) / (n - 1) if n > 1 else None
+
+
+@dataclass(frozen=True)
+class OpenResult:
+    name: str
+    rate: float
+    timelines: list[Timeline]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(t.token_s) for t in self.timelines)
+
+    @property
+    def tokens_per_s(self) -> float:
+        span = max(t.token_s[-1] for t in self.timelines) - min(t.arrived_s for t in self.timelines)
+        return self.tokens / span
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def poisson_arrivals(prompts: list[str], rate: float, seed: int = 0) -> list[Arrival]:
+    """Exponential gaps at `rate` per second (seeded: before/after runs see the same arrival times)."""
+    rng = random.Random(seed)
+    at, out = 0.0, []
+    for prompt in prompts:
+        out.append(Arrival(at, prompt))
+        at += rng.expovariate(rate)
+    return out
+
+
+def engine_open_loop(engine: Engine, arrivals: list[Arrival], max_new_tokens: int) -> list[Timeline]:
+    """Step the engine while requests arrive on their own clock: before each step, add every request whose time
+    has come; idle only when nothing is running or waiting."""
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    times: dict[str, list[float]] = {}
+    arrived: dict[str, float] = {}
+    pending = list(arrivals)
+    start = time.perf_counter()
+    while pending or engine.has_work():
+        now = time.perf_counter() - start
+        while pending and pending[0].at_s <= now:
+            a = pending.pop(0)
+            rid = f"o{len(arrived)}"
+            arrived[rid] = a.at_s
+            times[rid] = []
+            engine.add(rid, a.prompt, params)
+        if not engine.has_work():
+            time.sleep(max(0.0, pending[0].at_s - (time.perf_counter() - start)))
+            continue
+        events = engine.step()
+        stamp = time.perf_counter() - start
+        for ev in events:
+            times[ev.request_id].append(stamp)
+    return [Timeline(arrived[rid], times[rid]) for rid in arrived]
+
+
+def generate_open_loop(model: Any, tokenizer: Any, arrivals: list[Arrival], max_new_tokens: int) -> list[Timeline]:
+    """The naive server under the same arrivals: one generate() at a time, in arrival order."""
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.calls = 0
+            self.at: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.calls += 1
+            if self.calls > 1:   # the first call is the prompt
+                self.at.append(time.perf_counter() - start)
+
+        def end(self) -> None:
+            pass
+
+    out: list[Timeline] = []
+    start = time.perf_counter()
+    for a in arrivals:
+        time.sleep(max(0.0, a.at_s - (time.perf_counter() - start)))
+        enc = tokenizer(a.prompt, return_tensors="pt")
+        stamps = Stamps()
+        with torch.inference_mode():
+            model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.eos_token_id, streamer=stamps)
+        out.append(Timeline(a.at_s, stamps.at))
+    return out
+
+
+def print_open_table(results: list[OpenResult]) -> None:
+    print(f"{'open loop':<13} {'req/s':>6} {'requests':>8} {'tokens':>7} {'tok/s':>7} {'ttft p50':>9} "
+          f"{'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9} {'itl p99':>8}   (ms)")
+    for r in results:
+        ttft = [t.ttft_s for t in r.timelines]
+        tpot = [x for t in r.timelines if (x := t.tpot_s) is not None]
+        gaps = [b - a for t in r.timelines for a, b in zip(t.token_s[:-1], t.token_s[1:], strict=True)]
+        print(f"{LABELS[r.name]:<13} {r.rate:>6.2f} {len(r.timelines):>8} {r.tokens:>7} {r.tokens_per_s:>7.0f} "
+              f"{1000 * nearest_rank(ttft, 0.5):>9.1f} {1000 * nearest_rank(ttft, 0.99):>9.1f} "
+              f"{1000 * nearest_rank(tpot, 0.5):>9.2f} {1000 * nearest_rank(tpot, 0.99):>9.2f} "
+              f"{1000 * nearest_rank(gaps, 0.99):>8.2f}")
+
+
+def open_loop(model: Any, tokenizer: Any, engine: Engine, args: argparse.Namespace,
+              closed: list[Result]) -> list[OpenResult]:
+    """The open-loop runs; the default rate is 0.9 of the closed-loop engine's requests/s at its widest level."""
+    rate = args.rate
+    if rate is None:
+        widest = max((r for r in closed if r.name == "engine"), key=lambda r: r.streams, default=None)
+        if widest is None:
+            raise SystemExit("--rate is needed when the closed-loop engine levels are skipped")
+        rate = 0.9 * widest.tokens_per_s / args.max_new_tokens
+    prompts = workload(args.arrivals, args.arrivals, args.max_new_tokens).rounds[0]
+    arrivals = poisson_arrivals(prompts, rate)
+    engine_open_loop(engine, poisson_arrivals(prompts[:4], 100.0), 8)   # warm-up, as run_levels does
+    results = [OpenResult("engine", rate, engine_open_loop(engine, arrivals, args.max_new_tokens))]
+    print(f"  done engine open loop rate={rate:.2f}/s", flush=True)
+    if not args.skip_generate:
+        results.append(OpenResult("generate", rate, generate_open_loop(model, tokenizer, arrivals,
+                                                                       args.max_new_tokens)))
+        print(f"  done generate open loop rate={rate:.2f}/s", flush=True)
+    return results
 
 
 LABELS = {"served": "(a) served", "generate": "(b) generate", "engine": "(c) engine"}
@@ -273,6 +421,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-generate", action="store_true", help="no (b): the baseline is slow")
     parser.add_argument("--skip-served", action="store_true", help="no (a): in-process measurements only")
+    parser.add_argument("--arrivals", type=int, default=0, help="open loop: this many Poisson arrivals (0: none)")
+    parser.add_argument("--rate", type=float, help="open-loop arrivals per second (default: 0.9 of capacity)")
+    parser.add_argument("--skip-closed", action="store_true", help="no closed-loop levels (needs --rate)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -288,16 +439,22 @@ def main() -> None:
     print(f"model={source} params={sum(p.numel() for p in model.parameters())} max_new_tokens={args.max_new_tokens}")
     works = [workload(streams, max(args.requests, streams), args.max_new_tokens) for streams in args.streams]
 
-    results = []
-    if not args.skip_served:   # the stack runs only while (a) is measured: its idle polling stays out of (b), (c)
-        with served_stack(source, max_batch_size=max(args.streams)) as served:
-            results += run_levels("served", served, works)
+    results: list[Result] = []
     engine = Engine(model, tokenizer, max_batch_size=max(args.streams))
-    results += run_levels("engine", engine_measurement(engine), works)
-    if not args.skip_generate:
-        results += run_levels("generate", generate_measurement(model, tokenizer), works)
-    print()
-    print_table(results)
+    if not args.skip_closed:
+        if not args.skip_served:   # the stack runs only while (a) is measured: its polling stays out of (b), (c)
+            with served_stack(source, max_batch_size=max(args.streams)) as served:
+                results += run_levels("served", served, works)
+        results += run_levels("engine", engine_measurement(engine), works)
+        if not args.skip_generate:
+            results += run_levels("generate", generate_measurement(model, tokenizer), works)
+    opened = open_loop(model, tokenizer, engine, args, results) if args.arrivals else []
+    if results:
+        print()
+        print_table(results)
+    if opened:
+        print()
+        print_open_table(opened)
 
 
 if __name__ == "__main__":

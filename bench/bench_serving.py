@@ -73,28 +73,30 @@ def timeit(fn: Any, seconds: float = 3.0) -> tuple[float, float]:
 
 
 class Bare:
-    """The cnn in this process, 1 thread, with the worker's own decode and encode."""
+    """The cnn in this process, 1 thread, through the worker's own decode, predict and encode (its Executor)."""
 
     def __init__(self, version_dir: Path, bodies: list[bytes]) -> None:
-        from models.cnn.runtime import CnnRuntime
+        from service.config import ModelSpec
+        from service.worker.batching import Executor
+        from service.worker.loading import load_model
+        from service.worker.rows import RowCodec
 
-        self.runtime = CnnRuntime()
-        self.runtime.load(version_dir, "cpu", 1)
-        self.batch = bodies[:32]
+        self.model = load_model(ModelSpec(name="cnn", artifact=version_dir), "cpu")
+        self.codec = RowCodec(self.model, "cnn")
+        self.executor = Executor(self.model, self.codec, "cnn")
+        self.batch = [self.delivery(i, b) for i, b in enumerate(bodies[:32])]
 
-    def decode(self, body: bytes) -> Any:
-        from service.worker import v2codec
+    @staticmethod
+    def delivery(i: int, body: bytes) -> Any:
+        from service.broker.streams import Delivery
+        from service.protocol import OP_V2, Envelope, encode_payload, now_ms
 
-        request, tensors = v2codec.decode_request(body, None)
-        return self.runtime.v2_preprocess(tensors, {})
+        return Delivery(f"0-{i}".encode(), Envelope(f"bare-{i}", "nowhere", now_ms() + 3_600_000, OP_V2),
+                        encode_payload({"header_length": None}, body))
 
     def pipeline(self) -> None:
         """Decode 32 bodies, one forward pass, encode 32 answers."""
-        from service.worker import v2codec
-
-        items = [self.decode(b) for b in self.batch]
-        for out in self.runtime.predict_batch(items):
-            v2codec.encode_response("cnn", self.runtime.version, None, self.runtime.v2_postprocess(out), None)
+        self.executor.run(self.batch)
 
     def pipeline_img_s(self, seconds: float = 3.0) -> float:
         return timeit(self.pipeline, seconds)[0] * 32
@@ -102,13 +104,10 @@ class Bare:
     def limits(self) -> dict[str, float]:
         """Forward alone and whole pipeline at batch 32; single-item forward (hot, and after 2 ms idle) and
         single-item pipeline."""
-        from service.worker import v2codec
-
-        runtime = self.runtime
-        prepared = [self.decode(b) for b in self.batch]
-        fwd_rate, _ = timeit(lambda: runtime.predict_batch(prepared))
+        rows = [row for d in self.batch for row in self.codec.decode(d).rows]
+        fwd_rate, _ = timeit(lambda: self.model.predict(rows))
         pipeline_img_s = self.pipeline_img_s()
-        _, single = timeit(lambda: runtime.predict_batch(prepared[:1]))
+        _, single = timeit(lambda: self.model.predict(rows[:1]))
         # A served request at concurrency 1 finds the model idle for the ~2 ms of its trip through HTTP and Redis.
         # On these VMs the framework then runs slower than in a hot loop (caches gone cold: TF ~0.8 -> ~2 ms,
         # numpy barely), so the bare single forward is also measured after the same idle gap.
@@ -116,10 +115,9 @@ class Bare:
         for _ in range(300):
             time.sleep(0.002)
             started = time.perf_counter()
-            runtime.predict_batch(prepared[:1])
+            self.model.predict(rows[:1])
             after_idle.append(time.perf_counter() - started)
-        _, single_pipe = timeit(lambda: [v2codec.encode_response("cnn", "1", None, runtime.v2_postprocess(o), None)
-                                         for o in runtime.predict_batch([self.decode(self.batch[0])])])
+        _, single_pipe = timeit(lambda: self.executor.run(self.batch[:1]))
         return {"forward_img_s": fwd_rate * 32, "pipeline_img_s": pipeline_img_s, "single_forward_ms": single * 1e3,
                 "single_pipeline_ms": single_pipe * 1e3, "single_after_idle_ms": float(np.median(after_idle)) * 1e3}
 
@@ -254,7 +252,7 @@ def main() -> None:
         noop_body = tmp / "noop.json"
         noop_body.write_bytes(json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32",
                                                       "data": [1.0]}]}).encode())
-        served = Served(tmp, "noop", {"runtime": "tests.runtimes:Noop"})
+        served = Served(tmp, "noop", {"model": "tests.runtimes:Noop"})
         try:
             url = served.url + "/v2/models/noop/infer"
             wrk(url, noop_body, 64, 2)

@@ -29,6 +29,7 @@ DTYPES: dict[str, Any] = {
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
 }
 DATATYPE_OF = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
+_BY_DTYPE = {np.dtype(v): k for k, v in DTYPES.items()}   # dtype objects hash fast; dtype.name does not
 JSON_ITEM = {"BOOL": {"type": "boolean"}, "BYTES": {"type": "string"}}
 
 
@@ -46,11 +47,15 @@ class TensorSpec:
 
 def datatype_of(array: np.ndarray) -> str:
     """The v2 datatype name of a numpy array (object arrays are BYTES)."""
-    return "BYTES" if array.dtype == object else DATATYPE_OF[array.dtype.name]
+    found = _BY_DTYPE.get(array.dtype)
+    return found if found is not None else DATATYPE_OF[array.dtype.newbyteorder("=").name]
+
+
+_KINDS = {k: {"BOOL": "b", "BYTES": "O"}.get(k, "f" if k.startswith("FP") else "i") for k in DTYPES}
 
 
 def _kind(datatype: str) -> str:
-    return {"BOOL": "b", "BYTES": "O"}.get(datatype, "f" if datatype.startswith("FP") else "i")
+    return _KINDS[datatype]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,10 @@ class TensorType:
     def coerce(self, value: Any) -> np.ndarray:
         """The value as an array of this datatype and shape. Raises ValueError naming what is wrong."""
         dtype = DTYPES[self.datatype]
+        if isinstance(value, np.ndarray) and value.dtype == dtype and self._fits(value.shape):   # the common case
+            if _kind(self.datatype) == "f" and not np.isfinite(value).all():
+                raise ValueError("must hold finite numbers")
+            return value
         if isinstance(value, np.ndarray):
             given = datatype_of(value)
             if _kind(given) != _kind(self.datatype) and not (_kind(given) == "i" and _kind(self.datatype) == "f"
@@ -83,6 +92,8 @@ class TensorType:
         raise ValueError(f"must have shape {list(self.shape)}; given {list(array.shape)}")
 
     def _fits(self, shape: tuple[int, ...]) -> bool:
+        if shape == self.shape:
+            return True
         return len(shape) == len(self.shape) and all(w in (-1, g) for w, g in zip(self.shape, shape, strict=True))
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:

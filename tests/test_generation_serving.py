@@ -390,3 +390,21 @@ def test_v2_infer_answers_text_output(url: str, tgi: text_generation.Client) -> 
     assert output["name"] == "text_output" and output["datatype"] == "BYTES" and output["shape"] == [1]
     assert output["data"] == [greedy(tgi, GPT2_PROMPTS[4], 8).generated_text]
     assert meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+
+
+async def test_a_poison_sampling_request_fails_alone_and_its_batch_mates_finish(url: str) -> None:
+    """temperature 1e-300 (and 1e-45) with sampling once made every running sequence fail with inf/nan; now the
+    edge refuses it with a 422 naming the field, and the 8 requests beside it all get their full answer."""
+    normal = {"inputs": "The function returns", "parameters": {"max_new_tokens": 16, "do_sample": True, "seed": 3}}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        poisons = [{"inputs": "The value", "parameters": {"max_new_tokens": 16, "do_sample": True, "temperature": t}}
+                   for t in (1e-300, 1e-45)]
+        openai_poison = {"model": "gpt2", "prompt": "The value", "max_tokens": 16, "temperature": 1e-45}
+        answers = await asyncio.gather(*[client.post("/generate", json=normal) for _ in range(8)],
+                                       *[client.post("/generate", json=p) for p in poisons],
+                                       client.post("/v1/completions", json=openai_poison))
+    assert [r.status_code for r in answers[:8]] == [200] * 8
+    assert len({r.json()["generated_text"] for r in answers[:8]}) == 1   # same seed, same text, batched or not
+    for refused in answers[8:10]:
+        assert refused.status_code == 422 and refused.json()["field"] == "parameters.temperature", refused.text
+    assert answers[10].status_code == 422 and answers[10].json()["error"]["param"] == "temperature"

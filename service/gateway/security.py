@@ -21,11 +21,11 @@ import math
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth.keys import SCOPE_ADMIN, SCOPE_INFER, ApiKey, BadKey, Verifier, parse, split, verify_secret
 from service.broker import keystore
+from service.broker.client import BROKER_ERRORS
 from service.broker.ratelimit import ADMITTED, EXPIRED, LIMITED, Admission, Limits, RateLimiter
 from service.config import Settings
 from service.errors import Forbidden, RateLimited, Unauthorized, Unavailable
@@ -102,7 +102,7 @@ class Security:
             await self.app(scope, receive, send_with_limits)
         finally:
             if admission.slot_taken:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*BROKER_ERRORS):
                     await self.rate_limiter().release(key_id, slot)
 
     def rate_limiter(self) -> RateLimiter:
@@ -124,7 +124,7 @@ class Security:
             return key_id, stored
         try:
             fields = await keystore.load(self.holder.state.redis, key_id)
-        except (RedisError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
         try:
             record = ApiKey.from_fields(key_id, fields) if fields else None
@@ -152,7 +152,7 @@ class Security:
     async def admit(self, key_id: str, stored: str, slot: str) -> Admission:
         try:
             admission = await self.rate_limiter().admit(key_id, stored, slot)
-        except (RedisError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
         if admission.code == ADMITTED:
             return admission

@@ -1,80 +1,76 @@
-"""Row and column surgery on a transformers 5.x DynamicCache, for continuous batching.
+"""The running batch's KV cache, owned by the engine (not a transformers Cache object).
 
-The running batch is one DynamicCache whose rows are left-padded: row i holds `pad_i` junk columns, then its
-real tokens, all rows ending at the same (newest) column. The attention mask and position ids hide the
-padding (see engine.py). What the engine needs and DynamicCache does not offer:
+Layout: per layer, keys and values of shape [rows, heads, width, head_dim]. Rows are left-padded: row i's real tokens
+are its last `lengths[i]` columns, every row ends at the newest column, padding columns are zeros (not junk: masked
+columns still go through the attention matmul, and NaN * 0 = NaN). Row i is the engine's running request i.
 
-- merge: stack a freshly prefilled cache under the running one, left-padding the shorter side with zeros;
-- trim: drop leading columns that are padding in every row (after the longest row leaves), so memory follows
-  the live sequences instead of the longest one ever seen;
-- drop rows: `Cache.batch_select_indices`, which DynamicCache does offer.
-
-Each DynamicLayer keeps `keys`/`values` as [batch, heads, seq, head_dim] tensors and grows them with torch.cat
-in `update`, so replacing those two attributes is all a merge or trim has to do (cache_utils.py, DynamicLayer).
-Layers of any other kind (sliding window, static, quantized, linear attention) keep extra state and are refused.
+A step appends each row's new tokens (one for a decoding row, a whole prompt for a newcomer) and keeps the layout:
+`append_one` adds a column (the common decode step, a plain torch.cat as DynamicCache does), `append_with_newcomers`
+also adds the newcomers' rows, right-aligned. `select_rows` drops finished rows and then the leading columns that are
+padding in every row, so memory follows the live sequences.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    layers: list[DynamicLayer] = []
-    for layer in cache.layers:
-        # Exact type: subclasses (sliding window, indexed) carry state a column trim would desync.
-        if type(layer) is not DynamicLayer:
-            raise NotImplementedError(f"continuous batching supports full-attention DynamicLayer caches only, "
-                                      f"not {type(layer).__name__}")
-        layers.append(layer)
-    return layers
+class RowCache:
+    def __init__(self, num_layers: int, device: torch.device) -> None:
+        self.num_layers = num_layers
+        self.device = device
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = torch.zeros(0, dtype=torch.long, device=device)   # real tokens per row
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def width(self) -> int:
+        k = self.keys[0]
+        return int(k.shape[2]) if k is not None else 0
+
+    def layer(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.keys[index], self.values[index]
+
+    def set_layer(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys[index], self.values[index] = keys, values
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep the rows at `keep` (1-D long tensor), in that order, then trim all-padding leading columns."""
+        self.lengths = self.lengths[keep]
+        if self.rows == 0:
+            self.keys = [None] * self.num_layers
+            self.values = [None] * self.num_layers
+            return
+        drop = self.width - int(self.lengths.max().item())
+        for i in range(self.num_layers):
+            k, v = self.keys[i], self.values[i]
+            if k is None or v is None:
+                continue
+            # Views: the next step's cat or gather copies them into fresh, compact tensors and frees the old ones.
+            self.keys[i], self.values[i] = k[keep][:, :, drop:, :], v[keep][:, :, drop:, :]
 
 
-def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    if layer.keys is None or layer.values is None:
-        raise NotImplementedError("cache layer left uninitialised by the forward pass (KV sharing?)")
-    return layer.keys, layer.values
+def append_one(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The decode step: every row brings one token ([rows, heads, dim]); it becomes the newest column."""
+    return torch.cat([old, new.unsqueeze(2)], dim=2)
 
 
-def check_supported(cache: DynamicCache) -> None:
-    """Raise NotImplementedError unless every layer is a plain, initialised DynamicLayer."""
-    for layer in _layers(cache):
-        _kv(layer)
-
-
-def seq_len(cache: DynamicCache) -> int:
-    return int(cache.get_seq_length())
-
-
-def merge(running: DynamicCache, new: DynamicCache) -> DynamicCache:
-    """Append `new`'s rows after `running`'s, in place in `running`. The shorter side is left-padded with zero
-    columns (zeros, not garbage: masked columns still go through the attention matmul, and NaN * 0 = NaN)."""
-    a_layers, b_layers = _layers(running), _layers(new)
-    if len(a_layers) != len(b_layers):
-        raise ValueError(f"caches have {len(a_layers)} and {len(b_layers)} layers")
-    la, lb = seq_len(running), seq_len(new)
-    width = max(la, lb)
-    for a, b in zip(a_layers, b_layers, strict=True):
-        (ak, av), (bk, bv) = _kv(a), _kv(b)
-        a.keys = torch.cat([F.pad(ak, (0, 0, width - la, 0)), F.pad(bk, (0, 0, width - lb, 0))], dim=0)
-        a.values = torch.cat([F.pad(av, (0, 0, width - la, 0)), F.pad(bv, (0, 0, width - lb, 0))], dim=0)
-    return running
-
-
-def trim_left(cache: DynamicCache, columns: int) -> None:
-    """Drop the first `columns` columns of every row (the caller checked they are padding in all rows)."""
-    if columns <= 0:
-        return
-    for layer in _layers(cache):
-        keys, values = _kv(layer)
-        # A view: the next decode step's torch.cat copies it into a fresh, compact tensor and frees the old one.
-        layer.keys = keys[:, :, columns:, :]
-        layer.values = values[:, :, columns:, :]
-
-
-def select_rows(cache: DynamicCache, keep: torch.Tensor) -> None:
-    """Keep only the rows at indices `keep` (1-D long tensor), in that order."""
-    cache.batch_select_indices(keep)
+def append_with_newcomers(old: torch.Tensor | None, new: torch.Tensor, width: int, rows: int,
+                          newcomer_rows: torch.Tensor, newcomer_cols: torch.Tensor) -> torch.Tensor:
+    """A step that admits requests. `new` packs [tokens, heads, dim]: first one token per old row, then the
+    newcomers' prompt tokens; newcomer token i goes to row old_rows + newcomer_rows[i], column newcomer_cols[i].
+    Returns [rows (old and new), heads, width, dim] (width >= the old width + 1): old rows shifted right to end one
+    column before the last, their new token in the last column, everything else zero. One copy of the old cache,
+    as a plain append costs."""
+    r = 0 if old is None else old.shape[0]
+    out = new.new_zeros(rows, new.shape[1], width, new.shape[2])
+    if old is not None and r:
+        w = old.shape[2]
+        out[:r, :, width - 1 - w : width - 1] = old
+        out[:r, :, width - 1] = new[:r]
+    out[r + newcomer_rows, :, newcomer_cols] = new[r:]
+    return out

@@ -4,16 +4,27 @@ get a 422 naming them when set to a value we cannot honour."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-MAX_STOP = 4
+from service.generation.params import (
+    MAX_STOP,
+    MaxNewTokens,
+    Penalty,
+    RepetitionPenalty,
+    SamplingParams,
+    Seed,
+    StopSequence,
+    Temperature,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
+
 MAX_PROMPT_CHARS = 65_536
-StopSequence = Annotated[str, Field(min_length=1, max_length=64)]
 # accepted for compatibility; only these neutral values are honoured
-NEUTRAL: dict[str, Any] = {"frequency_penalty": 0.0, "typical_p": 1.0, "truncate": None, "best_of": 1,
-                           "watermark": False, "top_n_tokens": 0, "grammar": None}
+NEUTRAL: dict[str, Any] = {"typical_p": 1.0, "truncate": None, "best_of": 1, "watermark": False, "grammar": None}
 
 
 def neutral_only(neutral: dict[str, Any]) -> Any:
@@ -28,37 +39,52 @@ def neutral_only(neutral: dict[str, Any]) -> Any:
     return field_validator(*neutral)(classmethod(check))
 
 
+def sampling_dict(params: SamplingParams) -> dict[str, Any]:
+    """SamplingParams as the flat JSON-ready dict that crosses Redis; defaults left out to keep envelopes small."""
+    return params.model_dump(mode="json", exclude_defaults=True)
+
+
 class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    max_new_tokens: int = Field(20, ge=1, le=4096)     # the model's context limit is checked by its worker
+    # Bounds live in service.generation.params (one place for the gateway and the engine).
+    max_new_tokens: MaxNewTokens = 20     # the model's context limit is checked by its worker
     do_sample: bool = False
-    temperature: float | None = Field(None, gt=0.0, le=100.0)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    # Applied with OpenAI's formula (count of each generated token times the penalty, subtracted); TGI's own scales
+    # the logits of prompt and output tokens. Same range and neutral value, same intent.
+    frequency_penalty: Penalty | None = None
+    seed: Seed | None = None
     stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP)
     return_full_text: bool | None = False
     details: bool = False
     decoder_input_details: bool = False
+    top_n_tokens: TopLogprobs | None = None
     # accepted for compatibility; only their neutral values are honoured
-    frequency_penalty: float | None = None
     typical_p: float | None = None
     truncate: int | None = None
     best_of: int | None = None
     watermark: bool = False
-    top_n_tokens: int | None = None
     grammar: Any = None
 
     _neutral_only = neutral_only(NEUTRAL)
 
+    def to_sampling(self) -> SamplingParams:
+        """The engine's parameters. TGI reports log-probabilities (the chosen token's and top_n_tokens) from the
+        distribution the token was chosen from, after penalties and warpers: raw_logprobs stays False."""
+        return SamplingParams(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty,
+                              frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, stop=tuple(self.stop),
+                              want_prefill=self.decoder_input_details, top_logprobs=self.top_n_tokens or 0)
+
     def to_params(self, inputs: str) -> dict[str, Any]:
-        """What the generation worker reads (generation.SamplingParams fields plus the prompt)."""
-        return {"inputs": inputs, "max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop,
-                "want_prefill": self.decoder_input_details}
+        """What the generation worker reads: the prompt under `inputs`, and SamplingParams fields (those not at
+        their default) that `SamplingParams.model_validate` takes back."""
+        return {"inputs": inputs, **sampling_dict(self.to_sampling())}
 
 
 class GenerateRequest(BaseModel):

@@ -12,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from service import tracing
 from service.broker.streams import Delivery
-from service.errors import InferlineError, InputError
-from service.generation.engine import Engine, SamplingParams
+from service.errors import InferlineError, InputError, describe_validation
+from service.generation.engine import ERROR, Engine
+from service.generation.params import SamplingParams
 from service.logs import RepeatingError
 from service.model import LanguageModel
 from service.protocol import OP_GENERATE, OP_V2, Reply, TokenEvent, decode_payload
@@ -28,8 +33,6 @@ from service.worker.shell import Shell, expire
 
 log = logging.getLogger(__name__)
 
-PARAMS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-          "want_prefill")
 
 
 class ContinuousBatching:
@@ -42,6 +45,7 @@ class ContinuousBatching:
         self.max_batch_size = max_batch_size
         self.name = shell.spec.name
         self.v2_ids: dict[str, str | None] = {}   # requests that came through /v2 infer -> their v2 "id"
+        self.admitted: dict[str, int] = {}          # request id -> when it joined the engine (epoch ns)
         self.work = asyncio.Event()
         self.freed = asyncio.Event()
         self.model_thread = ModelThread()          # steps and cancels, one at a time, in order
@@ -99,6 +103,7 @@ class ContinuousBatching:
             try:
                 self._add(d)
                 self.shell.inflight[d.request_id] = d
+                self.admitted[d.request_id] = time.time_ns()
             except InferlineError as exc:
                 self.v2_ids.pop(d.request_id, None)
                 answers.append((d, Reply.error(d.request_id, exc.error_type, exc.message, exc.field)))
@@ -114,11 +119,10 @@ class ContinuousBatching:
             params = self._from_v2(d.request_id, blob, params.get("header_length"))
         elif d.envelope.op != OP_GENERATE:
             raise InputError(f"model {self.name} only generates text", "op")
-        prompt = params.get("inputs")
-        if not isinstance(prompt, str):
-            raise InputError("`inputs` must be a string", "inputs")
-        sampling = SamplingParams(**{k: params[k] for k in PARAMS if params.get(k) is not None})
-        self.engine.add(d.request_id, prompt, sampling)
+        prompt = params.pop("inputs", None)
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(type(t) is int for t in prompt)):
+            raise InputError("`inputs` must be a string or a list of token ids", "inputs")
+        self.engine.add(d.request_id, prompt, sampling_params(params))
 
     def _from_v2(self, rid: str, blob: bytes, header_length: int | None) -> dict[str, Any]:
         """An Open Inference Protocol request: one BYTES `text_input`, generation parameters in `parameters`."""
@@ -132,8 +136,7 @@ class ContinuousBatching:
         value = text.reshape(-1)[0]
         request_id = request.get("id")
         self.v2_ids[rid] = request_id if isinstance(request_id, str) else None
-        return {**{k: parameters[k] for k in PARAMS if k in parameters},
-                "inputs": value.decode(errors="replace") if isinstance(value, bytes) else str(value)}
+        return {**parameters, "inputs": value.decode(errors="replace") if isinstance(value, bytes) else str(value)}
 
     # stepping --------------------------------------------------------------------------------------------------
     async def step(self) -> None:
@@ -145,6 +148,7 @@ class ContinuousBatching:
                                                 f"{d.request_id}")) for d in lost])
             return
         self.shell.status.record_batch(len(events))
+        self.shell.metrics.batch_size.observe(len(events))
         self.shell.status.active = self.engine.num_running
         answers: list[tuple[Delivery, Reply]] = []
         finished: list[Delivery] = []
@@ -153,16 +157,30 @@ class ContinuousBatching:
             if d is None:
                 continue
             final = event.finish_reason is not None
-            if event.request_id in self.v2_ids:   # v2 answers once, with the whole text
+            if event.finish_reason == ERROR:   # this request failed alone (e.g. its sampling broke); the rest go on
+                self.v2_ids.pop(event.request_id, None)
+                answers.append((d, Reply.error(event.request_id, "generation", event.error or "generation failed")))
+            elif event.request_id in self.v2_ids:   # v2 answers once, with the whole text
                 if final:
-                    answers.append((d, self.v2_reply(event)))
+                    answers.append((d, self.timed(d, self.v2_reply(event), event.index + 1)))
+            elif final:
+                answers.append((d, self.timed(d, Reply(event.request_id, event.encode()), event.index + 1)))
             else:
-                answers.append((d, Reply(event.request_id, event.encode(), final=final)))
+                answers.append((d, Reply(event.request_id, event.encode(), final=False)))
             if final:
                 finished.append(d)
         if finished:
             self.freed.set()
         await self.shell.send(answers, finished)
+
+    def timed(self, d: Delivery, reply: Reply, tokens: int) -> Reply:
+        """A finished request's last reply, with where its time went: queued until admission, then generating."""
+        now = time.time_ns()
+        admitted = self.admitted.pop(d.request_id, now)
+        queued = float(max(0, admitted // 1_000_000 - d.arrived_ms))
+        if tracing.ENABLED:
+            tracing.record_generation(self.name, d.request_id, d.envelope.traceparent, admitted, now, queued, tokens)
+        return replace(reply, queued_ms=queued, compute_ms=(now - admitted) / 1e6, tokens=tokens)
 
     def v2_reply(self, event: TokenEvent) -> Reply:
         text = np.array([(event.generated_text or "").encode()], dtype=object)
@@ -174,6 +192,7 @@ class ContinuousBatching:
         self.freed.set()
         for d, _ in answered:
             self.v2_ids.pop(d.request_id, None)
+            self.admitted.pop(d.request_id, None)
         await self.shell.send(answered, [d for d, _ in answered])
         self.shell.status.active = self.engine.num_running
 
@@ -185,3 +204,13 @@ class ContinuousBatching:
         if late:
             await self._finish([(d, Reply.error(d.request_id, "timeout", f"request {d.request_id} passed its "
                                                 "deadline while generating")) for d, _ in late])
+
+
+def sampling_params(params: dict[str, Any]) -> SamplingParams:
+    """The request's generation parameters (what the gateway's schemas produced), validated once more by the same
+    type: a worker may be reached by other gateways or by hand. Raises InputError naming the field."""
+    try:
+        return SamplingParams.model_validate(params)
+    except ValidationError as exc:
+        message, field = describe_validation(exc.errors(include_url=False))
+        raise InputError(message, field=field) from None

@@ -52,6 +52,7 @@ class RowCodec:
         self.required = sig.inputs
         fields = self.request.model_fields if self.request is not None else {}
         self.text_fields = {n for n, f in fields.items() if _is_str(f.annotation)}
+        self.list_fields = {n for n, f in fields.items() if typing.get_origin(f.annotation) in (list, tuple)}
 
     # decoding --------------------------------------------------------------------------------------------------
     def decode(self, d: Delivery) -> Item:
@@ -130,9 +131,6 @@ class RowCodec:
         request_id = request.get("id")
         return Item(d, rows, V2, request_id if isinstance(request_id, str) else None, outputs)
 
-    def _fields(self) -> dict[str, Any]:
-        return self.request.model_fields if self.request is not None else {}
-
     def _cell(self, name: str, value: Any) -> Any:
         """One row's slice of a tensor column as its field wants it: a scalar (text decoded), a list, or the array
         itself for a Tensor field."""
@@ -140,7 +138,7 @@ class RowCodec:
         if spec.shape == [-1]:
             value = value.item() if isinstance(value, np.generic) else value
             return self._text(name, value) if name in self.text_fields else value
-        if typing.get_origin(self._fields()[name].annotation) in (list, tuple):
+        if name in self.list_fields:
             items = value.tolist()
             return [self._text(name, v) for v in items] if spec.datatype == "BYTES" else items
         return value
@@ -200,6 +198,8 @@ def _stack(spec: TensorSpec, values: list[Any]) -> np.ndarray:
     try:
         if spec.datatype == "BYTES":
             return np.array(values, dtype=object)
+        if len(values) == 1:   # one row: no copy beyond the dtype
+            return np.asarray(values[0], dtype=dtype)[None]
         return np.stack([np.asarray(v, dtype=dtype) for v in values])
     except ValueError as exc:   # ragged rows (e.g. forecasts of different lengths in one v2 request)
         raise InferlineError(f"output `{spec.name}` rows do not stack into one tensor: {exc}") from None

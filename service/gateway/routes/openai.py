@@ -104,8 +104,9 @@ async def stream(req: CompletionRequest, head: dict[str, Any],
                     completion_tokens += 1
                     prompt_tokens = prompt_tokens if item.index else prompt_tokens + item.prompt_tokens
                     finish = FINISH.get(item.finish_reason) if item.finish_reason else None
-                    # A special token (EOS) is not part of the text: the chunks must add up to the completion.
-                    text = "" if item.special else item.text
+                    # The engine leaves special tokens (EOS) and held-back stop text out of `text` on OpenAI requests
+                    # (include_stop_sequence=False): the chunks add up to the completion as they are.
+                    text = item.text
                     yield chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": finish}])
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield chunk([], usage=usage(prompt_tokens, completion_tokens))
