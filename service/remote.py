@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -21,6 +22,8 @@ from service.supervisor import read_state
 
 
 def client_of(args: argparse.Namespace) -> Client:
+    # httpx logs every request at INFO: on a terminal that would scroll `top` away and interleave with `generate`.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return Client(args.url, args.api_key, timeout=args.timeout)
 
 
@@ -88,19 +91,14 @@ def scrape(client: Client) -> top.Scrape:
 
 @guarded
 def cmd_list(args: argparse.Namespace) -> int:
-    """inferline models: one line per served model (p50 since the gateway started, for task-bound models)."""
+    """inferline models: one line per served model (p50 latency since the gateway started)."""
     with client_of(args) as client:
         models = client.models()
         metrics = scrape(client)
-    body = []
-    for card in models:
-        window: dict[float, float] = {}
-        for route in top.TASK_ROUTES.get(card.task or "", ()):
-            for le, count in metrics.buckets.get(route, {}).items():
-                window[le] = window.get(le, 0.0) + count
-        body.append([card.id, card.version or "-", card.task or "-", f"{card.live_replicas}/{card.replicas}",
-                     ",".join(card.devices) or "-", str(card.queue_depth), top.ms(top.quantile(0.5, window))])
-    print(top.table(["MODEL", "VERSION", "TASK", "LIVE", "DEVICE", "QUEUE", "P50 MS"], body))
+    body = [[card.id, card.version or "-", card.task or "-", f"{card.live_replicas}/{card.replicas}",
+             ",".join(card.devices) or "-", str(card.queue_depth),
+             top.ms(top.quantile(0.5, metrics.buckets.get(card.id, {})))] for card in models]
+    print(top.table(["MODEL", "VERSION", "TASK", "LIVE", "DEVICE", "QUEUE", "P50_MS"], body))
     return 0
 
 

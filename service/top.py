@@ -1,8 +1,8 @@
-"""`inferline top`: a per-model view of a running deployment, from what any client can read — /v1/models (version,
-replicas, devices, queue depth) and /metrics (the gateway's Prometheus text). Rates come from the difference of two
-scrapes: req/s and tokens/s from the workers' item counts, batch size from items per batch, p50/p99 from the latency
-histogram of the routes bound to the model's task (the gateway labels latency by route, not by model). No web stack,
-no Redis: only the client and prometheus_client's text parser."""
+"""`inferline top`: a per-model view of a running deployment, from what any client can read: /v1/models (version,
+replicas, devices, queue depth) and /metrics (the gateway's Prometheus text, labelled by model). Rates come from the
+difference of two scrapes: req/s from the requests counter, tokens/s from the generated-tokens counter, batch size
+from the batch-size histogram (items per batch), p50/p99 from the latency histogram's buckets. No web stack, no Redis:
+only the client and prometheus_client's text parser."""
 
 from __future__ import annotations
 
@@ -14,34 +14,46 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inferline.client.types import ModelCard
 
-# The routes whose latency belongs to a model bound to each task (routes/*.py).
-TASK_ROUTES = {"classify-image": ("/classify-image",), "forecast": ("/forecast",), "sentiment": ("/sentiment",),
-               "classify-text": ("/classify-text",), "generate": ("/generate", "/generate_stream", "/")}
-LATENCY = "inferline_request_seconds"
-
 
 @dataclass
 class Scrape:
-    """One reading of /metrics: per-model worker counters and per-route latency buckets."""
+    """One reading of /metrics, per model: cumulative counters, latency buckets, and the oldest pending age."""
 
     at: float
-    items: dict[str, float] = field(default_factory=dict)
+    requests: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)
+    batch_items: dict[str, float] = field(default_factory=dict)
     batches: dict[str, float] = field(default_factory=dict)
-    buckets: dict[str, dict[float, float]] = field(default_factory=dict)   # route -> le -> cumulative count
+    oldest_s: dict[str, float] = field(default_factory=dict)
+    buckets: dict[str, dict[float, float]] = field(default_factory=dict)   # model -> le -> cumulative count
+
+
+def _add(into: dict[str, float], model: str, value: float) -> None:
+    into[model] = into.get(model, 0.0) + value
 
 
 def parse(text: str, at: float) -> Scrape:
     scrape = Scrape(at)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "inferline_worker_items":
-                scrape.items[sample.labels["model"]] = sample.value
-            elif sample.name == "inferline_worker_batches":
-                scrape.batches[sample.labels["model"]] = sample.value
-            elif sample.name == LATENCY + "_bucket":
+            model = sample.labels.get("model", "")
+            if not model:
+                continue
+            name = sample.name
+            if name == "inferline_requests_total":
+                _add(scrape.requests, model, sample.value)
+            elif name == "inferline_generated_tokens_total":
+                _add(scrape.tokens, model, sample.value)
+            elif name == "inferline_batch_size_sum":
+                _add(scrape.batch_items, model, sample.value)
+            elif name == "inferline_batch_size_count":
+                _add(scrape.batches, model, sample.value)
+            elif name == "inferline_oldest_pending_age_seconds":
+                scrape.oldest_s[model] = sample.value
+            elif name == "inferline_request_seconds_bucket":   # summed over the model's routes
+                buckets = scrape.buckets.setdefault(model, {})
                 le = float(sample.labels["le"])
-                route = scrape.buckets.setdefault(sample.labels["route"], {})
-                route[le] = route.get(le, 0.0) + sample.value
+                buckets[le] = buckets.get(le, 0.0) + sample.value
     return scrape
 
 
@@ -66,33 +78,40 @@ def quantile(q: float, buckets: dict[float, float]) -> float | None:
 class Row:
     name: str
     version: str
+    kind: str
     live: str
     devices: str
     queue: int
-    rate: float | None          # requests (items) per second; tokens per second for a generation model
-    batch: float | None
+    oldest_s: float | None
+    rate: float | None          # requests per second
+    tokens: float | None        # tokens per second (generation models)
+    batch: float | None         # items per batch
     p50: float | None
     p99: float | None
-    kind: str
+
+
+def delta(now: dict[str, float], before: dict[str, float], model: str) -> float:
+    return now.get(model, 0.0) - before.get(model, 0.0)
 
 
 def rows(cards: Iterable[ModelCard], now: Scrape, before: Scrape | None) -> list[Row]:
+    """One row per model; rates need `before` (an earlier scrape), else they are None."""
     out = []
     for card in cards:
-        rate = batch = p50 = p99 = None
+        rate = tokens = batch = p50 = p99 = None
         if before is not None and now.at > before.at:
-            items = now.items.get(card.id, 0.0) - before.items.get(card.id, 0.0)
-            batches = now.batches.get(card.id, 0.0) - before.batches.get(card.id, 0.0)
-            if items >= 0:   # a restarted worker resets its counters: show nothing for that interval
-                rate = items / (now.at - before.at)
-                batch = items / batches if batches > 0 else None
-            window: dict[float, float] = {}
-            for route in TASK_ROUTES.get(card.task or "", ()):
-                for le, count in now.buckets.get(route, {}).items():
-                    window[le] = window.get(le, 0.0) + count - before.buckets.get(route, {}).get(le, 0.0)
+            seconds = now.at - before.at
+            rate = delta(now.requests, before.requests, card.id) / seconds
+            if card.kind == "generation":
+                tokens = delta(now.tokens, before.tokens, card.id) / seconds
+            batches = delta(now.batches, before.batches, card.id)
+            batch = delta(now.batch_items, before.batch_items, card.id) / batches if batches > 0 else None
+            earlier = before.buckets.get(card.id, {})
+            window = {le: count - earlier.get(le, 0.0) for le, count in now.buckets.get(card.id, {}).items()}
             p50, p99 = quantile(0.5, window), quantile(0.99, window)
-        out.append(Row(card.id, card.version or "-", f"{card.live_replicas}/{card.replicas}",
-                       ",".join(card.devices) or "-", card.queue_depth, rate, batch, p50, p99, card.kind or "-"))
+        out.append(Row(card.id, card.version or "-", card.kind or "-", f"{card.live_replicas}/{card.replicas}",
+                       ",".join(card.devices) or "-", card.queue_depth, now.oldest_s.get(card.id), rate, tokens,
+                       batch, p50, p99))
     return out
 
 
@@ -112,10 +131,9 @@ def table(headers: list[str], body: list[list[str]]) -> str:
 
 
 def render(view: list[Row], url: str, interval_s: float) -> str:
-    """The top frame: one line per model. rate is req/s, or tok/s for a generation model."""
-    body = [[r.name, r.version, r.kind, r.live, r.devices, str(r.queue),
-             num(r.rate) + (" tok/s" if r.kind == "generation" and r.rate is not None else ""), num(r.batch),
-             ms(r.p50), ms(r.p99)] for r in view]
+    """The top frame: a header line, a blank line, the column names and one line per model."""
+    body = [[r.name, r.version, r.kind, r.live, r.devices, str(r.queue), ms(r.oldest_s), num(r.rate), num(r.tokens),
+             num(r.batch), ms(r.p50), ms(r.p99)] for r in view]
     head = f"inferline top - {url} - every {interval_s:g} s (Ctrl-C quits)"
-    return head + "\n\n" + table(["MODEL", "VERSION", "KIND", "LIVE", "DEVICE", "QUEUE", "REQ/S", "BATCH", "P50 MS",
-                                  "P99 MS"], body)
+    return head + "\n\n" + table(["MODEL", "VERSION", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS", "REQ/S",
+                                  "TOK/S", "BATCH", "P50_MS", "P99_MS"], body)

@@ -94,7 +94,7 @@ def test_models_table_shows_the_live_models(up: Up) -> None:
     table = up.cli("models", "--url", up.url)   # --url beats INFERLINE_URL; both name the same gateway here
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.strip().splitlines()
-    assert header.split() == ["MODEL", "VERSION", "TASK", "LIVE", "DEVICE", "QUEUE", "P50", "MS"]
+    assert header.split() == ["MODEL", "VERSION", "TASK", "LIVE", "DEVICE", "QUEUE", "P50_MS"]
     by_model = {row.split()[0]: row.split() for row in rows}
     assert set(by_model) == {"lstm", "cnn", "gpt2"}
     assert by_model["lstm"][2:6] == ["forecast", "1/1", "cpu", "0"] and by_model["lstm"][6] != "-"
@@ -118,37 +118,51 @@ def test_generate_streams_the_text(up: Up) -> None:
     assert re.search(r"\[(length|eos_token|stop_sequence), \d+ tokens\]", out.stderr)
 
 
+COLUMNS = ["MODEL", "VERSION", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS", "REQ/S", "TOK/S", "BATCH", "P50_MS",
+           "P99_MS"]
+
+
+def top_rows(frame: str) -> dict[str, dict[str, str]]:
+    """A top frame's table: model -> column -> cell (empty when the frame has no table yet)."""
+    lines = [line for line in frame.splitlines()[2:] if line.strip()]
+    if not lines or lines[0].split() != COLUMNS:
+        return {}
+    rows = [line.split() for line in lines[1:]]
+    assert all(len(row) == len(COLUMNS) for row in rows), frame   # nothing else on the screen (no log lines)
+    return {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in rows}
+
+
+def busy(rows: dict[str, dict[str, str]]) -> bool:
+    lstm = rows.get("lstm", {})
+    return lstm.get("REQ/S", "-") not in ("-", "0.0") and lstm.get("BATCH", "-") != "-"
+
+
 def test_top_in_a_terminal_shows_each_model(up: Up) -> None:
     pid, fd = pty.fork()
     if pid == 0:   # the child: `inferline top` on a pseudo-terminal, as a user would run it
         os.chdir(up.cwd)
         os.execve(sys.executable, [sys.executable, "-m", "service.cli", "top", "--interval", "0.5"],
                   child_env(INFERLINE_URL=up.url, PYTHONPATH=str(ROOT)))
-    screen = b""
+    screen, frame = b"", ""
     try:
-        deadline = time.monotonic() + 60
-        traffic = 0
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:   # send forecasts until a frame shows them (worker stats lag a beat)
             httpx.post(up.url + "/forecast", json={"series": SERIES, "horizon": 2}, timeout=60)
-            traffic += 1
-            if select.select([fd], [], [], 0.2)[0]:
-                try:
-                    screen += os.read(fd, 65536)
-                except OSError:
-                    break
-            frames = screen.split(b"\x1b[H\x1b[2J")
-            if len(frames) > 3 and b"lstm" in frames[-2]:
+            while select.select([fd], [], [], 0.05)[0]:
+                screen += os.read(fd, 65536)
+            frames = screen.decode(errors="replace").split("\x1b[H\x1b[2J")
+            if len(frames) > 2 and busy(top_rows(frames[-2])):
+                frame = frames[-2]   # the last complete frame
                 break
-        frame = screen.split(b"\x1b[H\x1b[2J")[-2].decode()
     finally:
         os.kill(pid, 2)
         os.waitpid(pid, 0)
         os.close(fd)
-    assert "inferline top" in frame and "REQ/S" in frame
-    rows = {line.split()[0]: line.split() for line in frame.splitlines()[2:] if line.strip()}
+    assert frame.startswith("inferline top"), screen[-3000:]
+    rows = top_rows(frame)
     assert {"lstm", "cnn", "gpt2"} <= set(rows), frame
-    assert rows["gpt2"][2] == "generation" and rows["lstm"][3] == "1/1"
-    assert float(rows["lstm"][6]) > 0, frame   # the forecasts sent meanwhile show as req/s
+    assert rows["gpt2"]["KIND"] == "generation" and rows["lstm"]["LIVE"] == "1/1"
+    assert rows["lstm"]["P50_MS"] != "-" and float(rows["lstm"]["BATCH"]) >= 1, frame
 
 
 def test_down_stops_it(up: Up) -> None:
