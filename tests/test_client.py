@@ -231,9 +231,13 @@ class Recorder:
 
 
 def hold_capped(url: str, seconds: float) -> threading.Thread:
-    """Fill `capped`'s queue (cap 1) with one request that runs for `seconds`."""
-    thread = threading.Thread(target=httpx.post, args=(url + "/v1/models/capped/predict",),
-                              kwargs={"json": {"sleep_s": seconds}, "timeout": 60})
+    """Fill `capped`'s queue (cap 1) with one request that runs for `seconds` (sent with retries: a probe of
+    wait_until_refused may hold the one slot for a moment)."""
+    def hold() -> None:
+        with Client(url) as client:
+            client.predict("capped", {"sleep_s": seconds})
+
+    thread = threading.Thread(target=hold)
     thread.start()
     return thread
 
