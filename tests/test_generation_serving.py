@@ -306,7 +306,7 @@ def test_openai_client_errors(oai: openai.OpenAI) -> None:
         assert body["error"]["param"] == param and body["error"]["code"] == code and body["error"]["message"]
 
     with pytest.raises(openai.UnprocessableEntityError) as e422:
-        oai.completions.create(model="gpt2", prompt="x", n=2)
+        oai.completions.create(model="gpt2", prompt="x", n=9)
     check(e422.value, "n", "validation")
     assert e422.value.body["type"] == "invalid_request_error"   # type: ignore[index]
     with pytest.raises(openai.NotFoundError) as e404:
@@ -359,8 +359,12 @@ OPENAI_INVALID = [
     ({"prompt": "x", "temperature": -1}, 422, "temperature"),
     ({"prompt": "x", "top_p": 1.5}, 422, "top_p"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
-    ({"prompt": "x", "n": 2}, 422, "n"),
-    ({"prompt": "x", "best_of": 2}, 422, "best_of"),
+    ({"prompt": "x", "n": 9}, 422, "n"),
+    ({"prompt": ["x"] * 16, "n": 5}, 422, "n"),                       # 80 sequences: more than one request may start
+    ({"prompt": "x", "n": 3, "best_of": 2}, 422, "best_of"),
+    ({"prompt": "x", "suffix": "y"}, 422, "suffix"),
+    ({"prompt": [1, -2]}, 422, "prompt"),
+    ({"prompt": [10**9]}, 422, "prompt"),                             # outside the vocabulary: checked by the worker
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 
