@@ -11,5 +11,13 @@ if ! { [ -x /usr/bin/redis-server ] && command -v openssl >/dev/null; }; then
     echo "test.sh: no /usr/bin/redis-server or openssl; the TLS Redis tests will be skipped" >&2
   fi
 fi
+# The observability tests run Debian's Prometheus (a real server, and promtool) against a live gateway.
+if ! command -v promtool >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq prometheus >/dev/null || echo "test.sh: apt-get install prometheus failed" >&2
+  else
+    echo "test.sh: no promtool and no root apt-get; the Prometheus tests will be skipped" >&2
+  fi
+fi
 . .venv/bin/activate
 exec python -m pytest -q -p no:cacheprovider "$@"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from service import logs, tracing
 from service.config import ConfigError, Settings
 
 
@@ -107,6 +107,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         gw.tls_certfile, gw.tls_keyfile = args.tls_cert, args.tls_key
         if not (gw.tls_certfile and gw.tls_keyfile):
             raise ConfigError("--tls-cert and --tls-key go together")
+    tracing.setup("inferline-gateway")
     port = args.port or gw.port
     tls = {"ssl_certfile": str(gw.tls_certfile), "ssl_keyfile": str(gw.tls_keyfile)} if gw.tls_certfile else {}
     scheme = "https" if tls else "http"
@@ -261,11 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config:
         os.environ["INFERLINE_CONFIG"] = args.config
-    logging.basicConfig(level=os.environ.get("INFERLINE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        logs.configure()
+    except ValueError as exc:
+        print(f"inferline: {exc}", file=sys.stderr)
+        return 2
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, tracing.TracingError) as exc:
         print(f"inferline: {exc}", file=sys.stderr)
         return 2
     return code

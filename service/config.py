@@ -84,6 +84,7 @@ class GatewaySettings(BaseModel):
     header_timeout_s: float = Field(10.0, gt=0, le=300)    # from connection (or first byte) to the end of headers
     keep_alive_s: float = Field(5.0, gt=0, le=300)         # idle between requests on a kept-alive connection
     max_connections: int = Field(2048, ge=1, le=1_000_000)   # beyond it uvicorn answers 503
+    access_log: bool = True    # one line per request on the "inferline.access" logger (INFERLINE_LOG_FORMAT=json)
     tls_certfile: Path | None = None                       # both set: the gateway serves HTTPS only
     tls_keyfile: Path | None = None
 

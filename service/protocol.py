@@ -48,14 +48,20 @@ class Envelope:
     reply_to: str          # the gateway's reply stream
     deadline_ms: int       # wall-clock epoch ms; past it nobody waits for the answer
     op: str
+    traceparent: str = ""  # W3C trace context of the gateway's request span; "" (and no field) when tracing is off
 
     def fields(self) -> dict[str, str | int]:
-        return {"id": self.request_id, "reply": self.reply_to, "deadline": self.deadline_ms, "op": self.op}
+        out: dict[str, str | int] = {"id": self.request_id, "reply": self.reply_to, "deadline": self.deadline_ms,
+                                     "op": self.op}
+        if self.traceparent:
+            out["tp"] = self.traceparent
+        return out
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Envelope:
         return cls(request_id=fields[b"id"].decode(), reply_to=fields[b"reply"].decode(),
-                   deadline_ms=int(fields[b"deadline"]), op=fields[b"op"].decode())
+                   deadline_ms=int(fields[b"deadline"]), op=fields[b"op"].decode(),
+                   traceparent=fields.get(b"tp", b"").decode())
 
 
 def encode_payload(params: dict[str, Any] | bytes, blob: bytes = b"") -> bytes:
@@ -79,12 +85,19 @@ def decode_payload(raw: bytes) -> tuple[dict[str, Any], bytes]:
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One answer (or one streamed piece of an answer). `body` is JSON bytes: the response body itself on success,
-    the neutral error body {"error", "error_type", "field"?} otherwise."""
+    the neutral error body {"error", "error_type", "field"?} otherwise.
+
+    The timings say where the time went (metrics and the access log); a reply that never ran (an error before the
+    model, a streamed token that is not the last) leaves them 0."""
 
     request_id: str
     body: bytes
     error_type: str = ""   # "" on success, else an errors.InferlineError type
     final: bool = True
+    queued_ms: float = 0.0   # from arrival on the stream (Redis's clock) until the worker started on it
+    compute_ms: float = 0.0  # the worker's own time on it: the batch's model call, or a generation from admission
+    batch_size: int = 0      # requests in the batch it ran in (dynamic batching); 0 when not run
+    tokens: int = 0          # tokens generated (language models, on the final reply)
 
     @property
     def ok(self) -> bool:
@@ -108,23 +121,28 @@ class Reply:
 
 
 def pack_replies(replies: list[Reply]) -> bytes:
-    """Many replies as one value: per reply, a JSON header [id, error_type, final] and the body."""
+    """Many replies as one value: per reply, a JSON header [id, error_type, final, queued_ms, compute_ms,
+    batch_size, tokens] and the body. A reply without timings sends the short header [id, error_type, final]."""
     parts = []
     for r in replies:
-        head = orjson.dumps([r.request_id, r.error_type, r.final])
+        if r.batch_size or r.tokens or r.compute_ms:
+            head = orjson.dumps([r.request_id, r.error_type, r.final, round(r.queued_ms, 3), round(r.compute_ms, 3),
+                                 r.batch_size, r.tokens])
+        else:
+            head = orjson.dumps([r.request_id, r.error_type, r.final])
         parts += [_FRAME.pack(len(head), len(r.body)), head, r.body]
     return b"".join(parts)
 
 
 def unpack_replies(data: bytes) -> list[Reply]:
-    """Inverse of pack_replies."""
+    """Inverse of pack_replies (either header)."""
     out, pos = [], 0
     while pos < len(data):
         n_head, n_body = _FRAME.unpack_from(data, pos)
         pos += _FRAME.size
-        request_id, error_type, final = orjson.loads(data[pos:pos + n_head])
+        head = orjson.loads(data[pos:pos + n_head])
         pos += n_head
-        out.append(Reply(request_id, data[pos:pos + n_body], error_type, final))
+        out.append(Reply(head[0], data[pos:pos + n_body], *head[1:]))
         pos += n_body
     return out
 
@@ -233,6 +251,9 @@ class WorkerStatus:
     max_batch: int = 0
     active: int = 0            # sequences in flight (generation workers)
     beat: int = 0              # epoch ms of the last beat
+    rss_bytes: int = 0         # the process's resident memory, at the last beat
+    cpu_ms: int = 0            # the process's CPU time (user + system) so far
+    device_memory_bytes: int = 0   # memory the framework holds on its CUDA device (0 on CPU)
 
     def record_batch(self, size: int) -> None:
         self.batches += 1

@@ -122,6 +122,7 @@ class Cluster:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.gateway: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.env: dict[str, str] = {}   # more environment for every process started from now on
 
     def spec(self, name: str, **spec: Any) -> dict[str, Any]:
         self.specs[name] = {"name": name, **spec}
@@ -129,7 +130,8 @@ class Cluster:
 
     def start_worker(self, model: str, wait: bool = True) -> subprocess.Popen[bytes]:
         before = {w.get("pid") for w in live_workers(self.client, model)}
-        env = child_env(REDIS_URL=self.redis_url, INFERLINE_MODEL_SPEC=json.dumps(self.specs[model], default=str))
+        env = child_env(REDIS_URL=self.redis_url, INFERLINE_MODEL_SPEC=json.dumps(self.specs[model], default=str),
+                        **self.env)
         with (self.tmp / f"worker-{model}-{len(self.workers)}.log").open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "service.worker.main"], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=ROOT)
@@ -149,7 +151,7 @@ class Cluster:
             lines += [f"{k} = {toml_value(v)}" for k, v in spec.items() if k != "name"]
         config.write_text("\n".join(lines) + "\n")
         port = embedded.free_port()
-        env = child_env(REDIS_URL=self.redis_url, INFERLINE_CONFIG=str(config))
+        env = child_env(REDIS_URL=self.redis_url, INFERLINE_CONFIG=str(config), **self.env)
         with (self.tmp / "gateway.log").open("wb") as log:
             self.gateway = subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", "--port", str(port)],
                                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

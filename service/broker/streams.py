@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 REPLY_MAXLEN = 100_000
 
 # KEYS: request stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope fields, then the cap in
-# bytes (0: none). Returns the queue length before the add, or -1 when the queue is at a cap (nothing written).
+# bytes (0: none), then the W3C traceparent ('' when tracing is off: no field). Returns the queue length before the
+# add, or -1 when the queue is at a cap (nothing written).
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
 # ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
 # so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
@@ -51,8 +52,13 @@ if n > 0 and cap_bytes > 0 then
 end
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
-redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
-           'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
+if ARGV[9] and ARGV[9] ~= '' then
+  redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
+             'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7], 'tp', ARGV[9])
+else
+  redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
+             'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
+end
 return n
 """
 
@@ -68,6 +74,11 @@ class Delivery:
     @property
     def request_id(self) -> str:
         return self.envelope.request_id
+
+    @property
+    def arrived_ms(self) -> int:
+        """When the entry reached the stream: its id's time part, Redis's clock (epoch ms)."""
+        return int(self.entry_id.split(b"-", 1)[0])
 
 
 class Enqueuer:
@@ -89,7 +100,8 @@ class Enqueuer:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         args = [keys.request_stream(model), cap, keep_ms, payload,
-                envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, cap_bytes]
+                envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, cap_bytes,
+                envelope.traceparent]
         if not self.pending:
             loop.call_soon(self._flush)
         self.pending.append((args, future))
@@ -214,6 +226,12 @@ class ModelQueue:
         deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
+        if deliveries:   # counted now, in Redis: the worker that claimed them may die on the next one
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(keys.stats(self.model), keys.STAT_RECLAIMED, len(deliveries))
+                if fresh:
+                    pipe.hincrby(keys.stats(self.model), keys.STAT_REDELIVERED, len(fresh))
+                await pipe.execute()
         return fresh, exhausted
 
     async def refresh_claims(self, deliveries: Sequence[Delivery]) -> None:
@@ -232,6 +250,7 @@ class ModelQueue:
                 pipe.xadd(dlq, {"id": d.request_id, "entry": d.entry_id, "tries": d.tries, "reason": reason,
                                 "op": d.envelope.op},   # metadata only: no payload outlives its request
                           maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.hincrby(keys.stats(self.model), keys.STAT_DEAD_LETTERED, len(deliveries))
             await pipe.execute()
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
         await self.reply([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries])

@@ -37,7 +37,7 @@ from service.gateway.routes import (
     sentiment,
 )
 from service.gateway.security import Security, auth_enforced
-from service.metrics import GatewayMetrics
+from service.metrics import GatewayMetrics, configured_replicas
 from service.protocol import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> Any:
     """The full gateway app (FastAPI for the API surface and docs) wrapped in the Edge layer."""
     if not settings.redis_url:
         raise ValueError("the gateway needs settings.redis_url")
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(configured_replicas(settings.models.values()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,7 +110,7 @@ def create_app(settings: Settings) -> Any:
     if auth_enforced(settings):   # off: no layer at all, the hot path exactly as without keys
         inner = Security(inner, app, settings)
     return Edge(inner, settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s,
-                max_headers=settings.gateway.max_headers)
+                max_headers=settings.gateway.max_headers, access_log=settings.gateway.access_log)
 
 
 def error_response(request: Request, exc: InferlineError) -> Response:

@@ -23,6 +23,7 @@ from service.broker.client import BROKER_ERRORS, Redis
 from service.broker.streams import Cancels, Enqueuer, ReplyInbox
 from service.config import ModelSpec, Settings
 from service.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, typed
+from service.gateway import edge
 from service.ids import new_id
 from service.logs import RepeatingError
 from service.metrics import GatewayMetrics
@@ -83,7 +84,11 @@ class Dispatcher:
         # Every request to a model has the model's timeout, so every entry older than that (and a grace) is
         # one nobody waits for: the enqueue trims those.
         timeout_ms = int(spec.timeout_s * 1000)
-        envelope = Envelope(request_id, self.reply_stream, now_ms() + timeout_ms, op)
+        record = edge.current.get()
+        if record is not None:
+            record.model = spec.name
+        envelope = Envelope(request_id, self.reply_stream, now_ms() + timeout_ms, op,
+                            record.traceparent if record is not None else "")
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
                                                 timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes)
@@ -114,6 +119,7 @@ class Dispatcher:
         finally:
             timer.cancel()
             self.waiters.pop(request_id, None)
+        self.observe(spec.name, reply)
         if not reply.ok:
             raise reply_error(reply)
         return reply
@@ -136,6 +142,8 @@ class Dispatcher:
                 except TimeoutError:
                     raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
                                            f"{timeout:g} s") from None
+                if reply.final or not reply.ok:
+                    self.observe(spec.name, reply)
                 if not reply.ok:
                     raise reply_error(reply)
                 yield reply
@@ -143,6 +151,18 @@ class Dispatcher:
                     return
         finally:
             self.waiters.pop(request_id, None)
+
+    def observe(self, model: str, reply: Reply) -> None:
+        """The worker's timings of a final reply: into the queue-wait / compute histograms and the request's record
+        (its access-log line). A reply that never ran (an error before the model) has none."""
+        if not (reply.batch_size or reply.tokens or reply.compute_ms):
+            return
+        self.metrics.queue_wait.labels(model).observe(reply.queued_ms / 1000)
+        self.metrics.compute.labels(model).observe(reply.compute_ms / 1000)
+        record = edge.current.get()
+        if record is not None:
+            record.queued_ms, record.compute_ms = reply.queued_ms, reply.compute_ms
+            record.batch_size, record.tokens = reply.batch_size, reply.tokens
 
     async def cancel(self, model: str, request_id: str) -> None:
         """Tell the model's workers the caller is gone, so they drop the request (best effort)."""

@@ -1,20 +1,44 @@
-"""The outermost ASGI layer: request ids, body-size limit, metrics, and a last-resort 500 in the right
-error shape. Pure ASGI (no per-request object churn): it sits on every request's path."""
+"""The outermost ASGI layer: request ids, body-size limit, request metrics, the access log, the request's trace span,
+and a last-resort 500 in the right error shape. Pure ASGI (no per-request object churn): it sits on every request's
+path. What the layers below learn of a request (its model, the worker's timings) they write into the
+RequestRecord of `current`, a context variable this layer sets for each request."""
 
 from __future__ import annotations
 
 import logging
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.errors import HeadersTooLarge, InferlineError, PayloadTooLarge
 from service.gateway.errors import render
 from service.ids import new_id
+from service.logs import ACCESS_FORMAT, ACCESS_LOGGER
 from service.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
+access = logging.getLogger(ACCESS_LOGGER)
+
+
+class RequestRecord:
+    """What one request's log line, metrics and span need from below the edge. The dispatcher fills it."""
+
+    __slots__ = ("request_id", "traceparent", "model", "queued_ms", "compute_ms", "batch_size", "tokens")
+
+    def __init__(self, request_id: str, traceparent: str = "") -> None:
+        self.request_id = request_id
+        self.traceparent = traceparent   # the gateway span's, for the envelope ("" when tracing is off)
+        self.model = ""
+        self.queued_ms = 0.0
+        self.compute_ms = 0.0
+        self.batch_size = 0
+        self.tokens = 0
+
+
+current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)
 
 
 def sane_id(value: str) -> bool:
@@ -23,8 +47,9 @@ def sane_id(value: str) -> bool:
 
 class Edge:
     def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: GatewayMetrics, retry_after_s: int,
-                 max_headers: int = 100) -> None:
+                 max_headers: int = 100, access_log: bool = True) -> None:
         self.app = app
+        self.access_log = access_log
         self.max_headers = max_headers
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -36,14 +61,24 @@ class Edge:
             return
         started = time.perf_counter()
         wanted = ""
+        incoming_trace = ""
         length = -1
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 wanted = value.decode("latin-1")
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else -1
+            elif name == b"traceparent":
+                incoming_trace = value.decode("latin-1")
         request_id = wanted if sane_id(wanted) else new_id()
         scope.setdefault("state", {})["request_id"] = request_id
+        span: Any = None
+        if tracing.ENABLED:
+            span, traceparent = tracing.start_request(scope["method"], scope["path"], incoming_trace, request_id)
+            record = RequestRecord(request_id, traceparent)
+        else:
+            record = RequestRecord(request_id)
+        token = current.set(record)
         id_header = (b"x-request-id", request_id.encode())
         status = 500
         started_response = False
@@ -93,7 +128,15 @@ class Edge:
                 log.exception("unhandled error path=%s id=%s", scope["path"], request_id)
                 await send_error(InferlineError(f"internal error while handling request {request_id}"))
         finally:
+            current.reset(token)
+            elapsed = time.perf_counter() - started
             route: Any = scope.get("route")
-            label = scope.get("inferline.route") or getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+            label = str(scope.get("inferline.route") or getattr(route, "path", "unmatched"))
+            model = record.model
+            self.metrics.requests.labels(model, label, str(status)).inc()
+            self.metrics.latency.labels(model, label).observe(elapsed)
+            if self.access_log:
+                access.info(ACCESS_FORMAT, request_id, scope["method"], label, model or "-", status, elapsed * 1e3,
+                            record.queued_ms, record.compute_ms, record.batch_size, record.tokens)
+            if span is not None:
+                tracing.end_request(span, scope["method"], label, status, model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,15 +57,27 @@ async def token_events(d: Dispatcher, model: str, params: dict[str, Any],
     rid = d.new_request_id(rid)   # a client reusing one x-request-id must not share a reply waiter
     expected = 0
     finished = False
+    started = time.perf_counter()
+    first = last = 0.0
     try:
         async for reply in d.stream(model, OP_GENERATE, params, rid):
             event = TokenEvent.decode(reply.body)
             if event.index < expected:
                 continue
+            last = time.perf_counter()
+            if expected == 0:
+                first = last
+                d.metrics.ttft.labels(model).observe(first - started)
             expected = event.index + 1
             finished = event.finish_reason is not None
+            if finished:
+                d.metrics.prompt_tokens.labels(model).inc(event.prompt_tokens)
+                if expected > 1:
+                    d.metrics.tpot.labels(model).observe((last - first) / (expected - 1))
             yield event
     finally:
+        if expected:   # the tokens the caller was sent, whether or not it stayed to the end
+            d.metrics.generated_tokens.labels(model).inc(expected)
         if not finished:   # we may be inside a cancellation: fire and forget, keeping a reference
             task = asyncio.get_running_loop().create_task(d.cancel(model, rid))
             _cancelling.add(task)

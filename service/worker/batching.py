@@ -12,7 +12,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
+from service import tracing
 from service.broker.streams import Delivery
 from service.errors import InferlineError, InputError
 from service.logs import RepeatingError
@@ -141,17 +143,28 @@ class DynamicBatching:
             self.shell.inflight[d.request_id] = d
         live, answers = expire(batch)
         if live:
+            started_ns = time.time_ns()
             started = time.perf_counter()
             if self.traffic.busy or not self.quick:
                 replies = await self.model_thread.run(self.executor.run, live)
             else:   # a lone, quick batch: the hand-off to the model thread and back would cost more (~0.3 ms)
                 replies = self.executor.run(live)
-            answers += zip(live, replies, strict=True)
+            took = time.perf_counter() - started
+            n = len(live)
+            start_ms = started_ns // 1_000_000
+            # queued: since arrival on the stream (Redis's clock; ours on one host, NTP-close across hosts)
+            timed = [replace(r, queued_ms=float(max(0, start_ms - d.arrived_ms)), compute_ms=took * 1e3, batch_size=n)
+                     for d, r in zip(live, replies, strict=True)]
+            answers += zip(live, timed, strict=True)
             if not self.traffic.busy:
-                self.quick = time.perf_counter() - started < INLINE_UNDER_S
+                self.quick = took < INLINE_UNDER_S
             if record:
-                self.traffic.record(len(live))
-            self.shell.status.record_batch(len(live))
-            log.debug("batch model=%s size=%d ms=%.1f", self.shell.spec.name, len(live),
-                      (time.perf_counter() - started) * 1e3)
+                self.traffic.record(n)
+            self.shell.status.record_batch(n)
+            self.shell.metrics.batch_size.observe(n)
+            if tracing.ENABLED:
+                tracing.record_batch(self.shell.spec.name, [(d.request_id, d.envelope.traceparent, r.queued_ms)
+                                                            for d, r in zip(live, timed, strict=True)],
+                                     started_ns, started_ns + int(took * 1e9))
+            log.debug("batch model=%s size=%d ms=%.1f", self.shell.spec.name, n, took * 1e3)
         await self.shell.send(answers, batch)

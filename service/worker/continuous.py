@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
+from service import tracing
 from service.broker.streams import Delivery
 from service.errors import InferlineError, InputError, describe_validation
 from service.generation.engine import ERROR, Engine
@@ -42,6 +45,7 @@ class ContinuousBatching:
         self.max_batch_size = max_batch_size
         self.name = shell.spec.name
         self.v2_ids: dict[str, str | None] = {}   # requests that came through /v2 infer -> their v2 "id"
+        self.admitted: dict[str, int] = {}          # request id -> when it joined the engine (epoch ns)
         self.work = asyncio.Event()
         self.freed = asyncio.Event()
         self.model_thread = ModelThread()          # steps and cancels, one at a time, in order
@@ -104,6 +108,7 @@ class ContinuousBatching:
                     continue
                 self._add(d)
                 self.shell.inflight[d.request_id] = d
+                self.admitted[d.request_id] = time.time_ns()
             except InferlineError as exc:
                 self.v2_ids.pop(d.request_id, None)
                 answers.append((d, Reply.error(d.request_id, exc.error_type, exc.message, exc.field)))
@@ -146,6 +151,7 @@ class ContinuousBatching:
                                                 f"{d.request_id}")) for d in lost])
             return
         self.shell.status.record_batch(len(events))
+        self.shell.metrics.batch_size.observe(len(events))
         self.shell.status.active = self.engine.num_running
         answers: list[tuple[Delivery, Reply]] = []
         finished: list[Delivery] = []
@@ -159,14 +165,25 @@ class ContinuousBatching:
                 answers.append((d, Reply.error(event.request_id, "generation", event.error or "generation failed")))
             elif event.request_id in self.v2_ids:   # v2 answers once, with the whole text
                 if final:
-                    answers.append((d, self.v2_reply(event)))
+                    answers.append((d, self.timed(d, self.v2_reply(event), event.index + 1)))
+            elif final:
+                answers.append((d, self.timed(d, Reply(event.request_id, event.encode()), event.index + 1)))
             else:
-                answers.append((d, Reply(event.request_id, event.encode(), final=final)))
+                answers.append((d, Reply(event.request_id, event.encode(), final=False)))
             if final:
                 finished.append(d)
         if finished:
             self.freed.set()
         await self.shell.send(answers, finished)
+
+    def timed(self, d: Delivery, reply: Reply, tokens: int) -> Reply:
+        """A finished request's last reply, with where its time went: queued until admission, then generating."""
+        now = time.time_ns()
+        admitted = self.admitted.pop(d.request_id, now)
+        queued = float(max(0, admitted // 1_000_000 - d.arrived_ms))
+        if tracing.ENABLED:
+            tracing.record_generation(self.name, d.request_id, d.envelope.traceparent, admitted, now, queued, tokens)
+        return replace(reply, queued_ms=queued, compute_ms=(now - admitted) / 1e6, tokens=tokens)
 
     def v2_reply(self, event: TokenEvent) -> Reply:
         text = np.array([(event.generated_text or "").encode()], dtype=object)
@@ -178,6 +195,7 @@ class ContinuousBatching:
         self.freed.set()
         for d, _ in answered:
             self.v2_ids.pop(d.request_id, None)
+            self.admitted.pop(d.request_id, None)
         await self.shell.send(answered, [d for d, _ in answered])
         self.shell.status.active = self.engine.num_running
 

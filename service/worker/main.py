@@ -20,6 +20,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from service import logs, tracing
 from service.broker.client import connect
 from service.broker.registry import Registry
 from service.broker.streams import Cancels, ModelQueue
@@ -113,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica", type=int, default=int(os.environ.get("INFERLINE_REPLICA", "0")),
                         help="replica index, for device=auto round-robin")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("INFERLINE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
+        logs.configure()
+    except ValueError as exc:
+        print(f"inferline worker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        tracing.setup("inferline-worker")
         spec = spec_from_env()
         settings = Settings.load(args.config)
         if spec is None:
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("REDIS_URL is not set: a worker needs the Redis its gateway uses")
         limit_threads(spec.threads)
         asyncio.run(run(spec, settings.redis_url, args.replica))
-    except ConfigError as exc:
+    except (ConfigError, tracing.TracingError) as exc:
         print(f"inferline worker: {exc}", file=sys.stderr)
         return 2
     return 0

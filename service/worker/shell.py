@@ -20,6 +20,7 @@ from service.broker.registry import Registry
 from service.broker.streams import Cancels, Delivery, ModelQueue
 from service.config import ModelSpec
 from service.logs import RepeatingError
+from service.metrics import WorkerMetrics
 from service.protocol import Reply, WorkerStatus, now_ms
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Shell:
         self.claimed: asyncio.Queue[Delivery] = asyncio.Queue()
         self.inflight: dict[str, Delivery] = {}   # read and not yet answered: kept claimed
         self.sending: asyncio.Task[None] | None = None
+        self.metrics = WorkerMetrics(spec.name)   # folded into the model's stats in Redis with each beat
 
     def stop(self) -> None:
         self.stopping.set()
@@ -82,6 +84,8 @@ class Shell:
             for task in upkeep:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            with contextlib.suppress(Exception):
+                await self.registry.add_stats(self.spec.name, self.metrics.pending())   # the last beat's worth
             with contextlib.suppress(Exception):
                 await self.registry.remove(self.spec.name, self.worker_id)
 
@@ -111,7 +115,10 @@ class Shell:
         errors = RepeatingError(log, f"heartbeat model={self.spec.name}")
         while True:
             try:
-                await self.registry.beat(self.spec.name, self.worker_id, self.status)
+                stats = self.metrics.pending()
+                self.metrics.sample_process(self.status)
+                await self.registry.beat(self.spec.name, self.worker_id, self.status, stats)
+                self.metrics.commit(stats)
                 errors.ok()
             except Exception as exc:   # noqa: BLE001 - a missed beat is retried next time
                 errors.failed(exc)

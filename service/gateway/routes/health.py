@@ -1,3 +1,5 @@
+"""Operations routes: liveness, readiness and Prometheus metrics."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,16 +46,13 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
+    """The gateway's registry with the broker's health read now. Redis unreachable: inferline_redis_up 0 and no
+    broker or worker value at all (a stale one would read as current, and hide that no replica can be reached)."""
     settings: Settings = request.app.state.settings
     registry: Registry = request.app.state.registry
     m: GatewayMetrics = request.app.state.metrics
-    for name in settings.models:
-        try:
-            status = await registry.status(name)
-        except BROKER_ERRORS:
-            break
-        m.queue_depth.labels(name).set(status.queue_depth)
-        m.live_workers.labels(name).set(status.live_replicas)
-        m.worker_batches.labels(name).set(sum(w.batches for w in status.workers))
-        m.worker_items.labels(name).set(sum(w.items for w in status.workers))
+    try:
+        m.broker.update(await registry.health(settings.models))
+    except BROKER_ERRORS:
+        m.broker.unreachable()
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
