@@ -23,7 +23,18 @@ from service.gateway.edge import Edge
 from service.gateway.errors import from_validation, http_error, render
 from service.gateway.hot import HotPath
 from service.gateway.openapi import mount_docs, with_models
-from service.gateway.routes import classify, forecast, generate, health, kserve, models, openai, predict, sentiment
+from service.gateway.routes import (
+    chat,
+    classify,
+    forecast,
+    generate,
+    health,
+    kserve,
+    models,
+    openai,
+    predict,
+    sentiment,
+)
 from service.gateway.security import Security, auth_enforced
 from service.metrics import GatewayMetrics, configured_replicas
 from service.protocol import ModelInfo
@@ -90,7 +101,7 @@ def create_app(settings: Settings) -> Any:
     app.add_exception_handler(InferlineError, on_inferline_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    for module in (health, models, predict, classify, forecast, sentiment, kserve, generate, openai):
+    for module in (health, models, predict, classify, forecast, sentiment, kserve, generate, openai, chat):
         app.include_router(module.router)
     inner: Any = HotPath(app)
     if auth_enforced(settings):   # off: no layer at all, the hot path exactly as without keys

@@ -57,8 +57,8 @@ HEADER_DOCS = {
                      "schema": {"type": "string"}},
 }
 # Component schemas referenced by hand (error bodies, an SSE event's shape); with_models adds them.
-EXTRA_SCHEMAS: tuple[type[BaseModel], ...] = (wire.StreamEvent, wire.StreamError, wire.Completion, wire.TaskError,
-                                              wire.OpenAIError, wire.V2Error)
+EXTRA_SCHEMAS: tuple[type[BaseModel], ...] = (wire.StreamEvent, wire.StreamError, wire.Completion, wire.ChatChunk,
+                                              wire.TaskError, wire.OpenAIError, wire.V2Error)
 
 
 def error_example(family: str, status: int) -> dict[str, Any]:

@@ -90,7 +90,7 @@ class StreamEvent(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -243,3 +243,58 @@ class StreamError(BaseModel):
 
     error: str
     error_type: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    """/v1/chat/completions; streamed, `chat.completion.chunk` objects (ChatChunk) ending with `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatChunk(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class TGIInfo(BaseModel):
+    """TGI's /info: the generate deployment's model and limits."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_id: str
+    model_version: str | None = None
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_concurrent_requests: int | None = None
+    max_stop_sequences: int | None = None
+    version: str
+
+
+class TokenSpan(BaseModel):
+    id: int
+    text: str
+    start: int
+    stop: int
