@@ -12,13 +12,18 @@ from starlette.responses import JSONResponse, Response
 from service.broker.client import BROKER_ERRORS
 from service.broker.registry import Registry
 from service.config import Settings
+from service.gateway.openapi import doc
 from service.metrics import GatewayMetrics
+from service.schemas import responses as wire
 
 router = APIRouter(tags=["operations"])
 REDIS_AWAY: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
+METRICS_EXAMPLE = ('# HELP inferline_queue_depth Requests queued or in flight per model\n'
+                   '# TYPE inferline_queue_depth gauge\ninferline_queue_depth{model="cnn"} 0.0\n')
 
 
-@router.get("/healthz", summary="The gateway process is up (liveness: never depends on Redis or workers)")
+@router.get("/healthz", summary="The gateway process is up (liveness: never depends on Redis or workers)",
+            **doc(wire.Healthz, {"status": "ok"}, errors=()))
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -58,13 +63,24 @@ async def readiness(request: Request) -> dict[str, Any]:
     return body
 
 
-@router.get("/readyz", summary="Redis reachable and some model servable; each model's state in the body")
+@router.get("/readyz", summary="Redis reachable and some model servable; each model's state in the body",
+            **doc(wire.Readiness, {"ready": True, "redis": "ok", "missing": ["model gpt2: no live worker"],
+                                   "models": {"cnn": {"ready": True, "live_workers": 1},
+                                              "gpt2": {"ready": False, "live_workers": 0,
+                                                       "reason": "no live worker"}}},
+                  errors=(), more={503: {
+                "model": wire.Readiness, "description": "Not ready: what is missing", "content": {"application/json": {
+                    "example": {"ready": False, "redis": "unreachable: TimeoutError", "models": {},
+                                "error": "redis unreachable: TimeoutError", "error_type": "unavailable",
+                                "missing": ["redis unreachable: TimeoutError"]}}}}}))
 async def readyz(request: Request) -> Response:
     body = await readiness(request)
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)",
+            **doc(None, METRICS_EXAMPLE, errors=(), media="text/plain", schema={"type": "string"},
+                  description="Prometheus text format 0.0.4"))
 async def metrics(request: Request) -> Response:
     """The gateway's registry with the broker's health read now. Redis unreachable: inferline_redis_up 0 and no
     broker or worker value at all (a stale one would read as current, and hide that no replica can be reached)."""
