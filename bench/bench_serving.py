@@ -60,6 +60,13 @@ def v2_bodies(n: int) -> list[bytes]:
     return out
 
 
+def noop_body(body: bytes) -> bytes:
+    """The same 784 floats as the no-op model's input: its FP32 `x` of shape [1, 784]. The no-op run then pays the
+    decode every real tensor request pays (a one-float body hid it)."""
+    data = json.loads(body)["inputs"][0]["data"]
+    return json.dumps({"inputs": [{"name": "x", "shape": [1, len(data)], "datatype": "FP32", "data": data}]}).encode()
+
+
 def timeit(fn: Any, seconds: float = 3.0) -> tuple[float, float]:
     """(calls per second, median seconds per call) over about `seconds`."""
     fn()
@@ -75,16 +82,22 @@ def timeit(fn: Any, seconds: float = 3.0) -> tuple[float, float]:
 class Bare:
     """The cnn in this process, 1 thread, through the worker's own decode, predict and encode (its Executor)."""
 
-    def __init__(self, version_dir: Path, bodies: list[bytes]) -> None:
+    def __init__(self, version_dir: Path | None, bodies: list[bytes], name: str = "cnn",
+                 spec: dict[str, Any] | None = None) -> None:
         from service.config import ModelSpec
         from service.worker.batching import Executor
         from service.worker.loading import load_model
         from service.worker.rows import RowCodec
 
-        self.model = load_model(ModelSpec(name="cnn", artifact=version_dir), "cpu")
-        self.codec = RowCodec(self.model, "cnn")
-        self.executor = Executor(self.model, self.codec, "cnn")
+        self.model = load_model(ModelSpec(name=name, **(spec or {"artifact": version_dir})), "cpu")
+        self.codec = RowCodec(self.model, name)
+        self.executor = Executor(self.model, self.codec, name)
         self.batch = [self.delivery(i, b) for i, b in enumerate(bodies[:32])]
+
+    @classmethod
+    def for_model(cls, name: str, spec: dict[str, Any], bodies: list[bytes]) -> Bare:
+        """Any model by its ModelSpec fields (e.g. {"model": "tests.runtimes:Noop"})."""
+        return cls(None, bodies, name, spec)
 
     @staticmethod
     def delivery(i: int, body: bytes) -> Any:
@@ -249,16 +262,15 @@ def main() -> None:
                 print(f"served cnn c={c}: {results[f'cnn c={c}']}", flush=True)
         finally:
             served.close()
-        noop_body = tmp / "noop.json"
-        noop_body.write_bytes(json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32",
-                                                      "data": [1.0]}]}).encode())
+        noop_path = tmp / "noop.json"
+        noop_path.write_bytes(noop_body(bodies[7]))
         served = Served(tmp, "noop", {"model": "tests.runtimes:Noop"})
         try:
             url = served.url + "/v2/models/noop/infer"
-            wrk(url, noop_body, 64, 2)
-            results["noop c=64"] = wrk(url, noop_body, 64, args.duration, served.pids)
+            wrk(url, noop_path, 64, 2)
+            results["noop c=64"] = wrk(url, noop_path, 64, args.duration, served.pids)
             print(f"served noop c=64: {results['noop c=64']}", flush=True)
-            loading = start_wrk(url, noop_body, 64, 6)
+            loading = start_wrk(url, noop_path, 64, 6)
             time.sleep(1.0)
             shared_pipeline = model.pipeline_img_s(4.0)
             loading.communicate(timeout=60)
