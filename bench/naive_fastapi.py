@@ -8,8 +8,7 @@ body with orjson into numpy and answers with the first output tensor. Benchmark 
 the model's request type does, no error bodies, no limits.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the route's annotations (Request) at runtime.
 import json
 import os
 import sys
