@@ -6,6 +6,7 @@ the second kills. No process is left behind."""
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -14,6 +15,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from service.config import Settings
 
@@ -22,6 +26,59 @@ log = logging.getLogger("inferline.up")
 DRAIN_S = 30.0
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0   # a process that ran this long has its backoff reset
+POLL_S = 1.0      # how often the start-up progress asks the gateway
+STATE_FILE = "up.json"   # in state_dir: the running `up` for `inferline status` and `inferline down`
+
+
+def write_state(state_dir: Path, state: dict[str, Any]) -> None:
+    path = state_dir / STATE_FILE
+    path.write_text(json.dumps(state))
+
+
+def read_state(state_dir: Path) -> dict[str, Any] | None:
+    """The state of the `inferline up` running from this state_dir, or None when none runs (a stale file from a
+    killed one is ignored)."""
+    try:
+        state: dict[str, Any] = json.loads((state_dir / STATE_FILE).read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return state
+
+
+class Progress:
+    """Start-up progress, read from the gateway like any client would: each model's state when it changes, and the
+    banner once /readyz says 200 (not before: a Keras model may need many seconds after its process starts)."""
+
+    def __init__(self, url: str, banner: str) -> None:
+        self.url = url
+        self.banner = banner
+        self.ready = False
+        self.states: dict[str, str] = {}
+        self.next_poll = 0.0
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if self.ready or now < self.next_poll:
+            return
+        self.next_poll = now + POLL_S
+        try:
+            with httpx.Client(base_url=self.url, timeout=2.0, verify=False) as http:
+                ready = http.get("/readyz").status_code == 200
+                models = http.get("/v1/models")
+        except httpx.HTTPError:
+            return   # the gateway is still starting
+        if models.status_code == 200:
+            for m in models.json().get("data", []):
+                live, want = m.get("live_replicas", 0), m.get("replicas", 0)
+                state = f"ready ({live}/{want} live, version {m.get('version')})" if live >= want > 0 else \
+                    f"loading ({live}/{want} live)"
+                if self.states.get(m["id"]) != state:
+                    self.states[m["id"]] = state
+                    print(f"inferline: model {m['id']} {state}", flush=True)
+        if ready:
+            self.ready = True
+            print(self.banner, flush=True)
 
 
 def _die_with_parent() -> None:
@@ -80,12 +137,23 @@ class Supervisor:
             child.start()
             log.info("started %s pid=%d log=%s", child.name, child.proc.pid if child.proc else -1, child.log_path)
         gw = self.settings.gateway
-        print(f"inferline is up: gateway http://{gw.host}:{gw.port} (docs /docs, metrics /metrics), "
-              f"redis {self.redis_url}, logs {self.settings.state_dir / 'logs'}", flush=True)
-        while not self.stopping:
-            self._watch()
-            time.sleep(0.25)
-        return self._shutdown()
+        scheme = "https" if gw.tls_certfile else "http"
+        url = f"{scheme}://{gw.host}:{gw.port}"
+        local = f"{scheme}://{'127.0.0.1' if gw.host in ('0.0.0.0', '::', '') else gw.host}:{gw.port}"
+        logs = self.settings.state_dir / "logs"
+        write_state(self.settings.state_dir, {"pid": os.getpid(), "url": local, "logs": str(logs)})
+        print(f"inferline: starting the gateway on {url} and {len(self.children) - 1} worker(s); logs in {logs}",
+              flush=True)
+        progress = Progress(local, f"inferline is up: gateway {url} (docs /docs, metrics /metrics), "
+                                   f"logs {logs}; `inferline status` and `inferline down` from this directory")
+        try:
+            while not self.stopping:
+                self._watch()
+                progress.poll()
+                time.sleep(0.25)
+            return self._shutdown()
+        finally:
+            (self.settings.state_dir / STATE_FILE).unlink(missing_ok=True)
 
     def _watch(self) -> None:
         now = time.monotonic()

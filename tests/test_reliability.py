@@ -191,11 +191,15 @@ def test_a_request_nobody_answers_expires_from_its_stream(redis_url: str, rdb: r
         finally:
             await client.aclose()
 
-    assert asyncio.run(enqueue("old", 10_000)) == 0
-    time.sleep(0.05)
-    assert asyncio.run(enqueue("young", 10_000)) == 1   # within the horizon: both kept
-    time.sleep(0.05)
-    assert asyncio.run(enqueue("new", 75)) == 2          # "old" arrived > 75 ms ago, "young" did not
+    assert asyncio.run(enqueue("old", 60_000)) == 0
+    time.sleep(1.0)
+    assert asyncio.run(enqueue("young", 60_000)) == 1   # within the horizon: both kept
+    # A horizon that "young" is inside by 0.5 s and "old" outside by about 0.5 s, on Redis's clock: margins a busy
+    # machine's scheduling cannot eat (a 25 ms margin once did).
+    young_ms = int(rdb.xrange(stream)[-1][0].split(b"-")[0])
+    seconds, micros = rdb.time()
+    keep_ms = seconds * 1000 + micros // 1000 - young_ms + 500
+    assert asyncio.run(enqueue("new", keep_ms)) == 2
     kept = [fields[b"id"] for _, fields in rdb.xrange(stream)]
     assert kept == [b"young", b"new"]
     assert rdb.xrange(stream)[-1][1][b"p"] == b"payload new"

@@ -11,12 +11,16 @@ from starlette.responses import JSONResponse, Response
 from service.broker.client import BROKER_ERRORS
 from service.broker.registry import Registry
 from service.config import Settings
+from service.gateway.openapi import doc
 from service.metrics import GatewayMetrics
+from service.schemas import responses as wire
 
 router = APIRouter(tags=["operations"])
+METRICS_EXAMPLE = ('# HELP inferline_queue_depth Requests queued or in flight per model\n'
+                   '# TYPE inferline_queue_depth gauge\ninferline_queue_depth{model="cnn"} 0.0\n')
 
 
-@router.get("/healthz", summary="The gateway process is up")
+@router.get("/healthz", summary="The gateway process is up", **doc(wire.Healthz, {"status": "ok"}, errors=()))
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -36,7 +40,11 @@ async def readiness(request: Request) -> tuple[bool, list[str]]:
     return not missing, missing
 
 
-@router.get("/readyz", summary="Redis reachable and every configured model has a live worker")
+@router.get("/readyz", summary="Redis reachable and every configured model has a live worker",
+            **doc(wire.Readiness, {"ready": True}, errors=(), more={503: {
+                "model": wire.Readiness, "description": "Not ready: what is missing", "content": {"application/json": {
+                    "example": {"ready": False, "error": "model cnn has no live worker", "error_type": "unavailable",
+                                "missing": ["model cnn has no live worker"]}}}}}))
 async def readyz(request: Request) -> Response:
     ok, missing = await readiness(request)
     body: dict[str, Any] = {"ready": ok} if ok else {"ready": False, "error": "; ".join(missing),
@@ -44,7 +52,9 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)",
+            **doc(None, METRICS_EXAMPLE, errors=(), media="text/plain", schema={"type": "string"},
+                  description="Prometheus text format 0.0.4"))
 async def metrics(request: Request) -> Response:
     """The gateway's registry with the broker's health read now. Redis unreachable: inferline_redis_up 0 and no
     broker or worker value at all (a stale one would read as current, and hide that no replica can be reached)."""
