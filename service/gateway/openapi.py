@@ -132,16 +132,47 @@ def with_models(base: dict[str, Any], infos: dict[str, ModelInfo]) -> dict[str, 
         errors = {str(status): {"description": spec["description"], "headers": spec["headers"], "content": {JSON: {
             "schema": {"$ref": "#/components/schemas/OpenAIError"}, "example": spec["content"][JSON]["example"]}}}
             for status, spec in error_responses("openai", TASK_ERRORS).items()}
+        example = example_of(info.request_schema, info.request_schema.get("$defs", {}))
+        answered = {"model": name, "version": info.version,
+                    **example_of(info.response_schema or {}, (info.response_schema or {}).get("$defs", {}))}
         paths[f"/v1/models/{name}/predict"] = {"post": {
             "tags": ["models"], "operationId": f"predict_{name}",
             "summary": f"Run {name} (version {info.version}) on one request",
             "requestBody": {"required": True, "content": {
-                JSON: {"schema": request},
+                JSON: {"schema": request, "example": example},
                 "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream",
                                                         "description": "bytes for a model with a decode hook"}}}},
-            "responses": {"200": {"description": "The model's answer", "content": {JSON: {"schema": answer}}},
-                          **errors}}}
+            "responses": {"200": {"description": "The model's answer", "content": {JSON: {
+                "schema": answer, "example": answered}}}, **errors}}}
     return doc_
+
+
+SCALAR_EXAMPLES: dict[str, Any] = {"number": 0.5, "integer": 1, "string": "text", "boolean": False, "null": None}
+
+
+def example_of(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> Any:
+    """A value a schema accepts, made from its defaults, bounds and sizes: the example of a model's own predict
+    operation, whose types the gateway knows only as the JSON schema its workers published."""
+    if depth > 12:
+        return None
+    if "$ref" in schema:
+        return example_of(defs.get(schema["$ref"].rsplit("/", 1)[-1], {}), defs, depth + 1)
+    if "default" in schema:
+        return schema["default"]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = [o for o in schema.get(key, []) if o.get("type") != "null"]
+        if options:
+            return example_of(options[0], defs, depth + 1)
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        return {k: example_of(v, defs, depth + 1) for k, v in props.items() if k in schema.get("required", props)}
+    if kind == "array":
+        item = example_of(schema.get("items", {}), defs, depth + 1)
+        return [item] * max(1, int(schema.get("minItems", 1)))
+    if kind in ("number", "integer") and "minimum" in schema:
+        return schema["minimum"]
+    return SCALAR_EXAMPLES.get(kind) if isinstance(kind, str) else None
 
 
 def hoist(schema: Any, prefix: str, into: dict[str, Any]) -> Any:
