@@ -51,7 +51,8 @@ def read_state(state_dir: Path) -> dict[str, Any] | None:
 
 class Progress:
     """Start-up progress, read from the gateway like any client would: each model's state when it changes, and the
-    banner once /readyz says 200 (not before: a Keras model may need many seconds after its process starts)."""
+    banner once /readyz says 200 and every model has its replicas live (not before: a Keras model may need many
+    seconds after its process starts)."""
 
     def __init__(self, url: str, banner: str) -> None:
         self.url = url
@@ -72,6 +73,10 @@ class Progress:
         except httpx.HTTPError:
             return   # the gateway is still starting
         if models.status_code == 200:
+            # /readyz says 200 once any model can serve (one unservable model must not take the others down);
+            # `up` says it is up once every model with replicas is.
+            ready = ready and all(m.get("live_replicas", 0) >= m.get("replicas", 0)
+                                  for m in models.json().get("data", []))
             for m in models.json().get("data", []):
                 live, want = m.get("live_replicas", 0), m.get("replicas", 0)
                 state = f"ready ({live}/{want} live, version {m.get('version')})" if live >= want > 0 else \

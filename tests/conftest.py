@@ -36,6 +36,16 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str = "condition"
     raise TimeoutError(f"{what} not met within {timeout_s} s")
 
 
+def every_model_ready(url: str, models: list[str] | tuple[str, ...]) -> bool:
+    """/readyz is 200 once any model can serve; tests that use several wait until each of theirs can."""
+    try:
+        response = httpx.get(url + "/readyz", timeout=5)
+    except httpx.HTTPError:
+        return False
+    states = response.json().get("models", {}) if response.status_code == 200 else {}
+    return all(states.get(name, {}).get("ready") for name in models)
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERLINE_") and k != "REDIS_URL"}
     return {**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",

@@ -8,9 +8,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import httpx
-
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, every_model_ready, wait_for
 from tests.zoo_cluster import TASKS
 
 ECHO = "tests.runtimes:Echo"
@@ -59,7 +57,7 @@ def start_deployment(redis_url: str, store: Path, gpt2_store: Path, tmp: Path) -
                 if proc.poll() is not None:
                     raise AssertionError(f"worker {names[i]} exited with {proc.returncode}:\n"
                                          + (tmp / f"worker-{names[i]}-{i}.log").read_text()[-3000:])
-            return httpx.get(cluster.url + "/readyz", timeout=5).status_code == 200
+            return every_model_ready(cluster.url, names)
 
         wait_for(ready, 240, "every worker live")
     except BaseException:
