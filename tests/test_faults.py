@@ -352,6 +352,33 @@ def test_abandoned_generations_free_their_sequences(served: Cluster, rows: list[
                      f"{generated} of {32 * tokens} tokens made"]))
 
 
+def test_a_poison_generation_request_leaves_its_batch_mates_alone(served: Cluster, rows: list[Row]) -> None:
+    """Sampling at temperature 1e-300 or 1e-45 once made every running sequence fail with inf/nan scores. The edge
+    now refuses such values (422 naming the field), the engine fails a row whose sampling breaks alone (its own
+    test: tests/test_engine.py), and the 8 requests generating beside them all get their answer."""
+    normal = {"inputs": GPT2_PROMPTS[0], "parameters": {"max_new_tokens": 32, "do_sample": True, "seed": 7}}
+    poisons = [("tgi", "/generate", {"inputs": "The value", "parameters": {"max_new_tokens": 32, "do_sample": True,
+                                                                          "temperature": t}}) for t in (1e-300, 1e-45)]
+    poisons.append(("openai", "/v1/completions", {"model": "gpt2", "prompt": "The value", "max_tokens": 32,
+                                                  "temperature": 1e-45}))
+
+    async def send() -> list[Outcome]:
+        async def one(i: int, target: str, path: str, body: dict[str, Any]) -> Outcome:
+            started = time.monotonic()
+            async with httpx.AsyncClient(base_url=served.url, timeout=30) as http:
+                status = (await http.post(path, json=body)).status_code
+            return Outcome(target, started, time.monotonic(), status, str(i))
+
+        jobs = [one(i, "tgi", "/generate", normal) for i in range(8)]
+        jobs += [one(8 + i, target, path, body) for i, (target, path, body) in enumerate(poisons)]
+        return await asyncio.gather(*jobs)
+
+    outcomes = asyncio.run(send())
+    assert [o.status for o in outcomes] == [200] * 8 + [422] * 3
+    rows.append(Row("poison generation request beside 8 others", outcomes,
+                    ["8 batch-mates 200; temperature 1e-300 / 1e-45 (TGI, OpenAI) 422 naming temperature"]))
+
+
 # --- Sentinel failover --------------------------------------------------------------------------------------------
 
 def sentinel_binary() -> list[str]:
