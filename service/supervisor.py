@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.broker import embedded
 from service.config import Settings
 
 log = logging.getLogger("inferline.up")
@@ -79,13 +80,17 @@ class Supervisor:
         for child in self.children:
             child.start()
             log.info("started %s pid=%d log=%s", child.name, child.proc.pid if child.proc else -1, child.log_path)
-        gw = self.settings.gateway
-        print(f"inferline is up: gateway http://{gw.host}:{gw.port} (docs /docs, metrics /metrics), "
-              f"redis {self.redis_url}, logs {self.settings.state_dir / 'logs'}", flush=True)
+        print(self.banner(), flush=True)
         while not self.stopping:
             self._watch()
             time.sleep(0.25)
         return self._shutdown()
+
+    def banner(self) -> str:
+        """The line printed once everything is started; the Redis URL without its password."""
+        gw = self.settings.gateway
+        return (f"inferline is up: gateway http://{gw.host}:{gw.port} (docs /docs, metrics /metrics), "
+                f"redis {embedded.redacted(self.redis_url)}, logs {self.settings.state_dir / 'logs'}")
 
     def _watch(self) -> None:
         now = time.monotonic()

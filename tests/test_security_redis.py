@@ -18,6 +18,8 @@ import pytest
 import redis
 
 from service.broker import embedded, keys
+from service.config import Settings
+from service.supervisor import Supervisor
 from tests.conftest import ROOT, Cluster, child_env, wait_for
 from tests.security_cluster import ECHO, bearer, make_certs, start_gateway, v2_body
 
@@ -164,8 +166,12 @@ def test_private_redis_of_up_has_no_open_tcp_port(tmp_path: Path) -> None:
             assert s.recv(64).startswith(b"-NOAUTH")
         with redis.Redis.from_url(tcp_url) as authed:
             assert authed.ping()
-        assert "***" in embedded.redacted(tcp_url) and tcp_url.split("@")[0].split(":")[-1] not in \
-            embedded.redacted(tcp_url)
+        password = tcp_url.split("@")[0].split(":")[-1]
+        assert "***" in embedded.redacted(tcp_url) and password not in embedded.redacted(tcp_url)
+        # the supervisor's start banner prints the URL through the same redaction
+        settings = Settings(state_dir=tmp_path / "state", models={})
+        banner = Supervisor(settings, tcp_url).banner()
+        assert "redis redis://:***@127.0.0.1:" in banner and password not in banner
     finally:
         proc.kill()
         proc.wait()
