@@ -314,7 +314,8 @@ def test_a_4096x4096_png_is_refused_from_its_header(zoo: Cluster, http: httpx.Cl
         assert body["field"] == "file" and "max_pixels" in body["error"], body
         assert "1048576" in body["error"] and "4096x4096" in body["error"], body
     spent = cpu_seconds(pid) - before
-    assert spent < 16 * 0.1, f"the worker spent {spent:.2f} s of CPU on 16 refusals: was it decoding them?"
+    # decoding one costs >= 0.08 s of CPU here (0.31 s on the probe's machine); reading its header, ~40 us
+    assert spent < 0.5, f"the worker spent {spent:.2f} s of CPU on 16 refusals: was it decoding them?"
     started = time.monotonic()
     digit = http.post("/classify-image", content=png((28, 28)), headers={"content-type": "image/png"})
     assert digit.status_code == 200 and len(digit.json()["predictions"]) == 5
