@@ -99,9 +99,11 @@ class Dispatcher:
             self.metrics.rejected.labels(spec.name, "queue_full").inc()
             raise Overloaded(f"model {spec.name} has {spec.queue_cap} requests queued (its queue_cap); retry later")
 
-    async def call(self, model: str, op: str, params: dict[str, Any] | bytes, blob: bytes = b"",
+    async def call(self, model: str, op: str, params: dict[str, Any] | bytes, blob: bytes | bytearray = b"",
                    request_id: str | None = None) -> Reply:
-        """Queue one request and return its successful reply. Raises InferlineError for every failure."""
+        """Queue one request and return its successful reply. Raises InferlineError for every failure.
+        A bytearray blob (the hot path's request bodies) is emptied once encoded: while the request waits for its
+        reply (up to the model's timeout) its body is in Redis only, not also in this process."""
         spec = self.spec(model)
         # Replies are matched by id: a caller's id that is already in flight (a client reusing one x-request-id)
         # must not take over the other request's waiter.
@@ -114,7 +116,11 @@ class Dispatcher:
         timer = loop.call_later(timeout, expire, future, DeadlineExceeded(
             f"request {request_id} to model {model} was not answered within {timeout:g} s"))
         try:
-            await self._enqueue(spec, request_id, op, encode_payload(params, blob))
+            payload = encode_payload(params, blob)
+            if isinstance(blob, bytearray):
+                del blob[:]   # every frame that holds it now holds an empty buffer
+            await self._enqueue(spec, request_id, op, payload)
+            del payload
             reply = await future
         finally:
             timer.cancel()
