@@ -21,6 +21,7 @@ from typing import Any
 from service.broker import keys
 from service.broker.client import BROKER_ERRORS, Redis
 from service.broker.streams import Cancels, Enqueuer, ReplyInbox
+from service.broker.ticks import TickBatcher
 from service.config import ModelSpec, Settings
 from service.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, typed
 from service.gateway import edge
@@ -35,14 +36,17 @@ TRIM_EVERY_S = 0.2
 
 
 class Dispatcher:
-    def __init__(self, redis: Redis, settings: Settings, metrics: GatewayMetrics) -> None:
+    def __init__(self, redis: Redis, settings: Settings, metrics: GatewayMetrics,
+                 batcher: TickBatcher | None = None) -> None:
+        """batcher: the gateway's one TickBatcher, shared with the security layer (made here when None)."""
         self.redis = redis
         self.settings = settings
         self.metrics = metrics
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.inbox = ReplyInbox(redis, self.gateway_id)
         self.reply_stream = self.inbox.stream
-        self.enqueuer = Enqueuer(redis)
+        self.batcher = batcher if batcher is not None else TickBatcher(redis)
+        self.enqueuer = Enqueuer(redis, self.batcher)
         self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
 

@@ -5,8 +5,8 @@ Per request: parse `Authorization: Bearer il_<id>_<secret>`; if this process has
 read the key's record (one Redis read) and check the secret against its salted hash (scrypt, off the event
 loop); then one atomic script (service/broker/ratelimit.py) checks that the record still carries that hash
 (a revocation holds at once, on every gateway), its expiry, the key's rate and concurrency, and returns the
-key's current scopes and models. So a known key costs one Redis round trip per request, plus one to give back
-its concurrency slot.
+key's current scopes and models. The admission, the slot's release and the request's enqueue go through the
+gateway's TickBatcher (service/broker/ticks.py): all of those of one event-loop tick share one Redis round trip.
 
 Exempt: /healthz and /readyz (probes), and /metrics while security.metrics_public is on.
 security.auth = "auto" on a loopback address requires keys only while any key exists (SECURITY.md).
@@ -155,7 +155,8 @@ class Security:
 
     def rate_limiter(self) -> RateLimiter:
         if self.limiter is None:
-            self.limiter = RateLimiter(self.holder.state.redis, self.limits)
+            # the dispatcher's batcher: admissions, releases and enqueues of one tick share a round trip
+            self.limiter = RateLimiter(self.holder.state.redis, self.limits, self.holder.state.dispatcher.batcher)
         return self.limiter
 
     async def authenticate(self, scope: Scope) -> tuple[str, str]:
