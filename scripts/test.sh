@@ -11,6 +11,15 @@ if ! { [ -x /usr/bin/redis-server ] && command -v openssl >/dev/null; }; then
     echo "test.sh: no /usr/bin/redis-server or openssl; the TLS Redis tests will be skipped" >&2
   fi
 fi
+# The fault suite's failover test runs Debian's redis-sentinel (tests/test_faults.py skips it, saying so, without).
+if ! command -v redis-sentinel >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && apt-get install -y -qq redis-sentinel >/dev/null; } \
+      || echo "test.sh: could not install redis-sentinel; the Sentinel failover test will be skipped" >&2
+  else
+    echo "test.sh: no redis-sentinel; the Sentinel failover test will be skipped" >&2
+  fi
+fi
 # The observability tests run Debian's Prometheus (a real server, and promtool) against a live gateway.
 if ! command -v promtool >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

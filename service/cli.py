@@ -1,4 +1,6 @@
-"""The `inferline` command: up, serve, gateway, worker, models build."""
+"""The `inferline` command: up, serve, gateway, worker, keys, models build; and, against a running deployment over
+HTTP (service/remote.py): predict, generate, models (the table), top, status, down. `--config` goes before or after
+the command."""
 
 from __future__ import annotations
 
@@ -50,25 +52,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def supervise(settings: Settings) -> int:
-    """Run the gateway and every worker under the supervisor, with a private Redis unless REDIS_URL is set."""
-    from service.broker import embedded
+    """Run the gateway and every worker under the supervisor, with a private Redis (supervised like them) unless
+    REDIS_URL is set."""
+    from service.gateway.security import describe
     from service.supervisor import Supervisor
 
-    redis_proc: subprocess.Popen[bytes] | None = None
-    redis_url = settings.redis_url
-    if not redis_url:
-        redis_proc, redis_url = embedded.start(settings.state_dir / "redis")
-        print(f"inferline: started a private Redis at {embedded.redacted(redis_url)} (set REDIS_URL to use your own)",
-              flush=True)
-    from service.gateway.security import describe
-
     print(f"inferline: {describe(settings)}", flush=True)
-    try:
-        return Supervisor(settings, redis_url).run()
-    finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
+    return Supervisor(settings, settings.redis_url or None).run()
 
 
 def build_missing(settings: Settings, quick: bool) -> None:
@@ -135,7 +125,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         raise ConfigError("REDIS_URL is not set and no `inferline up` Redis runs here: set REDIS_URL")
 
     async def run() -> int:
-        redis = connect(url, socket_timeout=10)
+        redis = connect(url, settings.broker.timeout_s)
         try:
             if args.keys_command == "create":
                 try:
@@ -209,16 +199,31 @@ def cmd_models(args: argparse.Namespace) -> int:
                        *args.names])
 
 
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from service.remote import cmd_list
+
+    result: int = cmd_list(args)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
+    import service
+
     parser = argparse.ArgumentParser(prog="inferline", description="Serve models: gateway -> Redis -> workers.")
     parser.add_argument("--config", help="config file (default: INFERLINE_CONFIG or ./inferline.toml)")
+    parser.add_argument("--version", action="version", version=f"inferline {service.__version__}")
+    # Every command takes --config too, after its name; SUPPRESS keeps one given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="config file (default: INFERLINE_CONFIG or "
+                        "./inferline.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="Redis + models + gateway + workers, supervised")
+    up = sub.add_parser("up", parents=[common], help="Redis + models + gateway + workers, supervised")
     up.add_argument("--port", type=int, help="gateway port")
     up.add_argument("--no-build", action="store_true", help="do not build missing demo models")
     up.add_argument("--quick", action="store_true", help="build missing demo models in their seconds-long form")
     up.set_defaults(func=cmd_up)
-    sv = sub.add_parser("serve", help="serve one Model class (FILE.py:Class or package.module:Class), supervised")
+    sv = sub.add_parser("serve", parents=[common],
+                        help="serve one Model class (FILE.py:Class or package.module:Class), supervised")
     sv.add_argument("target", help="FILE.py:Class or package.module:Class")
     sv.add_argument("--name", help="the model's name in routes (default: the class name, lowercased)")
     sv.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
@@ -227,15 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--artifact", help="a directory the model's setup reads (self.artifact)")
     sv.add_argument("--task", help="also bind a task route to it, e.g. classify-image")
     sv.set_defaults(func=cmd_serve)
-    gw = sub.add_parser("gateway", help="run the HTTP gateway (needs REDIS_URL)")
+    gw = sub.add_parser("gateway", parents=[common], help="run the HTTP gateway (needs REDIS_URL)")
     gw.add_argument("--host")
     gw.add_argument("--port", type=int)
     gw.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM; gateway.tls_certfile)")
     gw.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM; gateway.tls_keyfile)")
     gw.set_defaults(func=cmd_gateway)
-    ks = sub.add_parser("keys", help="API keys: create, list, revoke (stored as salted hashes in Redis)")
+    ks = sub.add_parser("keys", parents=[common],
+                        help="API keys: create, list, revoke (stored as salted hashes in Redis)")
     ks_sub = ks.add_subparsers(dest="keys_command", required=True)
-    kc = ks_sub.add_parser("create", help="create a key and print it (shown only once)")
+    kc = ks_sub.add_parser("create", parents=[common], help="create a key and print it (shown only once)")
     kc.add_argument("--name", help="a label for people (who holds the key)")
     kc.add_argument("--scope", action="append", choices=["infer", "admin"], help="repeatable; default: infer")
     kc.add_argument("--model", action="append", help="a model the key may use (repeatable); default: all")
@@ -243,22 +249,28 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--rate", type=float, default=0.0, help="requests/s (token refill); default: security.rate_per_s")
     kc.add_argument("--burst", type=int, default=0, help="bucket size; default: security.burst")
     kc.add_argument("--concurrency", type=int, default=0, help="requests in flight; default: security.concurrency")
-    ks_sub.add_parser("list", help="list keys (ids, scopes, models, expiry, limits; never secrets)")
-    kr = ks_sub.add_parser("revoke", help="revoke a key now, on every gateway")
+    ks_sub.add_parser("list", parents=[common], help="list keys (ids, scopes, models, expiry, limits; never secrets)")
+    kr = ks_sub.add_parser("revoke", parents=[common], help="revoke a key now, on every gateway")
     kr.add_argument("key_id", help="the key's id (or the whole key)")
     ks.set_defaults(func=cmd_keys)
-    wk = sub.add_parser("worker", help="run one replica of a model (needs REDIS_URL)")
+    wk = sub.add_parser("worker", parents=[common], help="run one replica of a model (needs REDIS_URL)")
     wk.add_argument("model")
     wk.add_argument("--replica", type=int, default=0)
     wk.set_defaults(func=cmd_worker)
-    md = sub.add_parser("models", help="the model zoo")
-    md_sub = md.add_subparsers(dest="models_command", required=True)
-    build = md_sub.add_parser("build", help="build the demo models that are missing from the store")
+    md = sub.add_parser("models", parents=[common], help="the served models as a table (version, replicas live, "
+                        "device, queue depth, p50); `models build` builds the demo zoo")
+    from service.remote import add_client_options, add_commands
+
+    add_client_options(md)
+    md.set_defaults(func=cmd_models_list)
+    md_sub = md.add_subparsers(dest="models_command", required=False)
+    build = md_sub.add_parser("build", parents=[common], help="build the demo models that are missing from the store")
     build.add_argument("names", nargs="*", help="models to build (default: all)")
     build.add_argument("--store", help="model store directory (default: settings.model_store)")
     build.add_argument("--quick", action="store_true", help="seconds-long builds (tests)")
     build.add_argument("--force", action="store_true", help="build even if a version exists")
     build.set_defaults(func=cmd_models)
+    add_commands(sub, common)
     args = parser.parse_args(argv)
     if args.config:
         os.environ["INFERLINE_CONFIG"] = args.config

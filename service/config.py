@@ -52,7 +52,10 @@ class ModelSpec(BaseModel):
     queue_cap_bytes: int = Field(128 * 1024 * 1024, ge=1024)   # the stream's memory in Redis (MEMORY USAGE)
     timeout_s: float = Field(30.0, gt=0, le=3600)
     threads: int = Field(1, ge=1, le=256)
-    visibility_timeout_s: float = Field(30.0, gt=0, le=3600)   # pending this long -> another worker claims it
+    # A request pending this long on a live worker is claimed by another (the worker hung). A dead worker's requests
+    # are claimed sooner, once its heartbeat lapses (~5-7 s). Keep it under timeout_s so a claimed request can still
+    # be answered in time.
+    visibility_timeout_s: float = Field(10.0, gt=0, le=3600)
     max_tries: int = Field(3, ge=1, le=100)                    # deliveries before the dead-letter stream
     options: dict[str, Any] = Field(default_factory=dict)      # runtime-specific knobs (e.g. a hub id for gpt2)
 
@@ -110,6 +113,19 @@ class SecuritySettings(BaseModel):
     concurrency_lease_s: float = Field(600.0, gt=0, le=86_400)   # a slot a dead gateway held lapses after this
 
 
+class BrokerSettings(BaseModel):
+    """How every process talks to Redis, and the private Redis of `inferline up`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Every Redis call fails after this long when Redis hangs: requests then get 503 instead of waiting. It must
+    # outlast the longest blocking read (1 s).
+    timeout_s: float = Field(2.0, gt=1.0, le=60)
+    # `inferline up`'s private Redis: append-only file in <state_dir>/redis (fsync every second), so a restart of
+    # Redis keeps queued requests, groups and API keys. Off: a restart starts empty and everything recreates itself.
+    persist: bool = False
+
+
 class Settings(BaseSettings):
     """Everything a gateway, worker or supervisor needs. Build with Settings.load()."""
 
@@ -121,6 +137,10 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".inferline")   # the embedded Redis and logs of `inferline up`
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    # A worker touches this file every heartbeat, whether Redis answers or not: a container's liveness probe reads
+    # its age (deploy/worker_healthcheck.py), so a Redis outage never restarts workers. None: no file.
+    alive_file: Path | None = None
     models: dict[str, ModelSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -27,7 +27,8 @@ from pydantic import BaseModel
 from service.errors import InputError
 from service.tensors import TensorSpec, field_tensor
 
-__all__ = ["CausalLM", "InputError", "LanguageModel", "Model", "Signature", "signature"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "CausalLM", "InputError", "LanguageModel", "Model", "Signature", "render_chat",
+           "signature"]
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,37 @@ class Model:
         raise InputError(f"{type(self).__name__} takes JSON rows, not raw bytes", field="body")
 
 
+# For models whose tokenizer has no chat template (the demo gpt2, any base model): one "role: content" line per
+# message, then "assistant:" where the answer starts. Plain text, no special tokens, so any tokenizer can take it.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None) -> str:
+    """Chat messages ([{"role", "content"}]) as one prompt text that ends where the assistant's answer starts.
+    `template` (Jinja, transformers' chat-template conventions) wins; else the tokenizer's own; else
+    DEFAULT_CHAT_TEMPLATE. Raises InputError(field="messages") when the template refuses the messages (many raise on
+    roles that do not alternate)."""
+    from jinja2 import TemplateError
+
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        template = DEFAULT_CHAT_TEMPLATE
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                             tokenize=False)
+    except TemplateError as exc:
+        raise InputError(f"`messages` cannot be rendered with this model's chat template: {exc}", "messages") from None
+    return str(text)
+
+
 class LanguageModel(Model):
     """The generative contract: `setup(device)` sets `self.model` (a transformers causal LM, in eval mode on the
-    device) and `self.tokenizer`; the continuous-batching engine (service/generation) runs them. `chat_template`
-    (a Jinja template) renders chat messages for models whose tokenizer has none."""
+    device) and `self.tokenizer`; the continuous-batching engine (service/generation) runs them.
+
+    Chat (/v1/chat/completions) renders messages with, in this order: the deployment's `options.chat_template`, the
+    class's `chat_template`, the tokenizer's own template, DEFAULT_CHAT_TEMPLATE (see render_chat). Override
+    `render_chat` for anything a Jinja template cannot say."""
 
     kind: ClassVar[str] = "generation"
     platform: ClassVar[str] = "pytorch_transformers"
@@ -80,6 +108,11 @@ class LanguageModel(Model):
         super().__init__()
         self.model: Any = None
         self.tokenizer: Any = None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for chat `messages`; raises InputError(field="messages") for messages it cannot take."""
+        template = self.options.get("chat_template") or type(self).chat_template
+        return render_chat(self.tokenizer, messages, str(template) if template else None)
 
 
 class CausalLM(LanguageModel):

@@ -21,7 +21,11 @@ import orjson
 # Ops: how the worker decodes the payload and encodes the answer.
 OP_PREDICT = "predict"    # JSON rows: params {"row": {...}} or {"rows": [...]}, or raw bytes (blob) for Model.decode
 OP_V2 = "v2"              # Open Inference Protocol infer: the raw HTTP body (JSON, maybe + binary tensors)
-OP_GENERATE = "generate"  # text generation: params JSON; the answer is a stream of token replies
+OP_GENERATE = "generate"  # text generation: params {"inputs": str | [ids]} or {"messages": [...]}; a token stream
+OP_TOKENIZE = "tokenize"  # a language model's tokenizer: params {"inputs": str}; one reply, a list of TokenSpan
+
+# OP_GENERATE payload flag: max_new_tokens is a ceiling the worker lowers to what the context leaves after the prompt
+FIT_CONTEXT = "fit_context"
 
 _LEN = struct.Struct(">I")
 _FRAME = struct.Struct(">II")   # header length, body length
@@ -158,7 +162,9 @@ class TokenEvent:
     prompt_tokens: int
     seed: int | None            # the sampling seed (drawn when none was given); None for greedy
     prefill: list[dict[str, Any]] | None  # on the first event when want_prefill: [{"id", "text", "logprob"}]
-    top_logprobs: list[dict[str, Any]] | None = None  # when asked: [{"id", "text", "logprob"}], best first
+    top_logprobs: list[dict[str, Any]] | None = None  # when asked: [{"id", "text", "logprob", "special"}], best first
+    token_text: str | None = None  # this token alone, decoded (a partial character shows as U+FFFD): what
+    #                                log-probability listings call it; `text` is what the stream shows
     error: str | None = None    # why the request failed (finish_reason "error"); names the request
 
     def encode(self) -> bytes:
@@ -167,6 +173,25 @@ class TokenEvent:
     @classmethod
     def decode(cls, body: bytes) -> TokenEvent:
         return cls(**orjson.loads(body))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSpan:
+    """One token of a tokenized text (the answer to OP_TOKENIZE, TGI's /tokenize shape): its id, its text and where
+    that text is in the input, as [start, stop) character offsets."""
+
+    id: int
+    text: str
+    start: int
+    stop: int
+
+    @staticmethod
+    def encode_all(spans: list[TokenSpan]) -> bytes:
+        return dumps(spans)
+
+    @classmethod
+    def decode_all(cls, body: bytes) -> list[TokenSpan]:
+        return [cls(**span) for span in orjson.loads(body)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +223,9 @@ class ModelInfo:
     request_schema: dict[str, Any] | None = None
     response_schema: dict[str, Any] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)   # small public facts: metrics, labels, window, ...
-    context_length: int | None = None
+    context_length: int | None = None           # language models: tokens of prompt + output one request may use
+    max_input_tokens: int | None = None         # language models: the longest prompt a request may have
+    max_prefill_tokens: int | None = None       # language models: prompt tokens one engine step admits
 
     def encode(self) -> bytes:
         return dumps(self)

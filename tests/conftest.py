@@ -11,13 +11,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import redis
 
 from service.broker import embedded, keys
+
+if TYPE_CHECKING:
+    import openai
+    import text_generation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +34,16 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str = "condition"
             return result
         time.sleep(0.05)
     raise TimeoutError(f"{what} not met within {timeout_s} s")
+
+
+def every_model_ready(url: str, models: list[str] | tuple[str, ...]) -> bool:
+    """/readyz is 200 once any model can serve; tests that use several wait until each of theirs can."""
+    try:
+        response = httpx.get(url + "/readyz", timeout=5)
+    except httpx.HTTPError:
+        return False
+    states = response.json().get("models", {}) if response.status_code == 200 else {}
+    return all(states.get(name, {}).get("ready") for name in models)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -176,3 +190,42 @@ def cluster(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> Iterator[Cluste
     c = Cluster(redis_url, tmp_path)
     yield c
     c.close()
+
+
+# --------------------------------------------------------------------------------- the quick gpt2, served
+GPT2_CONTEXT = 256   # n_positions of the quick build (models/gpt2/train.py QUICK)
+
+
+@pytest.fixture(scope="module")
+def served_gpt2(redis_url: str, quick_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One gateway and one generation worker serving the quick gpt2 (task "generate") for a whole test module."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
+    cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation"))
+    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, timeout_s=60)
+    cluster.start_gateway()
+    cluster.start_worker("gpt2")
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def gpt2_url(served_gpt2: Cluster) -> str:
+    return served_gpt2.url
+
+
+@pytest.fixture(scope="module")
+def tgi(gpt2_url: str) -> text_generation.Client:
+    """The unmodified text-generation client on the served gpt2."""
+    import text_generation
+
+    return text_generation.Client(gpt2_url, timeout=60)
+
+
+@pytest.fixture
+def oai(gpt2_url: str) -> Iterator[openai.OpenAI]:
+    """The unmodified openai client on the served gpt2."""
+    import openai
+
+    with openai.OpenAI(base_url=gpt2_url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        yield client

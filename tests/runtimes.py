@@ -54,16 +54,20 @@ class Echo(Model):
                            batch=len(batch), pid=os.getpid()) for row in batch]
 
 
+class NoopRow(BaseModel):
+    x: Tensor[np.float32, 784]   # an MNIST image's worth of floats, as the cnn takes: real tensor requests' decode
+
+
 class NoopAnswer(BaseModel):
     y: Tensor[np.float32, -1]
 
 
 class Noop(Model):
-    """Answers at once with a constant: the pure serving overhead (benchmarks). Takes the same FP32 tensor as Echo."""
+    """Answers at once with a constant: the pure serving overhead of a 784-float tensor request (benchmarks)."""
 
     platform = "inferline_test"
     max_batch_size = 32
     ZERO = np.zeros(1, np.float32)
 
-    def predict(self, batch: list[EchoRow]) -> list[NoopAnswer]:
+    def predict(self, batch: list[NoopRow]) -> list[NoopAnswer]:
         return [NoopAnswer(y=self.ZERO) for _ in batch]

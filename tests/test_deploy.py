@@ -463,6 +463,22 @@ def load_healthcheck() -> Any:
     return module
 
 
+def test_worker_liveness_checks_the_process_not_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default check (Docker HEALTHCHECK, k8s liveness and startup probes) reads the age of the alive file the
+    worker touches every heartbeat: no Redis is involved, so an outage restarts no worker."""
+    check = load_healthcheck()
+    alive_file = tmp_path / "alive"
+    monkeypatch.setenv("INFERLINE_ALIVE_FILE", str(alive_file))
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")          # Redis away: irrelevant to liveness
+    monkeypatch.setenv("HEALTHCHECK_MAX_AGE_S", "30")
+    assert check.main(["hc"]) == 1                                    # not serving yet (loading the model)
+    alive_file.touch()
+    assert check.main(["hc"]) == 0
+    old = time.time() - 60
+    os.utime(alive_file, (old, old))                                  # the worker stopped beating: hung or dead
+    assert check.main(["hc"]) == 1
+
+
 def test_worker_healthcheck_reads_this_hosts_heartbeat(rdb: redis.Redis, redis_url: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     check = load_healthcheck()
@@ -471,16 +487,16 @@ def test_worker_healthcheck_reads_this_hosts_heartbeat(rdb: redis.Redis, redis_u
     host = socket.gethostname()
     now_ms = time.time() * 1000
     index = keys.workers_index("hc-model")
-    assert check.main(["hc"]) == 1                                   # no worker at all
+    assert check.main(["hc", "--heartbeat"]) == 1                    # no worker at all
     rdb.zadd(index, {f"{host}x-1-abcdef": now_ms})                    # another host whose name extends ours
-    assert check.main(["hc"]) == 1
+    assert check.main(["hc", "--heartbeat"]) == 1
     rdb.zadd(index, {f"{host}-42-abcdef": now_ms - 120_000})          # ours, but stale
-    assert check.main(["hc"]) == 1
+    assert check.main(["hc", "--heartbeat"]) == 1
     rdb.zadd(index, {f"{host}-42-abcdef": now_ms})                    # ours, fresh
-    assert check.main(["hc"]) == 0
-    assert check.main(["hc", "other-model"]) == 1
+    assert check.main(["hc", "--heartbeat"]) == 0
+    assert check.main(["hc", "--heartbeat", "other-model"]) == 1
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")         # Redis away: unhealthy, not a crash
-    assert check.main(["hc"]) == 1
+    assert check.main(["hc", "--heartbeat"]) == 1
 
 
 # --- secrets, and the deployment's Redis ------------------------------------------------------------------------
@@ -646,11 +662,11 @@ def test_deploy_redis_start_script_runs_a_tls_redis_with_those_users(tmp_path: P
             for who in (gateway, worker):
                 with pytest.raises(redis.exceptions.NoPermissionError):
                     who.flushall()
-            # the worker container's healthcheck, as the worker user
+            # the worker container's heartbeat check (--heartbeat), as the worker user
             worker.zadd(keys.workers_index("m"), {f"{socket.gethostname()}-1-abcdef": time.time() * 1000})
             monkeypatch.setenv("REDIS_URL", f"rediss://{USERS['worker']}:{passwords['worker']}@localhost:{port}/0")
             monkeypatch.setenv("REDIS_CA_FILE", str(tls / "ca.crt"))
-            assert load_healthcheck().main(["hc", "m"]) == 0
+            assert load_healthcheck().main(["hc", "--heartbeat", "m"]) == 0
         with client(None) as anonymous, pytest.raises(redis.exceptions.AuthenticationError):
             anonymous.ping()   # `default` is off
         with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:   # no plain-text Redis

@@ -11,55 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import redis
 import text_generation
 from text_generation.errors import OverloadedError, ValidationError
 from text_generation.types import FinishReason
 
+from tests.conftest import GPT2_CONTEXT as CONTEXT
 from tests.conftest import GPT2_PROMPTS, Cluster, live_workers, wait_for
 
 # text-generation 0.7 calls pydantic's deprecated .dict() on every request.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation.*")
-
-CONTEXT = 256   # n_positions of the quick build (models/gpt2/train.py QUICK)
-
-
-
-
-@pytest.fixture(scope="module")
-def served(redis_url: str, quick_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with redis.Redis.from_url(redis_url) as client:
-        client.flushdb()
-    cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation"))
-    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, timeout_s=60)
-    cluster.start_gateway()
-    cluster.start_worker("gpt2")
-    yield cluster
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
-def url(served: Cluster) -> str:
-    return served.url
-
-
-@pytest.fixture(scope="module")
-def tgi(url: str) -> text_generation.Client:
-    return text_generation.Client(url, timeout=60)
-
-
-@pytest.fixture
-def oai(url: str) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
-        yield client
-
 
 def sse_events(response: httpx.Response) -> list[str]:
     return [line[len("data:"):].strip() for line in response.iter_lines() if line.startswith("data:")]
@@ -88,7 +54,7 @@ def test_tgi_client_generate_with_details(tgi: text_generation.Client) -> None:
     assert full.generated_text == prompt + r.generated_text
 
 
-def test_tgi_stream_adds_up_to_the_final_text(tgi: text_generation.Client, url: str) -> None:
+def test_tgi_stream_adds_up_to_the_final_text(tgi: text_generation.Client, gpt2_url: str) -> None:
     prompt = GPT2_PROMPTS[2]
     whole = greedy(tgi, prompt, 24)
     events = list(tgi.generate_stream(prompt, max_new_tokens=24))
@@ -102,8 +68,8 @@ def test_tgi_stream_adds_up_to_the_final_text(tgi: text_generation.Client, url: 
     full = list(tgi.generate_stream(prompt, max_new_tokens=24, return_full_text=True))
     assert full[-1].generated_text == prompt + whole.generated_text
     # the raw wire: one event per token, the TGI shape, and no [DONE] line
-    with httpx.Client(timeout=60) as client, client.stream(
-            "POST", url + "/generate_stream", json={"inputs": prompt, "parameters": {"max_new_tokens": 24}}) as resp:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 24}}
+    with httpx.Client(timeout=60) as client, client.stream("POST", gpt2_url + "/generate_stream", json=body) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         raw = sse_events(resp)
     assert "[DONE]" not in raw and len(raw) == len(events)
@@ -139,10 +105,10 @@ def test_greedy_is_deterministic_and_seeds_pick_the_sample(tgi: text_generation.
     assert len({sample(seed) for seed in (11, 12, 13)}) > 1
 
 
-async def test_sixteen_concurrent_requests_match_their_solo_runs(tgi: text_generation.Client, url: str) -> None:
+async def test_sixteen_concurrent_requests_match_their_solo_runs(tgi: text_generation.Client, gpt2_url: str) -> None:
     lengths = [4 + (7 * i) % 29 for i in range(len(GPT2_PROMPTS))]
     solo = [greedy(tgi, p, n) for p, n in zip(GPT2_PROMPTS, lengths, strict=True)]
-    client = text_generation.AsyncClient(url, timeout=60)
+    client = text_generation.AsyncClient(gpt2_url, timeout=60)
     together = await asyncio.gather(*[client.generate(p, max_new_tokens=n) for p, n in zip(GPT2_PROMPTS, lengths,
                                                                                            strict=True)])
     for i, (alone, batched) in enumerate(zip(solo, together, strict=True)):
@@ -150,11 +116,11 @@ async def test_sixteen_concurrent_requests_match_their_solo_runs(tgi: text_gener
         assert batched.generated_text == alone.generated_text
 
 
-async def test_short_request_behind_long_ones_finishes_first(tgi: text_generation.Client, url: str) -> None:
+async def test_short_request_behind_long_ones_finishes_first(tgi: text_generation.Client, gpt2_url: str) -> None:
     n_long = 200
     longs = [p for p in GPT2_PROMPTS[:8] if greedy(tgi, p, n_long).details.finish_reason == FinishReason.Length][:4]
     assert len(longs) == 4
-    client = text_generation.AsyncClient(url, timeout=60)
+    client = text_generation.AsyncClient(gpt2_url, timeout=60)
     finished: list[tuple[str, int]] = []
     started = [asyncio.Event() for _ in longs]
 
@@ -173,21 +139,21 @@ async def test_short_request_behind_long_ones_finishes_first(tgi: text_generatio
     assert sorted(finished[1:]) == [(f"long{i}", n_long) for i in range(4)]
 
 
-def test_client_gone_mid_stream_frees_its_slot(served: Cluster, url: str) -> None:
+def test_client_gone_mid_stream_frees_its_slot(served_gpt2: Cluster, gpt2_url: str) -> None:
     """The worker drops a sequence whose client left: the first heartbeat after the client's exit shows `active` 0,
     and the sequence stopped after a handful of its 250 tokens. (The heartbeat publishes once a second and a whole
     250-token stream of the quick model takes about half that, so the token count is what shows it stopped early:
     left running, it would have added 250 to the worker's item counter.)"""
     def beat_after(since_ms: int, active: str) -> dict[str, str]:
         def check() -> dict[str, str] | None:
-            (w,) = live_workers(served.client, "gpt2")
+            (w,) = live_workers(served_gpt2.client, "gpt2")
             return w if int(w["beat"]) > since_ms and w["active"] == active else None
 
         return wait_for(check, 10, f"a heartbeat with active={active}")
 
     items_before = int(beat_after(int(time.time() * 1000), "0")["items"])
     body = {"inputs": GPT2_PROMPTS[3], "parameters": {"max_new_tokens": CONTEXT - 6}}
-    with httpx.Client(timeout=60) as client, client.stream("POST", url + "/generate_stream", json=body) as resp:
+    with httpx.Client(timeout=60) as client, client.stream("POST", gpt2_url + "/generate_stream", json=body) as resp:
         assert resp.status_code == 200
         seen = 0
         for line in resp.iter_lines():
@@ -201,9 +167,9 @@ def test_client_gone_mid_stream_frees_its_slot(served: Cluster, url: str) -> Non
     assert 3 <= generated < 60, generated
 
 
-def test_overloaded_queue_raises_overloaded_error(served: Cluster, quick_gpt2: Path, tmp_path: Path) -> None:
+def test_overloaded_queue_raises_overloaded_error(served_gpt2: Cluster, quick_gpt2: Path, tmp_path: Path) -> None:
     """A second gateway on the same Redis and worker, with room for one queued request."""
-    small = Cluster(served.redis_url, tmp_path)
+    small = Cluster(served_gpt2.redis_url, tmp_path)
     small.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, queue_cap=1, timeout_s=60)
     try:
         client = text_generation.AsyncClient(small.start_gateway(), timeout=60)
@@ -264,7 +230,7 @@ def test_openai_completions(oai: openai.OpenAI, tgi: text_generation.Client) -> 
     assert len({nucleus(seed) for seed in (5, 6, 7)}) > 1
 
 
-def test_openai_stream_with_usage_adds_up(oai: openai.OpenAI, url: str) -> None:
+def test_openai_stream_with_usage_adds_up(oai: openai.OpenAI, gpt2_url: str) -> None:
     prompts = [GPT2_PROMPTS[10], GPT2_PROMPTS[12]]
     whole = oai.completions.create(model="gpt2", prompt=prompts, max_tokens=12, temperature=0)
     texts = ["", ""]
@@ -281,7 +247,7 @@ def test_openai_stream_with_usage_adds_up(oai: openai.OpenAI, url: str) -> None:
     assert finish == [c.finish_reason for c in whole.choices]
     assert usage is not None and whole.usage is not None and usage.model_dump() == whole.usage.model_dump()
     body = {"model": "gpt2", "prompt": prompts[0], "max_tokens": 4, "temperature": 0, "stream": True}
-    with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=body) as resp:
+    with httpx.Client(timeout=60) as client, client.stream("POST", gpt2_url + "/v1/completions", json=body) as resp:
         raw = sse_events(resp)
     assert raw[-1] == "[DONE]" and len(raw) == 5
 
@@ -306,7 +272,7 @@ def test_openai_client_errors(oai: openai.OpenAI) -> None:
         assert body["error"]["param"] == param and body["error"]["code"] == code and body["error"]["message"]
 
     with pytest.raises(openai.UnprocessableEntityError) as e422:
-        oai.completions.create(model="gpt2", prompt="x", n=2)
+        oai.completions.create(model="gpt2", prompt="x", n=9)
     check(e422.value, "n", "validation")
     assert e422.value.body["type"] == "invalid_request_error"   # type: ignore[index]
     with pytest.raises(openai.NotFoundError) as e404:
@@ -339,10 +305,10 @@ TGI_INVALID = [
 
 
 @pytest.mark.parametrize("route", ["/generate", "/generate_stream", "/"])
-def test_tgi_validation_names_the_field(url: str, route: str) -> None:
+def test_tgi_validation_names_the_field(gpt2_url: str, route: str) -> None:
     with httpx.Client(timeout=60) as client:
         for body, field in TGI_INVALID:
-            r = client.post(url + route, json=body)
+            r = client.post(gpt2_url + route, json=body)
             assert r.status_code == 422, (body, r.text)
             err = r.json()
             assert err["error_type"] == "validation" and err["field"].endswith(field), (body, err)
@@ -359,17 +325,21 @@ OPENAI_INVALID = [
     ({"prompt": "x", "temperature": -1}, 422, "temperature"),
     ({"prompt": "x", "top_p": 1.5}, 422, "top_p"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
-    ({"prompt": "x", "n": 2}, 422, "n"),
-    ({"prompt": "x", "best_of": 2}, 422, "best_of"),
+    ({"prompt": "x", "n": 9}, 422, "n"),
+    ({"prompt": ["x"] * 16, "n": 5}, 422, "n"),                       # 80 sequences: more than one request may start
+    ({"prompt": "x", "n": 3, "best_of": 2}, 422, "best_of"),
+    ({"prompt": "x", "suffix": "y"}, 422, "suffix"),
+    ({"prompt": [1, -2]}, 422, "prompt"),
+    ({"prompt": [10**9]}, 422, "prompt"),                             # outside the vocabulary: checked by the worker
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
 ]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_validation_names_the_param(url: str, stream: bool) -> None:
+def test_openai_validation_names_the_param(gpt2_url: str, stream: bool) -> None:
     with httpx.Client(timeout=60) as client:
         for body, status, param in OPENAI_INVALID:
-            r = client.post(url + "/v1/completions", json={"model": "gpt2", "stream": stream, **body})
+            r = client.post(gpt2_url + "/v1/completions", json={"model": "gpt2", "stream": stream, **body})
             assert r.status_code == status, (body, r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["param"] == param, (body, err)
@@ -377,12 +347,12 @@ def test_openai_validation_names_the_param(url: str, stream: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------- Open Inference Protocol
-def test_v2_infer_answers_text_output(url: str, tgi: text_generation.Client) -> None:
+def test_v2_infer_answers_text_output(gpt2_url: str, tgi: text_generation.Client) -> None:
     body = {"id": "q-1", "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
                                      "data": [GPT2_PROMPTS[4]]}], "parameters": {"max_new_tokens": 8}}
     with httpx.Client(timeout=60) as client:
-        r = client.post(url + "/v2/models/gpt2/infer", json=body)
-        meta = client.get(url + "/v2/models/gpt2").json()
+        r = client.post(gpt2_url + "/v2/models/gpt2/infer", json=body)
+        meta = client.get(gpt2_url + "/v2/models/gpt2").json()
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["model_name"] == "gpt2" and out["id"] == "q-1" and out["model_version"] == meta["versions"][0]
@@ -392,11 +362,11 @@ def test_v2_infer_answers_text_output(url: str, tgi: text_generation.Client) -> 
     assert meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
 
 
-async def test_a_poison_sampling_request_fails_alone_and_its_batch_mates_finish(url: str) -> None:
+async def test_a_poison_sampling_request_fails_alone_and_its_batch_mates_finish(gpt2_url: str) -> None:
     """temperature 1e-300 (and 1e-45) with sampling once made every running sequence fail with inf/nan; now the
     edge refuses it with a 422 naming the field, and the 8 requests beside it all get their full answer."""
     normal = {"inputs": "The function returns", "parameters": {"max_new_tokens": 16, "do_sample": True, "seed": 3}}
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=gpt2_url, timeout=60) as client:
         poisons = [{"inputs": "The value", "parameters": {"max_new_tokens": 16, "do_sample": True, "temperature": t}}
                    for t in (1e-300, 1e-45)]
         openai_poison = {"model": "gpt2", "prompt": "The value", "max_tokens": 16, "temperature": 1e-45}

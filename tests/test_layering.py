@@ -42,8 +42,9 @@ def test_the_gateway_loads_no_model_framework_or_model_code() -> None:
     assert sorted(m for m in loaded if m == "models" or m.startswith("models.")) == []
 
 
-def test_the_cli_loads_no_model_framework() -> None:
-    loaded = modules_after("import service.cli")
+@pytest.mark.parametrize("module", ["service.cli", "service.remote", "service.supervisor"])
+def test_the_cli_loads_no_model_framework(module: str) -> None:
+    loaded = modules_after(f"import {module}")
     assert offenders(loaded, FRAMEWORKS) == []
     assert offenders(loaded, WEB) == []   # `inferline up` itself is a supervisor: the web stack is the gateway's
 
@@ -108,3 +109,11 @@ def test_worker_side_module_loads_no_web_stack(module: str) -> None:
 def test_shared_modules_load_neither(module: str) -> None:
     loaded = modules_after(f"import {module}")
     assert offenders(loaded, WEB + FRAMEWORKS) == []
+
+
+def test_the_client_needs_only_the_core_install() -> None:
+    """`from inferline.client import Client, AsyncClient` loads httpx, pydantic and numpy: no model framework, no
+    web stack, no Redis client."""
+    loaded = modules_after("from inferline.client import AsyncClient, Client\nClient('http://127.0.0.1:1').close()")
+    assert "inferline.client" in loaded and "httpx" in loaded
+    assert offenders(loaded, FRAMEWORKS + WEB + ("redis",)) == []

@@ -182,9 +182,12 @@ def test_generation_counts_the_tokens_it_streamed(cluster: Cluster, quick_gpt2: 
     assert total(s, "inferline_time_per_output_token_seconds_count", model="gpt2") == sum(t > 1 for t in tokens)
     assert total(s, "inferline_compute_seconds_count", model="gpt2") == len(tokens)
     assert total(s, "inferline_running_sequences", model="gpt2") >= 0
-    log = (cluster.tmp / "gateway.log").read_text()
-    logged = sorted(int(t) for t in re.findall(r"route=/generate\S* model=gpt2 status=200 .* tokens=(\d+)", log))
-    assert logged == sorted(tokens)
+
+    def logged() -> list[int]:   # access lines reach the log within AccessLog.FLUSH_EVERY_S of their request
+        log = (cluster.tmp / "gateway.log").read_text()
+        return sorted(int(t) for t in re.findall(r"route=/generate\S* model=gpt2 status=200 .* tokens=(\d+)", log))
+
+    assert wait_for(lambda: len(logged()) >= len(tokens), 10, "access lines") and logged() == sorted(tokens)
 
 
 def test_metrics_drop_broker_values_while_redis_is_unreachable(tmp_path: Path) -> None:
@@ -289,10 +292,17 @@ def test_logs_hold_every_request_id_and_no_payload(cluster: Cluster, quick_gpt2:
     assert ids[-1] == "caller-chosen-id" and len(set(ids)) == len(ids)
 
     gateway_log = cluster.tmp / "gateway.log"
-    access = wait_for(lambda: [json.loads(line) for line in gateway_log.read_text().splitlines()
-                               if line.startswith("{") and '"inferline.access"' in line], 10, "access lines")
-    by_id = {line["id"]: line for line in access}
-    assert set(ids) <= set(by_id)
+
+    def access_lines() -> dict[str, dict[str, Any]]:
+        return {line["id"]: line for line in (json.loads(raw) for raw in gateway_log.read_text().splitlines()
+                                              if raw.startswith("{") and '"inferline.access"' in raw)}
+
+    # Access lines are written in blocks (service/logs.py AccessLog): each within FLUSH_EVERY_S of its request.
+    def every_line() -> dict[str, dict[str, Any]] | None:
+        lines = access_lines()
+        return lines if set(ids) <= set(lines) else None
+
+    by_id = wait_for(every_line, 10, "access lines")
     for rid, response in zip(ids, responses, strict=True):
         line = by_id[rid]
         assert line["status"] == response.status_code and line["ms"] > 0

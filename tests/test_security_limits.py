@@ -94,9 +94,12 @@ def test_idle_and_slow_connections_are_closed(cluster: Cluster) -> None:
 
 
 def test_queue_cap_in_bytes(cluster: Cluster) -> None:
-    """With no worker, ~1 MB requests pile up in the model's stream until its byte cap; the rest get 503."""
+    """With a worker that beats but never reads (hung), ~1 MB requests pile up in the model's stream until its byte
+    cap; the rest get 503."""
     cap = 4 * 1024 * 1024
     cluster.spec("echo", runtime=ECHO, queue_cap=1000, queue_cap_bytes=cap, timeout_s=4)
+    # its heartbeat alone (a model with no live worker is refused at once, before its queue is looked at)
+    cluster.client.zadd(keys.workers_index("echo"), {"hung-worker": time.time() * 1000 + 120_000})
     url = start_gateway(cluster)
     body = v2_body(0.0)
     body["inputs"][0].update(shape=[1, 100_000], data=[0.123456] * 100_000)   # ~0.9 MB of JSON

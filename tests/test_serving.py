@@ -290,7 +290,7 @@ def test_metrics_docs_and_openapi(http: httpx.Client, sunspots: list[float]) -> 
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     assert "# TYPE inferline_requests_total counter" in text
-    assert 'inferline_requests_total{route="/forecast",status="200"}' in text
+    assert 'inferline_requests_total{model="lstm",route="/forecast",status="200"}' in text
     assert 'inferline_live_workers{model="cnn"} 1.0' in text
     assert 'inferline_queue_depth{model="lstm"} 0.0' in text
 

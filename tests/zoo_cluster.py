@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import orjson
 
@@ -22,7 +21,7 @@ from service.tensors import datatype_of
 from service.worker.batching import Executor
 from service.worker.loading import load_model
 from service.worker.rows import RowCodec
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, every_model_ready, wait_for
 
 MODELS = ("cnn", "lstm", "sentiment")
 TASKS = {"cnn": "classify-image", "lstm": "forecast", "sentiment": "sentiment", "transformer": "classify-text"}
@@ -49,7 +48,7 @@ def start_zoo(redis_url: str, store: Path, tmp: Path, models: tuple[str, ...] = 
             for i, proc in enumerate(cluster.workers):
                 log = (tmp / f"worker-{models[i]}-{i}.log").read_text()[-3000:] if proc.poll() is not None else ""
                 assert not log, f"worker {models[i]} exited with {proc.returncode}:\n{log}"
-            return httpx.get(cluster.url + "/readyz", timeout=5).status_code == 200
+            return every_model_ready(cluster.url, models)
 
         wait_for(ready, 180, "every worker live")
     except BaseException:

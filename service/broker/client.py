@@ -1,17 +1,34 @@
-"""The asyncio Redis client every process opens, from a redis://, rediss:// or unix:// URL, and the errors
-its calls raise.
+"""The asyncio Redis client every process opens, from a redis://, rediss://, unix:// or redis+sentinel:// URL, and
+the errors its calls raise.
 
 TLS (rediss://): the server is verified against REDIS_CA_FILE (else the system's CAs), and REDIS_CERT_FILE /
 REDIS_KEY_FILE present a client certificate when the server asks for one (tls-auth-clients). The same options
 may be given in the URL's query (ssl_ca_certs=, ssl_certfile=, ssl_keyfile=); the URL wins. A Redis ACL user and
-password go in the URL: rediss://USER:PASSWORD@host:port/0 (SECURITY.md lists the users' ACL lines)."""
+password go in the URL: rediss://USER:PASSWORD@host:port/0 (SECURITY.md lists the users' ACL lines).
+
+Sentinel: redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB] asks the sentinels where the
+primary of MASTER_NAME is, and asks again whenever a connection to it breaks, so a failover is followed: calls
+caught in the switch fail (our loops retry them, requests get 503 or their deadline) and the next ones reach the
+promoted replica. The password, if any, is the data nodes' (the sentinels are asked without one).
+
+Timeouts: every call fails within `timeout_s` when Redis hangs (SIGSTOP, a dead host without a RST). Blocking
+reads (XREAD, XREADGROUP) block at most MAX_BLOCK_S, so their answer always comes well inside that bound. A call
+is retried once, at once, and only when its connection broke (a pooled connection to a Redis that restarted): never
+after a timeout. (redis-py's default retries ten times with backoff, timeouts included: a hung Redis held each call
+for 10 x the timeout.)
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 # What a broker call raises when Redis is away, hung or refusing: callers outside the broker catch this tuple.
@@ -19,11 +36,22 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 Redis = aioredis.Redis
 
 TLS_ENV = {"ssl_ca_certs": "REDIS_CA_FILE", "ssl_certfile": "REDIS_CERT_FILE", "ssl_keyfile": "REDIS_KEY_FILE"}
+SENTINEL_SCHEME = "redis+sentinel://"
+MAX_BLOCK_S = 1.0           # the longest BLOCK of any read: timeout_s must outlast it
+DEFAULT_TIMEOUT_S = 2.0
 
 
-def connect(url: str, **options: Any) -> aioredis.Redis:
-    """A client for `url`. TCP keepalive (a dead peer is noticed) only where there is TCP: redis-py's unix-socket
-    connections refuse the option."""
+def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> aioredis.Redis:
+    """A client for `url` whose calls fail after timeout_s (connect and each reply) instead of hanging. TCP
+    keepalive (a dead peer is noticed) only where there is TCP: redis-py's unix-socket connections refuse it.
+    Raises ValueError for a timeout that a blocking read would outlast, or a malformed sentinel URL."""
+    if timeout_s <= MAX_BLOCK_S:
+        raise ValueError(f"timeout_s {timeout_s} must be above the longest blocking read ({MAX_BLOCK_S} s)")
+    options.setdefault("socket_timeout", timeout_s)
+    options.setdefault("socket_connect_timeout", timeout_s)
+    options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    if url.startswith(SENTINEL_SCHEME):
+        return _via_sentinel(url, options)
     if not url.startswith("unix:"):
         options.setdefault("socket_keepalive", True)
     if url.startswith("rediss:"):
@@ -32,3 +60,30 @@ def connect(url: str, **options: Any) -> aioredis.Redis:
                 options.setdefault(option, os.environ[env])
         options.setdefault("ssl_cert_reqs", "required")
     return aioredis.Redis.from_url(url, **options)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None, str | None]:
+    """(sentinel addresses, master name, db, username, password) of a redis+sentinel:// URL."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    addresses = []
+    for hostport in hosts.split(","):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"sentinel URL: {hostport!r} is not HOST:PORT")
+        addresses.append((host, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("sentinel URL: expected redis+sentinel://HOST:PORT[,HOST:PORT]/MASTER_NAME[/DB]")
+    db = int(path[1]) if len(path) == 2 else 0
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return addresses, path[0], db, user, password
+
+
+def _via_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
+    addresses, master, db, user, password = parse_sentinel_url(url)
+    timeouts = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout", "retry")}
+    sentinel = Sentinel(addresses, sentinel_kwargs=timeouts, **timeouts)
+    options = {k: v for k, v in options.items() if k not in timeouts}
+    return sentinel.master_for(master, db=db, username=user, password=password, **timeouts, **options)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 MIN_VERSION = (6, 2)
@@ -56,16 +57,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(workdir: Path, port: int | None = None, open_tcp: bool = False,
-          maxmemory: str = DEFAULT_MAXMEMORY) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a redis-server in workdir; returns the process and its URL once it answers PING.
+@dataclass(frozen=True)
+class Plan:
+    """How to run one private redis-server, and how to reach it."""
 
-    Private by default (what `inferline up` runs): a unix socket only its owner may open, and no TCP port; where
-    the socket's path is too long for the OS, a loopback TCP port that needs a password generated here (in the
-    URL). open_tcp=True also opens the loopback TCP port without a password (the test suite, tools). maxmemory
-    bounds Redis itself; at the bound writes fail (noeviction: evicting would lose requests silently), so the
-    gateway answers 503. The URL is also written, owner-only, to workdir/url for `inferline keys`.
-    Raises RedisNotFound, or RuntimeError when it does not come up within 10 s."""
+    argv: list[str]
+    url: str
+    workdir: Path
+    sock: Path | None
+    port: int
+    password: str
+
+    def answers(self) -> bool:
+        """True when it answers PING now."""
+        return _pong(self.sock, self.port, self.password)
+
+
+def plan(workdir: Path, port: int | None = None, open_tcp: bool = False, maxmemory: str = DEFAULT_MAXMEMORY,
+         persist: bool = False) -> Plan:
+    """The command line and URL of a redis-server in workdir (see start()). Running it again after it died brings
+    back the same server at the same URL. persist: an append-only file in workdir (fsync every second), so what
+    was written survives a restart; otherwise it starts empty.
+    Raises RedisNotFound."""
     workdir = workdir.resolve()   # redis-server enters --dir before it opens --logfile: relative paths break
     workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o700)
@@ -74,24 +87,49 @@ def start(workdir: Path, port: int | None = None, open_tcp: bool = False,
     tcp = open_tcp or not unix
     port = (port or free_port()) if tcp else 0
     password = secrets.token_urlsafe(24) if tcp and not open_tcp else ""
-    proc = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--protected-mode", "yes",
-         "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction",
-         *(["--requirepass", password] if password else []),
-         *(["--unixsocket", str(sock), "--unixsocketperm", "700"] if unix else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if persist else ["--appendonly", "no"]
+    argv = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
+            "--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--protected-mode", "yes",
+            "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction",
+            *(["--requirepass", password] if password else []),
+            *(["--unixsocket", str(sock), "--unixsocketperm", "700"] if unix else [])]
     url = f"unix://{sock}?db=0" if unix else f"redis://:{password}@127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
+    return Plan(argv, url, workdir, sock if unix else None, port, password)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], redis: Plan, timeout_s: float = 10.0) -> None:
+    """Return once the started server answers PING (its URL then written, owner-only, to workdir/url).
+    Raises RuntimeError when it exits or does not answer within timeout_s."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {proc.returncode}; see {workdir / 'redis.log'}")
-        if _pong(sock if unix else None, port, password):
-            write_url(workdir, url)
-            return proc, url
+            raise RuntimeError(f"redis-server exited with {proc.returncode}; see {redis.workdir / 'redis.log'}")
+        if redis.answers():
+            write_url(redis.workdir, redis.url)
+            return
         time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not answer within 10 s")
+    raise RuntimeError(f"redis-server did not answer within {timeout_s:g} s")
+
+
+def start(workdir: Path, port: int | None = None, open_tcp: bool = False, maxmemory: str = DEFAULT_MAXMEMORY,
+          persist: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a redis-server in workdir; returns the process and its URL once it answers PING.
+
+    Private by default (what `inferline up` runs): a unix socket only its owner may open, and no TCP port; where
+    the socket's path is too long for the OS, a loopback TCP port that needs a password generated here (in the
+    URL). open_tcp=True also opens the loopback TCP port without a password (the test suite, tools). maxmemory
+    bounds Redis itself; at the bound writes fail (noeviction: evicting would lose requests silently), so the
+    gateway answers 503. The URL is also written, owner-only, to workdir/url for `inferline keys`.
+    Raises RedisNotFound, or RuntimeError when it does not come up within 10 s."""
+    redis = plan(workdir, port, open_tcp, maxmemory, persist)
+    proc = subprocess.Popen(redis.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_ready(proc, redis)
+    except RuntimeError:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, redis.url
 
 
 def _pong(sock: Path | None, port: int, password: str) -> bool:

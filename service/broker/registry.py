@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,18 @@ class ModelStatus:
     @property
     def devices(self) -> list[str]:
         return sorted({w.device for w in self.workers})
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Whether a model can be served now: live workers, and a consumer group for them to read."""
+
+    live_workers: int
+    group: bool
+
+    @property
+    def ready(self) -> bool:
+        return self.live_workers > 0 and self.group
 
 
 @dataclass
@@ -70,11 +82,12 @@ class Registry:
         await self.redis.set(keys.model_info(info.name), info.encode())
 
     async def beat(self, model: str, worker_id: str, status: WorkerStatus,
-                   stats: dict[str, float] | None = None) -> None:
+                   stats: dict[str, float] | None = None, info: ModelInfo | None = None) -> None:
         """Refresh the worker's heartbeat record and add `stats` (increments of the model's counters, by field)
         to the model's stats hash, in one round trip. Raises redis errors: then nothing of `stats` was added
         unless the pipeline broke midway (a beat is retried with the same increments: at worst some count twice,
-        never go backwards)."""
+        never go backwards). With `info`, also put the model's metadata back if Redis lost it (a restart without
+        persistence, FLUSHALL): gateways need it to route and document the model."""
         now_ms = int(time.time() * 1000)
         status.beat = now_ms
         key = keys.worker(model, worker_id)
@@ -85,7 +98,19 @@ class Registry:
             pipe.zadd(index, {worker_id: now_ms})
             pipe.zremrangebyscore(index, 0, now_ms - int(keys.HEARTBEAT_TTL_S * 1000) * 10)
             add_stats(pipe, model, stats or {})
+            if info is not None:
+                pipe.set(keys.model_info(info.name), info.encode(), nx=True)
             await pipe.execute()
+
+    async def alive(self, model: str, worker_ids: Sequence[str]) -> set[str]:
+        """The ones among worker_ids whose heartbeat has not lapsed."""
+        if not worker_ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in worker_ids:
+                pipe.exists(keys.worker(model, wid))
+            found: list[int] = await pipe.execute()
+        return {wid for wid, n in zip(worker_ids, found, strict=True) if n}
 
     async def add_stats(self, model: str, stats: dict[str, float]) -> None:
         """Add increments to the model's stats hash (a worker's last ones, as it stops). Raises redis errors."""
@@ -161,6 +186,25 @@ class Registry:
                 health.oldest_queued_age_s = max(0, now_ms - entry_ms(first[0][0])) / 1000
             health.workers = await self._live(name)
             out[name] = health
+        return out
+
+    async def serving(self, models: Sequence[str]) -> dict[str, Serving]:
+        """For each model: how many workers beat, and whether its consumer group exists (a live worker recreates a
+        lost one within a second). One round trip for all models, so /readyz stays cheap and bounded."""
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.zcount(keys.workers_index(model), now_ms - int(keys.HEARTBEAT_TTL_S * 1000), "+inf")
+                pipe.xinfo_groups(keys.request_stream(model))
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        out = {}
+        for i, model in enumerate(models):
+            live, groups = results[2 * i], results[2 * i + 1]
+            if isinstance(live, Exception):
+                raise live
+            group = not isinstance(groups, Exception) and any(g["name"] in (keys.GROUP, keys.GROUP.encode())
+                                                             for g in groups)
+            out[model] = Serving(int(live), group)
         return out
 
     async def status(self, model: str) -> ModelStatus:

@@ -28,6 +28,7 @@ from redis.exceptions import ResponseError
 
 from service.broker import keys
 from service.broker.client import BROKER_ERRORS
+from service.broker.registry import entry_ms
 from service.broker.ticks import TickBatcher
 from service.protocol import Cancel, Envelope, Reply, pack_replies, unpack_replies
 
@@ -35,9 +36,12 @@ log = logging.getLogger(__name__)
 
 REPLY_MAXLEN = 100_000
 
-# KEYS: request stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope fields, then the cap in
-# bytes (0: none), then the W3C traceparent ('' when tracing is off: no field). Returns the queue length before the
-# add, or -1 when the queue is at a cap (nothing written).
+# KEYS: request stream, the gateway's reply stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope
+# fields, then the cap in bytes (0: none), then the W3C traceparent ('' when tracing is off: no field), then the
+# reply stream's TTL (s). Returns the queue length before the add, or -1 when the queue is at a cap (nothing
+# written). A reply stream Redis lost (a restart, FLUSHALL) is made again here, before the request it must carry the
+# answer of is queued: workers reply with NOMKSTREAM, so without it the answer would be dropped and the caller would
+# wait out its deadline.
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
 # ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
 # so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
@@ -52,6 +56,10 @@ if n > 0 and cap_bytes > 0 then
 end
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XADD', KEYS[2], '*', 'pack', '')
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
+end
 if ARGV[9] and ARGV[9] ~= '' then
   redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
              'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7], 'tp', ARGV[9])
@@ -94,9 +102,9 @@ class Enqueuer:
         for them any more). Returns the queue depth it found, or -1 when the model's queue is full (cap entries,
         or cap_bytes of Redis memory when cap_bytes > 0).
         Raises redis errors (the caller answers 503)."""
-        depth = await self.batcher.script(_ENQUEUE, [keys.request_stream(model)], [
+        depth = await self.batcher.script(_ENQUEUE, [keys.request_stream(model), envelope.reply_to], [
             cap, keep_ms, payload, envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op,
-            cap_bytes, envelope.traceparent])
+            cap_bytes, envelope.traceparent, keys.REPLY_STREAM_TTL_S])
         return int(depth)
 
 
@@ -124,9 +132,7 @@ class ModelQueue:
             res: Any = await self.redis.xreadgroup(keys.GROUP, self.consumer, {self.stream: ">"}, count=count,
                                                    block=block)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.ensure_group()   # the stream was deleted under us (e.g. FLUSHALL): start over
+            await self._recreate_on_nogroup(exc)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
         entries = res[0][1] if res else []
         return [parse_entry(eid, fields, 1) for eid, fields in entries if fields]
@@ -163,13 +169,22 @@ class ModelQueue:
         """Take over entries left pending longer than min_idle_ms (their worker died or hung).
         Returns (claimed, exhausted): exhausted ones were already delivered max_tries times and must be
         dead-lettered, not run again."""
+        return await self._claim(min_idle_ms, max_tries, count, None)
+
+    async def claim_from(self, consumer: str, min_idle_ms: int, max_tries: int,
+                         count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
+        """Take over the entries of one consumer (a worker whose heartbeat lapsed), as reclaim() does. min_idle_ms
+        is kept above zero on purpose: the first claimer resets the idle time, so two workers claiming the same dead
+        consumer's entries at once never both get one."""
+        return await self._claim(min_idle_ms, max_tries, count, consumer)
+
+    async def _claim(self, min_idle_ms: int, max_tries: int, count: int,
+                     consumer: str | None) -> tuple[list[Delivery], list[Delivery]]:
         try:
             pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
-                                                           idle=min_idle_ms)
+                                                           idle=min_idle_ms, consumername=consumer)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.ensure_group()   # Redis lost the stream (restart, FLUSHALL): recreate it here, on the spot
+            await self._recreate_on_nogroup(exc)
             return [], []
         if not pending:
             return [], []
@@ -191,11 +206,52 @@ class ModelQueue:
                 await pipe.execute()
         return fresh, exhausted
 
+    async def consumers(self) -> list[str]:
+        """The names of the group's consumers other than this one (worker ids)."""
+        try:
+            found: Any = await self.redis.xinfo_consumers(self.stream, keys.GROUP)
+        except ResponseError as exc:
+            await self._recreate_on_nogroup(exc)
+            return []
+        names = [c["name"] for c in found]
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names if n not in (self.consumer,
+                                                                                             self.consumer.encode())]
+
+    async def remove_consumer(self, consumer: str) -> bool:
+        """Remove a dead worker's consumer from the group once nothing is pending on it (XGROUP DELCONSUMER would
+        drop what is). True when it was removed."""
+        try:
+            left: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=1,
+                                                        consumername=consumer)
+            if left:
+                return False
+            await self.redis.xgroup_delconsumer(self.stream, keys.GROUP, consumer)
+        except ResponseError as exc:
+            await self._recreate_on_nogroup(exc)
+            return False
+        return True
+
     async def refresh_claims(self, deliveries: Sequence[Delivery]) -> None:
-        """Reset the idle time of entries this worker still works on, so no other worker reclaims live work."""
-        if deliveries:
-            await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, [d.entry_id for d in deliveries],
-                                    justid=True)
+        """Reset the idle time of entries this worker still works on, so no other worker reclaims live work. Also
+        proves the group is there: Redis lost it (restart, FLUSHALL) -> it is recreated here, on the spot."""
+        try:
+            if deliveries:
+                await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, [d.entry_id for d in deliveries],
+                                        justid=True)
+            else:
+                groups: Any = await self.redis.xinfo_groups(self.stream)
+                if not any(g["name"] in (keys.GROUP, keys.GROUP.encode()) for g in groups):
+                    await self.ensure_group()   # the stream is back (an enqueue made it) but not its group
+        except ResponseError as exc:
+            await self._recreate_on_nogroup(exc)
+
+    async def _recreate_on_nogroup(self, exc: ResponseError) -> None:
+        """Redis lost the stream or its group (a restart without persistence, FLUSHALL): make them again here, on
+        the spot, rather than failing the same call every round. Other errors are raised."""
+        text = str(exc)
+        if "NOGROUP" not in text and "no such key" not in text.lower():
+            raise exc
+        await self.ensure_group()
 
     async def dead_letter(self, deliveries: Sequence[Delivery], reason: str) -> None:
         """Move deliveries to the dead-letter stream, answer them (not to be retried), ack and delete."""
@@ -238,8 +294,9 @@ class Cancels:
         await self.redis.xadd(self.stream, cancel.fields(), maxlen=keys.CANCEL_MAXLEN,  # type: ignore[arg-type]
                               approximate=True)
 
-    async def read(self, block_s: float) -> list[Cancel]:
-        """Cancels published since the last read (since the first read's call, the first time)."""
+    async def read(self, block_s: float) -> list[tuple[Cancel, int]]:
+        """Cancels published since the last read (since the first read's call, the first time), each with when it
+        was published (ms, Redis's clock: the one request entry ids are made from, see entry_ms)."""
         if self.last is None:
             newest: Any = await self.redis.xrevrange(self.stream, count=1)
             self.last = newest[0][0] if newest else b"0-0"
@@ -247,7 +304,7 @@ class Cancels:
         out = []
         for entry_id, fields in (res[0][1] if res else []):
             self.last = entry_id
-            out.append(Cancel.from_fields(fields))
+            out.append((Cancel.from_fields(fields), entry_ms(entry_id)))
         return out
 
 
@@ -273,6 +330,11 @@ class ReplyInbox:
         if self.last is None:
             await self.create()
         res: Any = await self.redis.xread({self.stream: self.last}, count=1000, block=max(1, int(block_s * 1000)))
+        if not res and not await self.redis.exists(self.stream):
+            # Redis lost the stream (restart, FLUSHALL): workers reply with NOMKSTREAM, so until it exists again
+            # every reply is dropped. An empty read is the cheap moment to look: one EXISTS per idle block.
+            await self.create()
+            return []
         replies: list[Reply] = []
         for entry_id, fields in (res[0][1] if res else []):
             self.last = entry_id

@@ -10,9 +10,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 
 import service
 from service.broker.client import BROKER_ERRORS, connect
@@ -23,8 +22,19 @@ from service.gateway.dispatch import Dispatcher
 from service.gateway.edge import Edge
 from service.gateway.errors import from_validation, http_error, render
 from service.gateway.hot import HotPath
-from service.gateway.openapi import with_models
-from service.gateway.routes import classify, forecast, generate, health, kserve, models, openai, predict, sentiment
+from service.gateway.openapi import mount_docs, with_models
+from service.gateway.routes import (
+    chat,
+    classify,
+    forecast,
+    generate,
+    health,
+    kserve,
+    models,
+    openai,
+    predict,
+    sentiment,
+)
 from service.gateway.security import Security, auth_possible
 from service.metrics import GatewayMetrics, configured_replicas
 from service.protocol import ModelInfo
@@ -40,8 +50,8 @@ def create_app(settings: Settings) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # socket_timeout bounds a hung Redis; it must outlast the reply reader's 1 s blocking XREAD.
-        redis = connect(str(settings.redis_url), socket_timeout=10, max_connections=256)
+        # broker.timeout_s bounds a hung Redis (requests get 503 after it); it outlasts every blocking read.
+        redis = connect(str(settings.redis_url), settings.broker.timeout_s, max_connections=256)
         dispatcher = Dispatcher(redis, settings, metrics)
         app.state.settings = settings
         app.state.redis = redis   # the security layer's keystore and rate limiter (service/broker/) use it
@@ -75,9 +85,7 @@ def create_app(settings: Settings) -> Any:
                 infos[name] = info
         return JSONResponse(with_models(app.openapi(), infos))
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="inferline")
+    mount_docs(app)   # Swagger UI from local files: /docs works offline
 
     async def on_inferline_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InferlineError)
@@ -95,7 +103,7 @@ def create_app(settings: Settings) -> Any:
     app.add_exception_handler(InferlineError, on_inferline_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    for module in (health, models, predict, classify, forecast, sentiment, kserve, generate, openai):
+    for module in (health, models, predict, classify, forecast, sentiment, kserve, generate, openai, chat):
         app.include_router(module.router)
     inner: Any = HotPath(app)
     security: Security | None = None

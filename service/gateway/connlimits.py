@@ -72,6 +72,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().on_message_begin()
         self.in_headers = True
         self.header_count = 0
+        self.header_bytes = 0   # a kept-alive connection's earlier requests (and their bodies) are not this one's
         self._arm()
 
     def on_url(self, url: bytes) -> None:

@@ -1,7 +1,8 @@
 """Submit a request to a model's stream and await its reply by request id.
 
 One reply stream per gateway process, read by one task that hands each reply to the coroutine waiting
-for it. Queue at cap -> Overloaded (503 + Retry-After); Redis unreachable -> Unavailable (503);
+for it. Queue at cap -> Overloaded (503 + Retry-After); Redis unreachable or hung (broker.timeout_s) ->
+Unavailable (503); no live worker for the model -> Unavailable (503, at once: the model's routes only);
 deadline passed -> DeadlineExceeded (504); the worker's error replies come back as InferlineErrors of their type.
 Every Redis call goes through the broker (service/broker/).
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 from service.broker import keys
 from service.broker.client import BROKER_ERRORS, Redis
+from service.broker.registry import Registry
 from service.broker.streams import Cancels, Enqueuer, ReplyInbox
 from service.broker.ticks import TickBatcher
 from service.config import ModelSpec, Settings
@@ -33,6 +35,8 @@ from service.protocol import Cancel, Envelope, Reply, encode_payload, now_ms
 log = logging.getLogger(__name__)
 
 TRIM_EVERY_S = 0.2
+WATCH_EVERY_S = 0.5       # how often the gateway learns which models have live workers
+RECHECK_DEAD_S = 0.25     # a model seen without workers is asked about again at most this often, on a request
 
 
 class Dispatcher:
@@ -49,11 +53,16 @@ class Dispatcher:
         self.enqueuer = Enqueuer(redis, self.batcher)
         self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.registry = Registry(redis)
+        self.live: dict[str, int] = {}          # model -> workers beating, as last seen (absent: not known yet)
+        self.asked: dict[str, float] = {}       # model -> when a request last asked Redis about it
+        self.asking: dict[str, asyncio.Future[int]] = {}
 
     async def start(self) -> None:
         """Start reading replies. Does not wait for Redis: until it answers, requests get 503 or 504 and
         /readyz says why."""
-        self.tasks = [asyncio.create_task(self._read_replies()), asyncio.create_task(self._keep_alive())]
+        self.tasks = [asyncio.create_task(self._read_replies()), asyncio.create_task(self._keep_alive()),
+                      asyncio.create_task(self._watch_workers())]
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -87,6 +96,9 @@ class Dispatcher:
     async def _enqueue(self, spec: ModelSpec, request_id: str, op: str, payload: bytes) -> None:
         # Every request to a model has the model's timeout, so every entry older than that (and a grace) is
         # one nobody waits for: the enqueue trims those.
+        if not await self.has_worker(spec.name):
+            self.metrics.rejected.labels(spec.name, "no_worker").inc()
+            raise Unavailable(f"model {spec.name} has no live worker; retry later")
         timeout_ms = int(spec.timeout_s * 1000)
         record = edge.current.get()
         if record is not None:
@@ -102,6 +114,30 @@ class Dispatcher:
         if depth < 0:
             self.metrics.rejected.labels(spec.name, "queue_full").inc()
             raise Overloaded(f"model {spec.name} has {spec.queue_cap} requests queued (its queue_cap); retry later")
+
+    async def has_worker(self, model: str) -> bool:
+        """Whether some worker of the model beats, from what the watcher saw (no round trip on the hot path). A model
+        seen without one is asked about again here (one question shared by the requests that arrive meanwhile, and
+        not again for RECHECK_DEAD_S after a "no"), so a worker that just came up is used at once. Unknown (Redis
+        away, not watched yet) counts as yes: the enqueue then decides."""
+        if self.live.get(model, 1) > 0:
+            return True
+        asking = self.asking.get(model)
+        if asking is None:
+            now = time.monotonic()
+            if now - self.asked.get(model, 0.0) < RECHECK_DEAD_S:
+                return False
+            self.asked[model] = now
+            asking = self.asking[model] = asyncio.ensure_future(self._ask(model))
+            asking.add_done_callback(lambda _: self.asking.pop(model, None))
+        try:
+            return await asyncio.shield(asking) > 0
+        except BROKER_ERRORS:
+            return True
+
+    async def _ask(self, model: str) -> int:
+        self.live[model] = (await self.registry.serving([model]))[model].live_workers
+        return self.live[model]
 
     async def call(self, model: str, op: str, params: dict[str, Any] | bytes, blob: bytes | bytearray = b"",
                    request_id: str | None = None) -> Reply:
@@ -144,7 +180,11 @@ class Dispatcher:
         self.waiters[request_id] = inbox
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            await self._enqueue(spec, request_id, op, encode_payload(params))
+            try:   # the deadline covers the enqueue too (call() has its timer for that)
+                await asyncio.wait_for(self._enqueue(spec, request_id, op, encode_payload(params)), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(f"request {request_id} to model {model} could not be queued within "
+                                       f"{timeout:g} s") from None
             while True:
                 left = deadline - asyncio.get_running_loop().time()
                 try:
@@ -180,7 +220,7 @@ class Dispatcher:
             await Cancels(self.redis, model).publish(Cancel(request_id))
 
     async def _read_replies(self) -> None:
-        errors = RepeatingError(log, f"reply stream gateway={self.gateway_id}")
+        errors = RepeatingError(log, f"reply stream gateway={self.gateway_id}", BROKER_ERRORS)
         trimmed_at = time.monotonic()
         while True:
             try:
@@ -197,6 +237,21 @@ class Dispatcher:
                 errors.failed(exc)
                 await asyncio.sleep(0.5)
 
+    async def _watch_workers(self) -> None:
+        errors = RepeatingError(log, f"watching workers gateway={self.gateway_id}", BROKER_ERRORS)
+        models = list(self.settings.models)
+        while True:
+            try:
+                seen = await self.registry.serving(models)
+                self.live = {m: s.live_workers for m, s in seen.items()}
+                errors.ok()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:   # noqa: BLE001 - Redis away: requests get 503 from the enqueue meanwhile
+                self.live = {}
+                errors.failed(exc)
+            await asyncio.sleep(WATCH_EVERY_S)
+
     def _deliver(self, reply: Reply) -> None:
         """Hand a reply to whoever waits for it; nobody does once the caller timed out or left."""
         waiter = self.waiters.get(reply.request_id)
@@ -206,7 +261,7 @@ class Dispatcher:
             waiter.set_result(reply)
 
     async def _keep_alive(self) -> None:
-        errors = RepeatingError(log, f"reply stream refresh gateway={self.gateway_id}")
+        errors = RepeatingError(log, f"reply stream refresh gateway={self.gateway_id}", BROKER_ERRORS)
         while True:
             await asyncio.sleep(keys.REPLY_STREAM_TTL_S / 4)
             try:

@@ -1,27 +1,36 @@
 """Token streams from a generation worker, shared by the TGI and OpenAI routes: parse each token reply,
 skip indexes already seen (a request restarted on another replica repeats them), collect the whole
-answer, and tell the workers when the client leaves mid-stream."""
+answer, and tell the workers when the client leaves, mid-stream or while a whole answer is being collected."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from service.errors import InferlineError
 from service.gateway.dispatch import Dispatcher
 from service.protocol import OP_GENERATE, TokenEvent
 
 _cancelling: set[asyncio.Task[None]] = set()
+T = TypeVar("T")
+CLIENT_GONE = 499   # nginx's "client closed request": the status the access metrics record for a caller that left
+Receive = Callable[[], Awaitable[Any]]   # an ASGI receive: the HTTP connection's next message
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready; nobody reads a response any more."""
 
 
 @dataclass
 class Generation:
-    """A finished generation."""
+    """A finished generation: its token events in order, and what the last (and first) of them said."""
 
+    events: list[TokenEvent] = field(default_factory=list)
     text: str = ""
-    tokens: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str = "length"
     seed: int | None = None
     prompt_tokens: int = 0
@@ -29,14 +38,26 @@ class Generation:
 
     @property
     def generated_tokens(self) -> int:
-        return len(self.tokens)
+        return len(self.events)
+
+    @property
+    def tokens(self) -> list[dict[str, Any]]:
+        """TGI's details.tokens."""
+        return [token_of(e) for e in self.events]
+
+    @property
+    def mean_logprob(self) -> float:
+        """Per generated token: how OpenAI's best_of ranks choices."""
+        return sum(e.logprob for e in self.events) / max(len(self.events), 1)
 
 
 def token_of(event: TokenEvent) -> dict[str, Any]:
+    """TGI's token object. A logprob that is not finite is written as null (orjson's way; TGI's client takes it)."""
     return {"id": event.token_id, "text": event.text, "logprob": event.logprob, "special": event.special}
 
 
-async def token_events(d: Dispatcher, model: str, params: dict[str, Any], rid: str) -> AsyncIterator[TokenEvent]:
+async def token_events(d: Dispatcher, model: str, params: dict[str, Any],
+                       rid: str) -> AsyncGenerator[TokenEvent, None]:
     """The token events of one request in order, each once; the last has `finish_reason`. Errors before the
     first token raise as InferlineErrors (so routes can still answer with a status). If the consumer stops
     early (client gone), the workers are told to drop the sequence."""
@@ -73,7 +94,7 @@ async def token_events(d: Dispatcher, model: str, params: dict[str, Any], rid: s
 async def collect(events: AsyncIterator[TokenEvent]) -> Generation:
     result = Generation()
     async for event in events:
-        result.tokens.append(token_of(event))
+        result.events.append(event)
         result.prompt_tokens = event.prompt_tokens
         result.seed = event.seed
         if event.prefill is not None:
@@ -82,6 +103,59 @@ async def collect(events: AsyncIterator[TokenEvent]) -> Generation:
             result.finish_reason = event.finish_reason
             result.text = event.generated_text or ""
     return result
+
+
+async def merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent | InferlineError]]:
+    """Several token streams (the choices of one OpenAI request) as one, in arrival order: (stream index, event), or
+    (stream index, error) for a stream that failed after its first event; the other streams go on. Leaving early
+    cancels the rest (each tells its workers to drop its sequence)."""
+    merged: asyncio.Queue[tuple[int, TokenEvent | InferlineError | None]] = asyncio.Queue()
+
+    async def pump(index: int, events: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for event in events:
+                await merged.put((index, event))
+        except InferlineError as exc:
+            await merged.put((index, exc))
+        finally:
+            await merged.put((index, None))
+
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    open_streams = len(pumps)
+    try:
+        while open_streams:
+            index, item = await merged.get()
+            if item is None:
+                open_streams -= 1
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def collect_all(streams: list[AsyncGenerator[TokenEvent, None]]) -> list[Generation]:
+    """Every stream to its end, concurrently. If one fails, the others are closed (their workers drop them) and the
+    first error is raised."""
+    results = await asyncio.gather(*[collect(s) for s in streams], return_exceptions=True)
+    return [r for r in await _all_or_close(streams, results) if isinstance(r, Generation)]
+
+
+async def start_all(streams: list[AsyncGenerator[TokenEvent, None]]) -> list[AsyncIterator[TokenEvent]]:
+    """first_then_rest for several streams: every first event is in before a response starts, so a bad request is
+    still a plain 4xx; if one fails, the others are closed and the first error is raised."""
+    started = await asyncio.gather(*[first_then_rest(s) for s in streams], return_exceptions=True)
+    return [s for s in await _all_or_close(streams, started) if not isinstance(s, BaseException)]
+
+
+async def _all_or_close(streams: list[AsyncGenerator[TokenEvent, None]], results: list[Any]) -> list[Any]:
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        raise failed[0]
+    return results
 
 
 async def first_then_rest(events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
@@ -94,3 +168,26 @@ async def first_then_rest(events: AsyncIterator[TokenEvent]) -> AsyncIterator[To
             yield event
 
     return chained()
+
+
+async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work` (whose request body is already read) while watching the connection. If the client disconnects
+    first, cancel `work` - its token streams then tell the workers to drop their sequences, freeing them within a
+    step, as a closed stream does - and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():   # the client left, or this handler itself was cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientGone()
+    return task.result()

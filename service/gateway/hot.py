@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from service.gateway.routes import classify, forecast, kserve, predict, sentiment
@@ -38,8 +37,13 @@ class HotPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self.match(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
-        headers = Headers(scope=scope) if found else None
-        if found is None or headers is None or headers.get("content-type", "").startswith("multipart/"):
+        headers: dict[str, str] = {}
+        if found is not None:   # a plain dict, the first of repeated names (as Starlette's Headers.get)
+            for name, value in scope["headers"]:
+                key = name.decode("latin-1")
+                if key not in headers:
+                    headers[key] = value.decode("latin-1")
+        if found is None or headers.get("content-type", "").startswith("multipart/"):
             await self.app(scope, receive, send)
             return
         handler, route, path_params = found

@@ -126,6 +126,11 @@ class Engine:
         return self._context
 
     @property
+    def max_input_tokens(self) -> int:
+        """The longest prompt add() takes (one position must stay free for the first generated token)."""
+        return self._context - 1
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 
@@ -352,14 +357,14 @@ class Engine:
             req.finished = True
         top_logprobs = None
         if req.params.top_logprobs:
-            top_logprobs = [{"id": t, "text": token_text(self.tokenizer, self._bytes, t), "logprob": lp}
-                            for t, lp in top]
+            top_logprobs = [{"id": t, "text": token_text(self.tokenizer, self._bytes, t), "logprob": lp,
+                             "special": t in self._special} for t, lp in top]
         event = TokenEvent(
             request_id=req.request_id, index=req.generated, token_id=token, text=text, logprob=logprob,
             special=special, finish_reason=reason, generated_text=generated_text,
             prompt_tokens=len(req.prompt_ids), seed=req.sampling.seed,
             prefill=req.prefill if req.generated == 0 and req.params.want_prefill else None,
-            top_logprobs=top_logprobs)
+            top_logprobs=top_logprobs, token_text=token_text(self.tokenizer, self._bytes, token))
         req.generated += 1
         req.next_token = token
         return event

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.generation.params import (
+    MAX_SEED,
     MAX_STOP,
     MAX_STOP_CHARS,
     MAX_TOP_LOGPROBS,
@@ -24,16 +25,32 @@ from service.generation.params import (
     Seed,
     TopP,
 )
+from service.protocol import FIT_CONTEXT
 from service.schemas.tgi import MAX_PROMPT_CHARS, neutral_only, sampling_dict
 
+Prompt = str | list[int]   # text, or token ids
+
 MAX_PROMPTS = 16
+MAX_PROMPT_IDS = 65_536         # token ids in one prompt (the model's context is checked by its worker)
 MAX_COMPLETION_LOGPROBS = 5     # OpenAI's limit for /v1/completions `logprobs`
-MAX_CHOICES = 8                 # `n`: each choice is one sequence in the engine
+MAX_CHOICES = 8                 # `n` and `best_of`: each choice is one sequence in the engine
+MAX_SEQUENCES = 64              # prompts x max(n, best_of): the engine sequences one request may start
 MAX_MESSAGES = 256
-DEFAULT_CHAT_MAX_TOKENS = 256   # OpenAI's default is "up to the context"; the route may raise it to that
-# accepted for compatibility; only these neutral values are honoured
-NEUTRAL: dict[str, Any] = {"best_of": 1, "logit_bias": {}, "suffix": None}
+DEFAULT_CHAT_MAX_TOKENS = 256   # without max_(completion_)tokens: this, or less when the context leaves less
+# accepted for compatibility; only these neutral values are honoured (`suffix`: insertion needs a model trained for
+# it, which no served model is)
+NEUTRAL: dict[str, Any] = {"logit_bias": {}, "suffix": None}
 CHAT_NEUTRAL: dict[str, Any] = {"logit_bias": {}, "tools": [], "tool_choice": "none", "response_format": None}
+_SEED_STEP = 0x9E3779B97F4A7C15   # 2**64 / golden ratio: derived seeds of one request stay far from each other's
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request with `n` (or `best_of`) choices, each its own engine sequence: choice 0
+    keeps the request's seed (so n=1 answers exactly as a single request), the others get seeds derived from it, so
+    the choices differ and the whole answer is reproducible. Without a seed every choice draws its own."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * _SEED_STEP) % (MAX_SEED + 1)
 
 
 class StreamOptions(BaseModel):
@@ -72,15 +89,21 @@ def openai_sampling(max_new_tokens: int, temperature: float | None, top_p: float
 
 
 class CompletionRequest(BaseModel):
+    """POST /v1/completions. `prompt` is a string, a list of strings, a list of token ids or a list of such lists;
+    each prompt gets `n` choices (or the best `n` of `best_of`), each its own engine sequence."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=64)
-    prompt: str | list[str]   # lengths checked in _prompts, so errors name `prompt`, not a member of the union
+    # Checked in _prompts, so errors name `prompt`, not a member of the union. Token ids are bounded by the model's
+    # vocabulary in the worker.
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: MaxNewTokens = 16
     temperature: float | None = Field(None, ge=0.0, le=2.0)   # 0 means greedy
     top_p: TopP | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)   # the n of best_of with the highest mean logprob
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None   # checked in _stops, like prompt
     seed: Seed | None = None
@@ -90,21 +113,27 @@ class CompletionRequest(BaseModel):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     # accepted for compatibility; only their neutral values are honoured
-    best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
-            raise ValueError(f"must hold 1 to {MAX_PROMPTS} prompts (given {len(value)})")
-        for i, prompt in enumerate([value] if isinstance(value, str) else value):
-            which = "" if isinstance(value, str) else f" {i}"
+    def _prompts(cls, value: str | list[str] | list[int] | list[list[int]]) -> Any:
+        prompts = _as_prompts(value)
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise ValueError(f"must hold 1 to {MAX_PROMPTS} prompts (given {len(prompts)})")
+        for i, prompt in enumerate(prompts):
+            which = "" if _single(value) else f" {i}"
             if not prompt:
                 raise ValueError(f"prompt{which} must not be empty")
-            if len(prompt) > MAX_PROMPT_CHARS:
+            if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
                 raise ValueError(f"prompt{which} must hold at most {MAX_PROMPT_CHARS} characters (given {len(prompt)})")
+            if isinstance(prompt, list):
+                if len(prompt) > MAX_PROMPT_IDS:
+                    raise ValueError(f"prompt{which} must hold at most {MAX_PROMPT_IDS} token ids "
+                                     f"(given {len(prompt)})")
+                if min(prompt) < 0:
+                    raise ValueError(f"prompt{which} token ids must be >= 0 (given {min(prompt)})")
         return value
 
     @field_validator("stop")
@@ -119,17 +148,61 @@ class CompletionRequest(BaseModel):
 
     _neutral_only = neutral_only(NEUTRAL)
 
+    # OpenAI's rules between parameters, each checked on the later field so that the 422 names it.
+    @field_validator("n")
+    @classmethod
+    def _n(cls, value: int, info: ValidationInfo) -> int:
+        prompts = _as_prompts(info.data["prompt"]) if "prompt" in info.data else []
+        if len(prompts) * value > MAX_SEQUENCES:
+            raise ValueError(f"times the number of prompts must be <= {MAX_SEQUENCES} (given {value} x {len(prompts)})")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return value
+        n = info.data.get("n", 1)
+        if value < n:
+            raise ValueError(f"must be >= `n` (given best_of={value}, n={n})")
+        if value > n and info.data.get("stream"):
+            raise ValueError("cannot be used with `stream`: the best choices are known only at the end")
+        prompts = _as_prompts(info.data["prompt"]) if "prompt" in info.data else []
+        if len(prompts) * value > MAX_SEQUENCES:
+            raise ValueError(f"times the number of prompts must be <= {MAX_SEQUENCES} (given {value} x {len(prompts)})")
+        return value
+
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[Prompt]:
+        return _as_prompts(self.prompt)
 
-    def to_sampling(self) -> SamplingParams:
-        return openai_sampling(self.max_tokens, self.temperature, self.top_p, self.seed, self.stop,
-                               self.presence_penalty, self.frequency_penalty, self.logprobs or 0)
+    @property
+    def sequences_per_prompt(self) -> int:
+        return max(self.n, self.best_of or 1)
 
-    def to_params(self, prompt: str) -> dict[str, Any]:
-        """What the generation worker reads: the prompt under `inputs`, and SamplingParams fields."""
-        return {"inputs": prompt, **sampling_dict(self.to_sampling())}
+    @property
+    def wants_prefill(self) -> bool:
+        """Echo needs the prompt's tokens: their log-probabilities, or the text of a token-id prompt."""
+        return self.echo and (self.logprobs is not None or any(isinstance(p, list) for p in self.prompts))
+
+    def to_sampling(self, index: int = 0) -> SamplingParams:
+        params = openai_sampling(self.max_tokens, self.temperature, self.top_p, choice_seed(self.seed, index),
+                                 self.stop, self.presence_penalty, self.frequency_penalty, self.logprobs or 0)
+        return params.model_copy(update={"want_prefill": True}) if self.wants_prefill else params
+
+    def to_params(self, prompt: Prompt, index: int = 0) -> dict[str, Any]:
+        """What the generation worker reads for choice `index` of `prompt`: the prompt (text or token ids) under
+        `inputs`, and SamplingParams fields."""
+        return {"inputs": prompt, **sampling_dict(self.to_sampling(index))}
+
+
+def _single(value: Any) -> bool:
+    """A prompt given alone (a string or one list of token ids) rather than a list of prompts."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and isinstance(value[0], int))
+
+
+def _as_prompts(value: Any) -> list[Prompt]:
+    return [value] if _single(value) else list(value)
 
 
 class TextPart(BaseModel):
@@ -201,18 +274,29 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"must hold at most {MAX_PROMPT_CHARS} characters in all (given {total})")
         return value
 
-    @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:   # OpenAI's rule: a 400 naming top_logprobs
-            raise ValueError("`top_logprobs` requires `logprobs` to be true")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):   # OpenAI's rule, naming top_logprobs
+            raise ValueError("requires `logprobs` to be true")
+        return value
 
-    def to_sampling(self, default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> SamplingParams:
-        max_new = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return openai_sampling(max_new, self.temperature, self.top_p, self.seed, self.stop, self.presence_penalty,
-                               self.frequency_penalty, (self.top_logprobs or 0) if self.logprobs else 0)
+    @property
+    def max_tokens_param(self) -> str:
+        """The parameter that set the output limit, for errors about it."""
+        return "max_tokens" if self.max_tokens is not None and self.max_completion_tokens is None \
+            else "max_completion_tokens"
 
-    def to_params(self, default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> dict[str, Any]:
-        """The messages as [{"role", "content"}] (text only) and SamplingParams fields, flat."""
+    def to_sampling(self, index: int = 0) -> SamplingParams:
+        max_new = self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+        return openai_sampling(max_new, self.temperature, self.top_p, choice_seed(self.seed, index), self.stop,
+                               self.presence_penalty, self.frequency_penalty,
+                               (self.top_logprobs or 0) if self.logprobs else 0)
+
+    def to_params(self, index: int = 0) -> dict[str, Any]:
+        """What the generation worker reads for choice `index`: the messages as [{"role", "content"}] (text only;
+        the worker renders them with the model's chat template), SamplingParams fields, and, without an explicit
+        limit, FIT_CONTEXT (DEFAULT_CHAT_MAX_TOKENS, or less when the context leaves less after the prompt)."""
         messages = [{"role": m.role, "content": m.text} for m in self.messages]
-        return {"messages": messages, **sampling_dict(self.to_sampling(default_max_tokens))}
+        fit = {FIT_CONTEXT: True} if self.max_completion_tokens is None and self.max_tokens is None else {}
+        return {"messages": messages, **sampling_dict(self.to_sampling(index)), **fit}

@@ -100,3 +100,11 @@ class GenerateRequest(BaseModel):
         if isinstance(data, dict) and data.get("parameters") is None:
             data = {k: v for k, v in data.items() if k != "parameters"}
         return data
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (TGI): the text to tokenize; TGI's `parameters` are accepted and unused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from service import tracing
+from service.broker.client import BROKER_ERRORS
 from service.broker.streams import Delivery
 from service.errors import InferlineError, InputError
 from service.logs import RepeatingError
@@ -104,7 +105,7 @@ class DynamicBatching:
         self.traffic = Traffic(max_batch_size)
         self.model_thread = ModelThread()
         self.quick = False   # the last lone batch ran under INLINE_UNDER_S
-        self.errors = RepeatingError(log, f"reading model={shell.spec.name}")
+        self.errors = RepeatingError(log, f"reading model={shell.spec.name}", BROKER_ERRORS)
 
     async def run(self) -> None:
         reading = asyncio.create_task(self.next_batch())

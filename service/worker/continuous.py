@@ -20,19 +20,20 @@ import numpy as np
 from pydantic import ValidationError
 
 from service import tracing
+from service.broker.client import BROKER_ERRORS
 from service.broker.streams import Delivery
 from service.errors import InferlineError, InputError, describe_validation
 from service.generation.engine import ERROR, Engine
 from service.generation.params import SamplingParams
 from service.logs import RepeatingError
 from service.model import LanguageModel
-from service.protocol import OP_GENERATE, OP_V2, Reply, TokenEvent, decode_payload
+from service.protocol import OP_GENERATE, OP_TOKENIZE, OP_V2, Reply, TokenEvent, TokenSpan, decode_payload
 from service.worker import v2codec
 from service.worker.model_thread import ModelThread
+from service.worker.prompts import prompt_of, tokenize
 from service.worker.shell import Shell, expire
 
 log = logging.getLogger(__name__)
-
 
 
 class ContinuousBatching:
@@ -76,7 +77,7 @@ class ContinuousBatching:
 
     # intake ----------------------------------------------------------------------------------------------------
     async def _intake(self) -> None:
-        errors = RepeatingError(log, f"intake model={self.name}")
+        errors = RepeatingError(log, f"intake model={self.name}", BROKER_ERRORS)
         while not self.shell.stopping.is_set():
             try:
                 claimed = []
@@ -98,9 +99,14 @@ class ContinuousBatching:
                 await asyncio.sleep(1.0)
 
     async def admit(self, deliveries: list[Delivery]) -> None:
-        live, answers = expire(deliveries)
+        live, answers = self.shell.triage(deliveries)   # not past its deadline, its caller not gone
         for d in live:
             try:
+                if d.envelope.op == OP_TOKENIZE:   # answered at once: no engine work
+                    params, _ = decode_payload(d.payload)
+                    answers.append((d, Reply(d.request_id, TokenSpan.encode_all(tokenize(self.engine.tokenizer,
+                                                                                         params)))))
+                    continue
                 self._add(d)
                 self.shell.inflight[d.request_id] = d
                 self.admitted[d.request_id] = time.time_ns()
@@ -119,9 +125,7 @@ class ContinuousBatching:
             params = self._from_v2(d.request_id, blob, params.get("header_length"))
         elif d.envelope.op != OP_GENERATE:
             raise InputError(f"model {self.name} only generates text", "op")
-        prompt = params.pop("inputs", None)
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(type(t) is int for t in prompt)):
-            raise InputError("`inputs` must be a string or a list of token ids", "inputs")
+        prompt = prompt_of(self.model, params, self.engine.context_length)
         self.engine.add(d.request_id, prompt, sampling_params(params))
 
     def _from_v2(self, rid: str, blob: bytes, header_length: int | None) -> dict[str, Any]:

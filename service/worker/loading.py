@@ -42,19 +42,23 @@ def import_object(path: str) -> Any:
 
 
 def model_class(spec: ModelSpec) -> tuple[type[Model], Path | None, dict[str, Any]]:
-    """(the Model class, its version directory or None, that directory's manifest) for a deployment. The class is
-    the spec's `model`, else the artifact manifest's `runtime`."""
+    """(the Model class, its artifact or None, the artifact's manifest or {}) for a deployment. The class is the
+    spec's `model`, else the artifact manifest's `runtime`. A store build resolves to its newest version directory;
+    another existing path is handed over as it is (a save_pretrained directory, a weights file)."""
     version_dir: Path | None = None
     manifest: dict[str, Any] = {}
-    if spec.artifact is not None and Path(spec.artifact).exists():
-        version_dir = store.resolve(Path(spec.artifact))
+    path = Path(spec.artifact) if spec.artifact is not None else None
+    if path is not None and ((path / store.MANIFEST).is_file() or store.versions(path)):
+        version_dir = store.resolve(path)       # a store build: its newest version, and its manifest
         manifest = store.read_manifest(version_dir)
-    path = spec.model or manifest.get("runtime")
-    if not path:
+    elif path is not None and path.exists():
+        version_dir = path                      # any other directory or file the model reads itself
+    target = spec.model or manifest.get("runtime")
+    if not target:
         raise ConfigError(f"models.{spec.name}.model is not set, and {spec.artifact} holds no built model naming one")
-    cls = import_object(path)
+    cls = import_object(target)
     if not (isinstance(cls, type) and issubclass(cls, Model)):
-        raise ConfigError(f"models.{spec.name}.model {path!r} is not a subclass of inferline.Model")
+        raise ConfigError(f"models.{spec.name}.model {target!r} is not a subclass of inferline.Model")
     return cls, version_dir, manifest
 
 
@@ -62,7 +66,7 @@ def load_model(spec: ModelSpec, device: str) -> Model:
     """Instantiate the deployment's model, hand it its artifact, manifest, options and threads, and set it up."""
     cls, version_dir, manifest = model_class(spec)
     model = cls()
-    model.artifact = version_dir if version_dir is not None else spec.artifact
+    model.artifact = version_dir   # None where the deployment's artifact path does not exist
     model.manifest = manifest
     model.version = str(manifest.get("version", model.version))
     model.options = dict(spec.options)

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from service import logs, tracing
 from service.broker.client import connect
@@ -31,6 +32,9 @@ from service.worker.batching import DynamicBatching, Executor
 from service.worker.loading import load_model
 from service.worker.rows import RowCodec
 from service.worker.shell import Scheduler, Shell
+
+if TYPE_CHECKING:   # the engine imports torch: only a language model's worker loads it
+    from service.generation.engine import Engine
 
 log = logging.getLogger("inferline.worker")
 
@@ -46,14 +50,17 @@ def limit_threads(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def model_info(spec: ModelSpec, model: Model, max_batch_size: int, context_length: int | None = None) -> ModelInfo:
-    """What gateways learn of this model: identity, v2 tensors, request/response schemas (for /docs)."""
+def model_info(spec: ModelSpec, model: Model, max_batch_size: int, engine: Engine | None = None) -> ModelInfo:
+    """What gateways learn of this model: identity, v2 tensors, request/response schemas (for /docs), and for a
+    language model the engine's limits (TGI's /info reports them)."""
     manifest = {k: v for k, v in model.manifest.items() if k in PUBLIC_MANIFEST}
     if isinstance(model, LanguageModel):
         return ModelInfo(spec.name, model.version, model.platform, model.kind,
                          [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
                          [{"name": "text_output", "datatype": "BYTES", "shape": [1]}], max_batch_size,
-                         manifest=manifest, context_length=context_length)
+                         manifest=manifest, context_length=engine.context_length if engine else None,
+                         max_input_tokens=engine.max_input_tokens if engine else None,
+                         max_prefill_tokens=engine.max_prefill_tokens if engine else None)
     sig = signature(type(model))
     return ModelInfo(spec.name, model.version, model.platform, model.kind, [t.to_json() for t in sig.inputs],
                      [t.to_json() for t in sig.outputs], max_batch_size, manifest=manifest, **sig.schemas())
@@ -67,22 +74,23 @@ def scheduler_for(shell: Shell, spec: ModelSpec, model: Model, device: str) -> t
 
         engine = Engine(model.model, model.tokenizer, device=device, max_batch_size=max_batch_size)
         return (ContinuousBatching(shell, model, engine, max_batch_size),
-                model_info(spec, model, max_batch_size, engine.context_length))
+                model_info(spec, model, max_batch_size, engine))
     delay = spec.max_batch_delay_ms if spec.max_batch_delay_ms is not None else type(model).max_batch_delay_ms
     executor = Executor(model, RowCodec(model, spec.name), spec.name)
     return DynamicBatching(shell, executor, max_batch_size, delay), model_info(spec, model, max_batch_size)
 
 
-async def run(spec: ModelSpec, redis_url: str, replica: int) -> None:
+async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int) -> None:
     device = devices.resolve(spec.device, replica)
     model = load_model(spec, device)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    redis = connect(redis_url, health_check_interval=30)
+    redis = connect(redis_url, settings.broker.timeout_s, health_check_interval=30)
     registry = Registry(redis)
     status = WorkerStatus(os.getpid(), socket.gethostname(), device, model.version, int(time.time()))
     shell = Shell(spec, ModelQueue(redis, spec.name, worker_id), registry, Cancels(redis, spec.name), worker_id,
-                  status)
+                  status, alive_file=settings.alive_file)
     scheduler, info = scheduler_for(shell, spec, model, device)
+    shell.info = info
     await registry.publish(info)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.redis_url:
             raise ConfigError("REDIS_URL is not set: a worker needs the Redis its gateway uses")
         limit_threads(spec.threads)
-        asyncio.run(run(spec, settings.redis_url, args.replica))
+        asyncio.run(run(spec, settings, settings.redis_url, args.replica))
     except (ConfigError, tracing.TracingError) as exc:
         print(f"inferline worker: {exc}", file=sys.stderr)
         return 2

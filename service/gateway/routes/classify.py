@@ -17,18 +17,24 @@ from starlette.responses import Response
 
 from service.errors import BadRequest, ValidationFailed
 from service.gateway.dispatch import Dispatcher
+from service.gateway.openapi import doc
 from service.gateway.routes.common import JSON, Body, answer, dispatcher, request_id, run_task
+from service.schemas import responses as wire
 from service.schemas.tasks import ClassifyOptions
 
 router = APIRouter(tags=["tasks"])
 
 OPENAPI_BODY: dict[str, Any] = {"requestBody": {"content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer", "minimum": 1}}}},
+        "file": {"type": "string", "contentMediaType": "image/*"}, "top_k": {"type": "integer", "minimum": 1}}}},
     "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "description": "base64 of a PNG/JPEG/... file"},
-        "top_k": {"type": "integer", "minimum": 1}}}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+        "top_k": {"type": "integer", "minimum": 1}}}, "example": {"image": "iVBORw0KGgo...", "top_k": 3}},
+    "image/png": {"schema": {"contentMediaType": "image/png"}},
+    "image/jpeg": {"schema": {"contentMediaType": "image/jpeg"}},
+    "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream"}}}},
+    "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
+                    "description": "how many labels (default 5)"}]}
 
 
 async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
@@ -43,7 +49,9 @@ async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str]
 
 
 @router.post("/classify-image", summary="Classify an image (the `classify-image` deployment): top_k labels by score",
-             openapi_extra=OPENAPI_BODY)
+             openapi_extra=OPENAPI_BODY, **doc(wire.ImageClassification, {
+                 "model": "cnn", "version": "1", "predictions": [{"label": "3", "score": 0.97},
+                                                                 {"label": "8", "score": 0.02}]}))
 async def classify_image(request: Request) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "multipart/form-data":

@@ -32,9 +32,13 @@ def parse_json(body: Body, model: type[Model]) -> Model:
         raise from_validation(RequestValidationError(exc.errors(include_url=False))) from None
 
 
-def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """openapi_extra that documents a JSON body parsed by parse_json."""
-    return {"requestBody": {"required": True, "content": {JSON: {"schema": model.model_json_schema()}}}}
+def json_body(model: type[BaseModel], example: Any = None) -> dict[str, Any]:
+    """openapi_extra that documents a JSON body parsed by parse_json (its nested $defs are hoisted into
+    components/schemas when the document is served: service/gateway/openapi.py)."""
+    media: dict[str, Any] = {"schema": model.model_json_schema()}
+    if example is not None:
+        media["example"] = example
+    return {"requestBody": {"required": True, "content": {JSON: media}}}
 
 
 def dispatcher(request: Request) -> Dispatcher:

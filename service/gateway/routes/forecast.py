@@ -6,7 +6,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.gateway.dispatch import Dispatcher
+from service.gateway.openapi import doc
 from service.gateway.routes.common import Body, answer, json_body, parse_json, run_task
+from service.schemas import responses as wire
 from service.schemas.tasks import ForecastRequest
 
 router = APIRouter(tags=["tasks"])
@@ -18,6 +20,8 @@ async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str]
 
 
 @router.post("/forecast", summary="Forecast the next `horizon` values of a time series (the `forecast` deployment)",
-             openapi_extra=json_body(ForecastRequest))
+             openapi_extra=json_body(ForecastRequest, {"series": [5, 11, 16, 23, 36, 58, 29, 20, 10, 8, 3, 0],
+                                                       "horizon": 3}),
+             **doc(wire.Forecast, {"model": "lstm", "version": "1", "forecast": [8.1, 19.5, 33.0]}))
 async def forecast(request: Request) -> Response:
     return await answer(request, handle)

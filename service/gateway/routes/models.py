@@ -6,11 +6,17 @@ from fastapi import APIRouter, Request
 
 from service.broker.registry import Registry
 from service.config import Settings
+from service.gateway.openapi import READ_ERRORS, doc
+from service.schemas import responses as wire
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/v1/models", summary="Served models (OpenAI shape) with version, live replicas, device and queue depth")
+@router.get("/v1/models", summary="Served models (OpenAI shape) with version, live replicas, device and queue depth",
+            **doc(wire.ModelList, {"object": "list", "data": [{
+                "id": "cnn", "object": "model", "created": 0, "owned_by": "inferline", "version": "1",
+                "live_replicas": 1, "replicas": 1, "devices": ["cpu"], "queue_depth": 0, "kind": "batch",
+                "task": "classify-image"}]}, family="openai", errors=READ_ERRORS))
 async def list_models(request: Request) -> dict[str, Any]:
     settings: Settings = request.app.state.settings
     registry: Registry = request.app.state.registry

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from service.errors import BadRequest, ValidationFailed
 from service.gateway.dispatch import Dispatcher
+from service.gateway.openapi import doc
 from service.gateway.routes.common import Body, answer
 from service.protocol import OP_PREDICT
 
@@ -41,6 +42,11 @@ async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str]
 
 
 @router.post("/v1/models/{model}/predict", summary="Run a model on one request of its own request type "
-             "(see each model's schema below)")
+             "(see each model's schema below)", openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"type": "object"}, "example": {"pixels": [[0.5, 0.5], [0.5, 0.5]]}},
+                 "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream"}}}}},
+             **doc(None, {"model": "tinycnn", "version": "1", "label": 3, "score": 0.41}, family="openai",
+                   schema={"type": "object", "required": ["model", "version"],
+                           "properties": {"model": {"type": "string"}, "version": {"type": "string"}}}))
 async def predict(model: str, request: Request) -> Response:
     return await answer(request, handle)

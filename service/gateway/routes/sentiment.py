@@ -10,7 +10,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.gateway.dispatch import Dispatcher
+from service.gateway.openapi import doc
 from service.gateway.routes.common import Body, Handler, answer, json_body, parse_json, run_task
+from service.schemas import responses as wire
 from service.schemas.tasks import SentimentRequest
 
 router = APIRouter(tags=["tasks"])
@@ -34,12 +36,16 @@ handle_classify_text = handler_for("classify-text")
 
 
 @router.post("/sentiment", summary="Positive or negative: one `text`, or a list of `texts` (the `sentiment` "
-             "deployment)", openapi_extra=json_body(SentimentRequest))
+             "deployment)", openapi_extra=json_body(SentimentRequest, {"text": "what a lovely day"}),
+             **doc(wire.TextLabel | wire.TextLabels, {"model": "sentiment", "version": "1", "label": "positive",  # type: ignore[arg-type]
+                                                      "score": 0.93}))
 async def sentiment(request: Request) -> Response:
     return await answer(request, handle_sentiment)
 
 
 @router.post("/classify-text", summary="Label one `text`, or a list of `texts`, with scores (the `classify-text` "
-             "deployment)", openapi_extra=json_body(SentimentRequest))
+             "deployment)", openapi_extra=json_body(SentimentRequest, {"texts": ["great game", "so sad"]}),
+             **doc(wire.TextLabel | wire.TextLabels, {"model": "transformer", "version": "1", "results": [  # type: ignore[arg-type]
+                 {"label": "positive", "score": 0.91}, {"label": "negative", "score": 0.88}]}))
 async def classify_text(request: Request) -> Response:
     return await answer(request, handle_classify_text)

@@ -1,0 +1,312 @@
+"""Wire models of what the gateway answers: each route's 200 body and each protocol family's error body, for the API
+document (/openapi.json) and for clients that generate types from it. Pydantic only; nothing here validates traffic."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class Label(BaseModel):
+    label: str
+    score: float
+
+
+class ImageClassification(BaseModel):
+    model: str
+    version: str
+    predictions: list[Label] = Field(description="sorted by score, best first; top_k of them")
+
+
+class Forecast(BaseModel):
+    model: str
+    version: str
+    forecast: list[float] = Field(description="`horizon` values")
+
+
+class TextLabel(BaseModel):
+    """One text sent as {"text"}: its label beside model and version."""
+
+    model: str
+    version: str
+    label: str
+    score: float
+
+
+class TextLabels(BaseModel):
+    """A list sent as {"texts"}: one label per text, in order."""
+
+    model: str
+    version: str
+    results: list[Label]
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+    special: bool = False
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+class Details(BaseModel):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+
+
+class Generation(BaseModel):
+    """/generate: `details` only when parameters.details is true."""
+
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None = None
+
+
+class StreamEvent(BaseModel):
+    """One `data:` event of /generate_stream; the last carries generated_text and details. No [DONE] line."""
+
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """/v1/completions; streamed, each `data:` chunk has this shape (usage only in the last, when asked) and the
+    stream ends with `data: [DONE]`."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    version: str | None
+    live_replicas: int
+    replicas: int
+    devices: list[str]
+    queue_depth: int
+    kind: str | None
+    task: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelEntry]
+
+
+class Healthz(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelReadiness(BaseModel):
+    """One model in /readyz: servable when a worker beats and its consumer group exists."""
+
+    ready: bool
+    live_workers: int
+    reason: str | None = None
+
+
+class Readiness(BaseModel):
+    """/readyz: 200 when Redis answers and some model is servable, else 503 naming what is missing (`error`). Each
+    model's state is in `models`: one without a live worker answers 503 on its own routes without making the
+    gateway unready."""
+
+    ready: bool
+    redis: str | None = None     # "ok" | "unreachable: <error>"
+    models: dict[str, ModelReadiness] | None = None
+    error: str | None = None
+    error_type: str | None = None
+    missing: list[str] | None = None
+
+
+class V2Server(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2Metadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMeta]
+    outputs: list[V2TensorMeta]
+
+
+class V2Tensor(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(None, description="row-major, flat or nested; absent with binary_data_size")
+
+
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    """The JSON part of an infer request (with the binary-data extension, the JSON header of
+    Inference-Header-Content-Length bytes, then the tensors' bytes)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2Tensor]
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[V2Tensor]
+
+
+class TaskError(BaseModel):
+    """The error body of the TGI-style and task routes."""
+
+    error: str = Field(description="what went wrong, naming the field, its bound and the value given")
+    error_type: str = Field(description="validation | not_found | auth | forbidden | rate_limited | overloaded | "
+                                        "unavailable | timeout | dead_letter | generation | internal")
+    request_id: str
+    field: str | None = None
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """The error body of the OpenAI routes (/v1/...)."""
+
+    error: OpenAIErrorDetail
+
+
+class V2Error(BaseModel):
+    """The error body of the Open Inference Protocol routes (/v2/...)."""
+
+    error: str
+
+
+class StreamError(BaseModel):
+    """An error after a stream started: an event of its own (TGI routes)."""
+
+    error: str
+    error_type: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    """/v1/chat/completions; streamed, `chat.completion.chunk` objects (ChatChunk) ending with `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatChunk(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class TGIInfo(BaseModel):
+    """TGI's /info: the generate deployment's model and limits."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_id: str
+    model_version: str | None = None
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_concurrent_requests: int | None = None
+    max_stop_sequences: int | None = None
+    version: str
+
+
+class TokenSpan(BaseModel):
+    id: int
+    text: str
+    start: int
+    stop: int
