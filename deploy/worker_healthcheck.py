@@ -50,18 +50,20 @@ def heartbeat(model: str) -> int:
         print("worker healthcheck: MODEL and REDIS_URL must be set", file=sys.stderr)
         return 1
     host = socket.gethostname()
+    now_ms = time.time() * 1000
     tls = {opt: os.environ[env] for opt, env in (("ssl_ca_certs", "REDIS_CA_FILE"), ("ssl_certfile", "REDIS_CERT_FILE"),
                                                  ("ssl_keyfile", "REDIS_KEY_FILE")) if url.startswith("rediss:")
            and os.environ.get(env)}   # as service/broker/client.py does for the worker itself
     client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3, **tls)
     try:
-        beats = cast("list[tuple[bytes, float]]", client.zrange(keys.workers_index(model), 0, -1, withscores=True))
+        # ZRANGEBYSCORE, not ZRANGE: the worker's Redis ACL user (SECURITY.md) has the one, not the other
+        beats = cast("list[tuple[bytes, float]]", client.zrangebyscore(
+            keys.workers_index(model), now_ms - max_age_s() * 1000, "+inf", withscores=True))
     except (redis.RedisError, OSError) as exc:
         print(f"worker healthcheck: redis unreachable: {type(exc).__name__}", file=sys.stderr)
         return 1
     finally:
         client.close()
-    now_ms = time.time() * 1000
     for member, score in beats:
         worker_id = member.decode()
         if worker_id.rsplit("-", 2)[0] == host and now_ms - score <= max_age_s() * 1000:

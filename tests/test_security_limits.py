@@ -4,11 +4,14 @@ connections, a queue cap in bytes; and HTTPS to the gateway."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from service.broker import keys
@@ -114,6 +117,61 @@ def test_queue_cap_in_bytes(cluster: Cluster) -> None:
     assert 3 <= codes.count(504) <= 5, codes       # queued, then nobody answered
     used = cluster.client.memory_usage(keys.request_stream("echo"))
     assert used is not None and used <= cap + 1024 * 1024
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS of /proc/<pid>/status), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+ABANDONED = 40                 # issue 11 probed 120 x 7.9 MB; 40 x ~4 MB keeps this test to seconds here
+ABANDONED_FLOATS = 440_000     # ~4 MB of JSON
+
+
+def test_abandoned_large_requests_free_the_gateways_memory(cluster: Cluster) -> None:
+    """Issue 11's probe, smaller: large requests to a model whose worker is stopped (SIGSTOP) wait in its queue
+    until they expire (504). While they wait the gateway holds no copy of their bodies (each is in Redis), and once
+    they expired its RSS is back near where it started."""
+    cluster.spec("echo", runtime=ECHO, timeout_s=4, queue_cap_bytes=1024**3)
+    worker = cluster.start_worker("echo")
+    url = start_gateway(cluster)
+    gateway_pid = cluster.workers[-1].pid
+    body = v2_body(0.0)
+    body["inputs"][0].update(shape=[1, ABANDONED_FLOATS], data=[0.123456] * ABANDONED_FLOATS)
+    payload = orjson.dumps(body)
+    assert len(payload) > 3_900_000
+    with httpx.Client(timeout=30) as client:   # warm up: the gateway's steady state with one such request served
+        for _ in range(2):
+            assert client.post(url + "/v2/models/echo/infer", content=payload,
+                               headers={"content-type": "application/json"}).status_code == 200
+    time.sleep(1)
+    before = rss_mb(gateway_pid)
+    worker.send_signal(signal.SIGSTOP)
+    peak = 0.0
+    try:
+        async def send() -> list[int]:
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=ABANDONED)) as client:
+                tasks = [asyncio.create_task(client.post(url + "/v2/models/echo/infer", content=payload,
+                                                         headers={"content-type": "application/json"}))
+                         for _ in range(ABANDONED)]
+                nonlocal peak
+                while not all(t.done() for t in tasks):
+                    peak = max(peak, rss_mb(gateway_pid))
+                    await asyncio.sleep(0.05)
+                return [t.result().status_code for t in tasks]
+
+        codes = asyncio.run(send())
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    assert set(codes) == {504}, codes
+    time.sleep(2)
+    after = rss_mb(gateway_pid)
+    print(f"gateway RSS: before {before:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB "
+          f"({ABANDONED} x {len(payload) / 1e6:.1f} MB abandoned)")
+    assert after - before < 60, (before, peak, after)
 
 
 def test_https_gateway(cluster: Cluster) -> None:

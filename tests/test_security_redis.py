@@ -164,8 +164,14 @@ def test_private_redis_of_up_has_no_open_tcp_port(tmp_path: Path) -> None:
             assert s.recv(64).startswith(b"-NOAUTH")
         with redis.Redis.from_url(tcp_url) as authed:
             assert authed.ping()
-        assert "***" in embedded.redacted(tcp_url) and tcp_url.split("@")[0].split(":")[-1] not in \
-            embedded.redacted(tcp_url)
+        password = tcp_url.split("@")[0].split(":")[-1]
+        assert "***" in embedded.redacted(tcp_url) and password not in embedded.redacted(tcp_url)
+        # what the supervisor and the CLI print goes through this one function; every place a password can sit
+        for url, shown in ((f"rediss://inferline-gateway:{password}@redis:6379/0?ssl_ca_certs=/ca.crt",
+                            "rediss://inferline-gateway:***@redis:6379/0?ssl_ca_certs=/ca.crt"),
+                           (f"unix:///run/redis.sock?db=0&password={password}", "unix:///run/redis.sock?db=0&password=***"),
+                           ("redis://redis:6379/0", "redis://redis:6379/0")):
+            assert embedded.redacted(url) == shown
     finally:
         proc.kill()
         proc.wait()

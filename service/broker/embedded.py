@@ -165,8 +165,11 @@ def read_url(workdir: Path) -> str | None:
 
 
 def redacted(url: str) -> str:
-    """The URL with any password replaced, for printing."""
-    return re.sub(r"//([^/@]*):[^/@]*@", r"//\1:***@", url)
+    """The URL with its password replaced by ***, for anything printed or logged (the CLI's and the supervisor's
+    banners): the password of the userinfo (`redis://user:pw@`, `rediss://:pw@`) and a `password=` query
+    parameter. The one place a Redis URL is made printable."""
+    url = re.sub(r"//([^/@?#]*?):[^/?#]*@", r"//\1:***@", url, count=1)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 @contextlib.contextmanager

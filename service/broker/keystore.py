@@ -26,6 +26,12 @@ async def load(redis: aioredis.Redis, key_id: str) -> dict[str, str] | None:
     return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
 
 
+async def any_exist(redis: aioredis.Redis) -> bool:
+    """Whether any key is indexed (created and not revoked; an expired one still counts). One SCARD."""
+    count: Any = await redis.scard(keys.API_KEY_INDEX)  # type: ignore[misc]
+    return int(count) > 0
+
+
 async def list_all(redis: aioredis.Redis) -> dict[str, dict[str, str]]:
     """Every indexed key's record by id; index entries whose record is gone are dropped from the index."""
     members: Any = await redis.smembers(keys.API_KEY_INDEX)

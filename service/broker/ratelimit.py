@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from service.broker import keys
+from service.broker.ticks import TickBatcher
 
 UNKNOWN, EXPIRED, ADMITTED, LIMITED = 0, 1, 2, 3
 
@@ -88,31 +88,27 @@ class Admission:
 
 
 class RateLimiter:
-    def __init__(self, redis: aioredis.Redis, limits: Limits) -> None:
-        self.redis = redis
+    """Admissions and slot releases go through a TickBatcher: those of one event-loop tick (and, when the batcher
+    is the gateway's shared one, its enqueues too) cost one Redis round trip together."""
+
+    def __init__(self, redis: aioredis.Redis, limits: Limits, batcher: TickBatcher | None = None) -> None:
         self.limits = limits
-        self.sha: str | None = None
+        self.batcher = batcher if batcher is not None else TickBatcher(redis)
 
     async def admit(self, key_id: str, expected_hash: str, slot_id: str) -> Admission:
         """Check the key and take one token and (when capped) one concurrency slot named slot_id, atomically.
         Raises redis errors (the caller answers 503)."""
         lim = self.limits
-        args: list[Any] = [keys.api_key(key_id), keys.rate_bucket(key_id), keys.in_flight(key_id), expected_hash,
-                repr(lim.rate_per_s), lim.burst, lim.concurrency, slot_id, lim.lease_ms]
-        if self.sha is None:
-            self.sha = await self.redis.script_load(_ADMIT)
-        try:
-            res: Any = await self.redis.evalsha(self.sha, 3, *args)
-        except NoScriptError:   # Redis restarted and forgot the script
-            self.sha = await self.redis.script_load(_ADMIT)
-            res = await self.redis.evalsha(self.sha, 3, *args)
+        res: Any = await self.batcher.script(
+            _ADMIT, [keys.api_key(key_id), keys.rate_bucket(key_id), keys.in_flight(key_id)],
+            [expected_hash, repr(lim.rate_per_s), lim.burst, lim.concurrency, slot_id, lim.lease_ms])
         code, scopes, models, limit, remaining, retry_ms, reason, slot, rate, cap = res
         return Admission(int(code), text(scopes), text(models), int(limit), int(remaining), int(retry_ms),
                          text(reason), bool(slot), float(text(rate)), int(cap))
 
     async def release(self, key_id: str, slot_id: str) -> None:
         """Give back a concurrency slot taken by admit()."""
-        await self.redis.zrem(keys.in_flight(key_id), slot_id)
+        await self.batcher.command("ZREM", keys.in_flight(key_id), slot_id)
 
 
 def text(value: Any) -> str:

@@ -18,18 +18,18 @@ between redelivers instead of dropping).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from service.broker import keys
 from service.broker.client import BROKER_ERRORS
 from service.broker.registry import entry_ms
+from service.broker.ticks import TickBatcher
 from service.protocol import Cancel, Envelope, Reply, pack_replies, unpack_replies
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,11 @@ class Delivery:
 
 
 class Enqueuer:
-    """Coalesces the enqueues of one event-loop tick into one pipeline: one Redis round trip for many
-    concurrent requests, instead of one each."""
+    """Puts requests on model streams. The enqueues of one event-loop tick share one Redis round trip (a
+    TickBatcher, which a gateway also shares with its rate limiter)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
-        self.redis = redis
-        self.sha: str | None = None
-        self.pending: list[tuple[list[Any], asyncio.Future[int]]] = []
-        self.flushing: set[asyncio.Task[None]] = set()
+    def __init__(self, redis: aioredis.Redis, batcher: TickBatcher | None = None) -> None:
+        self.batcher = batcher if batcher is not None else TickBatcher(redis)
 
     async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int,
                       cap_bytes: int = 0) -> int:
@@ -105,50 +102,10 @@ class Enqueuer:
         for them any more). Returns the queue depth it found, or -1 when the model's queue is full (cap entries,
         or cap_bytes of Redis memory when cap_bytes > 0).
         Raises redis errors (the caller answers 503)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        args = [keys.request_stream(model), envelope.reply_to, cap, keep_ms, payload,
-                envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, cap_bytes,
-                envelope.traceparent, keys.REPLY_STREAM_TTL_S]
-        if not self.pending:
-            loop.call_soon(self._flush)
-        self.pending.append((args, future))
-        return await future
-
-    def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self.flushing.add(task)
-        task.add_done_callback(self.flushing.discard)
-
-    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[int]]]) -> None:
-        try:
-            results = await self._execute([args for args, _ in batch])
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(int(result))
-        except BaseException as exc:   # whatever happened, no caller may wait forever
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("enqueue cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-
-    async def _execute(self, calls: list[list[Any]]) -> list[Any]:
-        if self.sha is None:
-            self.sha = await self.redis.script_load(_ENQUEUE)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for args in calls:
-                pipe.evalsha(self.sha, 2, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, NoScriptError) for r in results):   # Redis restarted and forgot the script
-            self.sha = None
-            return await self._execute(calls)
-        return results
+        depth = await self.batcher.script(_ENQUEUE, [keys.request_stream(model), envelope.reply_to], [
+            cap, keep_ms, payload, envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op,
+            cap_bytes, envelope.traceparent, keys.REPLY_STREAM_TTL_S])
+        return int(depth)
 
 
 class ModelQueue:

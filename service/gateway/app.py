@@ -35,7 +35,7 @@ from service.gateway.routes import (
     predict,
     sentiment,
 )
-from service.gateway.security import Security, auth_enforced
+from service.gateway.security import Security, auth_possible
 from service.metrics import GatewayMetrics, configured_replicas
 from service.protocol import ModelInfo
 
@@ -59,6 +59,8 @@ def create_app(settings: Settings) -> Any:
         app.state.registry = Registry(redis)
         app.state.metrics = metrics
         await dispatcher.start()
+        if security is not None:
+            await security.start()
         log.info("gateway up id=%s models=%s", dispatcher.gateway_id, sorted(settings.models))
         try:
             yield
@@ -104,8 +106,9 @@ def create_app(settings: Settings) -> Any:
     for module in (health, models, predict, classify, forecast, sentiment, kserve, generate, openai, chat):
         app.include_router(module.router)
     inner: Any = HotPath(app)
-    if auth_enforced(settings):   # off: no layer at all, the hot path exactly as without keys
-        inner = Security(inner, app, settings)
+    security: Security | None = None
+    if auth_possible(settings):   # off: no layer at all, the hot path exactly as without keys
+        inner = security = Security(inner, app, settings)
     return Edge(inner, settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s,
                 max_headers=settings.gateway.max_headers, access_log=settings.gateway.access_log)
 

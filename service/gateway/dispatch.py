@@ -23,6 +23,7 @@ from service.broker import keys
 from service.broker.client import BROKER_ERRORS, Redis
 from service.broker.registry import Registry
 from service.broker.streams import Cancels, Enqueuer, ReplyInbox
+from service.broker.ticks import TickBatcher
 from service.config import ModelSpec, Settings
 from service.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, typed
 from service.gateway import edge
@@ -39,14 +40,17 @@ RECHECK_DEAD_S = 0.25     # a model seen without workers is asked about again at
 
 
 class Dispatcher:
-    def __init__(self, redis: Redis, settings: Settings, metrics: GatewayMetrics) -> None:
+    def __init__(self, redis: Redis, settings: Settings, metrics: GatewayMetrics,
+                 batcher: TickBatcher | None = None) -> None:
+        """batcher: the gateway's one TickBatcher, shared with the security layer (made here when None)."""
         self.redis = redis
         self.settings = settings
         self.metrics = metrics
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.inbox = ReplyInbox(redis, self.gateway_id)
         self.reply_stream = self.inbox.stream
-        self.enqueuer = Enqueuer(redis)
+        self.batcher = batcher if batcher is not None else TickBatcher(redis)
+        self.enqueuer = Enqueuer(redis, self.batcher)
         self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.registry = Registry(redis)
@@ -135,9 +139,11 @@ class Dispatcher:
         self.live[model] = (await self.registry.serving([model]))[model].live_workers
         return self.live[model]
 
-    async def call(self, model: str, op: str, params: dict[str, Any] | bytes, blob: bytes = b"",
+    async def call(self, model: str, op: str, params: dict[str, Any] | bytes, blob: bytes | bytearray = b"",
                    request_id: str | None = None) -> Reply:
-        """Queue one request and return its successful reply. Raises InferlineError for every failure."""
+        """Queue one request and return its successful reply. Raises InferlineError for every failure.
+        A bytearray blob (the hot path's request bodies) is emptied once encoded: while the request waits for its
+        reply (up to the model's timeout) its body is in Redis only, not also in this process."""
         spec = self.spec(model)
         # Replies are matched by id: a caller's id that is already in flight (a client reusing one x-request-id)
         # must not take over the other request's waiter.
@@ -150,7 +156,11 @@ class Dispatcher:
         timer = loop.call_later(timeout, expire, future, DeadlineExceeded(
             f"request {request_id} to model {model} was not answered within {timeout:g} s"))
         try:
-            await self._enqueue(spec, request_id, op, encode_payload(params, blob))
+            payload = encode_payload(params, blob)
+            if isinstance(blob, bytearray):
+                del blob[:]   # every frame that holds it now holds an empty buffer
+            await self._enqueue(spec, request_id, op, payload)
+            del payload
             reply = await future
         finally:
             timer.cancel()

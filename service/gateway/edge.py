@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import tracing
 from service.errors import HeadersTooLarge, InferlineError, PayloadTooLarge
 from service.gateway.errors import render
+from service.gateway.memory import Reclaimer
 from service.ids import new_id
 from service.logs import AccessLog
 from service.metrics import GatewayMetrics
@@ -55,6 +56,7 @@ class Edge:
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.retry_after_s = retry_after_s
+        self.reclaimer = Reclaimer()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,6 +132,7 @@ class Edge:
                 await send_error(InferlineError(f"internal error while handling request {request_id}"))
         finally:
             current.reset(token)
+            self.reclaimer.released(seen)   # whatever the request held of its body is garbage now
             elapsed = time.perf_counter() - started
             route: Any = scope.get("route")
             label = str(scope.get("inferline.route") or getattr(route, "path", "unmatched"))

@@ -5,10 +5,11 @@ Per request: parse `Authorization: Bearer il_<id>_<secret>`; if this process has
 read the key's record (one Redis read) and check the secret against its salted hash (scrypt, off the event
 loop); then one atomic script (service/broker/ratelimit.py) checks that the record still carries that hash
 (a revocation holds at once, on every gateway), its expiry, the key's rate and concurrency, and returns the
-key's current scopes and models. So a known key costs one Redis round trip per request, plus one to give back
-its concurrency slot.
+key's current scopes and models. The admission, the slot's release and the request's enqueue go through the
+gateway's TickBatcher (service/broker/ticks.py): all of those of one event-loop tick share one Redis round trip.
 
 Exempt: /healthz and /readyz (probes), and /metrics while security.metrics_public is on.
+security.auth = "auto" on a loopback address requires keys only while any key exists (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import time
 from typing import Any
 
 import orjson
@@ -42,14 +44,21 @@ V2_MODELS = "/v2/models/"
 MODEL_IN_BODY = frozenset({"/v1/completions"})   # OpenAI routes name the model in the JSON body
 KDF_CONCURRENCY = 2       # scrypt runs at once (16 MiB each): a flood of wrong secrets costs at most this much
 KDF_QUEUE = 64            # callers waiting for one; more get 429
+KEYS_RECHECK_S = 2.0      # auto on loopback: how old the "does any key exist" answer may be
 
 
 def auth_enforced(settings: Settings) -> bool:
-    """Whether API keys are required: security.auth, where "auto" means unless the gateway binds loopback."""
+    """Whether API keys are always required: security.auth = "required", or "auto" on a non-loopback address.
+    "auto" on loopback requires them only while any key exists (Security.enforced)."""
     mode = settings.security.auth
     if mode != "auto":
         return mode == "required"
     return not is_loopback(settings.gateway.host)
+
+
+def auth_possible(settings: Settings) -> bool:
+    """Whether the gateway needs the security layer at all: every mode but "off"."""
+    return settings.security.auth != "off"
 
 
 def is_loopback(host: str) -> bool:
@@ -65,8 +74,10 @@ def describe(settings: Settings) -> str:
     """One line for the start banner: whether keys are required, and why."""
     if auth_enforced(settings):
         return "API keys required (create one with `inferline keys create`)"
-    why = "security.auth = off" if settings.security.auth == "off" else f"gateway on loopback {settings.gateway.host}"
-    return f"API keys NOT required ({why}); set INFERLINE_SECURITY__AUTH=required to require them"
+    if settings.security.auth == "off":
+        return "API keys NOT required (security.auth = off); set INFERLINE_SECURITY__AUTH=required to require them"
+    return (f"API keys NOT required while none exists (gateway on loopback {settings.gateway.host}, "
+            "security.auth = auto); once `inferline keys create` makes one, they are")
 
 
 class Security:
@@ -82,9 +93,13 @@ class Security:
         self.kdf = asyncio.Semaphore(KDF_CONCURRENCY)
         self.kdf_waiting = 0
         self.limiter: RateLimiter | None = None
+        self.always = auth_enforced(settings)
+        self.keys_exist = False
+        self.keys_checked_until = 0.0
+        self.checking: asyncio.Future[bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        if scope["type"] != "http" or scope["path"] in self.exempt or not await self.enforced():
             await self.app(scope, receive, send)
             return
         key_id, stored = await self.authenticate(scope)
@@ -105,9 +120,43 @@ class Security:
                 with contextlib.suppress(*BROKER_ERRORS):
                     await self.rate_limiter().release(key_id, slot)
 
+    async def enforced(self) -> bool:
+        """Whether this request needs a key: always, unless security.auth = "auto" on loopback, where it does
+        while any key exists (read at most every KEYS_RECHECK_S, one read shared by the requests waiting on it).
+        Raises Unavailable while Redis cannot say: guessing "no keys" would open the gateway."""
+        if self.always:
+            return True
+        if time.monotonic() < self.keys_checked_until:
+            return self.keys_exist
+        if self.checking is None:
+            self.checking = asyncio.ensure_future(self.check_keys())
+        return await asyncio.shield(self.checking)
+
+    async def check_keys(self) -> bool:
+        """Read whether any key exists and remember it for KEYS_RECHECK_S. Raises Unavailable."""
+        try:
+            exist = await keystore.any_exist(self.holder.state.redis)
+        except BROKER_ERRORS as exc:
+            raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
+        finally:
+            self.checking = None
+        if exist != self.keys_exist:
+            log.warning("API keys %s (security.auth = auto on loopback)",
+                        "exist: now required" if exist else "all revoked: no longer required")
+        self.keys_exist = exist
+        self.keys_checked_until = time.monotonic() + KEYS_RECHECK_S
+        return exist
+
+    async def start(self) -> None:
+        """At gateway start: read whether keys exist (auto on loopback), so the log says it before any request."""
+        if not self.always:
+            with contextlib.suppress(Unavailable):
+                await self.check_keys()
+
     def rate_limiter(self) -> RateLimiter:
         if self.limiter is None:
-            self.limiter = RateLimiter(self.holder.state.redis, self.limits)
+            # the dispatcher's batcher: admissions, releases and enqueues of one tick share a round trip
+            self.limiter = RateLimiter(self.holder.state.redis, self.limits, self.holder.state.dispatcher.batcher)
         return self.limiter
 
     async def authenticate(self, scope: Scope) -> tuple[str, str]:

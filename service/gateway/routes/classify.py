@@ -18,7 +18,7 @@ from starlette.responses import Response
 from service.errors import BadRequest, ValidationFailed
 from service.gateway.dispatch import Dispatcher
 from service.gateway.openapi import doc
-from service.gateway.routes.common import JSON, answer, dispatcher, request_id, run_task
+from service.gateway.routes.common import JSON, Body, answer, dispatcher, request_id, run_task
 from service.schemas import responses as wire
 from service.schemas.tasks import ClassifyOptions
 
@@ -37,7 +37,7 @@ OPENAPI_BODY: dict[str, Any] = {"requestBody": {"content": {
                     "description": "how many labels (default 5)"}]}
 
 
-async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
                  query: str) -> bytes:
     """A raw image/* body, or JSON {"image": base64, "top_k"?} (whatever the declared Content-Type)."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -66,7 +66,7 @@ def query_options(query: str) -> dict[str, Any]:
     return {k: v for k, v in parse_qsl(query) if k == "top_k"}
 
 
-async def classify(d: Dispatcher, rid: str, image: bytes, options: dict[str, Any]) -> bytes:
+async def classify(d: Dispatcher, rid: str, image: Body, options: dict[str, Any]) -> bytes:
     if not image:
         raise ValidationFailed("`file` is empty: send a PNG/JPEG/... image", field="file")
     try:
@@ -92,7 +92,7 @@ async def from_form(request: Request) -> tuple[bytes, dict[str, Any]]:
     return image, more
 
 
-def from_json(body: bytes) -> tuple[bytes, dict[str, Any]]:
+def from_json(body: Body) -> tuple[bytes, dict[str, Any]]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -16,11 +16,14 @@ from service.protocol import OP_PREDICT
 
 JSON = "application/json"
 Model = TypeVar("Model", bound=BaseModel)
+# A request body. The hot path passes a bytearray that Dispatcher.call empties once the request is in Redis (so a
+# waiting request holds no copy of it): handlers must not read the body after they passed it to the dispatcher.
+Body = bytes | bytearray
 # (dispatcher, request id, body, headers, path params, query string) -> the 200 response's JSON body.
-Handler = Callable[[Dispatcher, str, bytes, Mapping[str, str], dict[str, str], str], Awaitable[bytes]]
+Handler = Callable[[Dispatcher, str, Body, Mapping[str, str], dict[str, str], str], Awaitable[bytes]]
 
 
-def parse_json(body: bytes, model: type[Model]) -> Model:
+def parse_json(body: Body, model: type[Model]) -> Model:
     """The body as `model`, whatever the declared Content-Type (clients often send none). Raises the
     InferlineError that names the first bad field."""
     try:
@@ -47,7 +50,7 @@ def request_id(request: Request) -> str:
     return str(request.scope["state"]["request_id"])
 
 
-async def run_task(d: Dispatcher, rid: str, task: str, params: dict[str, Any], blob: bytes = b"") -> bytes:
+async def run_task(d: Dispatcher, rid: str, task: str, params: dict[str, Any], blob: Body = b"") -> bytes:
     """Queue a request for the deployment bound to `task`; the worker's JSON body is the answer as is (no
     re-encoding here). params: {"row": {...}}, {"rows": [...]}, or {"options": {...}} beside raw bytes."""
     reply = await d.call(d.task(task).name, OP_PREDICT, params, blob, request_id=rid)

@@ -7,14 +7,14 @@ from starlette.responses import Response
 
 from service.gateway.dispatch import Dispatcher
 from service.gateway.openapi import doc
-from service.gateway.routes.common import answer, json_body, parse_json, run_task
+from service.gateway.routes.common import Body, answer, json_body, parse_json, run_task
 from service.schemas import responses as wire
 from service.schemas.tasks import ForecastRequest
 
 router = APIRouter(tags=["tasks"])
 
 
-async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
                  query: str) -> bytes:
     return await run_task(d, rid, "forecast", {"row": parse_json(body, ForecastRequest).model_dump()})
 

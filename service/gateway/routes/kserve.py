@@ -14,7 +14,7 @@ from service.broker.registry import Registry
 from service.errors import BadRequest, NotFound, Unavailable
 from service.gateway.dispatch import Dispatcher
 from service.gateway.openapi import READ_ERRORS, TASK_ERRORS, doc
-from service.gateway.routes.common import answer, dispatcher
+from service.gateway.routes.common import Body, answer, dispatcher
 from service.gateway.routes.health import readiness
 from service.protocol import OP_V2, ModelInfo
 from service.schemas import responses as wire
@@ -87,7 +87,7 @@ async def model_ready(model: str, request: Request, version: str | None = None) 
     return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
 
 
-async def handle_infer(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+async def handle_infer(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
                        query: str) -> bytes:
     header_length = None
     raw = headers.get("inference-header-content-length")

@@ -15,14 +15,14 @@ from starlette.responses import Response
 from service.errors import BadRequest, ValidationFailed
 from service.gateway.dispatch import Dispatcher
 from service.gateway.openapi import doc
-from service.gateway.routes.common import answer
+from service.gateway.routes.common import Body, answer
 from service.protocol import OP_PREDICT
 
 router = APIRouter(tags=["models"])
 PREFIX, SUFFIX = "/v1/models/", "/predict"
 
 
-async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
                  query: str) -> bytes:
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith("image/") or content_type == "application/octet-stream":

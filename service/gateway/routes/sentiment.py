@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from service.gateway.dispatch import Dispatcher
 from service.gateway.openapi import doc
-from service.gateway.routes.common import Handler, answer, json_body, parse_json, run_task
+from service.gateway.routes.common import Body, Handler, answer, json_body, parse_json, run_task
 from service.schemas import responses as wire
 from service.schemas.tasks import SentimentRequest
 
@@ -25,7 +25,7 @@ def rows(req: SentimentRequest) -> dict[str, Any]:
 
 
 def handler_for(task: str) -> Handler:
-    async def handle(d: Dispatcher, rid: str, body: bytes, headers: Mapping[str, str], path: dict[str, str],
+    async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
                      query: str) -> bytes:
         return await run_task(d, rid, task, rows(parse_json(body, SentimentRequest)))
     return handle
