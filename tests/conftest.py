@@ -130,6 +130,7 @@ class Cluster:
         self.client = redis.Redis.from_url(redis_url)
         self.specs: dict[str, dict[str, Any]] = {}
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.worker_logs: list[Path] = []
         self.gateway: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.env: dict[str, str] = {}   # more environment for every process started from now on
@@ -142,15 +143,26 @@ class Cluster:
         before = {w.get("pid") for w in live_workers(self.client, model)}
         env = child_env(REDIS_URL=self.redis_url, INFERLINE_MODEL_SPEC=json.dumps(self.specs[model], default=str),
                         **self.env)
-        with (self.tmp / f"worker-{model}-{len(self.workers)}.log").open("wb") as log:
+        log_path = self.tmp / f"worker-{model}-{len(self.workers)}.log"
+        with log_path.open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "service.worker.main"], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=ROOT)
         self.workers.append(proc)
+        self.worker_logs.append(log_path)
         if wait:
             wait_for(lambda: proc.poll() is not None or str(proc.pid) in
                      {w.get("pid") for w in live_workers(self.client, model)} - before, 120, f"worker {model} live")
             assert proc.poll() is None, (self.tmp / f"worker-{model}-{len(self.workers) - 1}.log").read_text()[-3000:]
         return proc
+
+    def wait_until_serving(self, timeout_s: float) -> None:
+        """Until every configured model is ready; a worker that exits fails at once with the end of its log."""
+        def ready() -> bool:
+            for proc, log in zip(self.workers, self.worker_logs, strict=True):
+                assert proc.poll() is None, f"{log.name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            return every_model_ready(self.url, list(self.specs))
+
+        wait_for(ready, timeout_s, "every model ready")
 
     def start_gateway(self, gateway: dict[str, Any] | None = None) -> str:
         """Start the gateway on a free port; `gateway` sets [gateway] keys (e.g. max_body_bytes)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import Cluster, every_model_ready, wait_for
+from tests.conftest import Cluster
 from tests.zoo_cluster import TASKS
 
 ECHO = "tests.runtimes:Echo"
@@ -52,14 +52,7 @@ def start_deployment(redis_url: str, store: Path, gpt2_store: Path, tmp: Path) -
         for name in names:
             cluster.start_worker(name, wait=False)
 
-        def ready() -> bool:
-            for i, proc in enumerate(cluster.workers):
-                if proc.poll() is not None:
-                    raise AssertionError(f"worker {names[i]} exited with {proc.returncode}:\n"
-                                         + (tmp / f"worker-{names[i]}-{i}.log").read_text()[-3000:])
-            return every_model_ready(cluster.url, names)
-
-        wait_for(ready, 240, "every worker live")
+        cluster.wait_until_serving(240)
     except BaseException:
         cluster.close()
         raise

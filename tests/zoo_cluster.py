@@ -21,7 +21,7 @@ from service.tensors import datatype_of
 from service.worker.batching import Executor
 from service.worker.loading import load_model
 from service.worker.rows import RowCodec
-from tests.conftest import Cluster, every_model_ready, wait_for
+from tests.conftest import Cluster
 
 MODELS = ("cnn", "lstm", "sentiment")
 TASKS = {"cnn": "classify-image", "lstm": "forecast", "sentiment": "sentiment", "transformer": "classify-text"}
@@ -44,13 +44,7 @@ def start_zoo(redis_url: str, store: Path, tmp: Path, models: tuple[str, ...] = 
         for name in models:
             cluster.start_worker(name, wait=False)
 
-        def ready() -> bool:
-            for i, proc in enumerate(cluster.workers):
-                log = (tmp / f"worker-{models[i]}-{i}.log").read_text()[-3000:] if proc.poll() is not None else ""
-                assert not log, f"worker {models[i]} exited with {proc.returncode}:\n{log}"
-            return every_model_ready(cluster.url, models)
-
-        wait_for(ready, 180, "every worker live")
+        cluster.wait_until_serving(180)
     except BaseException:
         cluster.close()
         raise

@@ -58,20 +58,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-def check_temperature(value: float | None) -> float | None:
-    """OpenAI's 0 is greedy; between 0 and MIN_TEMPERATURE float32 sampling overflows (see generation.params)."""
-    if value is not None and 0.0 < value < MIN_TEMPERATURE:
-        raise ValueError(f"must be 0 (greedy) or >= {MIN_TEMPERATURE} (given {value})")
-    return value
+class OpenAIRequest(BaseModel):
+    """What both OpenAI generation requests check alike: stop sequences and the temperature."""
 
+    model_config = ConfigDict(extra="ignore")
 
-def check_stops(value: str | list[str] | None) -> str | list[str] | None:
-    if isinstance(value, list) and len(value) > MAX_STOP:
-        raise ValueError(f"may hold at most {MAX_STOP} sequences (given {len(value)})")
-    for stop in [value] if isinstance(value, str) else value or []:
-        if not 1 <= len(stop) <= MAX_STOP_CHARS:
-            raise ValueError(f"each stop sequence must hold 1 to {MAX_STOP_CHARS} characters (given {len(stop)})")
-    return value
+    @field_validator("temperature", check_fields=False)
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        """OpenAI's 0 is greedy; between 0 and MIN_TEMPERATURE float32 sampling overflows (see generation.params)."""
+        if value is not None and 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or >= {MIN_TEMPERATURE} (given {value})")
+        return value
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"may hold at most {MAX_STOP} sequences (given {len(value)})")
+        for stop in [value] if isinstance(value, str) else value or []:
+            if not 1 <= len(stop) <= MAX_STOP_CHARS:
+                raise ValueError(f"each stop sequence must hold 1 to {MAX_STOP_CHARS} characters (given "
+                                 f"{len(stop)})")
+        return value
 
 
 def openai_sampling(max_new_tokens: int, temperature: float | None, top_p: float | None, seed: int | None,
@@ -88,11 +97,9 @@ def openai_sampling(max_new_tokens: int, temperature: float | None, top_p: float
         include_stop_sequence=False, top_logprobs=top_logprobs, raw_logprobs=True)
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(OpenAIRequest):
     """POST /v1/completions. `prompt` is a string, a list of strings, a list of token ids or a list of such lists;
     each prompt gets `n` choices (or the best `n` of `best_of`), each its own engine sequence."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=64)
     # Checked in _prompts, so errors name `prompt`, not a member of the union. Token ids are bounded by the model's
@@ -135,16 +142,6 @@ class CompletionRequest(BaseModel):
                 if min(prompt) < 0:
                     raise ValueError(f"prompt{which} token ids must be >= 0 (given {min(prompt)})")
         return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        return check_stops(value)
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value: float | None) -> float | None:
-        return check_temperature(value)
 
     _neutral_only = neutral_only(NEUTRAL)
 
@@ -226,11 +223,9 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAIRequest):
     """POST /v1/chat/completions. The gateway has no tokenizer: the worker renders `messages` with the model's chat
     template (or the deployment's), so to_params() carries them under `messages` instead of `inputs`."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=64)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -253,16 +248,6 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: Any = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        return check_stops(value)
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value: float | None) -> float | None:
-        return check_temperature(value)
 
     _neutral_only = neutral_only(CHAT_NEUTRAL)
 
