@@ -142,7 +142,7 @@ async def test_short_request_behind_long_ones_finishes_first(tgi: text_generatio
 def test_client_gone_mid_stream_frees_its_slot(served_gpt2: Cluster, gpt2_url: str) -> None:
     """The worker drops a sequence whose client left: the first heartbeat after the client's exit shows `active` 0,
     and the sequence stopped after a handful of its 250 tokens. (The heartbeat publishes once a second and a whole
-    250-token stream of the quick model takes about half that, so the token count is what shows it stopped early:
+    250-token stream of the quick model takes a fraction of that, so the token count is what shows it stopped early:
     left running, it would have added 250 to the worker's item counter.)"""
     def beat_after(since_ms: int, active: str) -> dict[str, str]:
         def check() -> dict[str, str] | None:
@@ -164,7 +164,9 @@ def test_client_gone_mid_stream_frees_its_slot(served_gpt2: Cluster, gpt2_url: s
     after = beat_after(closed_ms, "0")
     assert int(after["beat"]) - closed_ms < 2500   # the first or second beat after the close already shows it
     generated = int(after["items"]) - items_before
-    assert 3 <= generated < 60, generated
+    # Stopped early, not at 250: how early depends on how fast a step is against the cancel's trip through the
+    # gateway and Redis (11-17 tokens measured here, unloaded).
+    assert 3 <= generated < 125, generated
 
 
 def test_overloaded_queue_raises_overloaded_error(served_gpt2: Cluster, quick_gpt2: Path, tmp_path: Path) -> None:
