@@ -26,7 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from service.broker import keys
+from service.broker import keys, roundtrip
 from service.broker.client import BROKER_ERRORS
 from service.broker.registry import entry_ms
 from service.broker.ticks import TickBatcher
@@ -154,15 +154,15 @@ class ModelQueue:
         by_gateway: dict[str, list[Reply]] = {}
         for reply_to, reply in replies:
             by_gateway.setdefault(reply_to, []).append(reply)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for reply_to, batch in by_gateway.items():   # one entry per gateway, however many replies
-                pipe.xadd(reply_to, {"pack": pack_replies(batch)}, maxlen=REPLY_MAXLEN, approximate=True,
-                          nomkstream=True)
-            if deliveries:
-                ids = [d.entry_id for d in deliveries]
-                pipe.xack(self.stream, keys.GROUP, *ids)
-                pipe.xdel(self.stream, *ids)
-            await pipe.execute()
+        # one entry per gateway, however many replies
+        commands: list[Sequence[Any]] = [("XADD", reply_to, "NOMKSTREAM", "MAXLEN", "~", REPLY_MAXLEN, "*", "pack",
+                                          pack_replies(batch)) for reply_to, batch in by_gateway.items()]
+        if deliveries:
+            ids = [d.entry_id for d in deliveries]
+            commands += [("XACK", self.stream, keys.GROUP, *ids), ("XDEL", self.stream, *ids)]
+        for result in await roundtrip.run(self.redis, commands):
+            if isinstance(result, ResponseError):
+                raise result
 
     async def reclaim(self, min_idle_ms: int, max_tries: int,
                       count: int = 100) -> tuple[list[Delivery], list[Delivery]]:

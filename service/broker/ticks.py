@@ -16,6 +16,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from service.broker import roundtrip
+
 
 @dataclass(slots=True)
 class _Call:
@@ -38,7 +40,7 @@ class TickBatcher:
         return await self._submit(source, [*keys, *args], len(keys))
 
     async def command(self, *args: Any) -> Any:
-        """Run one command (name, then arguments) in this tick's pipeline; its result. Raises its redis error."""
+        """Run one command (name, then arguments) in this tick's pipeline; its raw reply. Raises its redis error."""
         return await self._submit(None, args, 0)
 
     def _submit(self, script: str | None, args: Sequence[Any], nkeys: int) -> asyncio.Future[Any]:
@@ -87,11 +89,6 @@ class TickBatcher:
         for source in {call.script for call in batch if call.script is not None} - set(self.shas):
             self.shas[source] = await self.redis.script_load(source)
         self.pipelines += 1
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for call in batch:
-                if call.script is None:
-                    pipe.execute_command(*call.args)
-                else:
-                    pipe.evalsha(self.shas[call.script], call.nkeys, *call.args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+        return await roundtrip.run(self.redis, [call.args if call.script is None
+                                                else ("EVALSHA", self.shas[call.script], call.nkeys, *call.args)
+                                                for call in batch])
