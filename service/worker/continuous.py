@@ -36,11 +36,11 @@ from service.worker.shell import Shell, expire
 
 log = logging.getLogger(__name__)
 
-# On a CPU, steps shorter than this run on the event loop's own thread. The engine's Python and the loop's Redis
-# work hold the same GIL either way, and handing each step to the model thread and back cost more than the overlap
-# won (bench_engine, gpt2 of the demo's size: 8 streams 1,310 -> 1,562 tok/s, 32 streams 2,344 -> 2,976). A longer
-# step (a long prefill, a large model) goes to the model thread so heartbeats and reads keep going; on a GPU every
-# step does, so Redis I/O overlaps the kernels.
+# On a CPU, decoding steps shorter than this run on the event loop's own thread. The engine's Python and the loop's
+# Redis work hold the same GIL either way, and handing each step to the model thread and back cost more than the
+# overlap won (bench_engine, gpt2 of the demo's size: 8 streams 1,310 -> 1,562 tok/s, 32 streams 2,344 -> 2,976).
+# A step that admits newcomers, a longer one (a long prefill, a large model) and every step on a GPU go to the model
+# thread: meanwhile the loop keeps reading arrivals and beating, and its Redis I/O overlaps the kernels.
 INLINE_STEP_UNDER_S = 0.25
 
 
@@ -156,7 +156,7 @@ class ContinuousBatching:
     async def step(self) -> None:
         try:
             started = time.perf_counter()
-            if self.inline:
+            if self.inline and not self.engine.num_waiting:
                 await asyncio.sleep(0)   # let the last send write to Redis first: its answer arrives during the step
                 events = self.engine.step()
             else:
