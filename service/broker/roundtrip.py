@@ -37,15 +37,27 @@ def pack(commands: Sequence[Sequence[Any]]) -> bytes:
     return b"".join(out)
 
 
-async def run(redis: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+async def run(redis: aioredis.Redis, commands: Sequence[Sequence[Any]],
+              written: asyncio.Event | None = None) -> list[Any]:
     """Each command's raw reply, in order; a command that Redis refused gives its ResponseError in its place (the
-    others still ran). Raises the connection's error (ConnectionError, TimeoutError) when the round trip failed."""
+    others still ran). Raises the connection's error (ConnectionError, TimeoutError) when the round trip failed.
+    `written` is set once the commands are on the socket (or the attempt failed): a caller about to hold the event
+    loop for a while waits for that, not for the replies."""
     packed = pack(commands)
     pool = redis.connection_pool
-    conn = await pool.get_connection()
+    try:
+        conn = await pool.get_connection()
+    except BaseException:
+        if written is not None:
+            written.set()
+        raise
 
     async def send_and_read() -> list[Any]:
-        await conn.send_packed_command(packed, check_health=False)
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+        finally:
+            if written is not None:
+                written.set()
         results: list[Any] = []
         try:
             async with asyncio.timeout(conn.socket_timeout):

@@ -18,6 +18,7 @@ between redelivers instead of dropping).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,11 +146,14 @@ class ModelQueue:
         """Acknowledge, then delete entries and payloads: the request is answered and gone."""
         await self.reply_and_ack([], deliveries)
 
-    async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
+    async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery],
+                            written: asyncio.Event | None = None) -> None:
         """Replies first, then acknowledge and delete, in one round trip. Redis runs a pipeline in order, so
         an ack never lands before its reply; if the connection breaks in between, the entry stays pending
-        and is redelivered (the gateway ignores a second reply)."""
+        and is redelivered (the gateway ignores a second reply). `written`: see roundtrip.run."""
         if not replies and not deliveries:
+            if written is not None:
+                written.set()
             return
         by_gateway: dict[str, list[Reply]] = {}
         for reply_to, reply in replies:
@@ -160,7 +164,7 @@ class ModelQueue:
         if deliveries:
             ids = [d.entry_id for d in deliveries]
             commands += [("XACK", self.stream, keys.GROUP, *ids), ("XDEL", self.stream, *ids)]
-        for result in await roundtrip.run(self.redis, commands):
+        for result in await roundtrip.run(self.redis, commands, written):
             if isinstance(result, ResponseError):
                 raise result
 

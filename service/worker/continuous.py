@@ -157,7 +157,7 @@ class ContinuousBatching:
         try:
             started = time.perf_counter()
             if self.inline and not self.engine.num_waiting:
-                await asyncio.sleep(0)   # let the last send write to Redis first: its answer arrives during the step
+                await self.shell.sent()   # the last step's tokens leave first; Redis answers during this step
                 events = self.engine.step()
             else:
                 events = await self.model_thread.run(self.engine.step)

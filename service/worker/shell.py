@@ -84,6 +84,8 @@ class Shell:
         self.claimed: asyncio.Queue[Delivery] = asyncio.Queue()
         self.inflight: dict[str, Delivery] = {}   # read and not yet answered: kept claimed
         self.sending: asyncio.Task[None] | None = None
+        self.written = asyncio.Event()   # the last send is written to Redis's socket
+        self.written.set()
         self.send_turn = asyncio.Lock()
         self.send_errors = RepeatingError(log, f"sending replies model={spec.name}", BROKER_ERRORS)
         self.suspects: dict[str, float] = {}   # consumers without a heartbeat -> when first seen so
@@ -142,8 +144,14 @@ class Shell:
             for d in done:
                 self.inflight.pop(d.request_id, None)
             if answers or done:
+                self.written = asyncio.Event()
                 self.sending = asyncio.create_task(
-                    self.queue.reply_and_ack([(d.envelope.reply_to, r) for d, r in answers], done))
+                    self.queue.reply_and_ack([(d.envelope.reply_to, r) for d, r in answers], done, self.written))
+
+    async def sent(self) -> None:
+        """Wait until the last send is on its way to Redis (not for Redis's answer): call it before holding the
+        event loop for a step, or the answers would wait out that step in this process."""
+        await self.written.wait()
 
     async def flush(self) -> None:
         """Wait until the previous send is in Redis."""
