@@ -2,10 +2,10 @@
 between decoding steps, finished ones leave at once, and every step's tokens stream back as they are made.
 
 Two tasks share one engine: intake reads new requests (and takes reclaimed ones) as room frees up, and the stepper
-runs one engine step at a time (on a CPU on the loop's own thread, see INLINE_STEP_UNDER_S) and sends each token to
-its caller. A request stays pending in
-the consumer group for its whole generation; the shell keeps it claimed, so no other worker steals live work, and a
-dead worker's requests are reclaimed and restarted elsewhere (the gateway skips the token indexes it already has).
+runs one engine step at a time (decoding steps on a CPU on the loop's own thread, see INLINE_STEP_UNDER_S) and sends
+each token to its caller. A request stays pending in the consumer group for its whole generation; the shell keeps it
+claimed, so no other worker steals live work, and a dead worker's requests are reclaimed and restarted elsewhere
+(the gateway skips the token indexes it already has).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class ContinuousBatching:
         self.freed = asyncio.Event()
         self.model_thread = ModelThread()          # long steps and cancels, one at a time, in order
         self.on_cpu = engine.device.type == "cpu"
-        self.inline = self.on_cpu                  # the next step runs on the loop's thread
+        self.inline = self.on_cpu                  # the next decoding step may run on the loop's thread
 
     async def run(self) -> None:
         """Until the shell stops: then take no new requests, finish the sequences in hand, return."""
