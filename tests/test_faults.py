@@ -313,7 +313,7 @@ def test_abandoned_generations_free_their_sequences(served: Cluster, rows: list[
     within a step (its next heartbeat shows `active` 0), instead of generating every token for nobody."""
     url = served.url
     tokens = 200   # the longest prompt plus these fit the quick model's 256 positions
-    give_up_s = 0.3   # 32 at 8 a batch take ~1 s or more; the first batch alone takes most of this
+    give_up_s = 0.3   # 32 at 8 a batch take a second or more: at 0.3 s most are still queued or running
 
     def beat(pred: Any) -> dict[str, str]:
         return wait_for(lambda: next((w for w in live_workers(served.client, "gpt2") if pred(w)), None), 10,
