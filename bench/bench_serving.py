@@ -186,6 +186,19 @@ def wrk(url: str, body_path: Path, connections: int, duration: int,
             **{f"cpu_us_{name}": seconds / requests * 1e6 for name, seconds in used.items()}}
 
 
+def wait_ready(url: str, failure: str, within_s: float = 120) -> None:
+    """Until `url`/readyz answers 200; RuntimeError(failure) after within_s."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(failure)
+
+
 class Served:
     """A private Redis (unless REDIS_URL), one worker for `model`, one gateway: real processes."""
 
@@ -213,15 +226,7 @@ class Served:
         self.procs += [worker, gateway]
         self.pids.update(worker=worker.pid, gateway=gateway.pid)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("service did not become ready; see logs in " + str(tmp))
+        wait_ready(self.url, "service did not become ready; see logs in " + str(tmp))
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -243,15 +248,7 @@ class Naive:
                                      stderr=(tmp / "naive.log").open("wb"))
         self.pids = {"naive": self.proc.pid}
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the naive server did not start; see " + str(tmp / "naive.log"))
+        wait_ready(self.url, "the naive server did not start; see " + str(tmp / "naive.log"))
 
     def close(self) -> None:
         self.proc.terminate()
