@@ -55,10 +55,9 @@ def test_fuzz_every_route_no_5xx_and_the_worker_survives(cluster: Cluster) -> No
     failures: list[tuple[str, str, int, bytes]] = []
     seen: dict[tuple[str, str], int] = {}
 
-    @settings(max_examples=PER_ROUTE * len(routes), deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(route=st.sampled_from(routes), body=body_strategy(),
-           model=st.sampled_from(["echo", "nope", "gpt2", "x" * 70, "%2e%2e", "ech%00o"]),
+    # Every route gets its own examples: one draw over all routes left a route unprobed once in CI-like runs.
+    @settings(max_examples=PER_ROUTE, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(body=body_strategy(), model=st.sampled_from(["echo", "nope", "gpt2", "x" * 70, "%2e%2e", "ech%00o"]),
            query=st.dictionaries(st.sampled_from(["top_k", "stream", "model"]) | st.text(max_size=5),
                                  st.text(max_size=10), max_size=3),
            content_type=st.sampled_from(["application/json", "text/plain", "multipart/form-data; boundary=x", ""]))
@@ -78,7 +77,8 @@ def test_fuzz_every_route_no_5xx_and_the_worker_survives(cluster: Cluster) -> No
             failures.append((method, target, r.status_code, body[:200]))
 
     try:
-        probe()
+        for route in routes:
+            probe(route)
     finally:
         client.close()
     assert not failures, failures[:5]
