@@ -6,7 +6,9 @@ bare asyncio protocol with hiredis costs 83 µs, so what is left is the socket's
 (redis-py starts one per reply).
 
 The client's own rules still hold: its socket timeout bounds the replies, a broken connection is retried once (its
-Retry), and a connection that failed or was cancelled mid-way is closed, never handed back half-read.
+Retry), and a connection that failed or was cancelled mid-way is closed, never handed back half-read. The blocking
+reads of the hot paths (a worker's XREADGROUP, a gateway's XREAD of its replies) come here too: they block at most
+client.MAX_BLOCK_S, inside that timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -37,27 +40,17 @@ def pack(commands: Sequence[Sequence[Any]]) -> bytes:
     return b"".join(out)
 
 
-async def run(redis: aioredis.Redis, commands: Sequence[Sequence[Any]],
-              written: asyncio.Event | None = None) -> list[Any]:
+async def run(redis: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
     """Each command's raw reply, in order; a command that Redis refused gives its ResponseError in its place (the
-    others still ran). Raises the connection's error (ConnectionError, TimeoutError) when the round trip failed.
-    `written` is set once the commands are on the socket (or the attempt failed): a caller about to hold the event
-    loop for a while waits for that, not for the replies."""
+    others still ran). Raises the connection's error (ConnectionError, TimeoutError) when the round trip failed."""
     packed = pack(commands)
     pool = redis.connection_pool
-    try:
-        conn = await pool.get_connection()
-    except BaseException:
-        if written is not None:
-            written.set()
-        raise
+    conn = await pool.get_connection()
 
     async def send_and_read() -> list[Any]:
-        try:
-            await conn.send_packed_command(packed, check_health=False)
-        finally:
-            if written is not None:
-                written.set()
+        if not conn.is_connected:
+            await conn.connect()
+        write(conn, packed)
         results: list[Any] = []
         try:
             async with asyncio.timeout(conn.socket_timeout):
@@ -80,3 +73,12 @@ async def run(redis: aioredis.Redis, commands: Sequence[Sequence[Any]],
         raise
     finally:
         await pool.release(conn)
+
+
+def write(conn: AbstractConnection, packed: bytes) -> None:
+    """Put packed commands on a connected redis-py connection: a synchronous write into its transport, which buffers
+    what the socket does not take at once. redis-py's own send wraps each write in asyncio.wait_for, which on Python
+    3.11 runs it as a task of its own: two more event-loop turns per command (9 turns per lone request in the
+    gateway, 7 in the worker, strace). A write into a broken transport shows up as the read's ConnectionError."""
+    writer: Any = conn._writer   # noqa: SLF001
+    writer.write(packed)

@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from service.broker import keys, roundtrip
 from service.broker.client import BROKER_ERRORS
+from service.broker.pipelined import Pipelined
 from service.broker.registry import entry_ms
 from service.broker.ticks import TickBatcher
 from service.protocol import Cancel, Envelope, Reply, pack_replies, unpack_replies
@@ -117,6 +118,7 @@ class ModelQueue:
         self.model = model
         self.consumer = consumer
         self.stream = keys.request_stream(model)
+        self.pipelined = Pipelined(redis)   # replies and acks
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (idempotent, safe across replicas)."""
@@ -128,15 +130,13 @@ class ModelQueue:
 
     async def read(self, count: int, block_s: float | None) -> list[Delivery]:
         """New entries for this consumer. block_s None: do not block."""
-        block = None if block_s is None else max(1, int(block_s * 1000))
-        try:
-            res: Any = await self.redis.xreadgroup(keys.GROUP, self.consumer, {self.stream: ">"}, count=count,
-                                                   block=block)
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)   # the stream was deleted under us (e.g. FLUSHALL): start over
+        block = () if block_s is None else ("BLOCK", max(1, int(block_s * 1000)))
+        [res] = await roundtrip.run(self.redis, [("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count,
+                                                  *block, "STREAMS", self.stream, ">")])
+        if isinstance(res, ResponseError):
+            await self._recreate_on_nogroup(res)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
-        entries = res[0][1] if res else []
-        return [parse_entry(eid, fields, 1) for eid, fields in entries if fields]
+        return [parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)]
 
     async def reply(self, replies: Sequence[tuple[str, Reply]]) -> None:
         """Send replies, one pipeline. NOMKSTREAM: a reply to a gateway that is gone is dropped, not kept."""
@@ -146,15 +146,21 @@ class ModelQueue:
         """Acknowledge, then delete entries and payloads: the request is answered and gone."""
         await self.reply_and_ack([], deliveries)
 
-    async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery],
-                            written: asyncio.Event | None = None) -> None:
-        """Replies first, then acknowledge and delete, in one round trip. Redis runs a pipeline in order, so
-        an ack never lands before its reply; if the connection breaks in between, the entry stays pending
-        and is redelivered (the gateway ignores a second reply). `written`: see roundtrip.run."""
+    async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
+        """send(), then wait until Redis ran it. Raises the connection's error or Redis's refusal."""
+        sent = await self.send(replies, deliveries)
+        if sent is not None:
+            await sent
+
+    async def send(self, replies: Sequence[tuple[str, Reply]],
+                   deliveries: Sequence[Delivery]) -> asyncio.Future[list[Any]] | None:
+        """Replies first, then acknowledge and delete: written at once on the queue's pipelined connection, the
+        future done when Redis ran them (or failed with why not; None when there was nothing to send). Redis runs
+        one connection's commands in order, so an ack never lands before its reply, and a send never waits for the
+        last one's answer; if the connection breaks in between, the entry stays pending and is redelivered (the
+        gateway ignores a second reply). Waits only while too many sends are unanswered."""
         if not replies and not deliveries:
-            if written is not None:
-                written.set()
-            return
+            return None
         by_gateway: dict[str, list[Reply]] = {}
         for reply_to, reply in replies:
             by_gateway.setdefault(reply_to, []).append(reply)
@@ -164,9 +170,17 @@ class ModelQueue:
         if deliveries:
             ids = [d.entry_id for d in deliveries]
             commands += [("XACK", self.stream, keys.GROUP, *ids), ("XDEL", self.stream, *ids)]
-        for result in await roundtrip.run(self.redis, commands, written):
-            if isinstance(result, ResponseError):
-                raise result
+        await self.pipelined.wait_for_room()
+        return self.pipelined.send(commands)
+
+    async def drain(self) -> None:
+        """Wait until everything sent is run by Redis, or failed."""
+        await self.pipelined.drain()
+
+    async def close(self) -> None:
+        """Wait for what was sent, then let the pipelined connection go."""
+        await self.pipelined.drain()
+        await self.pipelined.close()
 
     async def reclaim(self, min_idle_ms: int, max_tries: int,
                       count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
@@ -274,6 +288,31 @@ class ModelQueue:
         await self.ack_delete(deliveries)
 
 
+async def xread(redis: aioredis.Redis, stream: str, after: Any, count: int,
+                block_s: float) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Entries of `stream` after id `after`, waiting up to block_s for the first (one round trip, roundtrip.run)."""
+    [res] = await roundtrip.run(redis, [("XREAD", "COUNT", count, "BLOCK", max(1, int(block_s * 1000)),
+                                         "STREAMS", stream, after)])
+    if isinstance(res, ResponseError):
+        raise res
+    return stream_entries(res)
+
+
+def stream_entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """(entry id, fields) of one stream from a raw XREAD / XREADGROUP reply (None when the block ran out). Entries
+    whose fields are gone (deleted while pending) are left out."""
+    if not raw:
+        return []
+    # RESP3 (redis-py's default protocol from 8.0) answers a map of stream -> entries, RESP2 a list of pairs
+    entries = next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
+    out = []
+    for entry_id, flat in entries:
+        if flat:
+            it = iter(flat)
+            out.append((entry_id, dict(zip(it, it, strict=True))))
+    return out
+
+
 def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:
     """An entry as read. One without a payload (written by an older gateway, or by hand) gets an empty one,
     which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
@@ -304,9 +343,9 @@ class Cancels:
         if self.last is None:
             newest: Any = await self.redis.xrevrange(self.stream, count=1)
             self.last = newest[0][0] if newest else b"0-0"
-        res: Any = await self.redis.xread({self.stream: self.last}, count=100, block=max(1, int(block_s * 1000)))
+        res = await xread(self.redis, self.stream, self.last, 100, block_s)
         out = []
-        for entry_id, fields in (res[0][1] if res else []):
+        for entry_id, fields in res:
             self.last = entry_id
             out.append((Cancel.from_fields(fields), entry_ms(entry_id)))
         return out
@@ -333,14 +372,14 @@ class ReplyInbox:
         """The replies that arrived since the last read, waiting up to block_s for the first."""
         if self.last is None:
             await self.create()
-        res: Any = await self.redis.xread({self.stream: self.last}, count=1000, block=max(1, int(block_s * 1000)))
+        res = await xread(self.redis, self.stream, self.last, 1000, block_s)
         if not res and not await self.redis.exists(self.stream):
             # Redis lost the stream (restart, FLUSHALL): workers reply with NOMKSTREAM, so until it exists again
             # every reply is dropped. An empty read is the cheap moment to look: one EXISTS per idle block.
             await self.create()
             return []
         replies: list[Reply] = []
-        for entry_id, fields in (res[0][1] if res else []):
+        for entry_id, fields in res:
             self.last = entry_id
             replies += unpack_replies(fields.get(b"pack", b""))
         return replies

@@ -157,7 +157,9 @@ class ContinuousBatching:
         try:
             started = time.perf_counter()
             if self.inline and not self.engine.num_waiting:
-                await self.shell.sent()   # the last step's tokens leave first; Redis answers during this step
+                # One turn of the loop before holding it for the step: what Redis answered meanwhile is read,
+                # arrivals, cancels and beats get their turn. The last step's tokens are on the wire already.
+                await asyncio.sleep(0)
                 events = self.engine.step()
             else:
                 events = await self.model_thread.run(self.engine.step)

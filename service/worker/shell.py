@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from service.broker import keys
 from service.broker.client import BROKER_ERRORS
@@ -83,9 +83,6 @@ class Shell:
         self.stopping = asyncio.Event()
         self.claimed: asyncio.Queue[Delivery] = asyncio.Queue()
         self.inflight: dict[str, Delivery] = {}   # read and not yet answered: kept claimed
-        self.sending: asyncio.Task[None] | None = None
-        self.written = asyncio.Event()   # the last send is written to Redis's socket
-        self.written.set()
         self.send_turn = asyncio.Lock()
         self.send_errors = RepeatingError(log, f"sending replies model={spec.name}", BROKER_ERRORS)
         self.suspects: dict[str, float] = {}   # consumers without a heartbeat -> when first seen so
@@ -132,36 +129,34 @@ class Shell:
                 await self.registry.add_stats(self.spec.name, self.metrics.pending())   # the last beat's worth
             with contextlib.suppress(Exception):
                 await self.registry.remove(self.spec.name, self.worker_id)
+            await self.queue.close()
 
     # replies ---------------------------------------------------------------------------------------------------
     async def send(self, answers: Sequence[tuple[Delivery, Reply]], done: Sequence[Delivery]) -> None:
-        """Send answers, then acknowledge and delete `done`, after the previous send (order kept: tokens of one
-        step before the next's, replies before acks). Returns once the send is started, so it overlaps the next
-        batch or step; a crash before it lands redelivers instead of losing. Senders take turns (a cancel answered
-        from the cancel reader while a step answers): each send waits for the one before it, none is dropped."""
+        """Send answers, then acknowledge and delete `done`. They are written to Redis at once, in the order sent
+        (tokens of one step before the next's, replies before acks: ModelQueue.send), and not waited for, so the
+        next batch or step runs while Redis answers; a crash before they land redelivers instead of losing. A
+        sender waits only while too many sends are unanswered; then senders take turns (a cancel answered from the
+        cancel reader while a step answers), none is dropped."""
         async with self.send_turn:
-            await self.flush()
             for d in done:
                 self.inflight.pop(d.request_id, None)
-            if answers or done:
-                self.written = asyncio.Event()
-                self.sending = asyncio.create_task(
-                    self.queue.reply_and_ack([(d.envelope.reply_to, r) for d, r in answers], done, self.written))
+            sent = await self.queue.send([(d.envelope.reply_to, r) for d, r in answers], done)
+            if sent is not None:
+                sent.add_done_callback(self._landed)
 
-    async def sent(self) -> None:
-        """Wait until the last send is on its way to Redis (not for Redis's answer): call it before holding the
-        event loop for a step, or the answers would wait out that step in this process."""
-        await self.written.wait()
+    def _landed(self, sent: asyncio.Future[list[Any]]) -> None:
+        if sent.cancelled():
+            return
+        error = sent.exception()
+        if error is None:
+            self.send_errors.ok()
+        else:   # Redis away: unacked entries are redelivered, nothing is lost
+            self.send_errors.failed(error)
 
     async def flush(self) -> None:
-        """Wait until the previous send is in Redis."""
-        if self.sending is not None:
-            try:
-                await self.sending
-                self.send_errors.ok()
-            except Exception as exc:   # noqa: BLE001 - Redis away: unacked entries are redelivered, nothing is lost
-                self.send_errors.failed(exc)
-            self.sending = None
+        """Wait until everything sent is in Redis (or failed)."""
+        await self.queue.drain()
 
     # upkeep ----------------------------------------------------------------------------------------------------
     async def _beat(self) -> None:

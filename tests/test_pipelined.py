@@ -1,0 +1,90 @@
+"""The broker's pipelined connection (a worker's replies and acks) and its raw stream reads, against a real Redis:
+sends are written at once and answered in order without waiting for each other, a refused command fails its own
+send, a broken connection is written to again once, and both of Redis's protocols (RESP2, RESP3) read the same."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from service.broker import keys
+from service.broker.client import connect
+from service.broker.pipelined import Pipelined
+from service.broker.streams import ModelQueue, xread
+from service.protocol import Envelope
+
+
+def test_sends_are_answered_in_order_without_waiting_for_each_other(redis_url: str, rdb: redis.Redis) -> None:
+    async def run() -> list[object]:
+        client = connect(redis_url)
+        line = Pipelined(client)
+        try:
+            futures = [line.send([("RPUSH", "order", i)]) for i in range(50)]   # none awaited before the next
+            return [(await f)[0] for f in futures]
+        finally:
+            await line.close()
+            await client.aclose()
+
+    assert asyncio.run(run()) == list(range(1, 51))
+    assert [int(v) for v in rdb.lrange("order", 0, -1)] == list(range(50))
+
+
+def test_a_refused_command_fails_its_own_send_only(redis_url: str, rdb: redis.Redis) -> None:
+    rdb.set("plain", "v")
+
+    async def run() -> tuple[BaseException | None, list[object]]:
+        client = connect(redis_url)
+        line = Pipelined(client)
+        try:
+            refused = line.send([("INCR", "n"), ("XACK", "plain", "g", "1-1")])   # WRONGTYPE after INCR ran
+            fine = line.send([("INCR", "n")])
+            error = (await asyncio.gather(refused, return_exceptions=True))[0]
+            return error if isinstance(error, BaseException) else None, await fine
+        finally:
+            await line.close()
+            await client.aclose()
+
+    error, fine = asyncio.run(run())
+    assert isinstance(error, redis.ResponseError) and "WRONGTYPE" in str(error)
+    assert fine == [2]   # the refused send's INCR still ran
+
+
+def test_a_broken_connection_is_written_to_again_once(redis_url: str, rdb: redis.Redis) -> None:
+    async def run() -> list[object]:
+        client = connect(redis_url)
+        line = Pipelined(client)
+        try:
+            [conn_id] = await line.send([("CLIENT", "ID")])
+            await asyncio.to_thread(rdb.client_kill_filter, _id=conn_id)
+            return await line.send([("INCR", "after-kill")])   # found broken when read; sent again on a new one
+        finally:
+            await line.close()
+            await client.aclose()
+
+    assert asyncio.run(run()) == [1]
+    assert rdb.get("after-kill") == b"1"
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_stream_reads_parse_both_protocols(redis_url: str, rdb: redis.Redis, protocol: int) -> None:
+    rdb.xadd("plain-stream", {"a": "1", "b": "2"})
+    rdb.delete(keys.request_stream("proto"))
+
+    async def run() -> tuple[list[tuple[bytes, dict[bytes, bytes]]], list[bytes]]:
+        client = connect(redis_url, protocol=protocol)
+        queue = ModelQueue(client, "proto", "c1")
+        try:
+            await queue.ensure_group()
+            await client.xadd(queue.stream, Envelope("r1", "gw", 1, "v2").fields() | {"p": b"xyz"})
+            entries = await xread(client, "plain-stream", b"0-0", 10, 0.1)
+            deliveries = await queue.read(count=10, block_s=None)
+            return entries, [d.payload for d in deliveries]
+        finally:
+            await queue.close()
+            await client.aclose()
+
+    entries, payloads = asyncio.run(run())
+    assert [fields for _, fields in entries] == [{b"a": b"1", b"b": b"2"}]
+    assert payloads == [b"xyz"]
