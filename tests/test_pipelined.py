@@ -34,21 +34,23 @@ def test_sends_are_answered_in_order_without_waiting_for_each_other(redis_url: s
 def test_a_refused_command_fails_its_own_send_only(redis_url: str, rdb: redis.Redis) -> None:
     rdb.set("plain", "v")
 
-    async def run() -> tuple[BaseException | None, list[object]]:
+    async def run() -> tuple[BaseException | None, list[object], list[object]]:
         client = connect(redis_url)
         line = Pipelined(client)
         try:
-            refused = line.send([("INCR", "n"), ("XACK", "plain", "g", "1-1")])   # WRONGTYPE after INCR ran
+            failing = line.send([("INCR", "n"), ("XACK", "plain", "g", "1-1")], refusal_fails=True)   # WRONGTYPE
+            in_place = line.send([("XACK", "plain", "g", "1-1"), ("INCR", "n")])
             fine = line.send([("INCR", "n")])
-            error = (await asyncio.gather(refused, return_exceptions=True))[0]
-            return error if isinstance(error, BaseException) else None, await fine
+            error = (await asyncio.gather(failing, return_exceptions=True))[0]
+            return error if isinstance(error, BaseException) else None, await in_place, await fine
         finally:
             await line.close()
             await client.aclose()
 
-    error, fine = asyncio.run(run())
+    error, in_place, fine = asyncio.run(run())
     assert isinstance(error, redis.ResponseError) and "WRONGTYPE" in str(error)
-    assert fine == [2]   # the refused send's INCR still ran
+    assert isinstance(in_place[0], redis.ResponseError) and in_place[1] == 2   # the refused sends' INCRs still ran
+    assert fine == [3]
 
 
 def test_a_broken_connection_is_written_to_again_once(redis_url: str, rdb: redis.Redis) -> None:

@@ -171,7 +171,7 @@ class ModelQueue:
             ids = [d.entry_id for d in deliveries]
             commands += [("XACK", self.stream, keys.GROUP, *ids), ("XDEL", self.stream, *ids)]
         await self.pipelined.wait_for_room()
-        return self.pipelined.send(commands)
+        return self.pipelined.send(commands, refusal_fails=True)
 
     async def drain(self) -> None:
         """Wait until everything sent is run by Redis, or failed."""

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from service.broker import roundtrip
+from service.broker.pipelined import Pipelined
 
 
 @dataclass(slots=True)
@@ -34,6 +35,7 @@ class TickBatcher:
         self.pending: list[_Call] = []
         self.sending: set[asyncio.Task[None]] = set()
         self.pipelines = 0          # round trips made (for tests and benchmarks)
+        self.line = Pipelined(redis)
 
     async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a Lua script in this tick's pipeline; its result. Raises its redis error (or the connection's)."""
@@ -53,9 +55,45 @@ class TickBatcher:
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
+        if all(call.script is None or call.script in self.shas for call in batch):
+            # the usual case: written now on the pipelined connection, each caller answered from its reply
+            self.pipelines += 1
+            sent = self.line.send(self._commands(batch))
+            sent.add_done_callback(lambda sent: self._settle(batch, sent))
+            return
+        self._start(batch)   # a script to load first
+
+    def _settle(self, batch: list[_Call], sent: asyncio.Future[list[Any]]) -> None:
+        if sent.cancelled():
+            error: BaseException | None = RuntimeError("call cancelled")
+        else:
+            error = sent.exception()
+        if error is not None:
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(error)
+            return
+        again = []
+        for call, result in zip(batch, sent.result(), strict=True):
+            if call.future.done():
+                continue
+            if isinstance(result, NoScriptError) and call.script is not None:
+                self.shas.pop(call.script, None)
+                again.append(call)
+            elif isinstance(result, Exception):
+                call.future.set_exception(result)
+            else:
+                call.future.set_result(result)
+        if again:   # Redis forgot the script (a restart, SCRIPT FLUSH): those did not run; load it and send them again
+            self._start(again)
+
+    def _start(self, batch: list[_Call]) -> None:
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self.sending.add(task)
         task.add_done_callback(self.sending.discard)
+
+    async def close(self) -> None:
+        await self.line.close()
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
@@ -89,6 +127,8 @@ class TickBatcher:
         for source in {call.script for call in batch if call.script is not None} - set(self.shas):
             self.shas[source] = await self.redis.script_load(source)
         self.pipelines += 1
-        return await roundtrip.run(self.redis, [call.args if call.script is None
-                                                else ("EVALSHA", self.shas[call.script], call.nkeys, *call.args)
-                                                for call in batch])
+        return await roundtrip.run(self.redis, self._commands(batch))
+
+    def _commands(self, batch: list[_Call]) -> list[Sequence[Any]]:
+        return [call.args if call.script is None else ("EVALSHA", self.shas[call.script], call.nkeys, *call.args)
+                for call in batch]

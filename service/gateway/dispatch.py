@@ -71,6 +71,7 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.inbox.delete()
+        await self.batcher.close()
 
     def spec(self, model: str) -> ModelSpec:
         spec = self.settings.models.get(model)
