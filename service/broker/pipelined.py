@@ -82,7 +82,7 @@ class Pipelined:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.reader
-        self._fail(RedisConnectionError("the worker is closing its reply connection"))
+        self._fail(RedisConnectionError("the pipelined connection was closed"))
         await self._drop()
 
     # the reader task -------------------------------------------------------------------------------------------

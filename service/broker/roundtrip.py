@@ -78,7 +78,7 @@ async def run(redis: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[
 def write(conn: AbstractConnection, packed: bytes) -> None:
     """Put packed commands on a connected redis-py connection: a synchronous write into its transport, which buffers
     what the socket does not take at once. redis-py's own send wraps each write in asyncio.wait_for, which on Python
-    3.11 runs it as a task of its own: two more event-loop turns per command (9 turns per lone request in the
-    gateway, 7 in the worker, strace). A write into a broken transport shows up as the read's ConnectionError."""
+    3.11 runs it as a task of its own: two more event-loop turns per command. A write into a broken transport shows
+    up as the read's ConnectionError."""
     writer: Any = conn._writer   # noqa: SLF001
     writer.write(packed)
