@@ -125,6 +125,7 @@ class Pipelined:
 
     async def _connect(self) -> AbstractConnection:
         """A connection of the client's pool, held; whatever is unanswered is written on it, in order."""
+        await self._drop()   # one redis-py closed under us goes back to the pool first
         conn = await self.redis.connection_pool.get_connection()
         self.conn = conn
         for sent in self.unanswered:
