@@ -32,6 +32,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.in_headers = True     # the next bytes belong to a request line or headers
         self.header_bytes = 0
         self.header_count = 0
+        self.header_size = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -72,6 +73,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().on_message_begin()
         self.in_headers = True
         self.header_count = 0
+        self.header_size = 0    # the parsed headers' bytes, as sent ("name: value\r\n")
         self.header_bytes = 0   # a kept-alive connection's earlier requests (and their bodies) are not this one's
         self._arm()
 
@@ -85,7 +87,8 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._refuse(f"request has more than {self.max_headers} headers (gateway.max_headers)", "max_headers")
             raise Refused   # aborts the parse: httptools re-raises it as a parser error, which uvicorn handles
         super().on_header(name, value)
-        self._check_size(len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers))
+        self.header_size += len(name) + len(value) + 4
+        self._check_size(len(self.url) + self.header_size)
 
     def _check_size(self, size: int) -> None:
         if size > self.max_header_bytes:
