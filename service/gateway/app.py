@@ -3,6 +3,7 @@ Never imports torch, tensorflow or any model code: those live in workers."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -59,6 +60,10 @@ def create_app(settings: Settings) -> Any:
         app.state.registry = Registry(redis)
         app.state.metrics = metrics
         await dispatcher.start()
+        # FastAPI, pydantic and the routes' schemas are ~a million long-lived objects: a full collection walked them
+        # every ~4,000 requests under load (54 ms each, 13 µs per request, a fifth of the gateway's CPU at c=64).
+        gc.collect()
+        gc.freeze()
         if security is not None:
             await security.start()
         log.info("gateway up id=%s models=%s", dispatcher.gateway_id, sorted(settings.models))
