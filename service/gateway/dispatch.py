@@ -154,8 +154,7 @@ class Dispatcher:
         future: asyncio.Future[Reply] = loop.create_future()
         self.waiters[request_id] = future
         # A timer rather than asyncio.timeout(): it showed up in profiles of the hot path.
-        timer = loop.call_later(timeout, expire, future, DeadlineExceeded(
-            f"request {request_id} to model {model} was not answered within {timeout:g} s"))
+        timer = loop.call_later(timeout, expire, future, request_id, model, timeout)
         try:
             payload = encode_payload(params, blob)
             if isinstance(blob, bytearray):
@@ -272,9 +271,11 @@ class Dispatcher:
                 errors.failed(exc)
 
 
-def expire(future: asyncio.Future[Reply], error: InferlineError) -> None:
+def expire(future: asyncio.Future[Reply], request_id: str, model: str, timeout: float) -> None:
+    """The deadline's error, made only when it passes (most requests are answered first)."""
     if not future.done():
-        future.set_exception(error)
+        future.set_exception(DeadlineExceeded(f"request {request_id} to model {model} was not answered within "
+                                              f"{timeout:g} s"))
 
 
 def reply_error(reply: Reply) -> InferlineError:
