@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 from service import tracing
 from service.broker.client import BROKER_ERRORS
@@ -154,7 +153,8 @@ class DynamicBatching:
             n = len(live)
             start_ms = started_ns // 1_000_000
             # queued: since arrival on the stream (Redis's clock; ours on one host, NTP-close across hosts)
-            timed = [replace(r, queued_ms=float(max(0, start_ms - d.arrived_ms)), compute_ms=took * 1e3, batch_size=n)
+            took_ms = took * 1e3
+            timed = [r.timed(float(max(0, start_ms - d.arrived_ms)), took_ms, n)
                      for d, r in zip(live, replies, strict=True)]
             answers += zip(live, timed, strict=True)
             if not self.traffic.busy:

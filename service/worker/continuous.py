@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -208,7 +207,7 @@ class ContinuousBatching:
         queued = float(max(0, admitted // 1_000_000 - d.arrived_ms))
         if tracing.ENABLED:
             tracing.record_generation(self.name, d.request_id, d.envelope.traceparent, admitted, now, queued, tokens)
-        return replace(reply, queued_ms=queued, compute_ms=(now - admitted) / 1e6, tokens=tokens)
+        return reply.timed(queued, (now - admitted) / 1e6, tokens=tokens)
 
     def v2_reply(self, event: TokenEvent) -> Reply:
         text = np.array([(event.generated_text or "").encode()], dtype=object)
