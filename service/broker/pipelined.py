@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.broker.roundtrip import pack, write
+from service.broker.roundtrip import pack, read_replies, write
 
 MAX_UNANSWERED = 64   # sends written and not yet answered; a sender past it waits (Redis slower than the model)
 
@@ -97,12 +96,11 @@ class Pipelined:
                 if conn is None or not conn.is_connected:
                     conn = await self._connect()
                 head = self.unanswered[0]
-                async with asyncio.timeout(conn.socket_timeout):
-                    results = [await self._reply(conn) for _ in range(head.commands)]
+                results = await read_replies(conn, head.commands)
             except asyncio.CancelledError:
                 raise
-            except TimeoutError:
-                self._fail(RedisTimeoutError(f"no reply from Redis within {self.conn_timeout()} s"))
+            except RedisTimeoutError as exc:   # Redis hung: nothing is sent again
+                self._fail(exc)
                 await self._drop()
                 continue
             except Exception as exc:   # noqa: BLE001 - broken connection (or no Redis): write again once, else fail
@@ -116,12 +114,6 @@ class Pipelined:
             self.unanswered.popleft()
             refused = next((r for r in results if isinstance(r, ResponseError)), None) if head.refusal_fails else None
             self._settle(head, refused or results)
-
-    async def _reply(self, conn: AbstractConnection) -> Any:
-        try:
-            return await conn.read_response(timeout=math.inf)   # the one timeout around the whole send bounds it
-        except ResponseError as error:   # read whole: the connection stays in step
-            return error
 
     async def _connect(self) -> AbstractConnection:
         """A connection of the client's pool, held; whatever is unanswered is written on it, in order."""
@@ -152,6 +144,3 @@ class Pipelined:
                 sent.future.set_result(outcome)
         if len(self.unanswered) < MAX_UNANSWERED:
             self.room.set()
-
-    def conn_timeout(self) -> float:
-        return float(self.redis.connection_pool.connection_kwargs.get("socket_timeout") or 0)

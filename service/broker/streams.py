@@ -138,14 +138,6 @@ class ModelQueue:
             return []
         return [parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)]
 
-    async def reply(self, replies: Sequence[tuple[str, Reply]]) -> None:
-        """Send replies, one pipeline. NOMKSTREAM: a reply to a gateway that is gone is dropped, not kept."""
-        await self.reply_and_ack(replies, [])
-
-    async def ack_delete(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge, then delete entries and payloads: the request is answered and gone."""
-        await self.reply_and_ack([], deliveries)
-
     async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
         """send(), then wait until Redis ran it. Raises the connection's error or Redis's refusal."""
         sent = await self.send(replies, deliveries)
@@ -284,8 +276,7 @@ class ModelQueue:
             pipe.hincrby(keys.stats(self.model), keys.STAT_DEAD_LETTERED, len(deliveries))
             await pipe.execute()
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
-        await self.reply([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries])
-        await self.ack_delete(deliveries)
+        await self.reply_and_ack([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries], deliveries)
 
 
 async def xread(redis: aioredis.Redis, stream: str, after: Any, count: int,

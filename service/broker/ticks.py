@@ -65,16 +65,20 @@ class TickBatcher:
 
     def _settle(self, batch: list[_Call], sent: asyncio.Future[list[Any]]) -> None:
         if sent.cancelled():
-            error: BaseException | None = RuntimeError("call cancelled")
-        else:
-            error = sent.exception()
-        if error is not None:
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(error)
+            _fail(batch, RuntimeError("call cancelled"))
             return
+        error = sent.exception()
+        if error is not None:
+            _fail(batch, error)
+            return
+        again = self._answer(batch, sent.result())
+        if again:   # Redis forgot the script (a restart, SCRIPT FLUSH): those did not run; load it and send them again
+            self._start(again)
+
+    def _answer(self, batch: list[_Call], results: list[Any]) -> list[_Call]:
+        """Give each caller its result or error; the calls whose script Redis did not know, to be sent again."""
         again = []
-        for call, result in zip(batch, sent.result(), strict=True):
+        for call, result in zip(batch, results, strict=True):
             if call.future.done():
                 continue
             if isinstance(result, NoScriptError) and call.script is not None:
@@ -84,8 +88,7 @@ class TickBatcher:
                 call.future.set_exception(result)
             else:
                 call.future.set_result(result)
-        if again:   # Redis forgot the script (a restart, SCRIPT FLUSH): those did not run; load it and send them again
-            self._start(again)
+        return again
 
     def _start(self, batch: list[_Call]) -> None:
         task = asyncio.get_running_loop().create_task(self._send(batch))
@@ -98,28 +101,12 @@ class TickBatcher:
     async def _send(self, batch: list[_Call]) -> None:
         try:
             for _ in range(2):   # the second time only for calls whose script Redis had forgotten
-                results = await self._execute(batch)
-                again = []
-                for call, result in zip(batch, results, strict=True):
-                    if call.future.done():
-                        continue
-                    if isinstance(result, NoScriptError) and call.script is not None:
-                        self.shas.pop(call.script, None)
-                        again.append(call)
-                    elif isinstance(result, Exception):
-                        call.future.set_exception(result)
-                    else:
-                        call.future.set_result(result)
-                batch = again
+                batch = self._answer(batch, await self._execute(batch))
                 if not batch:
                     return
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(NoScriptError("script not loaded, twice"))
+            _fail(batch, NoScriptError("script not loaded, twice"))
         except BaseException as exc:   # whatever happened, no caller may wait forever
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("call cancelled"))
+            _fail(batch, exc if isinstance(exc, Exception) else RuntimeError("call cancelled"))
             if not isinstance(exc, Exception):
                 raise
 
@@ -132,3 +119,9 @@ class TickBatcher:
     def _commands(self, batch: list[_Call]) -> list[Sequence[Any]]:
         return [call.args if call.script is None else ("EVALSHA", self.shas[call.script], call.nkeys, *call.args)
                 for call in batch]
+
+
+def _fail(batch: list[_Call], error: BaseException) -> None:
+    for call in batch:
+        if not call.future.done():
+            call.future.set_exception(error)
