@@ -57,6 +57,7 @@ class Dispatcher:
         self.live: dict[str, int] = {}          # model -> workers beating, as last seen (absent: not known yet)
         self.asked: dict[str, float] = {}       # model -> when a request last asked Redis about it
         self.asking: dict[str, asyncio.Future[int]] = {}
+        self.timings: dict[str, tuple[Any, Any]] = {}   # model -> its (queue wait, compute) histogram children
 
     async def start(self) -> None:
         """Start reading replies. Does not wait for Redis: until it answers, requests get 503 or 504 and
@@ -207,8 +208,11 @@ class Dispatcher:
         (its access-log line). A reply that never ran (an error before the model) has none."""
         if not (reply.batch_size or reply.tokens or reply.compute_ms):
             return
-        self.metrics.queue_wait.labels(model).observe(reply.queued_ms / 1000)
-        self.metrics.compute.labels(model).observe(reply.compute_ms / 1000)
+        timings = self.timings.get(model)
+        if timings is None:   # labels() is a locked lookup: found once per model, not per request
+            timings = self.timings[model] = (self.metrics.queue_wait.labels(model), self.metrics.compute.labels(model))
+        timings[0].observe(reply.queued_ms / 1000)
+        timings[1].observe(reply.compute_ms / 1000)
         record = edge.current.get()
         if record is not None:
             record.queued_ms, record.compute_ms = reply.queued_ms, reply.compute_ms

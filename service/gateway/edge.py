@@ -120,6 +120,9 @@ class Edge:
                                                  f"{self.max_headers} (gateway.max_headers)", field="headers"))
             elif length > limit:
                 await send_error(PayloadTooLarge(f"body is {length} bytes; the limit is {limit}", field="body"))
+            elif length >= 0:   # the parser hands on no more than content-length: nothing to count
+                seen = length
+                await self.app(scope, receive, send_with_id)
             else:
                 await self.app(scope, limited_receive, send_with_id)
         except Exception as exc:   # noqa: BLE001 - the last line of defence: never FastAPI's plain-text 500
