@@ -27,9 +27,11 @@ from service.worker.shell import Shell, expire
 
 log = logging.getLogger(__name__)
 
-# Lone requests (traffic not busy) of a model that answers them this fast run on the event loop's thread: waking
-# the model thread and being woken back cost ~0.3 ms of a ~1.7 ms round trip at concurrency 1 here, and with
-# nothing else in flight there is nothing to overlap. Slower models keep the loop free for heartbeats.
+# Batches of a model that answers them this fast run on the event loop's thread: waking the model thread and being
+# woken back cost ~0.3 ms of a ~1.7 ms round trip at concurrency 1, and under load that hand-off (a futex and a
+# self-pipe write each way) was a fifth of a quick model's worker CPU beyond its own work. The next batch's read
+# is sent before such a batch runs, so Redis still answers it meanwhile. Slower models keep the loop free for
+# heartbeats and overlap the read with their work on the model thread.
 INLINE_UNDER_S = 0.005
 
 
@@ -103,7 +105,7 @@ class DynamicBatching:
         self.max_delay_s = max_batch_delay_ms / 1000
         self.traffic = Traffic(max_batch_size)
         self.model_thread = ModelThread()
-        self.quick = False   # the last lone batch ran under INLINE_UNDER_S
+        self.quick = False   # the last batch ran under INLINE_UNDER_S
         self.errors = RepeatingError(log, f"reading model={shell.spec.name}", BROKER_ERRORS)
 
     async def run(self) -> None:
@@ -143,12 +145,15 @@ class DynamicBatching:
             self.shell.inflight[d.request_id] = d
         live, answers = expire(batch)
         if live:
+            inline = self.quick
+            if inline:
+                await asyncio.sleep(0)   # the next batch's read (a task made before this batch) goes out first
             started_ns = time.time_ns()
             started = time.perf_counter()
-            if self.traffic.busy or not self.quick:
-                replies = await self.model_thread.run(self.executor.run, live)
-            else:   # a lone, quick batch: the hand-off to the model thread and back would cost more (~0.3 ms)
+            if inline:
                 replies = self.executor.run(live)
+            else:
+                replies = await self.model_thread.run(self.executor.run, live)
             took = time.perf_counter() - started
             n = len(live)
             start_ms = started_ns // 1_000_000
@@ -157,8 +162,7 @@ class DynamicBatching:
             timed = [r.timed(float(max(0, start_ms - d.arrived_ms)), took_ms, n)
                      for d, r in zip(live, replies, strict=True)]
             answers += zip(live, timed, strict=True)
-            if not self.traffic.busy:
-                self.quick = took < INLINE_UNDER_S
+            self.quick = took < INLINE_UNDER_S
             if record:
                 self.traffic.record(n)
             self.shell.status.record_batch(n)

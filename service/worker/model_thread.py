@@ -1,7 +1,7 @@
 """One dedicated thread for a worker's model work. The event loop stays free for Redis I/O; model calls run
 one at a time in the order they were made (a generation cancel lands between two steps), on one thread
-rather than spread over a pool (asyncio.to_thread). The batch loop runs a lone quick batch on the loop's own
-thread instead (loop.INLINE_UNDER_S): the runtimes keep no per-thread state (devices are named inside each
+rather than spread over a pool (asyncio.to_thread). The batch loop runs a quick batch on the loop's own
+thread instead (batching.INLINE_UNDER_S): the runtimes keep no per-thread state (devices are named inside each
 call, torch's inference mode is entered per call)."""
 
 from __future__ import annotations
