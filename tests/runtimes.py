@@ -4,6 +4,7 @@ contract. Loaded by real worker processes through their dotted path, e.g. "tests
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -15,7 +16,8 @@ from inferline import InputError, Model, Tensor
 
 class EchoRow(BaseModel):
     """Any fields (echoed back), an optional FP32 vector `x` (v2), and switches: reject -> InputError; sleep_s -> the
-    batch sleeps; raise -> the model raises; kill -> the process dies mid-batch (a poison pill)."""
+    batch sleeps; raise -> the model raises; kill -> the process dies mid-batch (a poison pill); where -> the answer
+    names the worker thread that ran the batch."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -24,6 +26,7 @@ class EchoRow(BaseModel):
     sleep_s: float = Field(0.0, ge=0, le=60)
     fail: bool = Field(False, alias="raise")
     kill: bool = False
+    where: bool = False
 
 
 class EchoAnswer(BaseModel):
@@ -31,6 +34,7 @@ class EchoAnswer(BaseModel):
     echo: dict[str, Any]
     batch: int                                # the size of the batch it ran in
     pid: int
+    thread: str | None = None                 # the worker thread that ran the batch (when `where` was set)
 
 
 class Echo(Model):
@@ -51,7 +55,8 @@ class Echo(Model):
         time.sleep(max(row.sleep_s for row in batch))
         return [EchoAnswer(y=None if row.x is None else row.x * 2, echo=row.model_dump(exclude={"x"}, by_alias=True,
                                                                                   exclude_defaults=True),
-                           batch=len(batch), pid=os.getpid()) for row in batch]
+                           batch=len(batch), pid=os.getpid(),
+                           thread=threading.current_thread().name if row.where else None) for row in batch]
 
 
 class NoopRow(BaseModel):
