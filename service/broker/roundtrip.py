@@ -1,6 +1,6 @@
 """Several commands in one round trip, on a pooled connection of a redis.asyncio client, without building a redis-py
-Pipeline: the hot blocking reads (a worker's XREADGROUP, a gateway's XREAD of its replies) and a tick whose script is
-still to load run here, and the packer, the write and the reply reader serve pipelined.py too. Measured on
+Pipeline: the hot blocking reads (a worker's XREADGROUP, a gateway's XREAD of its replies and cancels) run here, and
+the packer, the write and the reply reader serve pipelined.py too. Measured on
 this machine, a one-command pipeline cost 137 µs of client CPU through redis-py's Pipeline and 84 µs this way; a
 bare asyncio protocol with hiredis costs 83 µs, so what is left is the socket's own. The commands are packed here
 (redis-py's packer cost ~25 µs of gateway CPU per request with a 4.5 KB body) and one timeout covers all replies

@@ -16,7 +16,6 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from service.broker import roundtrip
 from service.broker.pipelined import Pipelined
 
 
@@ -33,7 +32,7 @@ class TickBatcher:
         self.redis = redis
         self.shas: dict[str, str] = {}
         self.pending: list[_Call] = []
-        self.sending: set[asyncio.Task[None]] = set()
+        self.loading: set[asyncio.Task[None]] = set()   # batches waiting for a script to load
         self.pipelines = 0          # round trips made (for tests and benchmarks)
         self.line = Pipelined(redis)
 
@@ -55,15 +54,33 @@ class TickBatcher:
 
     def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        if all(call.script is None or call.script in self.shas for call in batch):
-            # the usual case: written now on the pipelined connection, each caller answered from its reply
-            self.pipelines += 1
-            sent = self.line.send(self._commands(batch))
-            sent.add_done_callback(lambda sent: self._settle(batch, sent))
-            return
-        self._start(batch)   # a script to load first
+        self._send(batch, reloads=1)
 
-    def _settle(self, batch: list[_Call], sent: asyncio.Future[list[Any]]) -> None:
+    def _send(self, batch: list[_Call], reloads: int) -> None:
+        """Write the batch on the pipelined connection; each caller is answered from its reply. A script not known
+        yet is loaded first (a task); `reloads`: how often a script Redis forgot may still be loaded again."""
+        if any(call.script is not None and call.script not in self.shas for call in batch):
+            task = asyncio.get_running_loop().create_task(self._load_then_send(batch, reloads))
+            self.loading.add(task)
+            task.add_done_callback(self.loading.discard)
+            return
+        self.pipelines += 1
+        sent = self.line.send([call.args if call.script is None
+                               else ("EVALSHA", self.shas[call.script], call.nkeys, *call.args) for call in batch])
+        sent.add_done_callback(lambda sent: self._settle(batch, sent, reloads))
+
+    async def _load_then_send(self, batch: list[_Call], reloads: int) -> None:
+        try:
+            for source in {call.script for call in batch if call.script is not None} - set(self.shas):
+                self.shas[source] = await self.redis.script_load(source)
+        except BaseException as exc:   # whatever happened, no caller may wait forever
+            _fail(batch, exc if isinstance(exc, Exception) else RuntimeError("call cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._send(batch, reloads)
+
+    def _settle(self, batch: list[_Call], sent: asyncio.Future[list[Any]], reloads: int) -> None:
         if sent.cancelled():
             _fail(batch, RuntimeError("call cancelled"))
             return
@@ -71,14 +88,8 @@ class TickBatcher:
         if error is not None:
             _fail(batch, error)
             return
-        again = self._answer(batch, sent.result())
-        if again:   # Redis forgot the script (a restart, SCRIPT FLUSH): those did not run; load it and send them again
-            self._start(again)
-
-    def _answer(self, batch: list[_Call], results: list[Any]) -> list[_Call]:
-        """Give each caller its result or error; the calls whose script Redis did not know, to be sent again."""
         again = []
-        for call, result in zip(batch, results, strict=True):
+        for call, result in zip(batch, sent.result(), strict=True):
             if call.future.done():
                 continue
             if isinstance(result, NoScriptError) and call.script is not None:
@@ -88,37 +99,17 @@ class TickBatcher:
                 call.future.set_exception(result)
             else:
                 call.future.set_result(result)
-        return again
-
-    def _start(self, batch: list[_Call]) -> None:
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self.sending.add(task)
-        task.add_done_callback(self.sending.discard)
+        if not again:
+            return
+        if reloads:   # Redis forgot the script (a restart, SCRIPT FLUSH): those did not run; load it, send them again
+            self._send(again, reloads - 1)
+        else:
+            _fail(again, NoScriptError("script not loaded, twice"))
 
     async def close(self) -> None:
+        for task in list(self.loading):
+            task.cancel()
         await self.line.close()
-
-    async def _send(self, batch: list[_Call]) -> None:
-        try:
-            for _ in range(2):   # the second time only for calls whose script Redis had forgotten
-                batch = self._answer(batch, await self._execute(batch))
-                if not batch:
-                    return
-            _fail(batch, NoScriptError("script not loaded, twice"))
-        except BaseException as exc:   # whatever happened, no caller may wait forever
-            _fail(batch, exc if isinstance(exc, Exception) else RuntimeError("call cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        for source in {call.script for call in batch if call.script is not None} - set(self.shas):
-            self.shas[source] = await self.redis.script_load(source)
-        self.pipelines += 1
-        return await roundtrip.run(self.redis, self._commands(batch))
-
-    def _commands(self, batch: list[_Call]) -> list[Sequence[Any]]:
-        return [call.args if call.script is None else ("EVALSHA", self.shas[call.script], call.nkeys, *call.args)
-                for call in batch]
 
 
 def _fail(batch: list[_Call], error: BaseException) -> None:
