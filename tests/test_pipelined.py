@@ -1,6 +1,7 @@
 """The broker's pipelined connection (a worker's replies and acks) and its raw stream reads, against a real Redis:
 sends are written at once and answered in order without waiting for each other, a refused command fails its own
-send, a broken connection is written to again once, and both of Redis's protocols (RESP2, RESP3) read the same."""
+send, a broken connection is written to again once (on asyncio's loop and on uvloop's, which refuses a write into a
+closed transport), and both of Redis's protocols (RESP2, RESP3) read the same."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 
 import pytest
 import redis
+import uvloop
 
 from service.broker import keys
 from service.broker.client import connect
@@ -67,6 +69,27 @@ def test_a_broken_connection_is_written_to_again_once(redis_url: str, rdb: redis
 
     assert asyncio.run(run()) == [1]
     assert rdb.get("after-kill") == b"1"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_send_into_a_transport_closed_under_it_goes_out_on_a_new_connection(redis_url: str, rdb: redis.Redis,
+                                                                               loop: str) -> None:
+    async def run() -> list[object]:
+        client = connect(redis_url)
+        line = Pipelined(client)
+        try:
+            await line.send([("PING",)])
+            assert line.conn is not None
+            line.conn._writer.transport.close()   # as the loop does when Redis goes away, before redis-py hears of it
+            await asyncio.sleep(0.01)              # closed, not just closing (nothing reads this idle connection)
+            return await line.send([("INCR", "after-close")])   # uvloop refuses the write; it must not raise
+        finally:
+            await line.close()
+            await client.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if loop == "uvloop" else None) as runner:
+        assert runner.run(run()) == [1]
+    assert rdb.get("after-close") == b"1"
 
 
 @pytest.mark.parametrize("protocol", [2, 3])

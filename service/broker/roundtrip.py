@@ -80,10 +80,12 @@ async def run(redis: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[
 def write(conn: AbstractConnection, packed: bytes) -> None:
     """Put packed commands on a connected redis-py connection: a synchronous write into its transport, which buffers
     what the socket does not take at once. redis-py's own send wraps each write in asyncio.wait_for, which on Python
-    3.11 runs it as a task of its own: two more event-loop turns per command. A write into a broken transport shows
-    up as the read's ConnectionError."""
+    3.11 runs it as a task of its own: two more event-loop turns per command. A transport that Redis closed under the
+    connection takes nothing (asyncio drops the write, uvloop raises): what was not written shows up as the read's
+    ConnectionError."""
     writer: Any = conn._writer   # noqa: SLF001
-    writer.write(packed)
+    if not writer.is_closing():
+        writer.write(packed)
 
 
 async def read_replies(conn: AbstractConnection, n: int) -> list[Any]:

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from service import logs, tracing
@@ -108,6 +109,17 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
                  status.items)
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed (uvicorn[standard] brings it on Linux and macOS), as the gateway's uvicorn
+    picks it; asyncio's own otherwise. A lone request turns the worker's loop several times: with uvloop the worker
+    spent ~9% less CPU per request at concurrency 1 (bench/profile_serving.py, 7 alternating pairs)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferline worker", description="Serve one model replica.")
     parser.add_argument("model", nargs="?", help="model name in the config (or INFERLINE_MODEL_SPEC)")
@@ -131,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.redis_url:
             raise ConfigError("REDIS_URL is not set: a worker needs the Redis its gateway uses")
         limit_threads(spec.threads)
-        asyncio.run(run(spec, settings, settings.redis_url, args.replica))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(run(spec, settings, settings.redis_url, args.replica))
     except (ConfigError, tracing.TracingError) as exc:
         print(f"inferline worker: {exc}", file=sys.stderr)
         return 2
