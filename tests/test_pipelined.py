@@ -1,7 +1,8 @@
 """The broker's pipelined connection (a worker's replies and acks) and its raw stream reads, against a real Redis:
 sends are written at once and answered in order without waiting for each other, a refused command fails its own
 send, a broken connection is written to again once (on asyncio's loop and on uvloop's, which refuses a write into a
-closed transport), and both of Redis's protocols (RESP2, RESP3) read the same."""
+closed transport), a reader's held connection is kept, replaced when broken and never reused half-read, and both of
+Redis's protocols (RESP2, RESP3) read the same."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import uvloop
 from service.broker import keys
 from service.broker.client import connect
 from service.broker.pipelined import Pipelined
+from service.broker.roundtrip import HeldConnection
 from service.broker.streams import ModelQueue, xread
 from service.protocol import Envelope
 
@@ -92,6 +94,32 @@ def test_a_send_into_a_transport_closed_under_it_goes_out_on_a_new_connection(re
     assert rdb.get("after-close") == b"1"
 
 
+def test_a_reader_holds_one_connection_and_replaces_it_when_broken_or_cut_off(redis_url: str, rdb: redis.Redis) -> None:
+    async def run() -> tuple[list[object], list[object], object]:
+        client = connect(redis_url)
+        held = HeldConnection(client)
+        try:
+            ids = [(await held.run([("CLIENT", "ID")]))[0] for _ in range(2)]
+            await asyncio.to_thread(rdb.client_kill_filter, _id=ids[-1])
+            ids.append((await held.run([("CLIENT", "ID")]))[0])   # broken: the client's Retry reconnects, once
+            both = await asyncio.gather(held.run([("PING",)]), held.run([("PING",)]), return_exceptions=True)
+            blocked = asyncio.create_task(held.run([("BLPOP", "nothing-here", 5)]))
+            await asyncio.sleep(0.2)
+            blocked.cancel()   # cut off mid-read: its late reply must not answer the next round trip
+            await asyncio.gather(blocked, return_exceptions=True)
+            await asyncio.to_thread(rdb.rpush, "nothing-here", "late")
+            after_cut = (await held.run([("LLEN", "nothing-here")]))[0]
+            return ids, both, after_cut
+        finally:
+            await held.close()
+            await client.aclose()
+
+    ids, both, after_cut = asyncio.run(run())
+    assert ids[0] == ids[1] != ids[2]   # kept across round trips, replaced when Redis dropped it
+    assert sum(isinstance(r, RuntimeError) for r in both) == 1   # one round trip at a time, the other refused
+    assert after_cut == 1   # the cancelled BLPOP's connection was closed: nothing popped the pushed value
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_stream_reads_parse_both_protocols(redis_url: str, rdb: redis.Redis, protocol: int) -> None:
     rdb.xadd("plain-stream", {"a": "1", "b": "2"})
@@ -103,7 +131,7 @@ def test_stream_reads_parse_both_protocols(redis_url: str, rdb: redis.Redis, pro
         try:
             await queue.ensure_group()
             await client.xadd(queue.stream, Envelope("r1", "gw", 1, "v2").fields() | {"p": b"xyz"})
-            entries = await xread(client, "plain-stream", b"0-0", 10, 0.1)
+            entries = await xread(HeldConnection(client), "plain-stream", b"0-0", 10, 0.1)
             deliveries = await queue.read(count=10, block_s=None)
             return entries, [d.payload for d in deliveries]
         finally:

@@ -1,8 +1,8 @@
 """Commands written to Redis the moment they are sent, and their replies read in order by one reader task: a worker's
 replies and acks, a gateway's enqueues of one tick. A sender never waits for the last round trip before sending again,
 and pays no task, lock or pooled connection per send: answering a lone request cost the worker five event-loop turns
-per send through roundtrip.run (a send task to start, its write, its reply, the task's end, the sender's wake-up), and
-here one (strace: epoll_wait calls per generated token, 5.2 -> 1.2).
+per send through a pooled round trip (a send task to start, its write, its reply, the task's end, the sender's
+wake-up), and here one (strace: epoll_wait calls per generated token, 5.2 -> 1.2).
 
 Order is the connection's: Redis runs what one connection sends in the order sent, so an ack sent after a reply never
 lands before it, and a send never waits for the one before it to be answered.

@@ -1,6 +1,6 @@
-"""Several commands in one round trip, on a pooled connection of a redis.asyncio client, without building a redis-py
-Pipeline: the hot blocking reads (a worker's XREADGROUP, a gateway's XREAD of its replies and cancels) run here, and
-the packer, the write and the reply reader serve pipelined.py too. Measured on
+"""Several commands in one round trip, on a connection of a redis.asyncio client's pool, without building a redis-py
+Pipeline: the hot blocking reads (a worker's XREADGROUP, a gateway's XREAD of its replies, a worker's of cancels) run
+here on a held connection, and the packer, the write and the reply reader serve pipelined.py too. Measured on
 this machine, a one-command pipeline cost 137 µs of client CPU through redis-py's Pipeline and 84 µs this way; a
 bare asyncio protocol with hiredis costs 83 µs, so what is left is the socket's own. The commands are packed here
 (redis-py's packer cost ~25 µs of gateway CPU per request with a 4.5 KB body) and one timeout covers all replies
@@ -52,29 +52,56 @@ def _coerce(arg: Any) -> bytes:
     raise TypeError(f"a Redis argument must be bytes, str, int or float, not {type(arg).__name__}")
 
 
-async def run(redis: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
-    """Each command's raw reply, in order; a command that Redis refused gives its ResponseError in its place (the
-    others still ran). Raises the connection's error (ConnectionError, TimeoutError) when the round trip failed."""
-    packed = pack(commands)
-    pool = redis.connection_pool
-    conn = await pool.get_connection()
+class HeldConnection:
+    """One connection of the client's pool, held by one reader for its round trips, one at a time: the hot blocking
+    reads (a worker's XREADGROUP, a gateway's XREAD of its replies, a worker's of cancels). Checking a connection out
+    of redis-py's pool and back in for every read (its lock, its connection-count recorder, its pool-name lookup) was
+    ~45 of the gateway's ~480 Python calls for a lone request (cProfile, c=1); the worker's CPU per lone request fell
+    ~11% without it (profile_serving.py, median of 8 pairs). What failed, timed out or was cancelled mid-way is
+    closed, never kept half-read; the next round trip takes a fresh connection. redis.aclose() closes a held
+    connection too (the pool's in-use ones)."""
 
-    async def send_and_read() -> list[Any]:
-        if not conn.is_connected:
-            await conn.connect()
-        write(conn, packed)
-        return await read_replies(conn, len(commands))
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.conn: AbstractConnection | None = None
+        self.busy = False
 
-    async def reconnect(_: Exception) -> None:
-        await conn.disconnect()
+    async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Each command's raw reply, in order; a command that Redis refused gives its ResponseError in its place (the
+        others still ran). Raises the connection's error (ConnectionError, TimeoutError) when the round trip failed,
+        after the client's Retry (a broken connection is reconnected and the commands written again, once)."""
+        if self.busy:   # a reader's round trips are one after another; two at once would interleave their replies
+            raise RuntimeError("a held connection runs one round trip at a time")
+        self.busy = True
+        packed = pack(commands)
+        try:
+            if self.conn is None:
+                self.conn = await self.redis.connection_pool.get_connection()
+            conn = self.conn
 
-    try:
-        return await conn.retry.call_with_retry(send_and_read, reconnect)
-    except BaseException:
-        await conn.disconnect()
-        raise
-    finally:
-        await pool.release(conn)
+            async def send_and_read() -> list[Any]:
+                if not conn.is_connected:
+                    await conn.connect()
+                write(conn, packed)
+                return await read_replies(conn, len(commands))
+
+            async def reconnect(_: Exception) -> None:
+                await conn.disconnect()
+
+            return await conn.retry.call_with_retry(send_and_read, reconnect)
+        except BaseException:
+            await self.close()
+            raise
+        finally:
+            self.busy = False
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                await conn.disconnect()
+            finally:
+                await self.redis.connection_pool.release(conn)
 
 
 def write(conn: AbstractConnection, packed: bytes) -> None:

@@ -118,7 +118,8 @@ class ModelQueue:
         self.model = model
         self.consumer = consumer
         self.stream = keys.request_stream(model)
-        self.pipelined = Pipelined(redis)   # replies and acks
+        self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
+        self.pipelined = Pipelined(redis)              # replies and acks
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (idempotent, safe across replicas)."""
@@ -131,8 +132,8 @@ class ModelQueue:
     async def read(self, count: int, block_s: float | None) -> list[Delivery]:
         """New entries for this consumer. block_s None: do not block."""
         block = () if block_s is None else ("BLOCK", max(1, int(block_s * 1000)))
-        [res] = await roundtrip.run(self.redis, [("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count,
-                                                  *block, "STREAMS", self.stream, ">")])
+        [res] = await self.reads.run([("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count, *block,
+                                       "STREAMS", self.stream, ">")])
         if isinstance(res, ResponseError):
             await self._recreate_on_nogroup(res)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
@@ -170,9 +171,10 @@ class ModelQueue:
         await self.pipelined.drain()
 
     async def close(self) -> None:
-        """Wait for what was sent, then let the pipelined connection go."""
+        """Wait for what was sent, then let the pipelined connection go, and the one reads were held on."""
         await self.pipelined.drain()
         await self.pipelined.close()
+        await self.reads.close()
 
     async def reclaim(self, min_idle_ms: int, max_tries: int,
                       count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
@@ -279,10 +281,10 @@ class ModelQueue:
         await self.reply_and_ack([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries], deliveries)
 
 
-async def xread(redis: aioredis.Redis, stream: str, after: Any, count: int,
+async def xread(conn: roundtrip.HeldConnection, stream: str, after: Any, count: int,
                 block_s: float) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Entries of `stream` after id `after`, waiting up to block_s for the first (one round trip, roundtrip.run)."""
-    [res] = await roundtrip.run(redis, [("XREAD", "COUNT", count, "BLOCK", max(1, int(block_s * 1000)),
+    """Entries of `stream` after id `after`, waiting up to block_s for the first (one round trip)."""
+    [res] = await conn.run([("XREAD", "COUNT", count, "BLOCK", max(1, int(block_s * 1000)),
                                          "STREAMS", stream, after)])
     if isinstance(res, ResponseError):
         raise res
@@ -323,6 +325,7 @@ class Cancels:
         self.redis = redis
         self.stream = keys.cancel_stream(model)
         self.last: Any = None
+        self.reads = roundtrip.HeldConnection(redis)
 
     async def publish(self, cancel: Cancel) -> None:
         await self.redis.xadd(self.stream, cancel.fields(), maxlen=keys.CANCEL_MAXLEN,  # type: ignore[arg-type]
@@ -334,7 +337,7 @@ class Cancels:
         if self.last is None:
             newest: Any = await self.redis.xrevrange(self.stream, count=1)
             self.last = newest[0][0] if newest else b"0-0"
-        res = await xread(self.redis, self.stream, self.last, 100, block_s)
+        res = await xread(self.reads, self.stream, self.last, 100, block_s)
         out = []
         for entry_id, fields in res:
             self.last = entry_id
@@ -350,6 +353,7 @@ class ReplyInbox:
         self.redis = redis
         self.stream = keys.reply_stream(gateway_id)
         self.last: Any = None
+        self.reads = roundtrip.HeldConnection(redis)
 
     async def create(self) -> None:
         """Make the stream (one empty entry) with its TTL, and read from that entry on."""
@@ -363,7 +367,7 @@ class ReplyInbox:
         """The replies that arrived since the last read, waiting up to block_s for the first."""
         if self.last is None:
             await self.create()
-        res = await xread(self.redis, self.stream, self.last, 1000, block_s)
+        res = await xread(self.reads, self.stream, self.last, 1000, block_s)
         if not res and not await self.redis.exists(self.stream):
             # Redis lost the stream (restart, FLUSHALL): workers reply with NOMKSTREAM, so until it exists again
             # every reply is dropped. An empty read is the cheap moment to look: one EXISTS per idle block.
