@@ -284,8 +284,7 @@ class ModelQueue:
 async def xread(conn: roundtrip.HeldConnection, stream: str, after: Any, count: int,
                 block_s: float) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """Entries of `stream` after id `after`, waiting up to block_s for the first (one round trip)."""
-    [res] = await conn.run([("XREAD", "COUNT", count, "BLOCK", max(1, int(block_s * 1000)),
-                                         "STREAMS", stream, after)])
+    [res] = await conn.run([("XREAD", "COUNT", count, "BLOCK", max(1, int(block_s * 1000)), "STREAMS", stream, after)])
     if isinstance(res, ResponseError):
         raise res
     return stream_entries(res)
