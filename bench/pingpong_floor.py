@@ -16,9 +16,16 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 import time
+from pathlib import Path
 
 import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_serving import cpu_seconds  # noqa: E402
+from service.broker.embedded import free_port  # noqa: E402
 
 MESSAGE = b"x" * 200
 
@@ -49,18 +56,11 @@ async def exchange(port: int, in_flight: int, seconds: float) -> tuple[int, floa
     return count, time.process_time() - cpu0
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     pid = os.fork()
     if pid == 0:
         uvloop.run(serve(port))

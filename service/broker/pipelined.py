@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.broker.roundtrip import pack, read_replies, write
+from service.broker.roundtrip import give_back, pack, read_replies, write
 
 MAX_UNANSWERED = 64   # sends written and not yet answered; a sender past it waits (Redis slower than the model)
 
@@ -127,10 +127,7 @@ class Pipelined:
     async def _drop(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-            with contextlib.suppress(Exception):
-                await self.redis.connection_pool.release(conn)
+            await give_back(self.redis, conn)
 
     def _fail(self, error: Exception) -> None:
         while self.unanswered:

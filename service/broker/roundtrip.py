@@ -14,6 +14,7 @@ reads block at most client.MAX_BLOCK_S, inside that timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -98,10 +99,16 @@ class HeldConnection:
     async def close(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
-            try:
-                await conn.disconnect()
-            finally:
-                await self.redis.connection_pool.release(conn)
+            await give_back(self.redis, conn)
+
+
+async def give_back(redis: aioredis.Redis, conn: AbstractConnection) -> None:
+    """Close a held connection and return it to the client's pool (never half-read: closed first). Errors of a
+    connection already broken are not news to anyone; they are not raised over the error that broke it."""
+    with contextlib.suppress(Exception):
+        await conn.disconnect()
+    with contextlib.suppress(Exception):
+        await redis.connection_pool.release(conn)
 
 
 def write(conn: AbstractConnection, packed: bytes) -> None:
