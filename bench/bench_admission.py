@@ -24,11 +24,11 @@ from typing import Any
 
 import orjson
 
-from service.auth.keys import new_key
-from service.broker import embedded, keystore
-from service.broker.client import connect
-from service.config import Settings
-from service.gateway.app import create_app
+from inferline.server.auth.keys import new_key
+from inferline.server.broker import embedded, keystore
+from inferline.server.broker.client import connect
+from inferline.server.config import Settings
+from inferline.server.gateway.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]})
@@ -105,7 +105,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, embedded.redis_server(Path(tmp) / "redis", open_tcp=False) as url:
         env = {**os.environ, "REDIS_URL": url, "INFERLINE_MODEL_SPEC": json.dumps(SPEC), "PYTHONPATH": str(ROOT)}
-        worker = subprocess.Popen([sys.executable, "-m", "service.worker.main"], env=env, cwd=ROOT,
+        worker = subprocess.Popen([sys.executable, "-m", "inferline.server.worker.main"], env=env, cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(3)

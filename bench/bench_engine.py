@@ -1,6 +1,6 @@
 """Throughput and time-to-first-token of GPT-2 generation at 1, 8 and 32 concurrent streams.
 
-    python -m bench.bench_engine --store /tmp/store       # the full demo model (built by models.gpt2.train)
+    python -m bench.bench_engine --store /tmp/store       # the full demo model (built by inferline.zoo.gpt2.train)
     python -m bench.bench_engine                          # builds a quick model in a temp dir first
 
 Measurements (each takes the same Workload and returns one Record per request):
@@ -42,9 +42,9 @@ import orjson
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from models.gpt2 import data
-from models.gpt2.serve import load
-from service.generation.engine import Engine, SamplingParams
+from inferline.server.generation.engine import Engine, SamplingParams
+from inferline.zoo.gpt2 import data
+from inferline.zoo.gpt2.serve import load
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def main() -> None:
 
     source = args.store
     if source is None:
-        from models.gpt2.train import train  # only when there is nothing to load: training imports more
+        from inferline.zoo.gpt2.train import train  # only when there is nothing to load: training imports more
 
         source = train(Path(tempfile.mkdtemp(prefix="bench-gpt2-")), quick=True)
     elif (source / "gpt2").is_dir():

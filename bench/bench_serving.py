@@ -1,5 +1,5 @@
 """Serving benchmark for the platform core: one worker, 1 model thread, batches of up to 32 within 5 ms, for three
-models of different speeds: the Keras cnn (models/cnn), a PyTorch CNN of the same MNIST shape (bench/torch_cnn.py,
+models of different speeds: the Keras cnn (the zoo's cnn), a PyTorch CNN of the same MNIST shape (bench/torch_cnn.py,
 weights from a fixed seed) and a no-op model (tests.runtimes:Noop). All three take the same 784-float v2 JSON body.
 
 Measures, in one run, per model:
@@ -44,14 +44,14 @@ os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from service.broker import embedded  # noqa: E402
+from inferline.server.broker import embedded  # noqa: E402
 
 
 def v2_bodies(n: int) -> list[bytes]:
     """n distinct real digit images as v2 JSON bodies: 784 FP32 values each."""
     from sklearn.datasets import load_digits
 
-    from models.cnn.imaging import ImageFormat, digit_image, image_to_array
+    from inferline.zoo.cnn.imaging import ImageFormat, digit_image, image_to_array
 
     digits = load_digits()
     fmt = ImageFormat()
@@ -88,10 +88,10 @@ class Bare:
 
     def __init__(self, version_dir: Path | None, bodies: list[bytes], name: str = "cnn",
                  spec: dict[str, Any] | None = None) -> None:
-        from service.config import ModelSpec
-        from service.worker.batching import Executor
-        from service.worker.loading import load_model
-        from service.worker.rows import RowCodec
+        from inferline.server.config import ModelSpec
+        from inferline.server.worker.batching import Executor
+        from inferline.server.worker.loading import load_model
+        from inferline.server.worker.rows import RowCodec
 
         self.model = load_model(ModelSpec(name=name, **(spec or {"artifact": version_dir})), "cpu")
         self.codec = RowCodec(self.model, name)
@@ -105,8 +105,8 @@ class Bare:
 
     @staticmethod
     def delivery(i: int, body: bytes) -> Any:
-        from service.broker.streams import Delivery
-        from service.protocol import OP_V2, Envelope, encode_payload, now_ms
+        from inferline.server.broker.streams import Delivery
+        from inferline.server.protocol import OP_V2, Envelope, encode_payload, now_ms
 
         return Delivery(f"0-{i}".encode(), Envelope(f"bare-{i}", "nowhere", now_ms() + 3_600_000, OP_V2),
                         encode_payload({"header_length": None}, body))
@@ -219,9 +219,9 @@ class Served:
                                                          if k != "name"))
         env = {**os.environ, "REDIS_URL": self.redis_url, "INFERLINE_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
         self.port = embedded.free_port()
-        worker = subprocess.Popen([sys.executable, "-m", "service.worker.main", model], env=env, cwd=ROOT,
+        worker = subprocess.Popen([sys.executable, "-m", "inferline.server.worker.main", model], env=env, cwd=ROOT,
                                   stderr=(tmp / "worker.log").open("wb"))
-        gateway = subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", "--port", str(self.port)],
+        gateway = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "gateway", "--port", str(self.port)],
                                    env=env, cwd=ROOT, stderr=(tmp / "gateway.log").open("wb"))
         self.procs += [worker, gateway]
         self.pids.update(worker=worker.pid, gateway=gateway.pid)
@@ -271,7 +271,7 @@ def main() -> None:
     specs: dict[str, dict[str, Any]] = {"torch_cnn": {"model": "bench.torch_cnn:TorchCnn"},
                                         "noop": {"model": "tests.runtimes:Noop"}}
     if "cnn" in args.models:
-        from models import build, store
+        from inferline.zoo import build, store
 
         store_dir = Path(args.store).resolve()
         build.build_missing(store_dir, ["cnn"], quick=not store.latest(store_dir, "cnn"))

@@ -25,9 +25,9 @@ def app_for(spec: dict[str, Any]) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
 
-    from service.config import ModelSpec
-    from service.model import signature
-    from service.worker.loading import load_model
+    from inferline.server.config import ModelSpec
+    from inferline.server.model import signature
+    from inferline.server.worker.loading import load_model
 
     model = load_model(ModelSpec(**spec), "cpu")
     sig = signature(type(model))

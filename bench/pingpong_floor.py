@@ -25,7 +25,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_serving import cpu_seconds  # noqa: E402
-from service.broker.embedded import free_port  # noqa: E402
+from inferline.server.broker.embedded import free_port  # noqa: E402
 
 MESSAGE = b"x" * 200
 

@@ -110,7 +110,7 @@ def main() -> None:
             body_path.write_bytes(v2_bodies(8)[7])
             spec = {"model": "bench.torch_cnn:TorchCnn"}
         else:
-            from models import build, store
+            from inferline.zoo import build, store
 
             store_dir = Path(args.store).resolve()
             build.build_missing(store_dir, ["cnn"], quick=not store.latest(store_dir, "cnn"))

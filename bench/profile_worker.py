@@ -47,7 +47,7 @@ def main() -> None:
     elif args.model == "torch_cnn":
         bare = Bare.for_model("torch_cnn", {"model": "bench.torch_cnn:TorchCnn"}, bodies)
     else:
-        from models import store
+        from inferline.zoo import store
 
         bare = Bare(store.resolve(Path(args.store).resolve() / "cnn"), bodies)
     for size in (32, 1):

@@ -43,7 +43,7 @@ def alive() -> int:
 def heartbeat(model: str) -> int:
     import redis
 
-    from service.broker import keys
+    from inferline.server.broker import keys
 
     url = os.environ.get("REDIS_URL") or os.environ.get("INFERLINE_REDIS_URL")
     if not model or not url:
@@ -53,7 +53,7 @@ def heartbeat(model: str) -> int:
     now_ms = time.time() * 1000
     tls = {opt: os.environ[env] for opt, env in (("ssl_ca_certs", "REDIS_CA_FILE"), ("ssl_certfile", "REDIS_CERT_FILE"),
                                                  ("ssl_keyfile", "REDIS_KEY_FILE")) if url.startswith("rediss:")
-           and os.environ.get(env)}   # as service/broker/client.py does for the worker itself
+           and os.environ.get(env)}   # as server/broker/client.py does for the worker itself
     client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3, **tls)
     try:
         # ZRANGEBYSCORE, not ZRANGE: the worker's Redis ACL user (SECURITY.md) has the one, not the other

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from service.broker import embedded, keys
+from inferline.server.broker import embedded, keys
 
 if TYPE_CHECKING:
     import openai
@@ -70,7 +70,7 @@ def rdb(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def quick_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Quick (seconds-long) builds of the classic demo models, shared by the whole session."""
-    from models.build import build_missing
+    from inferline.zoo.build import build_missing
 
     store = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("store"))
     build_missing(store, ["cnn", "lstm", "sentiment", "transformer"], quick=True)
@@ -80,7 +80,7 @@ def quick_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def quick_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store holding a quick gpt2 build, made once per session (INFERLINE_TEST_STORE reuses one across runs)."""
-    from models.build import build_missing
+    from inferline.zoo.build import build_missing
 
     store = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("gpt2-store"))
     build_missing(store, ["gpt2"], quick=True)
@@ -145,7 +145,7 @@ class Cluster:
                         **self.env)
         log_path = self.tmp / f"worker-{model}-{len(self.workers)}.log"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "service.worker.main"], env=env, stdout=log,
+            proc = subprocess.Popen([sys.executable, "-m", "inferline.server.worker.main"], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=ROOT)
         self.workers.append(proc)
         self.worker_logs.append(log_path)
@@ -175,8 +175,8 @@ class Cluster:
         port = embedded.free_port()
         env = child_env(REDIS_URL=self.redis_url, INFERLINE_CONFIG=str(config), **self.env)
         with (self.tmp / "gateway.log").open("wb") as log:
-            self.gateway = subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", "--port", str(port)],
-                                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.gateway = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "gateway", "--port",
+                                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.url = f"http://127.0.0.1:{port}"
 
         def up() -> bool:
@@ -205,7 +205,7 @@ def cluster(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> Iterator[Cluste
 
 
 # --------------------------------------------------------------------------------- the quick gpt2, served
-GPT2_CONTEXT = 256   # n_positions of the quick build (models/gpt2/train.py QUICK)
+GPT2_CONTEXT = 256   # n_positions of the quick build (inferline/zoo/gpt2/train.py QUICK)
 
 
 @pytest.fixture(scope="module")

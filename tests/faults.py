@@ -17,14 +17,14 @@ from typing import Any
 
 import httpx
 
-from service.broker import embedded
+from inferline.server.broker import embedded
 
 GRACE_S = 2.0          # an answer later than its deadline by more than this counts as lost
 PAUSE_AFTER_REFUSAL_S = 0.1
 
 
 class PrivateRedis:
-    """A redis-server of the test's own (service/broker/embedded.py, the code path of `inferline up`), restartable
+    """A redis-server of the test's own (server/broker/embedded.py, the code path of `inferline up`), restartable
     at the same URL: kill -9, start again empty, SIGSTOP / SIGCONT."""
 
     def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None) -> None:

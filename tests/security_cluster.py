@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 
-from service.auth.keys import ApiKey, new_key
-from service.broker import embedded, keystore
-from service.broker.client import connect
+from inferline.server.auth.keys import ApiKey, new_key
+from inferline.server.broker import embedded, keystore
+from inferline.server.broker.client import connect
 from tests.conftest import ROOT, Cluster, child_env, wait_for
 
 ECHO = "tests.runtimes:Echo"
@@ -38,7 +38,7 @@ def start_gateway(cluster: Cluster, name: str = "gw", security: dict[str, Any] |
     port = embedded.free_port()
     log = cluster.tmp / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "gateway", "--port", str(port)],
                                 env=child_env(REDIS_URL=redis_url or cluster.redis_url, INFERLINE_CONFIG=str(config),
                                               **(env or {})),
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)

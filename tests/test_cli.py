@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-import service
-from service.broker import embedded
+from inferline import server as service
+from inferline.server.broker import embedded
 from tests.conftest import ROOT, child_env, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,7 +33,7 @@ class Up:
         self.ready_seen_at_banner: int | None = None
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "inferline.server.cli", *args], capture_output=True, text=True,
                               timeout=timeout, cwd=self.cwd, env=child_env(INFERLINE_URL=self.url))
 
 
@@ -47,7 +47,8 @@ def up(quick_store: Path, quick_gpt2: Path, tmp_path_factory: pytest.TempPathFac
                       f'[models.gpt2]\ntask = "generate"\nartifact = "{quick_gpt2 / "gpt2"}"\n')
     log = tmp / "up.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--config", str(config), "--no-build"],
+        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "up", "--config", str(config),
+                                 "--no-build"],
                                 env=child_env(PYTHONPATH=str(ROOT)), stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
                                 start_new_session=True)
     running = Up(proc, f"http://127.0.0.1:{port}", log, config, tmp)
@@ -141,7 +142,7 @@ def test_top_in_a_terminal_shows_each_model(up: Up) -> None:
     pid, fd = pty.fork()
     if pid == 0:   # the child: `inferline top` on a pseudo-terminal, as a user would run it
         os.chdir(up.cwd)
-        os.execve(sys.executable, [sys.executable, "-m", "service.cli", "top", "--interval", "0.5"],
+        os.execve(sys.executable, [sys.executable, "-m", "inferline.server.cli", "top", "--interval", "0.5"],
                   child_env(INFERLINE_URL=up.url, PYTHONPATH=str(ROOT)))
     screen, frame = b"", ""
     try:

@@ -70,7 +70,7 @@ def digit() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def digit_png(digit: np.ndarray) -> bytes:
-    from models.cnn.imaging import digit_png
+    from inferline.zoo.cnn.imaging import digit_png
 
     return digit_png(digit)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, Settings, spec_from_env
-from service.worker import device
+from inferline.server.config import ConfigError, Settings, spec_from_env
+from inferline.server.worker import device
 
 TOML = """
 model_store = "store"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from service.broker import embedded
+from inferline.server.broker import embedded
 from tests.conftest import ROOT, Cluster, child_env, wait_for
 from tests.zoo_cluster import Direct, direct, predict_v2, start_zoo
 
@@ -35,12 +35,17 @@ def readme_example() -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`inferline serve digits.py:TinyCNN` in a fresh directory: its own private Redis, gateway and worker."""
+    """`inferline serve digits.py:TinyCNN` in a fresh directory: its own private Redis, gateway and worker. Beside the
+    model file lies a package of the user's own named `models` (as in a Django app or most ML repositories): inferline
+    installs nothing at top level but `inferline`, so it never imports that package (which refuses to load)."""
     where = tmp_path_factory.mktemp("serve")
     (where / "digits.py").write_text(readme_example())
+    (where / "models").mkdir()
+    (where / "models" / "__init__.py").write_text('raise ImportError("inferline imported the user\'s own models")\n')
     port = embedded.free_port()
     log = (where / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "digits.py:TinyCNN", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "serve", "digits.py:TinyCNN",
+                             "--port", str(port)],
                             cwd=where, env=child_env(PYTHONPATH=str(ROOT)), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
@@ -160,7 +165,7 @@ def tiny_llama(quick_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """A 2-layer Llama with random weights and the demo tokenizer, saved like any checkpoint: no hub involved."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from service.store import resolve
+    from inferline.server.store import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve(quick_gpt2 / "gpt2")))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

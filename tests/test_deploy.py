@@ -1,6 +1,6 @@
 """The deployment files (deploy/, docker-compose.yml) hold together, offline: every YAML and JSON parses; compose
 builds from Dockerfiles that exist; the Grafana dashboard and the alert rules use only metrics (and labels) that
-service/metrics.py defines; the Kubernetes documents are well-formed and agree with the config; the container
+server/metrics.py defines; the Kubernetes documents are well-formed and agree with the config; the container
 healthcheck of a worker reads the heartbeat it should. The real tools (promtool, a Compose binary, kubectl,
 hadolint) run when they are installed and are skipped, with the reason, when they are not."""
 
@@ -25,12 +25,12 @@ import pytest
 import redis
 import yaml
 
-from service.broker import keys
-from service.broker.embedded import free_port
-from service.broker.registry import ModelHealth
-from service.config import Settings
-from service.metrics import GatewayMetrics
-from service.protocol import WorkerStatus
+from inferline.server.broker import keys
+from inferline.server.broker.embedded import free_port
+from inferline.server.broker.registry import ModelHealth
+from inferline.server.config import Settings
+from inferline.server.metrics import GatewayMetrics
+from inferline.server.protocol import WorkerStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -155,7 +155,7 @@ def test_promql_uses_only_exported_metrics_and_their_labels(source: str) -> None
         used = promql_metric_names(expr)
         assert used or re.search(r"\bup\{", expr), f"no metric in {expr!r}"
         unknown = used - set(names)
-        assert not unknown, f"{expr!r} uses {sorted(unknown)}, not in service/metrics.py: {sorted(names)}"
+        assert not unknown, f"{expr!r} uses {sorted(unknown)}, not in server/metrics.py: {sorted(names)}"
         allowed = set(SCRAPE_LABELS)
         for name in used:
             allowed |= names[name]
@@ -267,7 +267,7 @@ def test_dockerfiles() -> None:
                 assert (ROOT / path).exists(), f"COPY {path}: not in the repository"
     for text in (gateway, worker, gpu):   # dependencies from the project file first: a code change reinstalls none
         dependencies = text.index('pip install "/src[')
-        assert dependencies < text.index("COPY service"), "dependencies must be installed before the source is copied"
+        assert dependencies < text.index("COPY inferline"), "dependencies must be installed before the source is copied"
         assert text.index("COPY pyproject.toml") < dependencies
         assert "COPY inferline /src/inferline" in text and "pip install --no-deps /src" in text
     for text, index in ((worker, "whl/cpu"), (gpu, "whl/cu")):
@@ -281,7 +281,7 @@ def test_dockerfiles() -> None:
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+runtime", gpu, re.M)
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    for needed in ("service", "models", "pyproject.toml", "inferline.toml", "deploy", "README.md"):
+    for needed in ("inferline", "pyproject.toml", "inferline.toml", "deploy", "README.md"):
         assert needed not in ignored
     assert {".venv", ".git", "model_store"} <= ignored
 

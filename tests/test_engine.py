@@ -1,4 +1,4 @@
-"""The continuous-batching engine against a real, quick-built GPT-2 (models/gpt2/train.py, ~15 s) in a temporary
+"""The continuous-batching engine against a real, quick-built GPT-2 (inferline/zoo/gpt2/train.py, ~15 s) in a temporary
 store, loaded by the real loader. No mocks.
 
 Batch invariance and float rounding: a row's logits in a batch differ from the same row alone only by rounding
@@ -27,12 +27,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from models.gpt2 import data
-from models.gpt2.serve import load
-from service.errors import InputError
-from service.generation.detokenizer import TokenBytes, make_decoder
-from service.generation.engine import Engine, SamplingParams, TokenEvent, generate
-from service.generation.sampling import RowSampling, SamplingBatch
+from inferline.server.errors import InputError
+from inferline.server.generation.detokenizer import TokenBytes, make_decoder
+from inferline.server.generation.engine import Engine, SamplingParams, TokenEvent, generate
+from inferline.server.generation.sampling import RowSampling, SamplingBatch
+from inferline.zoo.gpt2 import data
+from inferline.zoo.gpt2.serve import load
 from tests.conftest import GPT2_PROMPTS
 
 Model = tuple[PreTrainedModel, PreTrainedTokenizerBase]

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from service.broker import embedded, keys
+from inferline.server.broker import embedded, keys
 from tests.conftest import GPT2_PROMPTS, ROOT, Cluster, child_env, live_workers, wait_for
 from tests.faults import GRACE_S, Outcome, PrivateRedis, Row, first_ok_after, run_load, table
 from tests.test_up import alive, children, cmdline
@@ -131,7 +131,7 @@ def start_gateway_on(cluster: Cluster, port: int) -> subprocess.Popen[bytes]:
     """The cluster's gateway again, on the same port and config (Cluster.start_gateway wrote it)."""
     env = child_env(REDIS_URL=cluster.redis_url, INFERLINE_CONFIG=str(cluster.tmp / "inferline.toml"))
     with (cluster.tmp / "gateway-2.log").open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", "--port", str(port)], env=env,
+        return subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "gateway", "--port", str(port)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
@@ -463,9 +463,9 @@ def test_up_restarts_its_redis_and_leaves_nothing_when_killed(tmp_path: Path, ro
                                              f'[models.echo]\nmodel = "{ECHO}"\n')
     log = tmp_path / "up.log"
     with log.open("wb") as out:
-        up = subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(tmp_path / "inferline.toml"),
-                               "up", "--no-build"], env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                              cwd=tmp_path, start_new_session=True)
+        up = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "--config",
+                               str(tmp_path / "inferline.toml"), "up", "--no-build"], env=child_env(), stdout=out,
+                              stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     seen: set[int] = set()
 
@@ -513,7 +513,7 @@ def test_up_restarts_its_redis_and_leaves_nothing_when_killed(tmp_path: Path, ro
 
 
 def test_sentinel_urls_parse_and_bad_ones_name_the_problem() -> None:
-    from service.broker.client import connect, parse_sentinel_url
+    from inferline.server.broker.client import connect, parse_sentinel_url
 
     assert parse_sentinel_url("redis+sentinel://:pw@h1:26379,h2:26380/main/2") == (
         [("h1", 26379), ("h2", 26380)], "main", 2, None, "pw")

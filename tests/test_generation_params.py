@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.generation.params import MIN_TEMPERATURE, SamplingParams
-from service.generation.stopping import StopChecker, Verdict
-from service.schemas.openai import ChatCompletionRequest, CompletionRequest
-from service.schemas.tgi import GenerateRequest
+from inferline.server.generation.params import MIN_TEMPERATURE, SamplingParams
+from inferline.server.generation.stopping import StopChecker, Verdict
+from inferline.server.schemas.openai import ChatCompletionRequest, CompletionRequest
+from inferline.server.schemas.tgi import GenerateRequest
 
 
 def first_error(model: Any, body: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
@@ -101,8 +101,9 @@ def test_params_and_schemas_import_no_framework() -> None:
     """The gateway builds SamplingParams: neither it nor the schemas may pull in torch or transformers."""
     from tests.test_layering import FRAMEWORKS, modules_after, offenders
 
-    loaded = modules_after("import service.generation.params, service.schemas.tgi, service.schemas.openai")
-    assert "service.generation.params" in loaded and offenders(loaded, FRAMEWORKS) == []
+    loaded = modules_after("import inferline.server.generation.params, inferline.server.schemas.tgi, "
+                           "inferline.server.schemas.openai")
+    assert "inferline.server.generation.params" in loaded and offenders(loaded, FRAMEWORKS) == []
 
 
 # ---------------------------------------------------------------------------------------------------- stopping

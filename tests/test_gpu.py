@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from service.config import ModelSpec
-from service.generation.engine import Engine, generate
-from service.generation.params import SamplingParams
-from service.worker import device as devices
-from service.worker.loading import load_model
+from inferline.server.config import ModelSpec
+from inferline.server.generation.engine import Engine, generate
+from inferline.server.generation.params import SamplingParams
+from inferline.server.worker import device as devices
+from inferline.server.worker.loading import load_model
 from tests.conftest import GPT2_PROMPTS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Quick builds of the two torch models (INFERLINE_TEST_STORE reuses builds made elsewhere: a GPU machine may
     lack the training data's packages)."""
-    from models.build import build_missing
+    from inferline.zoo.build import build_missing
 
     path = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("gpu-store"))
     build_missing(path, ["transformer", "gpt2"], quick=True)
@@ -33,7 +33,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_engine_on_cuda_matches_the_cpu_solo_runs(store: Path) -> None:
-    from models.gpt2.serve import load
+    from inferline.zoo.gpt2.serve import load
 
     params = SamplingParams(max_new_tokens=24, top_logprobs=3, presence_penalty=0.3, frequency_penalty=0.2)
     cpu_model, tokenizer = load(store / "gpt2", "cpu", 1)
@@ -53,7 +53,7 @@ def test_engine_on_cuda_matches_the_cpu_solo_runs(store: Path) -> None:
 
 def test_zoo_models_and_causal_lm_serve_on_cuda(store: Path) -> None:
     assert devices.resolve("auto", 0) == "cuda:0"
-    from models.transformer.serve import TextRow
+    from inferline.zoo.transformer.serve import TextRow
 
     spec = ModelSpec(name="transformer", artifact=store / "transformer")
     rows = [TextRow(text=t) for t in ["I love this", "worst day ever", "thanks so much", "so sad"]]

@@ -1,4 +1,4 @@
-"""The gateway's HTTP protocol (service/gateway/connlimits.py) writes each response's head and body as one write, and
+"""The gateway's HTTP protocol (server/gateway/connlimits.py) writes each response's head and body as one write, and
 never holds a streamed response's head past the event loop's turn. Driven as uvicorn drives it: the real protocol
 class on a real event loop, given the bytes of a request; the transport records what the protocol writes."""
 
@@ -10,8 +10,8 @@ from typing import Any
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from service.config import GatewaySettings
-from service.gateway.connlimits import protocol_for
+from inferline.server.config import GatewaySettings
+from inferline.server.gateway.connlimits import protocol_for
 
 REQUEST = b"POST /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nhi"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import service.runtimes
-import service.worker
+import inferline.server.runtimes
+import inferline.server.worker
 from tests.conftest import ROOT, child_env
 
 FRAMEWORKS = ("torch", "tensorflow", "keras", "transformers", "jax", "tokenizers", "sklearn")
@@ -34,15 +34,15 @@ def offenders(loaded: set[str], banned: tuple[str, ...]) -> list[str]:
 
 
 def test_the_gateway_loads_no_model_framework_or_model_code() -> None:
-    loaded = modules_after("from service.config import Settings\n"
-                           "from service.gateway.app import create_app\n"
+    loaded = modules_after("from inferline.server.config import Settings\n"
+                           "from inferline.server.gateway.app import create_app\n"
                            "create_app(Settings(redis_url='redis://127.0.0.1:1/0', models={'cnn': {}}))")
-    assert "fastapi" in loaded and "service.gateway.app" in loaded   # the probe did import the gateway
+    assert "fastapi" in loaded and "inferline.server.gateway.app" in loaded   # the probe did import the gateway
     assert offenders(loaded, FRAMEWORKS) == []
-    assert sorted(m for m in loaded if m == "models" or m.startswith("models.")) == []
+    assert sorted(m for m in loaded if m.startswith("inferline.zoo")) == []
 
 
-@pytest.mark.parametrize("module", ["service.cli", "service.remote", "service.supervisor"])
+@pytest.mark.parametrize("module", ["inferline.server.cli", "inferline.server.remote", "inferline.server.supervisor"])
 def test_the_cli_loads_no_model_framework(module: str) -> None:
     loaded = modules_after(f"import {module}")
     assert offenders(loaded, FRAMEWORKS) == []
@@ -51,14 +51,14 @@ def test_the_cli_loads_no_model_framework(module: str) -> None:
 
 def worker_side_modules() -> list[str]:
     names = []
-    for package in (service.worker, service.runtimes):
+    for package in (inferline.server.worker, inferline.server.runtimes):
         names += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
     return sorted(names)
 
 
 def test_worker_side_modules_are_all_checked() -> None:
-    assert {"service.worker.main", "service.worker.shell", "service.worker.batching", "service.worker.continuous",
-            "service.runtimes.keras_rt"} <= set(worker_side_modules())
+    assert {"inferline.server.worker.main", "inferline.server.worker.shell", "inferline.server.worker.batching",
+            "inferline.server.worker.continuous", "inferline.server.runtimes.keras_rt"} <= set(worker_side_modules())
 
 
 def imports_of(path: Path) -> set[str]:
@@ -72,23 +72,24 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
-SOURCES = sorted((ROOT / "service").rglob("*.py"))
+SERVER = ROOT / "inferline" / "server"
+SOURCES = sorted(SERVER.rglob("*.py"))
 
 
 def test_only_the_broker_speaks_redis() -> None:
-    speakers = [str(p.relative_to(ROOT)) for p in SOURCES if any(m.split(".")[0] == "redis" for m in imports_of(p))]
-    assert speakers and all(s.startswith("service/broker/") for s in speakers), speakers
+    speakers = [str(p.relative_to(SERVER)) for p in SOURCES if any(m.split(".")[0] == "redis" for m in imports_of(p))]
+    assert speakers and all(s.startswith("broker/") for s in speakers), speakers
 
 
 def test_the_service_imports_no_model_module() -> None:
-    """Deployments name their Model class by dotted path; only the CLI's `models build` reaches into models/."""
-    importers = [str(p.relative_to(ROOT)) for p in SOURCES
-                 if any(m == "models" or m.startswith("models.") for m in imports_of(p))]
-    assert importers == ["service/cli.py"], importers
+    """Deployments name their Model class by dotted path; only the CLI's `models build` reaches into the zoo."""
+    importers = [str(p.relative_to(SERVER)) for p in SOURCES
+                 if any(m.startswith("inferline.zoo") for m in imports_of(p))]
+    assert importers in ([], ["cli.py"]), importers
 
 
 def test_the_generation_engine_speaks_no_redis_and_no_web() -> None:
-    for path in (ROOT / "service" / "generation").glob("*.py"):
+    for path in (SERVER / "generation").glob("*.py"):
         assert not any(m.split(".")[0] in ("redis", *WEB) for m in imports_of(path)), path
 
 
@@ -104,8 +105,8 @@ def test_worker_side_module_loads_no_web_stack(module: str) -> None:
     assert offenders(loaded, WEB) == []
 
 
-@pytest.mark.parametrize("module", ["service.protocol", "service.config", "service.errors", "service.schemas.tasks",
-                                    "service.broker.streams", "service.broker.registry", "service.broker.embedded"])
+@pytest.mark.parametrize("module", [f"inferline.server.{m}" for m in (
+    "protocol", "config", "errors", "schemas.tasks", "broker.streams", "broker.registry", "broker.embedded")])
 def test_shared_modules_load_neither(module: str) -> None:
     loaded = modules_after(f"import {module}")
     assert offenders(loaded, WEB + FRAMEWORKS) == []

@@ -255,7 +255,7 @@ def http(zoo: Cluster, pids: dict[str, set[str]]) -> Iterator[httpx.Client]:
 
 
 def test_the_cases_are_many_and_distinct(quick_store: Path) -> None:
-    from models import store
+    from inferline.zoo import store
 
     manifest = store.read_manifest(store.resolve(quick_store / "lstm"))
     assert (manifest["window"], manifest["max_horizon"]) == (WINDOW, MAX_HORIZON)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.broker import embedded, keys
+from inferline.server.broker import embedded, keys
 from tests.conftest import Cluster, wait_for
 from tests.test_deploy import PROMETHEUS, alert_rules, dashboard_exprs
 
@@ -297,7 +297,7 @@ def test_logs_hold_every_request_id_and_no_payload(cluster: Cluster, quick_gpt2:
         return {line["id"]: line for line in (json.loads(raw) for raw in gateway_log.read_text().splitlines()
                                               if raw.startswith("{") and '"inferline.access"' in raw)}
 
-    # Access lines are written in blocks (service/logs.py AccessLog): each within FLUSH_EVERY_S of its request.
+    # Access lines are written in blocks (server/logs.py AccessLog): each within FLUSH_EVERY_S of its request.
     def every_line() -> dict[str, dict[str, Any]] | None:
         lines = access_lines()
         return lines if set(ids) <= set(lines) else None

@@ -17,8 +17,8 @@ import pytest
 import text_generation
 import torch
 
-from models.gpt2.serve import load
-from service.model import render_chat
+from inferline.server.model import render_chat
+from inferline.zoo.gpt2.serve import load
 from tests.conftest import GPT2_CONTEXT as CONTEXT
 from tests.conftest import GPT2_PROMPTS, Cluster
 
@@ -353,7 +353,7 @@ def test_tgi_info_tokenize_and_health(gpt2_url: str, reference: tuple[Any, Any])
 def test_health_and_info_without_a_live_worker(redis_url: str, tmp_path: Path) -> None:
     """A generate deployment that no worker serves: /health and /info answer 503, naming the model."""
     lonely = Cluster(redis_url, tmp_path)
-    lonely.spec("nobody", model="models.gpt2.serve:Gpt2", task="generate")
+    lonely.spec("nobody", model="inferline.zoo.gpt2.serve:Gpt2", task="generate")
     try:
         base = lonely.start_gateway()
         for path in ("/health", "/info"):

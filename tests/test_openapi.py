@@ -200,7 +200,7 @@ def exchange(spec: OpenAPI, client: httpx.Client, method: str, path: str, status
 def png() -> bytes:
     from sklearn.datasets import load_digits
 
-    from models.cnn.imaging import digit_png
+    from inferline.zoo.cnn.imaging import digit_png
 
     return digit_png(load_digits().images[3])
 

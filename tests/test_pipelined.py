@@ -12,12 +12,12 @@ import pytest
 import redis
 import uvloop
 
-from service.broker import keys
-from service.broker.client import connect
-from service.broker.pipelined import Pipelined
-from service.broker.roundtrip import HeldConnection
-from service.broker.streams import ModelQueue, xread
-from service.protocol import Envelope
+from inferline.server.broker import keys
+from inferline.server.broker.client import connect
+from inferline.server.broker.pipelined import Pipelined
+from inferline.server.broker.roundtrip import HeldConnection
+from inferline.server.broker.streams import ModelQueue, xread
+from inferline.server.protocol import Envelope
 
 
 def test_sends_are_answered_in_order_without_waiting_for_each_other(redis_url: str, rdb: redis.Redis) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.protocol import (
+from inferline.server.protocol import (
     Cancel,
     Envelope,
     ModelInfo,

@@ -14,9 +14,9 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
-from service.broker import keys
-from service.broker.streams import Enqueuer
-from service.protocol import Envelope, Reply, now_ms, unpack_replies
+from inferline.server.broker import keys
+from inferline.server.broker.streams import Enqueuer
+from inferline.server.protocol import Envelope, Reply, now_ms, unpack_replies
 from tests.conftest import Cluster, live_workers, wait_for
 
 ECHO = "tests.runtimes:Echo"

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import redis
 
-from service.auth.keys import ApiKey, verify_secret
-from service.broker import keys
+from inferline.server.auth.keys import ApiKey, verify_secret
+from inferline.server.broker import keys
 from tests.conftest import ROOT, Cluster, child_env, wait_for
 from tests.security_cluster import ECHO, bearer, create_key, start_gateway, v2_body
 
@@ -101,7 +101,7 @@ def test_revoked_key_stops_at_once_on_a_second_gateway(cluster: Cluster) -> None
     key, record = create_key(cluster.redis_url)
     for url in (first, second):
         assert httpx.post(url + "/v2/models/echo/infer", json=v2_body(1), headers=bearer(key)).status_code == 200
-    revoke = subprocess.run([sys.executable, "-m", "service.cli", "keys", "revoke", record.key_id], cwd=ROOT,
+    revoke = subprocess.run([sys.executable, "-m", "inferline.server.cli", "keys", "revoke", record.key_id], cwd=ROOT,
                             env=child_env(REDIS_URL=cluster.redis_url), capture_output=True, text=True, timeout=60)
     assert revoke.returncode == 0, revoke.stderr
     for url in (second, first):
@@ -113,7 +113,7 @@ def test_keys_cli_shows_the_secret_once_and_stores_only_a_salted_hash(cluster: C
     env = child_env(REDIS_URL=cluster.redis_url)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "service.cli", "keys", *args], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "inferline.server.cli", "keys", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
 
     made = [cli("create", "--name", "ci", "--model", "echo", "--ttl", "1h", "--rate", "5", "--burst", "7")
@@ -211,7 +211,7 @@ def test_loopback_gateway_requires_keys_once_one_exists(cluster: Cluster) -> Non
     late = start_gateway(cluster, "late")   # started while a key exists: required from the first request
     assert_refused(httpx.get(late + "/v1/models"), "/v1/models")
     assert "API keys exist: now required" in (cluster.tmp / "late.log").read_text()
-    revoke = subprocess.run([sys.executable, "-m", "service.cli", "keys", "revoke", record.key_id], cwd=ROOT,
+    revoke = subprocess.run([sys.executable, "-m", "inferline.server.cli", "keys", "revoke", record.key_id], cwd=ROOT,
                             env=child_env(REDIS_URL=cluster.redis_url), capture_output=True, text=True, timeout=60)
     assert revoke.returncode == 0, revoke.stderr
     for gateway in (url, late):

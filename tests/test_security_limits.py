@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from service.broker import keys
+from inferline.server.broker import keys
 from tests.conftest import Cluster
 from tests.security_cluster import ECHO, make_certs, start_gateway, v2_body
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from service.broker import embedded, keys
+from inferline.server.broker import embedded, keys
 from tests.conftest import ROOT, Cluster, child_env, wait_for
 from tests.security_cluster import ECHO, bearer, make_certs, start_gateway, v2_body
 
@@ -84,7 +84,7 @@ def test_gateway_and_worker_over_tls_with_their_own_acl_users(tls_redis: tuple[i
                                                                 tmp_path: Path) -> None:
     port, certs = tls_redis
     admin_url = f"rediss://inferline-admin:{PASSWORDS['ADMIN_PASSWORD']}@127.0.0.1:{port}/0"
-    made = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create", "--model", "echo"], cwd=ROOT,
+    made = subprocess.run([sys.executable, "-m", "inferline.server.cli", "keys", "create", "--model", "echo"], cwd=ROOT,
                           env=child_env(REDIS_URL=admin_url, REDIS_CA_FILE=str(certs["ca.pem"])),
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr

@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from models.cnn.imaging import digit_png
-from service.protocol import now_ms
+from inferline.server.protocol import now_ms
+from inferline.zoo.cnn.imaging import digit_png
 from tests.conftest import Cluster, live_workers, wait_for
 from tests.zoo_cluster import (
     MODELS,
@@ -69,7 +69,7 @@ def digits() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sunspots() -> list[float]:
-    from models.lstm.data import load_sunspots
+    from inferline.zoo.lstm.data import load_sunspots
 
     return [float(v) for v in load_sunspots().values]
 
@@ -139,7 +139,7 @@ def v2_case(name: str, digits: np.ndarray, sunspots: list[float]) -> tuple[dict[
                                                                            dict[str, Any]]:
     """(request body, the same tensors as arrays, parameters) for one model."""
     if name == "cnn":
-        from models.cnn.imaging import ImageFormat, digit_image, image_to_array
+        from inferline.zoo.cnn.imaging import ImageFormat, digit_image, image_to_array
 
         x = np.stack([image_to_array(digit_image(s), ImageFormat()) for s in digits[:3]])
         body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}]}

@@ -8,12 +8,12 @@ import asyncio
 
 import redis
 
-from service.broker import keys
-from service.broker.client import connect
-from service.broker.ratelimit import ADMITTED, LIMITED, Limits, RateLimiter
-from service.broker.streams import Enqueuer
-from service.broker.ticks import TickBatcher
-from service.protocol import Envelope, now_ms
+from inferline.server.broker import keys
+from inferline.server.broker.client import connect
+from inferline.server.broker.ratelimit import ADMITTED, LIMITED, Limits, RateLimiter
+from inferline.server.broker.streams import Enqueuer
+from inferline.server.broker.ticks import TickBatcher
+from inferline.server.protocol import Envelope, now_ms
 
 COUNT = "return redis.call('INCR', KEYS[1])"
 

@@ -1,4 +1,4 @@
-"""The transformer zoo model: a quick build through models.build, its manifest, and its weights reloaded from the store.
+"""The transformer zoo model: a quick build through the build, its manifest, and its weights reloaded from the store.
 
 Real training (a few seconds), no mocks. Served end to end in tests/test_contract.py.
 """
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from models import build
-from models import store as model_store
-from models.sentiment.tokenizer import Vocab
-from models.transformer import data
-from models.transformer.model import TransformerClassifier, load_classifier, probabilities
+from inferline.zoo import build
+from inferline.zoo import store as model_store
+from inferline.zoo.sentiment.tokenizer import Vocab
+from inferline.zoo.transformer import data
+from inferline.zoo.transformer.model import TransformerClassifier, load_classifier, probabilities
 
 # The module fixture trains once (seconds alone; allow for a busy 2-core machine).
 pytestmark = pytest.mark.timeout(120)
@@ -57,7 +57,7 @@ def test_registered_in_build() -> None:
 def test_manifest(built: Path, manifest: dict[str, Any]) -> None:
     assert manifest["name"] == "transformer" and manifest["version"] == built.name
     assert manifest["framework"] == "pytorch" and manifest["quick"] is True
-    assert manifest["runtime"] == "models.transformer.serve:TextClassifier"
+    assert manifest["runtime"] == "inferline.zoo.transformer.serve:TextClassifier"
     assert manifest["labels"] == list(data.LABELS)
     assert manifest["max_len"] == manifest["network"]["max_len"] > 0
     assert {"d_model", "heads", "layers", "vocab_size", "n_labels"} <= set(manifest["network"])

@@ -43,7 +43,7 @@ def runtimes(quick_store: Path) -> dict[str, Direct]:
 def images() -> np.ndarray:
     from sklearn.datasets import load_digits
 
-    from models.cnn.imaging import ImageFormat, digit_image, image_to_array
+    from inferline.zoo.cnn.imaging import ImageFormat, digit_image, image_to_array
 
     return np.stack([image_to_array(digit_image(s), ImageFormat()) for s in load_digits().images[:5]])
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from service.broker import embedded
+from inferline.server.broker import embedded
 from tests.conftest import ROOT, child_env, live_workers, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -71,7 +71,7 @@ def up(quick_store: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byt
     env = child_env()
     assert "REDIS_URL" not in env and not any(k.startswith("INFERLINE_") for k in env)
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--config", str(config), "up"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "--config", str(config), "up"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
     seen: set[int] = set()
     try:
@@ -110,8 +110,8 @@ def test_up_serves_restarts_a_killed_worker_and_stops_cleanly(up: tuple[subproce
         # everything up started: the private redis-server, the gateway, one worker per model
         processes = {pid: cmdline(pid) for pid in children(proc.pid)}
         assert sum("redis-server" in c for c in processes.values()) == 1, processes
-        assert sum("service.cli gateway" in c for c in processes.values()) == 1, processes
-        assert sum("service.worker.main" in c for c in processes.values()) == 2, processes
+        assert sum("inferline.server.cli gateway" in c for c in processes.values()) == 1, processes
+        assert sum("inferline.server.worker.main" in c for c in processes.values()) == 2, processes
 
         (victim,) = live_workers(client, "lstm")
         os.kill(int(victim["pid"]), signal.SIGKILL)
@@ -143,7 +143,7 @@ def test_up_serves_restarts_a_killed_worker_and_stops_cleanly(up: tuple[subproce
 def test_up_with_a_bad_config_exits_naming_the_key(tmp_path: Path, toml: str, env: dict[str, str], key: str) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n' + toml)
-    out = subprocess.run([sys.executable, "-m", "service.cli", "--config", str(config), "up", "--no-build"],
+    out = subprocess.run([sys.executable, "-m", "inferline.server.cli", "--config", str(config), "up", "--no-build"],
                          env=child_env(**env), capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode != 0
     assert key in out.stderr, out.stderr

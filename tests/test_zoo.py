@@ -17,9 +17,9 @@ import numpy as np
 import orjson
 import pytest
 
-from models import build
-from models import store as model_store
-from service.protocol import OP_PREDICT, OP_V2
+from inferline.server.protocol import OP_PREDICT, OP_V2
+from inferline.zoo import build
+from inferline.zoo import store as model_store
 from tests.zoo_cluster import Direct, direct, predict_v2, task_payload, v2_request
 
 # The session fixture trains three models in its first test: allow for it on a busy 2-core machine.
@@ -63,7 +63,7 @@ def digits() -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 @pytest.fixture(scope="session")
 def sunspots() -> list[float]:
-    from models.lstm.data import load_sunspots
+    from inferline.zoo.lstm.data import load_sunspots
 
     return [float(v) for v in load_sunspots().values]
 
@@ -154,7 +154,7 @@ def test_build_rejects_unknown_names(tmp_path: Path) -> None:
 # cnn -----------------------------------------------------------------------------------------------------------------
 
 def digit_request(images: np.ndarray, i: int, **params: Any) -> TaskRequest:
-    from models.cnn.imaging import digit_png
+    from inferline.zoo.cnn.imaging import digit_png
 
     return TaskRequest(params=params, blob=digit_png(images[i]))
 

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.broker.streams import Delivery
-from service.config import ModelSpec
-from service.model import Model, Signature, signature
-from service.protocol import OP_PREDICT, OP_V2, Envelope, Reply, encode_payload, now_ms
-from service.tensors import datatype_of
-from service.worker.batching import Executor
-from service.worker.loading import load_model
-from service.worker.rows import RowCodec
+from inferline.server.broker.streams import Delivery
+from inferline.server.config import ModelSpec
+from inferline.server.model import Model, Signature, signature
+from inferline.server.protocol import OP_PREDICT, OP_V2, Envelope, Reply, encode_payload, now_ms
+from inferline.server.tensors import datatype_of
+from inferline.server.worker.batching import Executor
+from inferline.server.worker.loading import load_model
+from inferline.server.worker.rows import RowCodec
 from tests.conftest import Cluster
 
 MODELS = ("cnn", "lstm", "sentiment")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.tensors import DTYPES, datatype_of
+from inferline.server.tensors import DTYPES, datatype_of
 
 HEADER_LENGTH = "inference-header-content-length"
 

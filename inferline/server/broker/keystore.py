@@ -1,0 +1,60 @@
+"""API key records in Redis: one hash per key (keys.api_key) and an index set. Every gateway reads the record on
+each request, so a revocation holds everywhere at once. Records are flat string mappings; their meaning lives
+in server/auth/keys.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from inferline.server.broker import keys
+
+
+async def save(redis: aioredis.Redis, key_id: str, fields: dict[str, str]) -> None:
+    """Store (or replace) a key's record and index it."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.api_key(key_id))
+        pipe.hset(keys.api_key(key_id), mapping=dict[Any, Any](fields))
+        pipe.sadd(keys.API_KEY_INDEX, key_id)
+        await pipe.execute()
+
+
+async def load(redis: aioredis.Redis, key_id: str) -> dict[str, str] | None:
+    """A key's record, or None when there is none (never created, or revoked). One round trip."""
+    raw: Any = await redis.hgetall(keys.api_key(key_id))
+    return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+
+
+async def any_exist(redis: aioredis.Redis) -> bool:
+    """Whether any key is indexed (created and not revoked; an expired one still counts). One SCARD."""
+    count: Any = await redis.scard(keys.API_KEY_INDEX)  # type: ignore[misc]
+    return int(count) > 0
+
+
+async def list_all(redis: aioredis.Redis) -> dict[str, dict[str, str]]:
+    """Every indexed key's record by id; index entries whose record is gone are dropped from the index."""
+    members: Any = await redis.smembers(keys.API_KEY_INDEX)
+    ids = sorted(i.decode() for i in members)
+    if not ids:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for key_id in ids:
+            pipe.hgetall(keys.api_key(key_id))
+        records: list[dict[bytes, bytes]] = await pipe.execute()
+    stale = [key_id for key_id, r in zip(ids, records, strict=True) if not r]
+    if stale:
+        await redis.srem(keys.API_KEY_INDEX, *stale)  # type: ignore[misc]
+    return {key_id: {k.decode(): v.decode() for k, v in r.items()}
+            for key_id, r in zip(ids, records, strict=True) if r}
+
+
+async def revoke(redis: aioredis.Redis, key_id: str) -> bool:
+    """Delete a key's record, rate state and slots. True when it existed. Effective for the very next request
+    on every gateway: each reads the record (or checks its hash) per request."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.api_key(key_id))
+        pipe.delete(keys.rate_bucket(key_id), keys.in_flight(key_id))
+        pipe.srem(keys.API_KEY_INDEX, key_id)
+        deleted, _, _ = await pipe.execute()
+    return bool(deleted)

@@ -1,0 +1,214 @@
+"""The registry of models and workers: the metadata a model's workers publish (ModelInfo), each worker's heartbeat
+(WorkerStatus, a hash with a TTL plus a sorted-set index scored by last beat), and what gateways read of them
+(/readyz, /v1/models, /v2 metadata). Metadata is cached briefly: status routes must not cost a round trip per call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from inferline.server.broker import keys
+from inferline.server.protocol import ModelInfo, WorkerStatus
+
+INFO_TTL_S = 2.0
+
+
+@dataclass
+class ModelStatus:
+    """A model as the gateway sees it now."""
+
+    info: ModelInfo | None
+    workers: list[WorkerStatus]
+    queue_depth: int
+
+    @property
+    def live_replicas(self) -> int:
+        return len(self.workers)
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({w.device for w in self.workers})
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Whether a model can be served now: live workers, and a consumer group for them to read."""
+
+    live_workers: int
+    group: bool
+
+    @property
+    def ready(self) -> bool:
+        return self.live_workers > 0 and self.group
+
+
+@dataclass
+class ModelHealth:
+    """One model as Redis says it is now: what /metrics exports of the broker (server/metrics.py)."""
+
+    queue_depth: int = 0
+    pending: int = 0
+    oldest_pending_age_s: float = 0.0     # the oldest entry delivered to a worker and not yet answered
+    oldest_queued_age_s: float = 0.0      # the oldest entry on the stream, delivered or not
+    dead_letter_length: int = 0
+    workers: list[tuple[str, WorkerStatus]] = field(default_factory=list)   # (worker id, heartbeat) of live ones
+    stats: dict[str, float] = field(default_factory=dict)                   # the model's counters (keys.stats)
+
+
+def add_stats(pipe: Any, model: str, stats: dict[str, float]) -> None:
+    for name, delta in stats.items():
+        pipe.hincrbyfloat(keys.stats(model), name, delta)
+
+
+def entry_ms(entry_id: Any) -> int:
+    raw = entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()
+    return int(raw.split(b"-", 1)[0])
+
+
+class Registry:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.cache: dict[str, tuple[float, ModelInfo]] = {}
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    # the worker side -------------------------------------------------------------------------------------------
+    async def publish(self, info: ModelInfo) -> None:
+        await self.redis.set(keys.model_info(info.name), info.encode())
+
+    async def beat(self, model: str, worker_id: str, status: WorkerStatus,
+                   stats: dict[str, float] | None = None, info: ModelInfo | None = None) -> None:
+        """Refresh the worker's heartbeat record and add `stats` (increments of the model's counters, by field)
+        to the model's stats hash, in one round trip. Raises redis errors: then nothing of `stats` was added
+        unless the pipeline broke midway (a beat is retried with the same increments: at worst some count twice,
+        never go backwards). With `info`, also put the model's metadata back if Redis lost it (a restart without
+        persistence, FLUSHALL): gateways need it to route and document the model."""
+        now_ms = int(time.time() * 1000)
+        status.beat = now_ms
+        key = keys.worker(model, worker_id)
+        index = keys.workers_index(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=status.fields())   # type: ignore[arg-type]
+            pipe.pexpire(key, int(keys.HEARTBEAT_TTL_S * 1000))
+            pipe.zadd(index, {worker_id: now_ms})
+            pipe.zremrangebyscore(index, 0, now_ms - int(keys.HEARTBEAT_TTL_S * 1000) * 10)
+            add_stats(pipe, model, stats or {})
+            if info is not None:
+                pipe.set(keys.model_info(info.name), info.encode(), nx=True)
+            await pipe.execute()
+
+    async def alive(self, model: str, worker_ids: Sequence[str]) -> set[str]:
+        """The ones among worker_ids whose heartbeat has not lapsed."""
+        if not worker_ids:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in worker_ids:
+                pipe.exists(keys.worker(model, wid))
+            found: list[int] = await pipe.execute()
+        return {wid for wid, n in zip(worker_ids, found, strict=True) if n}
+
+    async def add_stats(self, model: str, stats: dict[str, float]) -> None:
+        """Add increments to the model's stats hash (a worker's last ones, as it stops). Raises redis errors."""
+        if stats:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                add_stats(pipe, model, stats)
+                await pipe.execute()
+
+    async def remove(self, model: str, worker_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.worker(model, worker_id))
+            pipe.zrem(keys.workers_index(model), worker_id)
+            await pipe.execute()
+
+    # the gateway side ------------------------------------------------------------------------------------------
+    async def info(self, model: str) -> ModelInfo | None:
+        """The model's published metadata, or None before any worker published it."""
+        hit = self.cache.get(model)
+        if hit is not None and time.monotonic() - hit[0] < INFO_TTL_S:
+            return hit[1]
+        raw: bytes | None = await self.redis.get(keys.model_info(model))  # type: ignore[assignment]
+        if raw is None:   # a miss is not cached: a worker that just published must be seen at once
+            return None
+        info = ModelInfo.decode(raw)
+        self.cache[model] = (time.monotonic(), info)
+        return info
+
+    async def live_workers(self, model: str) -> list[WorkerStatus]:
+        """The records of a model's workers whose heartbeat has not expired."""
+        return [w for _, w in await self._live(model)]
+
+    async def _live(self, model: str) -> list[tuple[str, WorkerStatus]]:
+        now_ms = int(time.time() * 1000)
+        ids: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
+            keys.workers_index(model), now_ms - int(keys.HEARTBEAT_TTL_S * 1000), "+inf")
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(keys.worker(model, wid.decode()))
+            records: list[dict[bytes, bytes]] = await pipe.execute()
+        return [(wid.decode(), WorkerStatus.from_fields(r)) for wid, r in zip(ids, records, strict=True) if r]
+
+    async def health(self, models: Iterable[str]) -> dict[str, ModelHealth]:
+        """The broker's state of each model (queue, pending entries and their ages, dead letters, counters, live
+        workers): one pipelined round trip for all models, plus one per model that has live workers.
+        Raises redis errors."""
+        names = list(models)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for name in names:
+                stream = keys.request_stream(name)
+                pipe.xlen(stream)
+                pipe.xpending(stream, keys.GROUP)
+                pipe.xrange(stream, count=1)
+                pipe.xlen(keys.dead_letter_stream(name))
+                pipe.hgetall(keys.stats(name))
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        seconds, micros = results[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        out: dict[str, ModelHealth] = {}
+        for i, name in enumerate(names):
+            depth, pending, first, dead, stats = results[1 + 5 * i:6 + 5 * i]
+            for r in (depth, dead, stats):
+                if isinstance(r, Exception):
+                    raise r
+            health = ModelHealth(queue_depth=int(depth), dead_letter_length=int(dead),
+                                 stats={k.decode(): float(v) for k, v in stats.items()})
+            if isinstance(pending, dict) and pending.get("pending"):   # a missing group is an error: nothing pending
+                health.pending = int(pending["pending"])
+                health.oldest_pending_age_s = max(0, now_ms - entry_ms(pending["min"])) / 1000
+            if isinstance(first, list) and first:
+                health.oldest_queued_age_s = max(0, now_ms - entry_ms(first[0][0])) / 1000
+            health.workers = await self._live(name)
+            out[name] = health
+        return out
+
+    async def serving(self, models: Sequence[str]) -> dict[str, Serving]:
+        """For each model: how many workers beat, and whether its consumer group exists (a live worker recreates a
+        lost one within a second). One round trip for all models, so /readyz stays cheap and bounded."""
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.zcount(keys.workers_index(model), now_ms - int(keys.HEARTBEAT_TTL_S * 1000), "+inf")
+                pipe.xinfo_groups(keys.request_stream(model))
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        out = {}
+        for i, model in enumerate(models):
+            live, groups = results[2 * i], results[2 * i + 1]
+            if isinstance(live, Exception):
+                raise live
+            group = not isinstance(groups, Exception) and any(g["name"] in (keys.GROUP, keys.GROUP.encode())
+                                                             for g in groups)
+            out[model] = Serving(int(live), group)
+        return out
+
+    async def status(self, model: str) -> ModelStatus:
+        info = await self.info(model)
+        workers = await self.live_workers(model)
+        depth: Any = await self.redis.xlen(keys.request_stream(model))
+        return ModelStatus(info, workers, int(depth))

@@ -1,0 +1,111 @@
+"""The one table from error type to HTTP status and headers, and the one body shape per protocol family
+(../shared/API.md): TGI-style and task routes, OpenAI routes (/v1/...) and Open Inference Protocol routes
+(/v2/...). Workers and the broker report error types only; statuses are chosen here. Never FastAPI's {"detail"}."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import orjson
+from fastapi.exceptions import RequestValidationError
+
+from inferline.server.errors import (
+    BadRequest,
+    InferlineError,
+    MethodNotAllowed,
+    NotFound,
+    ValidationFailed,
+    describe_validation,
+    typed,
+)
+
+
+class Kind(NamedTuple):
+    status: int
+    public: str                      # the error_type clients see
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+RETRY = "retry-after"   # its value is the gateway's retry_after_s
+ERRORS: dict[str, Kind] = {
+    "validation": Kind(422, "validation"),
+    "bad_request": Kind(400, "validation"),
+    "not_found": Kind(404, "not_found"),
+    "method_not_allowed": Kind(405, "validation"),
+    "too_large": Kind(413, "validation"),
+    "headers_too_large": Kind(431, "validation"),
+    "auth": Kind(401, "auth"),
+    "forbidden": Kind(403, "forbidden"),
+    "rate_limited": Kind(429, "rate_limited", ((RETRY, ""),)),
+    "cancelled": Kind(499, "cancelled"),
+    "overloaded": Kind(503, "overloaded", ((RETRY, ""),)),
+    "unavailable": Kind(503, "unavailable", ((RETRY, ""),)),
+    "timeout": Kind(504, "timeout"),
+    "dead_letter": Kind(500, "dead_letter", (("x-should-retry", "false"),)),
+    "generation": Kind(500, "generation"),
+    "internal": Kind(500, "internal"),
+}
+OPENAI_TYPES = {"validation": "invalid_request_error", "not_found": "not_found_error", "auth": "authentication_error",
+                "forbidden": "permission_error", "rate_limited": "rate_limit_error",
+                "overloaded": "server_overloaded", "unavailable": "server_error", "timeout": "timeout",
+                "generation": "server_error", "dead_letter": "server_error", "internal": "server_error"}
+
+
+def kind_of(err: InferlineError) -> Kind:
+    return ERRORS.get(err.error_type, ERRORS["internal"])
+
+
+def family(path: str) -> str:
+    if path.startswith("/v1/") or path == "/v1":
+        return "openai"
+    if path.startswith("/v2/") or path == "/v2":
+        return "kserve"
+    return "tgi"
+
+
+def body_of(err: InferlineError, path: str, request_id: str) -> dict[str, Any]:
+    """The error body in the shape of `path`'s protocol family."""
+    public = kind_of(err).public
+    kind = family(path)
+    if kind == "openai":
+        return {"error": {"message": err.message, "type": OPENAI_TYPES.get(public, public), "param": err.field,
+                          "code": public}}
+    if kind == "kserve":
+        return {"error": err.message}
+    body: dict[str, Any] = {"error": err.message, "error_type": public, "request_id": request_id}
+    if err.field is not None:
+        body["field"] = err.field
+    return body
+
+
+def render(err: InferlineError, path: str, request_id: str,
+           retry_after_s: int = 1) -> tuple[int, bytes, dict[str, str]]:
+    """(status, JSON body, extra headers) for an error on `path`."""
+    kind = kind_of(err)
+    headers = {name: value or str(retry_after_s) for name, value in kind.headers} | err.headers
+    return kind.status, orjson.dumps(body_of(err, path, request_id)), headers
+
+
+def stream_event(err: InferlineError) -> dict[str, Any]:
+    """An error in the middle of a TGI stream: an SSE event of its own."""
+    return {"error": err.message, "error_type": kind_of(err).public}
+
+
+def from_validation(exc: RequestValidationError) -> InferlineError:
+    """The first problem pydantic found, as one message naming the field, the bound and the value."""
+    errors = exc.errors()
+    if not errors:
+        return ValidationFailed("invalid request")
+    if errors[0].get("type") == "json_invalid":
+        return BadRequest(f"body is not valid JSON: {errors[0].get('msg')}", field="body")
+    message, field = describe_validation(list(errors))
+    return ValidationFailed(message, field=field)
+
+
+def http_error(status: int, detail: str, path: str, method: str = "") -> InferlineError:
+    if status == 404:
+        return NotFound(f"no route {path}", field=None)
+    if status == 405:
+        return MethodNotAllowed(f"method {method} is not allowed on {path}")
+    statuses = {k.status: name for name, k in ERRORS.items()}
+    return typed(statuses.get(status, "bad_request" if 400 <= status < 500 else "internal"), detail)

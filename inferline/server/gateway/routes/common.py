@@ -1,0 +1,64 @@
+"""Helpers every task route shares: the dispatcher, the request id, and answering with a worker's body."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from inferline.server.gateway.dispatch import Dispatcher
+from inferline.server.gateway.errors import from_validation
+from inferline.server.protocol import OP_PREDICT
+
+JSON = "application/json"
+Model = TypeVar("Model", bound=BaseModel)
+# A request body. The hot path passes a bytearray that Dispatcher.call empties once the request is in Redis (so a
+# waiting request holds no copy of it): handlers must not read the body after they passed it to the dispatcher.
+Body = bytes | bytearray
+# (dispatcher, request id, body, headers, path params, query string) -> the 200 response's JSON body.
+Handler = Callable[[Dispatcher, str, Body, Mapping[str, str], dict[str, str], str], Awaitable[bytes]]
+
+
+def parse_json(body: Body, model: type[Model]) -> Model:
+    """The body as `model`, whatever the declared Content-Type (clients often send none). Raises the
+    InferlineError that names the first bad field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation(RequestValidationError(exc.errors(include_url=False))) from None
+
+
+def json_body(model: type[BaseModel], example: Any = None) -> dict[str, Any]:
+    """openapi_extra that documents a JSON body parsed by parse_json (its nested $defs are hoisted into
+    components/schemas when the document is served: server/gateway/openapi.py)."""
+    media: dict[str, Any] = {"schema": model.model_json_schema()}
+    if example is not None:
+        media["example"] = example
+    return {"requestBody": {"required": True, "content": {JSON: media}}}
+
+
+def dispatcher(request: Request) -> Dispatcher:
+    d: Dispatcher = request.app.state.dispatcher
+    return d
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope["state"]["request_id"])
+
+
+async def run_task(d: Dispatcher, rid: str, task: str, params: dict[str, Any], blob: Body = b"") -> bytes:
+    """Queue a request for the deployment bound to `task`; the worker's JSON body is the answer as is (no
+    re-encoding here). params: {"row": {...}}, {"rows": [...]}, or {"options": {...}} beside raw bytes."""
+    reply = await d.call(d.task(task).name, OP_PREDICT, params, blob, request_id=rid)
+    return reply.body
+
+
+async def answer(request: Request, handler: Handler) -> Response:
+    """Run a hot-path handler for a FastAPI route (the same code serves both ways)."""
+    body = await handler(dispatcher(request), request_id(request), await request.body(), request.headers,
+                         dict(request.path_params), request.url.query)
+    return Response(body, media_type=JSON)

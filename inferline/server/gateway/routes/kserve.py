@@ -1,0 +1,112 @@
+"""Open Inference Protocol (KServe v2) for every served model. Infer bodies go to the worker as raw
+bytes (JSON, or JSON + binary tensors per the binary-data extension) and are parsed there, once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from inferline import server as service
+from inferline.server.broker.registry import Registry
+from inferline.server.errors import BadRequest, NotFound, Unavailable
+from inferline.server.gateway.dispatch import Dispatcher
+from inferline.server.gateway.openapi import READ_ERRORS, TASK_ERRORS, doc
+from inferline.server.gateway.routes.common import Body, answer, dispatcher
+from inferline.server.gateway.routes.health import readiness
+from inferline.server.protocol import OP_V2, ModelInfo
+from inferline.server.schemas import responses as wire
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+NOT_READY = {503: {"model": wire.V2Ready, "description": "Not ready", "content": {"application/json": {
+    "example": {"ready": False}}}}}
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": wire.V2InferRequest.model_json_schema(), "example": {
+        "id": "q-1", "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 1.5]}]}},
+    "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream", "description": (
+        "binary-data extension: the JSON request (Inference-Header-Content-Length bytes, each binary input with "
+        "parameters.binary_data_size) followed by the tensors' raw little-endian bytes")}}}},
+    "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                    "schema": {"type": "integer", "minimum": 0}, "description": "length of the JSON header"}]}
+INFER_ANSWER = doc(wire.V2InferResponse, {"model_name": "echo", "model_version": "1", "id": "q-1", "outputs": [
+    {"name": "y", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 3.0]}]}, family="kserve", errors=TASK_ERRORS)
+METADATA = doc(wire.V2Metadata, {"name": "echo", "versions": ["1"], "platform": "inferline", "inputs": [
+    {"name": "x", "datatype": "FP32", "shape": [-1, -1]}], "outputs": [{"name": "y", "datatype": "FP32",
+                                                                        "shape": [-1, -1]}]},
+               family="kserve", errors=READ_ERRORS)
+MODEL_READY = doc(wire.V2ModelReady, {"name": "echo", "ready": True}, family="kserve", errors=READ_ERRORS,
+                  more={503: {"model": wire.V2ModelReady, "description": "No live worker", "content": {
+                      "application/json": {"example": {"name": "echo", "ready": False}}}}})
+
+
+@router.get("", summary="Server metadata", **doc(wire.V2Server, {"name": "inferline", "version": "0.1.0",
+                                                                 "extensions": ["binary_tensor_data"]},
+                                               family="kserve", errors=()))
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "inferline", "version": service.__version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live", **doc(wire.V2Live, {"live": True}, family="kserve", errors=()))
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", **doc(wire.V2Ready, {"ready": True}, family="kserve", errors=(), more=NOT_READY))
+async def ready(request: Request) -> Response:
+    ok = (await readiness(request))["ready"]
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+async def model_info(request: Request, model: str, version: str | None) -> ModelInfo:
+    dispatcher(request).spec(model)   # 404 for a model this gateway does not serve
+    registry: Registry = request.app.state.registry
+    info = await registry.info(model)
+    if info is None:
+        raise Unavailable(f"model {model} has no worker that has published its metadata yet")
+    if version is not None and version != info.version:
+        raise NotFound(f"model {model} has no version {version!r}; serving {info.version!r}", field="version")
+    return info
+
+
+@router.get("/models/{model}", **METADATA)
+@router.get("/models/{model}/versions/{version}", **METADATA)
+async def metadata(model: str, request: Request, version: str | None = None) -> dict[str, Any]:
+    info = await model_info(request, model, version)
+    return {"name": model, "versions": [info.version], "platform": info.platform, "inputs": info.inputs,
+            "outputs": info.outputs}
+
+
+@router.get("/models/{model}/ready", **MODEL_READY)
+@router.get("/models/{model}/versions/{version}/ready", **MODEL_READY)
+async def model_ready(model: str, request: Request, version: str | None = None) -> Response:
+    await model_info(request, model, version)
+    status = await request.app.state.registry.status(model)
+    ok = status.live_replicas > 0
+    return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
+
+
+async def handle_infer(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
+                       query: str) -> bytes:
+    header_length = None
+    raw = headers.get("inference-header-content-length")
+    if raw is not None:
+        if not raw.isdigit() or int(raw) > len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {raw!r} must be an integer within the body's "
+                             f"{len(body)} bytes", field="Inference-Header-Content-Length")
+        header_length = int(raw)
+    if not body:
+        raise BadRequest("empty body: expected a JSON inference request", field="body")
+    reply = await d.call(path["model"], OP_V2, {"header_length": header_length}, body, request_id=rid)
+    return reply.body
+
+
+@router.post("/models/{model}/infer", summary="Run inference (JSON or binary tensors)", openapi_extra=INFER_BODY,
+             **INFER_ANSWER)
+@router.post("/models/{model}/versions/{version}/infer", summary="Run inference on a named version",
+             openapi_extra=INFER_BODY, **INFER_ANSWER)
+async def infer(model: str, request: Request, version: str | None = None) -> Response:
+    if version is not None:
+        await model_info(request, model, version)
+    return await answer(request, handle_infer)

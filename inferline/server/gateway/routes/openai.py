@@ -1,0 +1,193 @@
+"""OpenAI-compatible /v1/completions (what the `openai` client calls), and what it shares with /v1/chat/completions
+(routes/chat.py): finish reasons, usage, log-probability values, SSE chunks and worker-error parameter names.
+
+OpenAI semantics: the stop sequence is left out of the text (the engine does it: include_stop_sequence=False);
+log-probabilities are the model's own (raw_logprobs); each choice of `n` (or `best_of`) is its own engine sequence
+with its own seed (service.schemas.openai.choice_seed); streams end with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+
+from inferline.server.errors import InferlineError
+from inferline.server.gateway.errors import body_of
+from inferline.server.gateway.generation import (
+    CLIENT_GONE,
+    ClientGone,
+    Generation,
+    collect_all,
+    merge,
+    start_all,
+    token_events,
+    unless_client_leaves,
+)
+from inferline.server.gateway.openapi import doc
+from inferline.server.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
+from inferline.server.protocol import TokenEvent
+from inferline.server.schemas import responses as wire
+from inferline.server.schemas.openai import CompletionRequest, Prompt
+
+router = APIRouter(tags=["text generation (OpenAI)"])
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+# JSON has no -inf: OpenAI and vLLM report a token the model rules out with this logprob instead.
+LOGPROB_FLOOR = -9999.0
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+DONE = b"data: [DONE]\n\n"
+
+
+def finite(logprob: float | None) -> float | None:
+    """A logprob OpenAI's schema takes: a number (never NaN or -inf, which JSON cannot carry), or None as given."""
+    if logprob is None:
+        return None
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def renamed(exc: InferlineError, names: dict[str, str]) -> InferlineError:
+    """A worker's error names the engine's field (`inputs`, `max_new_tokens`); OpenAI clients know theirs."""
+    if exc.field is not None:
+        exc.field = names.get(exc.field, exc.field)
+    return exc
+
+
+def token_name(event: TokenEvent) -> str:
+    """What log-probability listings call the token: its own text (the streamed `text` may be held back)."""
+    return event.token_text if event.token_text is not None else event.text
+
+
+# ------------------------------------------------------------------------------------------------ /v1/completions
+def completion_logprobs(events: list[TokenEvent], offset: int,
+                        prefill: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], int]:
+    """OpenAI's completions logprobs for these tokens, `offset` characters into the choice's text: {tokens,
+    token_logprobs, top_logprobs (the top-k by token text, the chosen token always among them, as OpenAI does),
+    text_offset}. `prefill` (echo) puts the prompt's tokens first, with their logprobs (the first is null) and no
+    alternatives. Returns the block and the offset after it."""
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float | None] | None] = []
+    offsets: list[int] = []
+    for p in prefill or []:
+        tokens.append(p["text"])
+        values.append(finite(p["logprob"]))
+        tops.append(None)
+        offsets.append(offset)
+        offset += len(p["text"])
+    for e in events:
+        name = token_name(e)
+        tokens.append(name)
+        values.append(finite(e.logprob))
+        top = {t["text"]: finite(t["logprob"]) for t in e.top_logprobs or []}
+        top.setdefault(name, finite(e.logprob))
+        tops.append(top)
+        offsets.append(offset)
+        offset += 0 if e.special else len(name)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def echo_text(prompt: Prompt, prefill: list[dict[str, Any]]) -> str:
+    """The prompt as echoed: as given, or for token ids the text of its tokens."""
+    return prompt if isinstance(prompt, str) else "".join(p["text"] for p in prefill)
+
+
+COMPLETION_NAMES = {"inputs": "prompt", "max_new_tokens": "max_tokens"}
+
+
+@router.post("/v1/completions", summary="Text completion (OpenAI format); SSE chunks ending in [DONE] when `stream`",
+             openapi_extra=json_body(CompletionRequest, {"model": "gpt2", "prompt": "The module", "max_tokens": 2}),
+             **doc(wire.Completion, {"id": "cmpl-0a1b2c3d4e5f", "object": "text_completion", "created": 1767225600,
+                                     "model": "gpt2", "choices": [{"index": 0, "text": " is a", "logprobs": None,
+                                                                   "finish_reason": "length"}],
+                                     "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}},
+                   family="openai", stream_event=wire.Completion, stream_example=(
+                       'data: {"id":"cmpl-0a1b2c3d4e5f","object":"text_completion","created":1767225600,"model":"gpt2",'
+                       '"choices":[{"index":0,"text":" is","logprobs":null,"finish_reason":null}]}\n\n'
+                       'data: [DONE]\n\n')))
+async def completions(request: Request) -> Response:
+    req = parse_json(await request.body(), CompletionRequest)
+    d = dispatcher(request)
+    d.spec(req.model)   # 404 names the served models
+    base = request_id(request)
+    prompts, k = req.prompts, req.sequences_per_prompt
+    jobs = [(p, j) for p in range(len(prompts)) for j in range(k)]
+    ids = [base] if len(jobs) == 1 else [f"{base}-{p}-{j}" for p, j in jobs]
+    head = {"id": f"cmpl-{base}", "object": "text_completion", "created": int(time.time()), "model": req.model}
+    streams = [token_events(d, req.model, req.to_params(prompts[p], j), rid)
+               for (p, j), rid in zip(jobs, ids, strict=True)]
+    try:
+        if req.stream:
+            return await stream_completions(req, head, await start_all(streams))
+        results = await unless_client_leaves(request.receive, collect_all(streams))
+    except ClientGone:
+        return Response(status_code=CLIENT_GONE)
+    except InferlineError as exc:
+        raise renamed(exc, COMPLETION_NAMES) from None
+    choices = []
+    for p, prompt in enumerate(prompts):
+        gens = results[p * k:(p + 1) * k]
+        if k > req.n:   # best_of: the n with the highest logprob per token, best first (OpenAI)
+            gens = sorted(gens, key=lambda g: g.mean_logprob, reverse=True)[:req.n]
+        choices += [completion_choice(req, prompt, g, p * req.n + c) for c, g in enumerate(gens)]
+    prompt_tokens = sum(results[p * k].prompt_tokens for p in range(len(prompts)))   # once per prompt, as OpenAI
+    body = {**head, "choices": choices,
+            "usage": usage(prompt_tokens, sum(r.generated_tokens for r in results))}
+    return Response(orjson.dumps(body), media_type=JSON)
+
+
+def completion_choice(req: CompletionRequest, prompt: Prompt, gen: Generation, index: int) -> dict[str, Any]:
+    echoed = echo_text(prompt, gen.prefill) if req.echo else ""
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs, _ = completion_logprobs(gen.events, 0, gen.prefill if req.echo else None)
+    return {"index": index, "text": echoed + gen.text, "logprobs": logprobs,
+            "finish_reason": FINISH.get(gen.finish_reason, gen.finish_reason)}
+
+
+async def stream_completions(req: CompletionRequest, head: dict[str, Any],
+                             streams: list[AsyncIterator[TokenEvent]]) -> Response:
+    prompts, n = req.prompts, req.n   # streaming has no best_of > n (the schema refuses it)
+    offsets = [0] * len(streams)
+
+    def chunk_of(index: int, event: TokenEvent) -> dict[str, Any]:
+        text, prefill = event.text, None
+        if event.index == 0 and req.echo:
+            prefill = event.prefill or []
+            text = echo_text(prompts[index // n], prefill) + text
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs, offsets[index] = completion_logprobs([event], offsets[index], prefill)
+        finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    async def lines() -> AsyncIterator[bytes]:
+        prompt_tokens = completion_tokens = 0
+        async for index, item in merge(streams):
+            if isinstance(item, InferlineError):
+                yield sse(body_of(renamed(item, COMPLETION_NAMES), "/v1/completions", ""))
+                continue
+            completion_tokens += 1
+            if item.index == 0 and index % n == 0:
+                prompt_tokens += item.prompt_tokens
+            # The engine leaves special tokens (EOS) and held-back stop text out of `text` on OpenAI requests
+            # (include_stop_sequence=False): the chunks add up to the completion as they are.
+            yield sse({**head, "choices": [chunk_of(index, item)]})
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        yield DONE
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)

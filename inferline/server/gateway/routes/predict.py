@@ -1,0 +1,52 @@
+"""The generic route every deployment answers: POST /v1/models/{name}/predict with one request row as JSON (the
+model's own request type; /docs shows it), or raw bytes (an image/* or application/octet-stream body) for a model
+with a `decode` hook, its small options in the query string."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from inferline.server.errors import BadRequest, ValidationFailed
+from inferline.server.gateway.dispatch import Dispatcher
+from inferline.server.gateway.openapi import doc
+from inferline.server.gateway.routes.common import Body, answer
+from inferline.server.protocol import OP_PREDICT
+
+router = APIRouter(tags=["models"])
+PREFIX, SUFFIX = "/v1/models/", "/predict"
+
+
+async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
+                 query: str) -> bytes:
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        if not body:
+            raise ValidationFailed("empty body: send the bytes the model decodes", field="body")
+        params: dict[str, Any] = {"options": dict(parse_qsl(query))}
+        reply = await d.call(path["model"], OP_PREDICT, params, body, request_id=rid)
+        return reply.body
+    try:
+        row = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", field="body") from None
+    if not isinstance(row, dict):
+        raise ValidationFailed("body must be a JSON object: one request of the model's request type", field="body")
+    reply = await d.call(path["model"], OP_PREDICT, {"row": row}, request_id=rid)
+    return reply.body
+
+
+@router.post("/v1/models/{model}/predict", summary="Run a model on one request of its own request type "
+             "(see each model's schema below)", openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"type": "object"}, "example": {"pixels": [[0.5, 0.5], [0.5, 0.5]]}},
+                 "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream"}}}}},
+             **doc(None, {"model": "tinycnn", "version": "1", "label": 3, "score": 0.41}, family="openai",
+                   schema={"type": "object", "required": ["model", "version"],
+                           "properties": {"model": {"type": "string"}, "version": {"type": "string"}}}))
+async def predict(model: str, request: Request) -> Response:
+    return await answer(request, handle)

@@ -1,0 +1,275 @@
+"""Every record that crosses Redis, and its codec, defined once. No fastapi, redis or model frameworks here; only
+server/broker/ sends and reads these records.
+
+A request is one entry on the model's request stream: the Envelope's fields (ids, reply address, deadline, op) and
+the payload (small JSON params + an opaque blob; server/broker/streams.py says how unanswered entries expire).
+Replies travel packed: one entry on a gateway's reply stream carries every reply a worker has for that gateway from
+one batch (or one decoding step). A reply names an error *type* on failure, never an HTTP status: the gateway's one
+table maps types to statuses (server/gateway/errors.py). A streaming request gets several replies, the last final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# Ops: how the worker decodes the payload and encodes the answer.
+OP_PREDICT = "predict"    # JSON rows: params {"row": {...}} or {"rows": [...]}, or raw bytes (blob) for Model.decode
+OP_V2 = "v2"              # Open Inference Protocol infer: the raw HTTP body (JSON, maybe + binary tensors)
+OP_GENERATE = "generate"  # text generation: params {"inputs": str | [ids]} or {"messages": [...]}; a token stream
+OP_TOKENIZE = "tokenize"  # a language model's tokenizer: params {"inputs": str}; one reply, a list of TokenSpan
+
+# OP_GENERATE payload flag: max_new_tokens is a ceiling the worker lowers to what the context leaves after the prompt
+FIT_CONTEXT = "fit_context"
+
+_LEN = struct.Struct(">I")
+_FRAME = struct.Struct(">II")   # header length, body length
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON for a record or body: dataclasses and numpy arrays included."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The stream entry. Everything a worker needs to route, expire and answer a request."""
+
+    request_id: str
+    reply_to: str          # the gateway's reply stream
+    deadline_ms: int       # wall-clock epoch ms; past it nobody waits for the answer
+    op: str
+    traceparent: str = ""  # W3C trace context of the gateway's request span; "" (and no field) when tracing is off
+
+    def fields(self) -> dict[str, str | int]:
+        out: dict[str, str | int] = {"id": self.request_id, "reply": self.reply_to, "deadline": self.deadline_ms,
+                                     "op": self.op}
+        if self.traceparent:
+            out["tp"] = self.traceparent
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Envelope:
+        return cls(request_id=fields[b"id"].decode(), reply_to=fields[b"reply"].decode(),
+                   deadline_ms=int(fields[b"deadline"]), op=fields[b"op"].decode(),
+                   traceparent=fields.get(b"tp", b"").decode())
+
+
+def encode_payload(params: dict[str, Any] | bytes, blob: bytes | bytearray = b"") -> bytes:
+    """params (a dict, or JSON already encoded) and an opaque blob, length-prefixed into one value."""
+    head = params if isinstance(params, bytes) else orjson.dumps(params)
+    return _LEN.pack(len(head)) + head + blob
+
+
+def decode_payload(raw: bytes) -> tuple[dict[str, Any], bytes]:
+    """Inverse of encode_payload. Raises ValueError on a truncated value."""
+    if len(raw) < _LEN.size:
+        raise ValueError("payload too short")
+    (n,) = _LEN.unpack_from(raw)
+    head = raw[_LEN.size:_LEN.size + n]
+    if len(head) != n:
+        raise ValueError("payload truncated")
+    params = orjson.loads(head) if n else {}
+    return params, raw[_LEN.size + n:]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer (or one streamed piece of an answer). `body` is JSON bytes: the response body itself on success,
+    the neutral error body {"error", "error_type", "field"?} otherwise.
+
+    The timings say where the time went (metrics and the access log); a reply that never ran (an error before the
+    model, a streamed token that is not the last) leaves them 0."""
+
+    request_id: str
+    body: bytes
+    error_type: str = ""   # "" on success, else an errors.InferlineError type
+    final: bool = True
+    queued_ms: float = 0.0   # from arrival on the stream (Redis's clock) until the worker started on it
+    compute_ms: float = 0.0  # the worker's own time on it: the batch's model call, or a generation from admission
+    batch_size: int = 0      # requests in the batch it ran in (dynamic batching); 0 when not run
+    tokens: int = 0          # tokens generated (language models, on the final reply)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_type
+
+    def timed(self, queued_ms: float, compute_ms: float, batch_size: int = 0, tokens: int = 0) -> Reply:
+        """This reply with where its time went (dataclasses.replace cost 1.5 µs a reply on the batch loop, this 0.7)."""
+        return Reply(self.request_id, self.body, self.error_type, self.final, queued_ms, compute_ms, batch_size, tokens)
+
+    @classmethod
+    def error(cls, request_id: str, error_type: str, message: str, field: str | None = None) -> Reply:
+        body: dict[str, Any] = {"error": message, "error_type": error_type}
+        if field is not None:
+            body["field"] = field
+        return cls(request_id, orjson.dumps(body), error_type)
+
+    def error_fields(self) -> tuple[str, str | None]:
+        """(message, field) of an error reply."""
+        try:
+            body = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return self.body.decode(errors="replace"), None
+        field = body.get("field")
+        return str(body.get("error", "error")), field if isinstance(field, str) else None
+
+
+def pack_replies(replies: list[Reply]) -> bytes:
+    """Many replies as one value: per reply, a JSON header [id, error_type, final, queued_ms, compute_ms,
+    batch_size, tokens] and the body. A reply without timings sends the short header [id, error_type, final]."""
+    parts = []
+    for r in replies:
+        if r.batch_size or r.tokens or r.compute_ms:
+            head = orjson.dumps([r.request_id, r.error_type, r.final, round(r.queued_ms, 3), round(r.compute_ms, 3),
+                                 r.batch_size, r.tokens])
+        else:
+            head = orjson.dumps([r.request_id, r.error_type, r.final])
+        parts += [_FRAME.pack(len(head), len(r.body)), head, r.body]
+    return b"".join(parts)
+
+
+def unpack_replies(data: bytes) -> list[Reply]:
+    """Inverse of pack_replies (either header)."""
+    out, pos = [], 0
+    while pos < len(data):
+        n_head, n_body = _FRAME.unpack_from(data, pos)
+        pos += _FRAME.size
+        head = orjson.loads(data[pos:pos + n_head])
+        pos += n_head
+        out.append(Reply(head[0], data[pos:pos + n_body], *head[1:]))
+        pos += n_body
+    return out
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request: the body of a generation worker's streamed reply."""
+
+    request_id: str
+    index: int                  # 0-based index of this generated token
+    token_id: int               # -1 on an error event
+    text: str                   # this event's text ("" while a multi-byte character is incomplete); see stopping.py
+    logprob: float              # the chosen token's (see SamplingParams.raw_logprobs for which distribution)
+    special: bool
+    finish_reason: str | None   # "length" | "eos_token" | "stop_sequence" | "error", on the request's last event only
+    generated_text: str | None  # full generated text (special tokens left out), last event only
+    prompt_tokens: int
+    seed: int | None            # the sampling seed (drawn when none was given); None for greedy
+    prefill: list[dict[str, Any]] | None  # on the first event when want_prefill: [{"id", "text", "logprob"}]
+    top_logprobs: list[dict[str, Any]] | None = None  # when asked: [{"id", "text", "logprob", "special"}], best first
+    token_text: str | None = None  # this token alone, decoded (a partial character shows as U+FFFD): what
+    #                                log-probability listings call it; `text` is what the stream shows
+    error: str | None = None    # why the request failed (finish_reason "error"); names the request
+
+    def encode(self) -> bytes:
+        return dumps(self)
+
+    @classmethod
+    def decode(cls, body: bytes) -> TokenEvent:
+        return cls(**orjson.loads(body))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSpan:
+    """One token of a tokenized text (the answer to OP_TOKENIZE, TGI's /tokenize shape): its id, its text and where
+    that text is in the input, as [start, stop) character offsets."""
+
+    id: int
+    text: str
+    start: int
+    stop: int
+
+    @staticmethod
+    def encode_all(spans: list[TokenSpan]) -> bytes:
+        return dumps(spans)
+
+    @classmethod
+    def decode_all(cls, body: bytes) -> list[TokenSpan]:
+        return [cls(**span) for span in orjson.loads(body)]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """A caller went away: every replica of the model drops the request if it holds it."""
+
+    request_id: str
+
+    def fields(self) -> dict[str, str]:
+        return {"id": self.request_id}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Cancel:
+        return cls(fields.get(b"id", b"").decode())
+
+
+@dataclass
+class ModelInfo:
+    """What a model's workers publish at start and gateways read: identity, v2 tensors, the request and response
+    schemas (for /docs) and kind-specific facts (a language model's context length)."""
+
+    name: str
+    version: str
+    platform: str
+    kind: str                                   # "batch" | "generation"
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    max_batch_size: int = 1
+    request_schema: dict[str, Any] | None = None
+    response_schema: dict[str, Any] | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)   # small public facts: metrics, labels, window, ...
+    context_length: int | None = None           # language models: tokens of prompt + output one request may use
+    max_input_tokens: int | None = None         # language models: the longest prompt a request may have
+    max_prefill_tokens: int | None = None       # language models: prompt tokens one engine step admits
+
+    def encode(self) -> bytes:
+        return dumps(self)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ModelInfo:
+        data = orjson.loads(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class WorkerStatus:
+    """A worker's heartbeat record: identity and counters. Kept as a Redis hash that expires with the heartbeat."""
+
+    pid: int
+    host: str
+    device: str
+    version: str
+    started: int
+    batches: int = 0
+    items: int = 0
+    max_batch: int = 0
+    active: int = 0            # sequences in flight (generation workers)
+    beat: int = 0              # epoch ms of the last beat
+    rss_bytes: int = 0         # the process's resident memory, at the last beat
+    cpu_ms: int = 0            # the process's CPU time (user + system) so far
+    device_memory_bytes: int = 0   # memory the framework holds on its CUDA device (0 on CPU)
+
+    def record_batch(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.max_batch = max(self.max_batch, size)
+
+    def fields(self) -> dict[str, str | int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> WorkerStatus:
+        data = {k.decode(): v.decode() for k, v in fields.items()}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: int(v) if types[k] == "int" else v for k, v in data.items() if k in types}
+        return cls(**values)

@@ -1,0 +1,241 @@
+"""`inferline up`: Redis (a private one unless REDIS_URL is set), the demo models (built if missing),
+the gateway and one process per model replica. Restarts a process that dies, with backoff, so a dead
+worker's pending requests are claimed by its successor; the private Redis too (empty unless broker.persist:
+every part recreates what it lost). The first Ctrl-C drains (SIGTERM to the gateway and workers, wait, then
+Redis), the second kills. No process is left behind, even when `up` itself is killed with -9: every child
+gets SIGTERM from the kernel when its parent dies (PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from inferline.server.broker import embedded
+from inferline.server.config import Settings
+
+log = logging.getLogger("inferline.up")
+
+DRAIN_S = 30.0
+BACKOFF_MAX_S = 30.0
+STABLE_S = 60.0   # a process that ran this long has its backoff reset
+POLL_S = 1.0      # how often the start-up progress asks the gateway
+STATE_FILE = "up.json"   # in state_dir: the running `up` for `inferline status` and `inferline down`
+
+
+def write_state(state_dir: Path, state: dict[str, Any]) -> None:
+    path = state_dir / STATE_FILE
+    path.write_text(json.dumps(state))
+
+
+def read_state(state_dir: Path) -> dict[str, Any] | None:
+    """The state of the `inferline up` running from this state_dir, or None when none runs (a stale file from a
+    killed one is ignored)."""
+    try:
+        state: dict[str, Any] = json.loads((state_dir / STATE_FILE).read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return state
+
+
+class Progress:
+    """Start-up progress, read from the gateway like any client would: each model's state when it changes, and the
+    banner once /readyz says 200 and every model has its replicas live (not before: a Keras model may need many
+    seconds after its process starts)."""
+
+    def __init__(self, url: str, banner: str) -> None:
+        self.url = url
+        self.banner = banner
+        self.ready = False
+        self.states: dict[str, str] = {}
+        self.next_poll = 0.0
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if self.ready or now < self.next_poll:
+            return
+        self.next_poll = now + POLL_S
+        try:
+            with httpx.Client(base_url=self.url, timeout=2.0, verify=False) as http:
+                ready = http.get("/readyz").status_code == 200
+                models = http.get("/v1/models")
+        except httpx.HTTPError:
+            return   # the gateway is still starting
+        if models.status_code == 200:
+            # /readyz says 200 once any model can serve (one unservable model must not take the others down);
+            # `up` says it is up once every model with replicas is.
+            ready = ready and all(m.get("live_replicas", 0) >= m.get("replicas", 0)
+                                  for m in models.json().get("data", []))
+            for m in models.json().get("data", []):
+                live, want = m.get("live_replicas", 0), m.get("replicas", 0)
+                state = f"ready ({live}/{want} live, version {m.get('version')})" if live >= want > 0 else \
+                    f"loading ({live}/{want} live)"
+                if self.states.get(m["id"]) != state:
+                    self.states[m["id"]] = state
+                    print(f"inferline: model {m['id']} {state}", flush=True)
+        if ready:
+            self.ready = True
+            print(self.banner, flush=True)
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the supervisor itself is killed (Linux), so none is left behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+    restarts: int = field(default=0)
+    # Its own session: a Ctrl-C to the terminal's process group must not reach it (Redis outlives the drain).
+    own_session: bool = False
+
+    def start(self) -> None:
+        out = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                     start_new_session=self.own_session)
+        out.close()
+        self.started = time.monotonic()
+
+    def poll(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, redis_url: str | None) -> None:
+        """redis_url None: run a private Redis (server/broker/embedded.py) in <state_dir>/redis, supervised."""
+        self.settings = settings
+        self.children: list[Child] = []
+        self.stopping = 0
+        logs = settings.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.redis: Child | None = None
+        self.redis_plan: embedded.Plan | None = None
+        if redis_url is None:
+            self.redis_plan = embedded.plan(settings.state_dir / "redis", persist=settings.broker.persist)
+            redis_url = self.redis_plan.url
+            self.redis = Child("redis", self.redis_plan.argv, dict(os.environ), logs / "redis.log", own_session=True)
+        self.redis_url = redis_url
+        env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+        py = sys.executable
+        self.children.append(Child("gateway", [py, "-m", "inferline.server.cli", "gateway"], env, logs / "gateway.log"))
+        for name, spec in settings.models.items():
+            for i in range(spec.replicas):
+                self.children.append(Child(f"worker {name}#{i}", [py, "-m", "inferline.server.worker.main", name,
+                                                                  "--replica", str(i)], env,
+                                           logs / f"worker-{name}-{i}.log"))
+
+    def run(self) -> int:
+        """Start everything and watch it until Ctrl-C/SIGTERM. Returns the exit code."""
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        if self.redis is not None and self.redis_plan is not None:
+            self.redis.start()
+            assert self.redis.proc is not None
+            embedded.wait_ready(self.redis.proc, self.redis_plan)
+            print(f"inferline: started a private Redis at {embedded.redacted(self.redis_url)} (set REDIS_URL to use "
+                  f"your own{'' if self.settings.broker.persist else '; broker.persist = true keeps its data'})",
+                  flush=True)
+        for child in self.children:
+            child.start()
+            log.info("started %s pid=%d log=%s", child.name, child.proc.pid if child.proc else -1, child.log_path)
+        gw = self.settings.gateway
+        scheme = "https" if gw.tls_certfile else "http"
+        url = f"{scheme}://{gw.host}:{gw.port}"
+        local = f"{scheme}://{'127.0.0.1' if gw.host in ('0.0.0.0', '::', '') else gw.host}:{gw.port}"
+        logs = self.settings.state_dir / "logs"
+        write_state(self.settings.state_dir, {"pid": os.getpid(), "url": local, "logs": str(logs)})
+        print(f"inferline: starting the gateway on {url} and {len(self.children) - 1} worker(s); logs in {logs}",
+              flush=True)
+        progress = Progress(local, f"inferline is up: gateway {url} (docs /docs, metrics /metrics), "
+                                   f"logs {logs}; `inferline status` and `inferline down` from this directory")
+        try:
+            while not self.stopping:
+                self._watch()
+                progress.poll()
+                time.sleep(0.25)
+            return self._shutdown()
+        finally:
+            (self.settings.state_dir / STATE_FILE).unlink(missing_ok=True)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for child in [*([self.redis] if self.redis else []), *self.children]:
+            code = child.poll()
+            if code is None:
+                if child.failures and now - child.started > STABLE_S:
+                    child.failures = 0
+                continue
+            if child.restart_at == 0.0:
+                child.failures += 1
+                delay = min(BACKOFF_MAX_S, 0.5 * 2 ** (child.failures - 1))
+                child.restart_at = now + delay
+                log.warning("%s exited with %s; restarting in %.1f s (see %s)", child.name, code, delay, child.log_path)
+            elif now >= child.restart_at:
+                child.restart_at = 0.0
+                child.restarts += 1
+                child.start()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping += 1
+        if self.stopping == 1:
+            print("\ninferline: draining (Ctrl-C again to kill)", flush=True)
+        else:
+            self._kill_all()
+
+    def _kill_all(self) -> None:
+        for child in [*self.children, *([self.redis] if self.redis else [])]:
+            if child.poll() is None and child.proc is not None:
+                child.proc.kill()
+
+    def _shutdown(self) -> int:
+        live = [c for c in self.children if c.poll() is None and c.proc is not None]
+        for child in live:   # workers first finish the batch in hand, then exit
+            assert child.proc is not None
+            child.proc.terminate()
+        deadline = time.monotonic() + DRAIN_S
+        while any(c.poll() is None for c in live) and time.monotonic() < deadline and self.stopping < 2:
+            time.sleep(0.1)
+        for child in self.children:
+            if child.poll() is None and child.proc is not None:
+                child.proc.kill()
+        for child in live:
+            assert child.proc is not None
+            child.proc.wait()
+        self._stop_redis()
+        print("inferline: stopped", flush=True)
+        return 0
+
+    def _stop_redis(self) -> None:
+        """Last, once nothing uses it: SIGTERM (it writes its append-only file when persisting), then SIGKILL."""
+        if self.redis is None or self.redis.proc is None:
+            return
+        if self.redis.poll() is None:
+            self.redis.proc.terminate()
+        try:
+            self.redis.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.redis.proc.kill()
+            self.redis.proc.wait()

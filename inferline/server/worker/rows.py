@@ -1,0 +1,217 @@
+"""Requests <-> rows of a Model's request and response types, for the batch path.
+
+A request carries one row (a JSON object), several rows (`texts` of a text classifier), raw bytes (the model's
+`decode` hook makes the row), or Open Inference Protocol tensors (a v2 request of N rows becomes N rows: each row
+takes its slice of every input tensor, and fields sent as no tensor come from the request's `parameters` or their
+defaults). Each row is validated with the request type: a bad one fails its request alone, naming the field.
+Answers go back as `{"model", "version", **row}` (one row), `{"model", "version", "results": [...]}` (several),
+or v2 output tensors stacked from the rows' fields.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from inferline.server.broker.streams import Delivery
+from inferline.server.errors import InferlineError, InputError, MalformedInput, describe_validation, typed
+from inferline.server.model import Model, signature
+from inferline.server.protocol import OP_PREDICT, OP_V2, decode_payload, dumps
+from inferline.server.tensors import DTYPES, TensorSpec, datatype_of
+from inferline.server.worker import v2codec
+
+ONE, MANY, V2 = "one", "many", "v2"
+
+
+@dataclass(slots=True)
+class Item:
+    """A delivery after decoding: its validated rows, and how its answer is shaped."""
+
+    delivery: Delivery
+    rows: list[Any]
+    form: str                           # ONE | MANY | V2
+    v2_id: str | None = None
+    v2_outputs: list[str] | None = None
+
+
+class RowCodec:
+    """Decodes deliveries into rows and encodes the model's outputs, for one loaded model."""
+
+    def __init__(self, model: Model, name: str) -> None:
+        self.model = model
+        self.name = name
+        sig = signature(type(model))
+        self.request: type[BaseModel] | None = sig.request
+        self.response: type[BaseModel] | None = sig.response
+        self.inputs = {t.name: t for t in [*sig.inputs, *sig.optional]}
+        self.outputs = {t.name: t for t in sig.outputs}
+        self.required = sig.inputs
+        fields = self.request.model_fields if self.request is not None else {}
+        self.text_fields = {n for n, f in fields.items() if _is_str(f.annotation)}
+        self.list_fields = {n for n, f in fields.items() if typing.get_origin(f.annotation) in (list, tuple)}
+
+    # decoding --------------------------------------------------------------------------------------------------
+    def decode(self, d: Delivery) -> Item:
+        """The delivery's rows. Raises InputError (or MalformedInput) naming what is wrong."""
+        try:
+            params, blob = decode_payload(d.payload)
+        except ValueError as exc:   # not the caller's fault: the entry was written wrongly (by hand, an old gateway)
+            raise typed("internal", f"request {d.request_id} has an unreadable payload: {exc}") from None
+        if d.envelope.op == OP_PREDICT:
+            if blob:
+                try:
+                    row = self.model.decode(blob, params.get("options") or {})
+                except ValidationError as exc:   # the hook built a row from bad options
+                    message, field = describe_validation(exc.errors(include_url=False))
+                    raise InputError(message, field=field) from None
+                return Item(d, [self.validate(row)], ONE)
+            if "rows" in params:
+                rows = params["rows"]
+                if not isinstance(rows, list) or not rows:
+                    raise InputError("`rows` must be a non-empty list of request objects", field="rows")
+                return Item(d, [self.validate(r, f"rows[{i}].") for i, r in enumerate(rows)], MANY)
+            return Item(d, [self.validate(params.get("row", {}))], ONE)
+        if d.envelope.op == OP_V2:
+            return self.decode_v2(d, blob, params.get("header_length"))
+        raise InputError(f"op {d.envelope.op!r} is not served by model {self.name}", field="op")
+
+    def validate(self, raw: Any, prefix: str = "") -> Any:
+        """One row as the request type (a dict when the model declares none)."""
+        if self.request is None or isinstance(raw, self.request):
+            return raw
+        try:
+            return self.request.model_validate(raw)
+        except ValidationError as exc:
+            message, field = describe_validation(exc.errors(include_url=False), prefix)
+            raise InputError(message, field=field) from None
+
+    def decode_v2(self, d: Delivery, body: bytes, header_length: int | None) -> Item:
+        if not self.inputs:
+            raise InputError(f"model {self.name} declares no tensor inputs; call its predict route instead",
+                             field="inputs")
+        request, tensors = v2codec.decode_request(body, header_length)
+        outputs = v2codec.requested_outputs(request, list(self.outputs))
+        parameters = request.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InputError("`parameters` must be an object", field="parameters")
+        columns: dict[str, np.ndarray] = {}
+        for name, array in tensors.items():
+            spec = self.inputs.get(name)
+            if spec is None:
+                raise InputError(f"unknown input tensor `{name}`; model {self.name} takes {list(self.inputs)}",
+                                 field=name)
+            columns[name] = _batch_major(array, spec)
+        missing = [t.name for t in self.required if t.name not in columns and t.name not in parameters]
+        if missing:
+            spec = self.inputs[missing[0]]
+            raise InputError(f"missing input tensor `{spec.name}` ({spec.datatype} {spec.shape})", field=spec.name)
+        sizes = {len(c) for c in columns.values()}
+        if len(sizes) > 1:
+            raise InputError(f"input tensors must share their first (batch) dimension; given {sorted(sizes)}",
+                             field="inputs")
+        shared = {k: v for k, v in parameters.items() if k not in columns}   # fields sent as parameters
+        n = sizes.pop() if sizes else 1
+        if n < 1:
+            first = next(iter(columns))
+            raise InputError(f"input `{first}` has no rows (its first dimension is 0)", field=first)
+        rows = []
+        for i in range(n):
+            row = {**shared, **{k: self._cell(k, c[i]) for k, c in columns.items()}}
+            try:
+                rows.append(self.validate(row))
+            except InputError as exc:   # name a field that came from `parameters` as the request spelled it
+                if exc.field is not None and exc.field.split(".")[0] in shared:
+                    exc.field = f"parameters.{exc.field}"
+                    exc.message = exc.message.replace("`", "`parameters.", 1)
+                raise
+        request_id = request.get("id")
+        return Item(d, rows, V2, request_id if isinstance(request_id, str) else None, outputs)
+
+    def _cell(self, name: str, value: Any) -> Any:
+        """One row's slice of a tensor column as its field wants it: a scalar (text decoded), a list, or the array
+        itself for a Tensor field."""
+        spec = self.inputs[name]
+        if spec.shape == [-1]:
+            value = value.item() if isinstance(value, np.generic) else value
+            return self._text(name, value) if name in self.text_fields else value
+        if name in self.list_fields:
+            items = value.tolist()
+            return [self._text(name, v) for v in items] if spec.datatype == "BYTES" else items
+        return value
+
+    @staticmethod
+    def _text(name: str, value: Any) -> Any:
+        if not isinstance(value, bytes):
+            return value
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"`{name}` must be UTF-8 text; given {len(value)} undecodable bytes", field=name) from None
+
+    # encoding --------------------------------------------------------------------------------------------------
+    def answer(self, item: Item, outputs: list[Any]) -> bytes:
+        """The response body for one item from the model's outputs for its rows."""
+        outs = [self.as_response(o) for o in outputs]
+        if item.form == V2:
+            return self.answer_v2(item, outs)
+        head = {"model": self.name, "version": self.model.version}
+        if item.form == ONE:
+            return dumps({**head, **_dump(outs[0])})
+        return dumps({**head, "results": [_dump(o) for o in outs]})
+
+    def as_response(self, output: Any) -> Any:
+        if self.response is None or isinstance(output, self.response):
+            return output
+        return self.response.model_validate(output)
+
+    def answer_v2(self, item: Item, outs: list[Any]) -> bytes:
+        names = item.v2_outputs or list(self.outputs)
+        arrays = {name: _stack(self.outputs[name], [_get(o, name) for o in outs]) for name in names}
+        return v2codec.encode_response(self.name, self.model.version, item.v2_id, arrays, names)
+
+
+def _batch_major(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """A v2 input with its batch dimension first. Refuses a datatype other than the declared one (Triton does
+    too: a silent cast hides a client's bug). A tensor sent without its batch dimension is one row; [N, 1] for a
+    one-value-per-row field is N rows."""
+    given = datatype_of(array)
+    if given != spec.datatype:
+        raise MalformedInput(f"input `{spec.name}` has datatype {given}; model expects {spec.datatype}",
+                             field=spec.name)
+    if array.ndim == len(spec.shape) - 1:
+        return array[None]
+    if spec.shape == [-1] and array.ndim == 2 and array.shape[1] == 1:
+        return array[:, 0]
+    if array.ndim == 0 or (spec.shape == [-1] and array.ndim != 1):
+        raise InputError(f"input `{spec.name}` must have shape {spec.shape}; given {list(array.shape)}",
+                         field=spec.name)
+    return array   # a row of another shape is checked (and a flat one of the right size reshaped) by its field
+
+
+def _stack(spec: TensorSpec, values: list[Any]) -> np.ndarray:
+    """One output tensor from every row's value of that field, rows first."""
+    dtype = DTYPES[spec.datatype]
+    try:
+        if spec.datatype == "BYTES":
+            return np.array(values, dtype=object)
+        if len(values) == 1:   # one row: no copy beyond the dtype
+            return np.asarray(values[0], dtype=dtype)[None]
+        return np.stack([np.asarray(v, dtype=dtype) for v in values])
+    except ValueError as exc:   # ragged rows (e.g. forecasts of different lengths in one v2 request)
+        raise InferlineError(f"output `{spec.name}` rows do not stack into one tensor: {exc}") from None
+
+
+def _get(output: Any, name: str) -> Any:
+    return output[name] if isinstance(output, dict) else getattr(output, name)
+
+
+def _dump(output: Any) -> Any:
+    return output.model_dump() if isinstance(output, BaseModel) else output
+
+
+def _is_str(annotation: Any) -> bool:
+    return annotation is str or str in typing.get_args(annotation)
