@@ -240,3 +240,63 @@ def test_openai_and_tgi_clients_work_with_a_key(cluster: Cluster, quick_gpt2: Pa
     with pytest.raises(Exception, match="API key"):
         text_generation.Client(url, timeout=60).generate("x", max_new_tokens=2)
     oai.close()
+
+
+# Every route the gateway documents, and the model it serves: a key restricted to another model must get 403 on each,
+# and a key restricted to that model must get through. Task routes name the deployment bound to their task in the
+# config (renamed here on purpose: no demo name). A route added to the gateway must be added here or to MODEL_FREE.
+TASK_DEPLOYMENTS = {"forecast": "fc", "sentiment": "st", "classify-text": "ct", "classify-image": "ci",
+                    "generate": "gen"}
+GENERATE = {"inputs": "hi", "parameters": {"max_new_tokens": 1}}
+MODEL_ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
+    ("POST", "/forecast"): ("fc", {"json": {"series": [1.0, 2.0], "horizon": 1}}),
+    ("POST", "/sentiment"): ("st", {"json": {"text": "fine"}}),
+    ("POST", "/classify-text"): ("ct", {"json": {"texts": ["fine"]}}),
+    ("POST", "/classify-image"): ("ci", {"json": {"image": "iVBORw0KGgo="}}),
+    ("POST", "/generate"): ("gen", {"json": GENERATE}),
+    ("POST", "/generate_stream"): ("gen", {"json": GENERATE}),
+    ("POST", "/"): ("gen", {"json": GENERATE}),
+    ("GET", "/info"): ("gen", {}),
+    ("GET", "/health"): ("gen", {}),
+    ("POST", "/tokenize"): ("gen", {"json": {"inputs": "hi"}}),
+    ("POST", "/v1/completions"): ("gen", {"json": {"model": "gen", "prompt": "hi", "max_tokens": 1}}),
+    ("POST", "/v1/chat/completions"): ("gen", {"json": {"model": "gen", "max_tokens": 1,
+                                                         "messages": [{"role": "user", "content": "hi"}]}}),
+    ("POST", "/v1/models/{model}/predict"): ("echo", {"json": {"x": [1.0]}}),
+    ("GET", "/v2/models/{model}"): ("echo", {}),
+    ("GET", "/v2/models/{model}/versions/{version}"): ("echo", {}),
+    ("GET", "/v2/models/{model}/ready"): ("echo", {}),
+    ("GET", "/v2/models/{model}/versions/{version}/ready"): ("echo", {}),
+    ("POST", "/v2/models/{model}/infer"): ("echo", {"json": v2_body(1)}),
+    ("POST", "/v2/models/{model}/versions/{version}/infer"): ("echo", {"json": v2_body(1)}),
+}
+MODEL_FREE = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v2"),
+              ("GET", "/v2/health/live"), ("GET", "/v2/health/ready")}
+
+
+def test_every_route_checks_the_model_of_a_restricted_key(cluster: Cluster) -> None:
+    """A key created with `--model A` may not call model B through any route: 403 naming B. A key for B gets past
+    the check (whatever the route answers next: no worker runs here, so a 503 or a 4xx of the route's own)."""
+    for name in ("echo", "other"):
+        cluster.spec(name, runtime=ECHO)
+    for task, name in TASK_DEPLOYMENTS.items():
+        cluster.spec(name, runtime=ECHO, task=task)
+    url = start_gateway(cluster, security=REQUIRED)
+    admin, _ = create_key(cluster.redis_url, scopes={"admin"})
+    schema = httpx.get(url + "/openapi.json", headers=bearer(admin)).json()
+    routes = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
+    assert routes - MODEL_FREE - set(MODEL_ROUTES) == set(), "a route the test does not classify"
+    assert set(MODEL_ROUTES) <= routes
+    other_only, _ = create_key(cluster.redis_url, models={"other"})
+    wrong: list[tuple[str, str, str, int, str]] = []   # every route that answers otherwise, reported at once
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for (method, path), (model, request) in MODEL_ROUTES.items():
+            target = path.replace("{model}", model).replace("{version}", "1")
+            denied = client.request(method, target, **request, headers=bearer(other_only))
+            if denied.status_code != 403 or repr(model) not in denied.text:
+                wrong.append(("other's key", method, path, denied.status_code, denied.text[:120]))
+            right, _ = create_key(cluster.redis_url, models={model})
+            allowed = client.request(method, target, **request, headers=bearer(right))
+            if allowed.status_code in (401, 403):
+                wrong.append((f"{model}'s key", method, path, allowed.status_code, allowed.text[:120]))
+    assert wrong == [], "\n".join(map(str, wrong))
