@@ -69,7 +69,7 @@ def test_every_route_refuses_a_missing_or_wrong_key(cluster: Cluster) -> None:
 
 def test_scopes_and_model_allow_list(cluster: Cluster) -> None:
     cluster.spec("echo", runtime=ECHO)
-    cluster.spec("other", runtime=ECHO)
+    cluster.spec("other", runtime=ECHO, task="forecast")
     cluster.start_worker("echo")
     url = start_gateway(cluster, security={**REQUIRED, "metrics_public": False})
     echo_only, _ = create_key(cluster.redis_url, models={"echo"})

@@ -1,9 +1,12 @@
 """The gateway: create_app(settings) -> an ASGI app. Validates, queues on Redis, awaits replies.
-Never imports torch, tensorflow or any model code: those live in workers."""
+Never imports torch, tensorflow or any model code: those live in workers.
+
+The layers, outermost first: the Edge (request ids, limits, metrics, the access log), the security layer (keys,
+scopes, rate limits; absent with security.auth = off), the hot path (the table's inference routes as bare ASGI),
+then FastAPI (every route of the table, the API document and /docs). Each gets the one Gateway by its constructor."""
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,29 +17,18 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from inferline import server as service
-from inferline.server.broker.client import BROKER_ERRORS, connect
-from inferline.server.broker.registry import Registry
+from inferline import server
+from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.config import Settings
 from inferline.server.errors import InferlineError
-from inferline.server.gateway.dispatch import Dispatcher
+from inferline.server.gateway.core import Gateway
 from inferline.server.gateway.edge import Edge
 from inferline.server.gateway.errors import from_validation, http_error, render
 from inferline.server.gateway.hot import HotPath
 from inferline.server.gateway.openapi import mount_docs, with_models
-from inferline.server.gateway.routes import (
-    chat,
-    classify,
-    forecast,
-    generate,
-    health,
-    kserve,
-    models,
-    openai,
-    predict,
-    sentiment,
-)
+from inferline.server.gateway.record import request_id
 from inferline.server.gateway.security import Security, auth_possible
+from inferline.server.gateway.table import mount
 from inferline.server.metrics import GatewayMetrics, configured_replicas
 from inferline.server.protocol import ModelInfo
 
@@ -44,47 +36,30 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> Any:
-    """The full gateway app (FastAPI for the API surface and docs) wrapped in the Edge layer."""
-    if not settings.redis_url:
-        raise ValueError("the gateway needs settings.redis_url")
-    metrics = GatewayMetrics(configured_replicas(settings.models.values()))
-
+    """The full gateway app (FastAPI for the API surface and docs) wrapped in the Edge layer. Raises ValueError
+    without settings.redis_url."""
+    gateway = Gateway(settings, GatewayMetrics(configured_replicas(settings.models.values())))
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # broker.timeout_s bounds a hung Redis (requests get 503 after it); it outlasts every blocking read.
-        redis = connect(str(settings.redis_url), settings.broker.timeout_s, max_connections=256)
-        dispatcher = Dispatcher(redis, settings, metrics)
-        app.state.settings = settings
-        app.state.redis = redis   # the security layer's keystore and rate limiter (server/broker/) use it
-        app.state.dispatcher = dispatcher
-        app.state.registry = Registry(redis)
-        app.state.metrics = metrics
-        await dispatcher.start()
-        # What is here now (FastAPI, pydantic, the routes' schemas) lives as long as the process: without the freeze
-        # a full collection walked it all every ~4,000 requests under load (54 ms each: 13 µs per request, a fifth of
-        # the gateway's CPU at c=64).
-        gc.collect()
-        gc.freeze()
-        if security is not None:
-            await security.start()
-        log.info("gateway up id=%s models=%s", dispatcher.gateway_id, sorted(settings.models))
+        await gateway.start()
+        if guard is not None:
+            await guard.start()
+        log.info("gateway up id=%s models=%s", gateway.dispatcher.gateway_id, sorted(settings.models))
         try:
             yield
         finally:
-            await dispatcher.stop()
-            await redis.aclose()
+            await gateway.stop()
 
-    app = FastAPI(title="inferline", version=service.__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+    app = FastAPI(title="inferline", version=server.__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
                   redoc_url=None, description="Model serving: gateway -> Redis Streams -> batching workers.")
 
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(request: Request) -> Response:
+    async def openapi() -> Response:
         """FastAPI's document plus each served model's own predict operation (schemas its workers published)."""
-        registry: Registry = request.app.state.registry
         infos: dict[str, ModelInfo] = {}
         for name in settings.models:
             try:
-                info = await registry.info(name)
+                info = await gateway.registry.info(name)
             except BROKER_ERRORS:
                 break   # Redis away: the fixed routes are still documented
             if info is not None:
@@ -92,6 +67,10 @@ def create_app(settings: Settings) -> Any:
         return JSONResponse(with_models(app.openapi(), infos))
 
     mount_docs(app)   # Swagger UI from local files: /docs works offline
+
+    def error_response(request: Request, exc: InferlineError) -> Response:
+        status, body, headers = render(exc, request.url.path, request_id(), settings.gateway.retry_after_s)
+        return Response(body, status_code=status, media_type="application/json", headers=headers)
 
     async def on_inferline_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InferlineError)
@@ -104,26 +83,15 @@ def create_app(settings: Settings) -> Any:
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         return error_response(request, http_error(exc.status_code, str(exc.detail), request.url.path,
-                                                        request.method))
+                                                  request.method))
 
     app.add_exception_handler(InferlineError, on_inferline_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    for module in (health, models, predict, classify, forecast, sentiment, kserve, generate, openai, chat):
-        app.include_router(module.router)
-    inner: Any = HotPath(app)
-    security: Security | None = None
+    mount(app, gateway, gateway.table)
+    inner: Any = HotPath(app, gateway.table, gateway.dispatcher)
+    guard: Security | None = None
     if auth_possible(settings):   # off: no layer at all, the hot path exactly as without keys
-        inner = security = Security(inner, app, settings)
-    return Edge(inner, settings.gateway.max_body_bytes, metrics, settings.gateway.retry_after_s,
+        inner = guard = Security(inner, gateway)
+    return Edge(inner, settings.gateway.max_body_bytes, gateway.metrics, settings.gateway.retry_after_s,
                 max_headers=settings.gateway.max_headers, access_log=settings.gateway.access_log)
-
-
-def error_response(request: Request, exc: InferlineError) -> Response:
-    settings: Settings = request.app.state.settings
-    status, body, headers = render(exc, request.url.path, request_id(request), settings.gateway.retry_after_s)
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-def request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))

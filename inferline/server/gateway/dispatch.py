@@ -26,7 +26,7 @@ from inferline.server.broker.streams import Cancels, Enqueuer, ReplyInbox
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.config import ModelSpec, Settings
 from inferline.server.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, typed
-from inferline.server.gateway import edge
+from inferline.server.gateway import record as records
 from inferline.server.ids import new_id
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import GatewayMetrics
@@ -40,9 +40,10 @@ RECHECK_DEAD_S = 0.25     # a model seen without workers is asked about again at
 
 
 class Dispatcher:
-    def __init__(self, redis: Redis, settings: Settings, metrics: GatewayMetrics,
+    def __init__(self, redis: Redis, settings: Settings, metrics: GatewayMetrics, registry: Registry,
                  batcher: TickBatcher | None = None) -> None:
-        """batcher: the gateway's one TickBatcher, shared with the security layer (made here when None)."""
+        """registry: the gateway's one registry (which workers are live). batcher: the gateway's one TickBatcher,
+        shared with the security layer (made here when None)."""
         self.redis = redis
         self.settings = settings
         self.metrics = metrics
@@ -53,7 +54,7 @@ class Dispatcher:
         self.enqueuer = Enqueuer(redis, self.batcher)
         self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
-        self.registry = Registry(redis)
+        self.registry = registry
         self.live: dict[str, int] = {}          # model -> workers beating, as last seen (absent: not known yet)
         self.asked: dict[str, float] = {}       # model -> when a request last asked Redis about it
         self.asking: dict[str, asyncio.Future[int]] = {}
@@ -102,7 +103,7 @@ class Dispatcher:
             self.metrics.rejected.labels(spec.name, "no_worker").inc()
             raise Unavailable(f"model {spec.name} has no live worker; retry later")
         timeout_ms = int(spec.timeout_s * 1000)
-        record = edge.current.get()
+        record = records.current.get()
         if record is not None:
             record.model = spec.name
         envelope = Envelope(request_id, self.reply_stream, now_ms() + timeout_ms, op,
@@ -213,7 +214,7 @@ class Dispatcher:
             timings = self.timings[model] = (self.metrics.queue_wait.labels(model), self.metrics.compute.labels(model))
         timings[0].observe(reply.queued_ms / 1000)
         timings[1].observe(reply.compute_ms / 1000)
-        record = edge.current.get()
+        record = records.current.get()
         if record is not None:
             record.queued_ms, record.compute_ms = reply.queued_ms, reply.compute_ms
             record.batch_size, record.tokens = reply.batch_size, reply.tokens

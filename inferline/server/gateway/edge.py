@@ -1,13 +1,12 @@
 """The outermost ASGI layer: request ids, body-size limit, request metrics, the access log, the request's trace span,
 and a last-resort 500 in the right error shape. Pure ASGI (no per-request object churn): it sits on every request's
-path. What the layers below learn of a request (its model, the worker's timings) they write into the
-RequestRecord of `current`, a context variable this layer sets for each request."""
+path. What the layers below learn of a request (its route, its model, the worker's timings) they write into its
+RequestRecord (record.py), which this layer makes and sets as `record.current` for each request."""
 
 from __future__ import annotations
 
 import logging
 import time
-from contextvars import ContextVar
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,29 +15,12 @@ from inferline.server import tracing
 from inferline.server.errors import HeadersTooLarge, InferlineError, PayloadTooLarge
 from inferline.server.gateway.errors import render
 from inferline.server.gateway.memory import Reclaimer
+from inferline.server.gateway.record import RequestRecord, current
 from inferline.server.ids import new_id
 from inferline.server.logs import AccessLog
 from inferline.server.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
-
-
-class RequestRecord:
-    """What one request's log line, metrics and span need from below the edge. The dispatcher fills it."""
-
-    __slots__ = ("request_id", "traceparent", "model", "queued_ms", "compute_ms", "batch_size", "tokens")
-
-    def __init__(self, request_id: str, traceparent: str = "") -> None:
-        self.request_id = request_id
-        self.traceparent = traceparent   # the gateway span's, for the envelope ("" when tracing is off)
-        self.model = ""
-        self.queued_ms = 0.0
-        self.compute_ms = 0.0
-        self.batch_size = 0
-        self.tokens = 0
-
-
-current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)
 
 
 def sane_id(value: str) -> bool:
@@ -74,7 +56,6 @@ class Edge:
             elif name == b"traceparent":
                 incoming_trace = value.decode("latin-1")
         request_id = wanted if sane_id(wanted) else new_id()
-        scope.setdefault("state", {})["request_id"] = request_id
         span: Any = None
         if tracing.ENABLED:
             span, traceparent = tracing.start_request(scope["method"], scope["path"], incoming_trace, request_id)
@@ -137,8 +118,8 @@ class Edge:
             current.reset(token)
             self.reclaimer.released(seen)   # whatever the request held of its body is garbage now
             elapsed = time.perf_counter() - started
-            route: Any = scope.get("route")
-            label = str(scope.get("inferline.route") or getattr(route, "path", "unmatched"))
+            # the route table's path; a mount's (/docs/assets) or "unmatched" (a 404) for the rest
+            label = record.route or str(getattr(scope.get("route"), "path", "unmatched"))
             model = record.model
             children = self.children.get((model, label, status))
             if children is None:

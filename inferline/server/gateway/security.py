@@ -20,9 +20,8 @@ import ipaddress
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferline.server.auth.keys import SCOPE_ADMIN, SCOPE_INFER, ApiKey, BadKey, Verifier, parse, split, verify_secret
@@ -33,15 +32,12 @@ from inferline.server.config import Settings
 from inferline.server.errors import Forbidden, RateLimited, Unauthorized, Unavailable
 from inferline.server.ids import new_id
 
+if TYPE_CHECKING:
+    from inferline.server.gateway.core import Gateway
+
 log = logging.getLogger(__name__)
 
 EXEMPT = frozenset({"/healthz", "/readyz"})
-# The model each task route serves (the routes name them in their dispatcher calls; kept here by path so that
-# a key's model allow-list is checked before anything is read or queued).
-ROUTE_MODELS = {"/forecast": "lstm", "/sentiment": "sentiment", "/classify-image": "cnn",
-                "/generate": "gpt2", "/generate_stream": "gpt2", "/": "gpt2"}
-V2_MODELS = "/v2/models/"
-MODEL_IN_BODY = frozenset({"/v1/completions"})   # OpenAI routes name the model in the JSON body
 KDF_CONCURRENCY = 2       # scrypt runs at once (16 MiB each): a flood of wrong secrets costs at most this much
 KDF_QUEUE = 64            # callers waiting for one; more get 429
 KEYS_RECHECK_S = 2.0      # auto on loopback: how old the "does any key exist" answer may be
@@ -81,19 +77,21 @@ def describe(settings: Settings) -> str:
 
 
 class Security:
-    def __init__(self, app: ASGIApp, holder: Any, settings: Settings) -> None:
-        """app: the next layer; holder: the FastAPI app whose state.redis the lifespan sets."""
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        """app: the next layer. The key store and the rate limiter use the gateway's Redis client and its dispatcher's
+        tick batcher; which model a request is for comes from its route table."""
         self.app = app
-        self.holder = holder
-        self.settings = settings
-        sec = settings.security
+        self.redis = gateway.redis
+        self.table = gateway.table
+        sec = gateway.settings.security
         self.exempt = EXEMPT | ({"/metrics"} if sec.metrics_public else set())
         self.limits = Limits(sec.rate_per_s, sec.burst, sec.concurrency, int(sec.concurrency_lease_s * 1000))
         self.verifier = Verifier()
         self.kdf = asyncio.Semaphore(KDF_CONCURRENCY)
         self.kdf_waiting = 0
-        self.limiter: RateLimiter | None = None
-        self.always = auth_enforced(settings)
+        # the dispatcher's batcher: admissions, releases and enqueues of one tick share a round trip
+        self.limiter = RateLimiter(gateway.redis, self.limits, gateway.dispatcher.batcher)
+        self.always = auth_enforced(gateway.settings)
         self.keys_exist = False
         self.keys_checked_until = 0.0
         self.checking: asyncio.Future[bool] | None = None
@@ -118,7 +116,7 @@ class Security:
         finally:
             if admission.slot_taken:
                 with contextlib.suppress(*BROKER_ERRORS):
-                    await self.rate_limiter().release(key_id, slot)
+                    await self.limiter.release(key_id, slot)
 
     async def enforced(self) -> bool:
         """Whether this request needs a key: always, unless security.auth = "auto" on loopback, where it does
@@ -135,7 +133,7 @@ class Security:
     async def check_keys(self) -> bool:
         """Read whether any key exists and remember it for KEYS_RECHECK_S. Raises Unavailable."""
         try:
-            exist = await keystore.any_exist(self.holder.state.redis)
+            exist = await keystore.any_exist(self.redis)
         except BROKER_ERRORS as exc:
             raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
         finally:
@@ -153,12 +151,6 @@ class Security:
             with contextlib.suppress(Unavailable):
                 await self.check_keys()
 
-    def rate_limiter(self) -> RateLimiter:
-        if self.limiter is None:
-            # the dispatcher's batcher: admissions, releases and enqueues of one tick share a round trip
-            self.limiter = RateLimiter(self.holder.state.redis, self.limits, self.holder.state.dispatcher.batcher)
-        return self.limiter
-
     async def authenticate(self, scope: Scope) -> tuple[str, str]:
         """(key id, the stored hash its secret matched). Raises Unauthorized, Unavailable or RateLimited."""
         presented = bearer(scope)
@@ -172,7 +164,7 @@ class Security:
         if stored is not None:
             return key_id, stored
         try:
-            fields = await keystore.load(self.holder.state.redis, key_id)
+            fields = await keystore.load(self.redis, key_id)
         except BROKER_ERRORS as exc:
             raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
         try:
@@ -200,7 +192,7 @@ class Security:
 
     async def admit(self, key_id: str, stored: str, slot: str) -> Admission:
         try:
-            admission = await self.rate_limiter().admit(key_id, stored, slot)
+            admission = await self.limiter.admit(key_id, stored, slot)
         except BROKER_ERRORS as exc:
             raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
         if admission.code == ADMITTED:
@@ -225,7 +217,7 @@ class Security:
             raise Forbidden("/metrics needs a key with the `admin` scope", field="scope")
         if SCOPE_INFER not in scopes:
             raise Forbidden(f"this key has no `{SCOPE_INFER}` scope (it has {sorted(scopes)})", field="scope")
-        model, receive = await model_of(scope, receive)
+        model, receive = await self.table.model_of(scope["method"], path, receive)
         models = split(admission.models)
         if model is not None and "*" not in models and model not in models:
             raise Forbidden(f"this key may not use model {model!r} (it may use {sorted(models)})", field="model")
@@ -238,42 +230,6 @@ def bearer(scope: Scope) -> str | None:
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
     return None
-
-
-async def model_of(scope: Scope, receive: Receive) -> tuple[str | None, Receive]:
-    """The model a request is for, or None for routes not tied to one (metadata, docs)."""
-    path: str = scope["path"]
-    if path in ROUTE_MODELS:
-        return ROUTE_MODELS[path], receive
-    if path.startswith(V2_MODELS):
-        return path[len(V2_MODELS):].split("/", 1)[0], receive
-    if path in MODEL_IN_BODY and scope["method"] == "POST":
-        # Small JSON bodies, already bounded by the Edge's max_body_bytes: read, look, replay.
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None, receive
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            parsed = None   # the route answers 400 for it; nothing is queued
-        model = parsed.get("model") if isinstance(parsed, dict) else None
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return (model if isinstance(model, str) else None), replay
-    return None, receive
 
 
 def rate_headers(a: Admission) -> list[tuple[bytes, bytes]]:

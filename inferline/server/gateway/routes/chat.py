@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
 from inferline.server.errors import InferlineError
-from inferline.server.gateway.errors import body_of
 from inferline.server.gateway.generation import (
     CLIENT_GONE,
     ClientGone,
@@ -25,14 +24,16 @@ from inferline.server.gateway.generation import (
     unless_client_leaves,
 )
 from inferline.server.gateway.openapi import doc
-from inferline.server.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
-from inferline.server.gateway.routes.openai import DONE, FINISH, SSE_HEADERS, finite, renamed, sse, token_name, usage
+from inferline.server.gateway.record import request_id
+from inferline.server.gateway.routes.common import JSON, json_body, parse_json
+from inferline.server.gateway.routes.openai_shapes import FINISH, error_chunk, finite, renamed, token_name, usage
+from inferline.server.gateway.routes.sse import DONE, SSE_HEADERS, sse
 from inferline.server.protocol import TokenEvent
 from inferline.server.schemas import responses as wire
 from inferline.server.schemas.openai import ChatCompletionRequest
 
-router = APIRouter(tags=["text generation (OpenAI)"])
-PATH = "/v1/chat/completions"
+if TYPE_CHECKING:
+    from inferline.server.gateway.core import Gateway
 
 
 def logprob_entry(event: TokenEvent) -> dict[str, Any]:
@@ -48,8 +49,8 @@ def logprobs_of(req: ChatCompletionRequest, events: list[TokenEvent]) -> dict[st
     return {"content": [logprob_entry(e) for e in events], "refusal": None} if req.logprobs else None
 
 
-@router.post(PATH, summary="Chat completion (OpenAI format); SSE chunks ending in [DONE] when `stream`",
-             openapi_extra=json_body(ChatCompletionRequest, {"model": "gpt2", "max_tokens": 2, "messages": [
+DOCS = dict(summary="Chat completion (OpenAI format); SSE chunks ending in [DONE] when `stream`",
+            openapi_extra=json_body(ChatCompletionRequest, {"model": "gpt2", "max_tokens": 2, "messages": [
                  {"role": "user", "content": "The module"}]}),
              **doc(wire.ChatCompletion, {"id": "chatcmpl-0a1b2c3d4e5f", "object": "chat.completion",
                                          "created": 1767225600, "model": "gpt2", "choices": [{
@@ -61,11 +62,13 @@ def logprobs_of(req: ChatCompletionRequest, events: list[TokenEvent]) -> dict[st
                        'data: {"id":"chatcmpl-0a1b2c3d4e5f","object":"chat.completion.chunk","created":1767225600,'
                        '"model":"gpt2","choices":[{"index":0,"delta":{"content":" is"},"logprobs":null,'
                        '"finish_reason":null}]}\n\ndata: [DONE]\n\n')))
-async def chat_completions(request: Request) -> Response:
+
+
+async def chat_completions(gw: Gateway, request: Request) -> Response:
     req = parse_json(await request.body(), ChatCompletionRequest)
-    d = dispatcher(request)
+    d = gw.dispatcher
     d.spec(req.model)   # 404 names the served models
-    base = request_id(request)
+    base = request_id()
     ids = [base] if req.n == 1 else [f"{base}-{i}" for i in range(req.n)]
     names = {"inputs": "messages", "max_new_tokens": req.max_tokens_param}
     head: dict[str, Any] = {"id": f"chatcmpl-{base}", "object": "chat.completion", "created": int(time.time()),
@@ -105,7 +108,7 @@ def stream_chat(req: ChatCompletionRequest, head: dict[str, Any], names: dict[st
         prompt_tokens = completion_tokens = 0
         async for index, item in merge(streams):
             if isinstance(item, InferlineError):
-                yield sse(body_of(renamed(item, names), PATH, ""))
+                yield error_chunk(item, names)
                 continue
             if item.index == 0:
                 prompt_tokens = item.prompt_tokens

@@ -6,11 +6,11 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
@@ -18,12 +18,15 @@ from starlette.responses import Response
 from inferline.server.errors import BadRequest, ValidationFailed
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.openapi import doc
-from inferline.server.gateway.routes.common import JSON, Body, answer, dispatcher, request_id, run_task
+from inferline.server.gateway.record import request_id
+from inferline.server.gateway.routes.common import JSON, Body, answer, run_task
 from inferline.server.schemas import responses as wire
 from inferline.server.schemas.tasks import ClassifyOptions
 
-router = APIRouter(tags=["tasks"])
+if TYPE_CHECKING:
+    from inferline.server.gateway.core import Gateway
 
+TASK = "classify-image"   # the deployment this route serves is the one configured with task = "classify-image"
 OPENAPI_BODY: dict[str, Any] = {"requestBody": {"content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "contentMediaType": "image/*"}, "top_k": {"type": "integer", "minimum": 1}}}},
@@ -37,7 +40,7 @@ OPENAPI_BODY: dict[str, Any] = {"requestBody": {"content": {
                     "description": "how many labels (default 5)"}]}
 
 
-async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
+async def classify_image(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
                  query: str) -> bytes:
     """A raw image/* body, or JSON {"image": base64, "top_k"?} (whatever the declared Content-Type)."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -48,17 +51,19 @@ async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str]
     return await classify(d, rid, image, {**query_options(query), **options})
 
 
-@router.post("/classify-image", summary="Classify an image (the `classify-image` deployment): top_k labels by score",
-             openapi_extra=OPENAPI_BODY, **doc(wire.ImageClassification, {
-                 "model": "cnn", "version": "1", "predictions": [{"label": "3", "score": 0.97},
-                                                                 {"label": "8", "score": 0.02}]}))
-async def classify_image(request: Request) -> Response:
+DOCS = dict(summary="Classify an image (the `classify-image` deployment): top_k labels by score",
+            openapi_extra=OPENAPI_BODY, **doc(wire.ImageClassification, {
+                "model": "cnn", "version": "1", "predictions": [{"label": "3", "score": 0.97},
+                                                                {"label": "8", "score": 0.02}]}))
+
+
+async def classify_form(gw: Gateway, request: Request) -> Response:
+    """Through FastAPI: a multipart upload (the hot path leaves those here), or what the hot path serves."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "multipart/form-data":
-        return await answer(request, handle)
+        return await answer(gw.dispatcher, request, classify_image)
     image, options = await from_form(request)
-    body = await classify(dispatcher(request), request_id(request), image,
-                          {**query_options(request.url.query), **options})
+    body = await classify(gw.dispatcher, request_id(), image, {**query_options(request.url.query), **options})
     return Response(body, media_type=JSON)
 
 
@@ -75,7 +80,7 @@ async def classify(d: Dispatcher, rid: str, image: Body, options: dict[str, Any]
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "top_k"
         raise ValidationFailed(f"`{field}`: {err['msg']}. Given: {err.get('input')!r}", field=field) from None
-    return await run_task(d, rid, "classify-image", {"options": {"top_k": parsed.top_k}}, image)
+    return await run_task(d, rid, TASK, {"options": {"top_k": parsed.top_k}}, image)
 
 
 async def from_form(request: Request) -> tuple[bytes, dict[str, Any]]:

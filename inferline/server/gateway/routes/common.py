@@ -1,4 +1,5 @@
-"""Helpers every task route shares: the dispatcher, the request id, and answering with a worker's body."""
+"""Helpers every task route shares: parsing a JSON body, queueing for a task's deployment, and answering with a
+worker's body."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from starlette.responses import Response
 
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.errors import from_validation
+from inferline.server.gateway.record import request_id
 from inferline.server.protocol import OP_PREDICT
 
 JSON = "application/json"
@@ -41,15 +43,6 @@ def json_body(model: type[BaseModel], example: Any = None) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {JSON: media}}}
 
 
-def dispatcher(request: Request) -> Dispatcher:
-    d: Dispatcher = request.app.state.dispatcher
-    return d
-
-
-def request_id(request: Request) -> str:
-    return str(request.scope["state"]["request_id"])
-
-
 async def run_task(d: Dispatcher, rid: str, task: str, params: dict[str, Any], blob: Body = b"") -> bytes:
     """Queue a request for the deployment bound to `task`; the worker's JSON body is the answer as is (no
     re-encoding here). params: {"row": {...}}, {"rows": [...]}, or {"options": {...}} beside raw bytes."""
@@ -57,8 +50,8 @@ async def run_task(d: Dispatcher, rid: str, task: str, params: dict[str, Any], b
     return reply.body
 
 
-async def answer(request: Request, handler: Handler) -> Response:
+async def answer(d: Dispatcher, request: Request, handler: Handler) -> Response:
     """Run a hot-path handler for a FastAPI route (the same code serves both ways)."""
-    body = await handler(dispatcher(request), request_id(request), await request.body(), request.headers,
-                         dict(request.path_params), request.url.query)
+    body = await handler(d, request_id(), await request.body(), request.headers, dict(request.path_params),
+                         request.url.query)
     return Response(body, media_type=JSON)

@@ -8,15 +8,14 @@ excluded has logprob -inf, which JSON cannot carry; orjson writes it as null, wh
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
-from inferline import server as service
+from inferline import server
 from inferline.server.broker.client import BROKER_ERRORS
-from inferline.server.broker.registry import Registry
 from inferline.server.errors import InferlineError, Unavailable
 from inferline.server.gateway.errors import stream_event
 from inferline.server.gateway.generation import (
@@ -30,15 +29,18 @@ from inferline.server.gateway.generation import (
     unless_client_leaves,
 )
 from inferline.server.gateway.openapi import SSE, doc, error_responses
-from inferline.server.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
+from inferline.server.gateway.record import request_id
+from inferline.server.gateway.routes.common import JSON, json_body, parse_json
+from inferline.server.gateway.routes.sse import SSE_HEADERS
 from inferline.server.generation.params import MAX_STOP
 from inferline.server.protocol import OP_TOKENIZE
 from inferline.server.schemas import responses as wire
 from inferline.server.schemas.tgi import GenerateRequest, TokenizeRequest
 
-router = APIRouter(tags=["text generation (TGI)"])
+if TYPE_CHECKING:
+    from inferline.server.gateway.core import Gateway
+
 TASK = "generate"   # the deployment these routes serve is the one configured with task = "generate"
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 REQUEST = {"inputs": "The module", "parameters": {"max_new_tokens": 2, "details": True}}
 ANSWER = {"generated_text": " is a", "details": {"finish_reason": "length", "generated_tokens": 2, "seed": None,
                                                   "prefill": [], "tokens": [
@@ -62,17 +64,17 @@ def response_body(req: GenerateRequest, gen: Generation) -> dict[str, Any]:
     return body
 
 
-async def generate_once(request: Request, req: GenerateRequest) -> dict[str, Any]:
+async def generate_once(gw: Gateway, request: Request, req: GenerateRequest) -> dict[str, Any]:
     """The whole answer. Raises ClientGone (the sequence is dropped) when the client leaves before it is ready."""
-    d = dispatcher(request)
-    events = token_events(d, d.task(TASK).name, req.parameters.to_params(req.inputs), request_id(request))
+    d = gw.dispatcher
+    events = token_events(d, d.task(TASK).name, req.parameters.to_params(req.inputs), request_id())
     return response_body(req, await unless_client_leaves(request.receive, collect(events)))
 
 
-async def sse(request: Request, req: GenerateRequest) -> Response:
-    d = dispatcher(request)
+async def sse(gw: Gateway, req: GenerateRequest) -> Response:
+    d = gw.dispatcher
     events = await first_then_rest(token_events(d, d.task(TASK).name, req.parameters.to_params(req.inputs),
-                                                request_id(request)))
+                                                request_id()))
 
     async def lines() -> AsyncIterator[bytes]:
         try:
@@ -92,49 +94,58 @@ async def sse(request: Request, req: GenerateRequest) -> Response:
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.post("/generate", summary="Generate text (TGI format)", openapi_extra=json_body(GenerateRequest, REQUEST),
-             **doc(wire.Generation, ANSWER))
-async def generate(request: Request) -> Response:
+GENERATE_DOCS = dict(summary="Generate text (TGI format)", openapi_extra=json_body(GenerateRequest, REQUEST),
+                     **doc(wire.Generation, ANSWER))
+STREAM_DOCS = dict(summary="Generate text as Server-Sent Events, one per token (TGI format)",
+                   openapi_extra=json_body(GenerateRequest, REQUEST),
+                   **doc(None, EVENTS, media=SSE, schema={"contentMediaType": SSE, "description": (
+                       "each `data:` is a StreamEvent (components/schemas); an error mid-stream is a StreamError")},
+                         description="Server-Sent Events, one per token; no [DONE] line"))
+COMPAT_DOCS = dict(summary="TGI compatibility route: a list of one response, or SSE when `stream` is true",
+                   openapi_extra=json_body(GenerateRequest, {**REQUEST, "stream": False}),
+                   **doc(list[wire.Generation], [ANSWER], stream_example=EVENTS))
+
+
+async def generate(gw: Gateway, request: Request) -> Response:
     req = parse_json(await request.body(), GenerateRequest)
     try:
-        return Response(orjson.dumps(await generate_once(request, req)), media_type=JSON)
+        return Response(orjson.dumps(await generate_once(gw, request, req)), media_type=JSON)
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
 
 
-@router.post("/generate_stream", summary="Generate text as Server-Sent Events, one per token (TGI format)",
-             openapi_extra=json_body(GenerateRequest, REQUEST),
-             **doc(None, EVENTS, media=SSE, schema={"contentMediaType": SSE, "description": (
-                 "each `data:` is a StreamEvent (components/schemas); an error mid-stream is a StreamError")},
-                   description="Server-Sent Events, one per token; no [DONE] line"))
-async def generate_stream(request: Request) -> Response:
-    return await sse(request, parse_json(await request.body(), GenerateRequest))
+async def generate_stream(gw: Gateway, request: Request) -> Response:
+    return await sse(gw, parse_json(await request.body(), GenerateRequest))
 
 
-@router.post("/", summary="TGI compatibility route: a list of one response, or SSE when `stream` is true",
-             openapi_extra=json_body(GenerateRequest, {**REQUEST, "stream": False}),
-             **doc(list[wire.Generation], [ANSWER], stream_example=EVENTS))
-async def compat(request: Request) -> Response:
+async def compat(gw: Gateway, request: Request) -> Response:
     req = parse_json(await request.body(), GenerateRequest)
     if req.stream:
-        return await sse(request, req)
+        return await sse(gw, req)
     try:
-        return Response(orjson.dumps([await generate_once(request, req)]), media_type=JSON)
+        return Response(orjson.dumps([await generate_once(gw, request, req)]), media_type=JSON)
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
 
 
-@router.get("/info", summary="The generate deployment's model and limits (TGI's /info)",
-            **doc(wire.TGIInfo, {"model_id": "gpt2", "model_sha": "1", "model_version": "1", "max_input_tokens": 255,
-                                 "max_total_tokens": 256, "max_batch_size": 16, "max_concurrent_requests": 2048,
-                                 "max_stop_sequences": 4, "router": "inferline", "version": "0.1.0"},
-                  errors=(401, 403, 404, 429, 503)))
-async def info(request: Request) -> Response:
-    d = dispatcher(request)
-    spec = d.task(TASK)
-    registry: Registry = request.app.state.registry
+INFO_DOCS = dict(summary="The generate deployment's model and limits (TGI's /info)",
+                 **doc(wire.TGIInfo, {"model_id": "gpt2", "model_sha": "1", "model_version": "1",
+                                      "max_input_tokens": 255, "max_total_tokens": 256, "max_batch_size": 16,
+                                      "max_concurrent_requests": 2048, "max_stop_sequences": 4, "router": "inferline",
+                                      "version": "0.1.0"}, errors=(401, 403, 404, 429, 503)))
+TOKENIZE_DOCS = dict(summary="Tokenize a text with the model's tokenizer (TGI's /tokenize)",
+                     openapi_extra=json_body(TokenizeRequest, {"inputs": "The module"}),
+                     **doc(list[wire.TokenSpan], [{"id": 464, "text": "The", "start": 0, "stop": 3},
+                                                  {"id": 8265, "text": " module", "start": 3, "stop": 10}]))
+HEALTH_DOCS = dict(summary="200 while the generate deployment has a live worker, else 503 (TGI's /health)",
+                   response_class=Response, responses={200: {"description": "A live worker (empty body)"},
+                                                       **error_responses("tgi", (401, 403, 404, 429, 503))})
+
+
+async def info(gw: Gateway, request: Request) -> Response:
+    spec = gw.dispatcher.task(TASK)
     try:
-        status = await registry.status(spec.name)
+        status = await gw.registry.status(spec.name)
     except BROKER_ERRORS as exc:
         raise Unavailable(f"the registry is unreachable: {type(exc).__name__}") from None
     model = status.info
@@ -148,30 +159,22 @@ async def info(request: Request) -> Response:
         "max_concurrent_requests": spec.queue_cap, "max_best_of": 1, "max_stop_sequences": MAX_STOP,
         "max_input_tokens": model.max_input_tokens, "max_total_tokens": model.context_length,
         "max_batch_size": model.max_batch_size, "max_batch_prefill_tokens": model.max_prefill_tokens,
-        "max_client_batch_size": 1, "router": "inferline", "version": service.__version__, "sha": None,
+        "max_client_batch_size": 1, "router": "inferline", "version": server.__version__, "sha": None,
         "docker_label": None}
     return Response(orjson.dumps(body), media_type=JSON)
 
 
-@router.post("/tokenize", summary="Tokenize a text with the model's tokenizer (TGI's /tokenize)",
-             openapi_extra=json_body(TokenizeRequest, {"inputs": "The module"}),
-             **doc(list[wire.TokenSpan], [{"id": 464, "text": "The", "start": 0, "stop": 3},
-                                          {"id": 8265, "text": " module", "start": 3, "stop": 10}]))
-async def tokenize(request: Request) -> Response:
+async def tokenize(gw: Gateway, request: Request) -> Response:
     req = parse_json(await request.body(), TokenizeRequest)
-    d = dispatcher(request)
-    reply = await d.call(d.task(TASK).name, OP_TOKENIZE, {"inputs": req.inputs}, request_id=request_id(request))
+    d = gw.dispatcher
+    reply = await d.call(d.task(TASK).name, OP_TOKENIZE, {"inputs": req.inputs}, request_id=request_id())
     return Response(reply.body, media_type=JSON)   # [{"id", "text", "start", "stop"}], the worker's TokenSpans
 
 
-@router.get("/health", summary="200 while the generate deployment has a live worker, else 503 (TGI's /health)",
-            response_class=Response, responses={200: {"description": "A live worker (empty body)"},
-                                                **error_responses("tgi", (401, 403, 404, 429, 503))})
-async def health(request: Request) -> Response:
-    name = dispatcher(request).task(TASK).name
-    registry: Registry = request.app.state.registry
+async def health(gw: Gateway, request: Request) -> Response:
+    name = gw.dispatcher.task(TASK).name
     try:
-        live = (await registry.status(name)).live_replicas
+        live = (await gw.registry.status(name)).live_replicas
     except BROKER_ERRORS as exc:
         raise Unavailable(f"the registry is unreachable: {type(exc).__name__}") from None
     if not live:

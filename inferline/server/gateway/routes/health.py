@@ -3,32 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from inferline.server.broker.client import BROKER_ERRORS
-from inferline.server.broker.registry import Registry
-from inferline.server.config import Settings
 from inferline.server.gateway.openapi import doc
-from inferline.server.metrics import GatewayMetrics
 from inferline.server.schemas import responses as wire
 
-router = APIRouter(tags=["operations"])
+if TYPE_CHECKING:
+    from inferline.server.gateway.core import Gateway
+
 REDIS_AWAY: tuple[type[BaseException], ...] = (TimeoutError, *BROKER_ERRORS)
 METRICS_EXAMPLE = ('# HELP inferline_queue_depth Requests queued or in flight per model\n'
                    '# TYPE inferline_queue_depth gauge\ninferline_queue_depth{model="cnn"} 0.0\n')
 
 
-@router.get("/healthz", summary="The gateway process is up (liveness: never depends on Redis or workers)",
-            **doc(wire.Healthz, {"status": "ok"}, errors=()))
-async def healthz() -> dict[str, str]:
+HEALTHZ_DOCS = dict(summary="The gateway process is up (liveness: never depends on Redis or workers)",
+                   **doc(wire.Healthz, {"status": "ok"}, errors=()))
+
+
+async def healthz(gw: Gateway, request: Request) -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def readiness(request: Request) -> dict[str, Any]:
+async def readiness(gw: Gateway) -> dict[str, Any]:
     """Whether this gateway can serve requests now, and each model's part in it (one Redis round trip, bounded by
     broker.timeout_s).
 
@@ -37,12 +38,10 @@ async def readiness(request: Request) -> dict[str, Any]:
     Ready: Redis answers and at least one model has a live worker with a consumer group to read (or no model is
     configured). A model without one answers 503 on its own routes and shows here, but does not make the gateway
     unready: one GPU-only model on a CPU cluster must not take down the CPU models' routes."""
-    settings: Settings = request.app.state.settings
-    registry: Registry = request.app.state.registry
     body: dict[str, Any] = {"ready": False, "redis": "ok", "models": {}}
     missing: list[str] = []
     try:   # bounded as a whole: a fresh connection to a hung Redis would otherwise cost connect + read timeouts
-        serving = await asyncio.wait_for(registry.serving(list(settings.models)), settings.broker.timeout_s)
+        serving = await asyncio.wait_for(gw.registry.serving(list(gw.settings.models)), gw.settings.broker.timeout_s)
     except REDIS_AWAY as exc:
         body["redis"] = f"unreachable: {type(exc).__name__}"
         missing.append(f"redis unreachable: {type(exc).__name__}")
@@ -63,32 +62,33 @@ async def readiness(request: Request) -> dict[str, Any]:
     return body
 
 
-@router.get("/readyz", summary="Redis reachable and some model servable; each model's state in the body",
-            **doc(wire.Readiness, {"ready": True, "redis": "ok", "missing": ["model gpt2: no live worker"],
-                                   "models": {"cnn": {"ready": True, "live_workers": 1},
-                                              "gpt2": {"ready": False, "live_workers": 0,
-                                                       "reason": "no live worker"}}},
-                  errors=(), more={503: {
-                "model": wire.Readiness, "description": "Not ready: what is missing", "content": {"application/json": {
-                    "example": {"ready": False, "redis": "unreachable: TimeoutError", "models": {},
-                                "error": "redis unreachable: TimeoutError", "error_type": "unavailable",
-                                "missing": ["redis unreachable: TimeoutError"]}}}}}))
-async def readyz(request: Request) -> Response:
-    body = await readiness(request)
+READYZ_DOCS = dict(
+    summary="Redis reachable and some model servable; each model's state in the body",
+    **doc(wire.Readiness, {"ready": True, "redis": "ok", "missing": ["model gpt2: no live worker"],
+                           "models": {"cnn": {"ready": True, "live_workers": 1},
+                                      "gpt2": {"ready": False, "live_workers": 0, "reason": "no live worker"}}},
+          errors=(), more={503: {
+              "model": wire.Readiness, "description": "Not ready: what is missing", "content": {"application/json": {
+                  "example": {"ready": False, "redis": "unreachable: TimeoutError", "models": {},
+                              "error": "redis unreachable: TimeoutError", "error_type": "unavailable",
+                              "missing": ["redis unreachable: TimeoutError"]}}}}}))
+
+
+async def readyz(gw: Gateway, request: Request) -> Response:
+    body = await readiness(gw)
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)",
-            **doc(None, METRICS_EXAMPLE, errors=(), media="text/plain", schema={"type": "string"},
-                  description="Prometheus text format 0.0.4"))
-async def metrics(request: Request) -> Response:
+METRICS_DOCS = dict(summary="Prometheus metrics (text exposition format)",
+                   **doc(None, METRICS_EXAMPLE, errors=(), media="text/plain", schema={"type": "string"},
+                         description="Prometheus text format 0.0.4"))
+
+
+async def metrics(gw: Gateway, request: Request) -> Response:
     """The gateway's registry with the broker's health read now. Redis unreachable: inferline_redis_up 0 and no
     broker or worker value at all (a stale one would read as current, and hide that no replica can be reached)."""
-    settings: Settings = request.app.state.settings
-    registry: Registry = request.app.state.registry
-    m: GatewayMetrics = request.app.state.metrics
     try:
-        m.broker.update(await registry.health(settings.models))
+        gw.metrics.broker.update(await gw.registry.health(gw.settings.models))
     except BROKER_ERRORS:
-        m.broker.unreachable()
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+        gw.metrics.broker.unreachable()
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

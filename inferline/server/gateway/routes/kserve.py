@@ -4,22 +4,23 @@ bytes (JSON, or JSON + binary tensors per the binary-data extension) and are par
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
-from inferline import server as service
-from inferline.server.broker.registry import Registry
+from inferline import server
 from inferline.server.errors import BadRequest, NotFound, Unavailable
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.openapi import READ_ERRORS, TASK_ERRORS, doc
-from inferline.server.gateway.routes.common import Body, answer, dispatcher
+from inferline.server.gateway.routes.common import Body, answer
 from inferline.server.gateway.routes.health import readiness
 from inferline.server.protocol import OP_V2, ModelInfo
 from inferline.server.schemas import responses as wire
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+if TYPE_CHECKING:
+    from inferline.server.gateway.core import Gateway
+
 NOT_READY = {503: {"model": wire.V2Ready, "description": "Not ready", "content": {"application/json": {
     "example": {"ready": False}}}}}
 INFER_BODY = {"requestBody": {"required": True, "content": {
@@ -41,28 +42,30 @@ MODEL_READY = doc(wire.V2ModelReady, {"name": "echo", "ready": True}, family="ks
                       "application/json": {"example": {"name": "echo", "ready": False}}}}})
 
 
-@router.get("", summary="Server metadata", **doc(wire.V2Server, {"name": "inferline", "version": "0.1.0",
-                                                                 "extensions": ["binary_tensor_data"]},
-                                               family="kserve", errors=()))
-async def server_metadata() -> dict[str, Any]:
-    return {"name": "inferline", "version": service.__version__, "extensions": ["binary_tensor_data"]}
+SERVER_DOCS = dict(summary="Server metadata", **doc(wire.V2Server, {
+    "name": "inferline", "version": "0.1.0", "extensions": ["binary_tensor_data"]}, family="kserve", errors=()))
+LIVE_DOCS = doc(wire.V2Live, {"live": True}, family="kserve", errors=())
+READY_DOCS = doc(wire.V2Ready, {"ready": True}, family="kserve", errors=(), more=NOT_READY)
+INFER_DOCS = dict(summary="Run inference (JSON or binary tensors)", openapi_extra=INFER_BODY, **INFER_ANSWER)
+VERSION_INFER_DOCS = dict(summary="Run inference on a named version", openapi_extra=INFER_BODY, **INFER_ANSWER)
 
 
-@router.get("/health/live", **doc(wire.V2Live, {"live": True}, family="kserve", errors=()))
-async def live() -> dict[str, bool]:
+async def server_metadata(gw: Gateway, request: Request) -> dict[str, Any]:
+    return {"name": "inferline", "version": server.__version__, "extensions": ["binary_tensor_data"]}
+
+
+async def live(gw: Gateway, request: Request) -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", **doc(wire.V2Ready, {"ready": True}, family="kserve", errors=(), more=NOT_READY))
-async def ready(request: Request) -> Response:
-    ok = (await readiness(request))["ready"]
+async def ready(gw: Gateway, request: Request) -> Response:
+    ok = (await readiness(gw))["ready"]
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-async def model_info(request: Request, model: str, version: str | None) -> ModelInfo:
-    dispatcher(request).spec(model)   # 404 for a model this gateway does not serve
-    registry: Registry = request.app.state.registry
-    info = await registry.info(model)
+async def model_info(gw: Gateway, model: str, version: str | None) -> ModelInfo:
+    gw.dispatcher.spec(model)   # 404 for a model this gateway does not serve
+    info = await gw.registry.info(model)
     if info is None:
         raise Unavailable(f"model {model} has no worker that has published its metadata yet")
     if version is not None and version != info.version:
@@ -70,25 +73,22 @@ async def model_info(request: Request, model: str, version: str | None) -> Model
     return info
 
 
-@router.get("/models/{model}", **METADATA)
-@router.get("/models/{model}/versions/{version}", **METADATA)
-async def metadata(model: str, request: Request, version: str | None = None) -> dict[str, Any]:
-    info = await model_info(request, model, version)
+async def metadata(gw: Gateway, request: Request) -> dict[str, Any]:
+    model = request.path_params["model"]
+    info = await model_info(gw, model, request.path_params.get("version"))
     return {"name": model, "versions": [info.version], "platform": info.platform, "inputs": info.inputs,
             "outputs": info.outputs}
 
 
-@router.get("/models/{model}/ready", **MODEL_READY)
-@router.get("/models/{model}/versions/{version}/ready", **MODEL_READY)
-async def model_ready(model: str, request: Request, version: str | None = None) -> Response:
-    await model_info(request, model, version)
-    status = await request.app.state.registry.status(model)
-    ok = status.live_replicas > 0
+async def model_ready(gw: Gateway, request: Request) -> Response:
+    model = request.path_params["model"]
+    await model_info(gw, model, request.path_params.get("version"))
+    ok = (await gw.registry.status(model)).live_replicas > 0
     return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
 
 
-async def handle_infer(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
-                       query: str) -> bytes:
+async def infer(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
+                query: str) -> bytes:
     header_length = None
     raw = headers.get("inference-header-content-length")
     if raw is not None:
@@ -102,11 +102,6 @@ async def handle_infer(d: Dispatcher, rid: str, body: Body, headers: Mapping[str
     return reply.body
 
 
-@router.post("/models/{model}/infer", summary="Run inference (JSON or binary tensors)", openapi_extra=INFER_BODY,
-             **INFER_ANSWER)
-@router.post("/models/{model}/versions/{version}/infer", summary="Run inference on a named version",
-             openapi_extra=INFER_BODY, **INFER_ANSWER)
-async def infer(model: str, request: Request, version: str | None = None) -> Response:
-    if version is not None:
-        await model_info(request, model, version)
-    return await answer(request, handle_infer)
+async def infer_version(gw: Gateway, request: Request) -> Response:
+    await model_info(gw, request.path_params["model"], request.path_params["version"])
+    return await answer(gw.dispatcher, request, infer)

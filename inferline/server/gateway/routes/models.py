@@ -1,28 +1,26 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
-from inferline.server.broker.registry import Registry
-from inferline.server.config import Settings
 from inferline.server.gateway.openapi import READ_ERRORS, doc
 from inferline.server.schemas import responses as wire
 
-router = APIRouter(tags=["operations"])
+if TYPE_CHECKING:
+    from inferline.server.gateway.core import Gateway
 
-
-@router.get("/v1/models", summary="Served models (OpenAI shape) with version, live replicas, device and queue depth",
+DOCS = dict(summary="Served models (OpenAI shape) with version, live replicas, device and queue depth",
             **doc(wire.ModelList, {"object": "list", "data": [{
                 "id": "cnn", "object": "model", "created": 0, "owned_by": "inferline", "version": "1",
                 "live_replicas": 1, "replicas": 1, "devices": ["cpu"], "queue_depth": 0, "kind": "batch",
                 "task": "classify-image"}]}, family="openai", errors=READ_ERRORS))
-async def list_models(request: Request) -> dict[str, Any]:
-    settings: Settings = request.app.state.settings
-    registry: Registry = request.app.state.registry
+
+
+async def list_models(gw: Gateway, request: Request) -> dict[str, Any]:
     data = []
-    for name, spec in settings.models.items():
-        status = await registry.status(name)
+    for name, spec in gw.settings.models.items():
+        status = await gw.registry.status(name)
         data.append({"id": name, "object": "model", "created": 0, "owned_by": "inferline",
                      "version": status.info.version if status.info else None, "live_replicas": status.live_replicas,
                      "replicas": spec.replicas, "devices": status.devices, "queue_depth": status.queue_depth,

@@ -1,5 +1,5 @@
-"""OpenAI-compatible /v1/completions (what the `openai` client calls), and what it shares with /v1/chat/completions
-(routes/chat.py): finish reasons, usage, log-probability values, SSE chunks and worker-error parameter names.
+"""OpenAI-compatible /v1/completions (what the `openai` client calls); what it shares with /v1/chat/completions is in
+routes/openai_shapes.py and routes/sse.py.
 
 OpenAI semantics: the stop sequence is left out of the text (the engine does it: include_stop_sequence=False);
 log-probabilities are the model's own (raw_logprobs); each choice of `n` (or `best_of`) is its own engine sequence
@@ -8,17 +8,15 @@ with its own seed (service.schemas.openai.choice_seed); streams end with `data: 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
 from inferline.server.errors import InferlineError
-from inferline.server.gateway.errors import body_of
 from inferline.server.gateway.generation import (
     CLIENT_GONE,
     ClientGone,
@@ -30,46 +28,16 @@ from inferline.server.gateway.generation import (
     unless_client_leaves,
 )
 from inferline.server.gateway.openapi import doc
-from inferline.server.gateway.routes.common import JSON, dispatcher, json_body, parse_json, request_id
+from inferline.server.gateway.record import request_id
+from inferline.server.gateway.routes.common import JSON, json_body, parse_json
+from inferline.server.gateway.routes.openai_shapes import FINISH, error_chunk, finite, renamed, token_name, usage
+from inferline.server.gateway.routes.sse import DONE, SSE_HEADERS, sse
 from inferline.server.protocol import TokenEvent
 from inferline.server.schemas import responses as wire
 from inferline.server.schemas.openai import CompletionRequest, Prompt
 
-router = APIRouter(tags=["text generation (OpenAI)"])
-FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
-# JSON has no -inf: OpenAI and vLLM report a token the model rules out with this logprob instead.
-LOGPROB_FLOOR = -9999.0
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-DONE = b"data: [DONE]\n\n"
-
-
-def finite(logprob: float | None) -> float | None:
-    """A logprob OpenAI's schema takes: a number (never NaN or -inf, which JSON cannot carry), or None as given."""
-    if logprob is None:
-        return None
-    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def sse(body: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(body) + b"\n\n"
-
-
-def renamed(exc: InferlineError, names: dict[str, str]) -> InferlineError:
-    """A worker's error names the engine's field (`inputs`, `max_new_tokens`); OpenAI clients know theirs."""
-    if exc.field is not None:
-        exc.field = names.get(exc.field, exc.field)
-    return exc
-
-
-def token_name(event: TokenEvent) -> str:
-    """What log-probability listings call the token: its own text (the streamed `text` may be held back)."""
-    return event.token_text if event.token_text is not None else event.text
-
+if TYPE_CHECKING:
+    from inferline.server.gateway.core import Gateway
 
 # ------------------------------------------------------------------------------------------------ /v1/completions
 def completion_logprobs(events: list[TokenEvent], offset: int,
@@ -108,21 +76,24 @@ def echo_text(prompt: Prompt, prefill: list[dict[str, Any]]) -> str:
 COMPLETION_NAMES = {"inputs": "prompt", "max_new_tokens": "max_tokens"}
 
 
-@router.post("/v1/completions", summary="Text completion (OpenAI format); SSE chunks ending in [DONE] when `stream`",
-             openapi_extra=json_body(CompletionRequest, {"model": "gpt2", "prompt": "The module", "max_tokens": 2}),
-             **doc(wire.Completion, {"id": "cmpl-0a1b2c3d4e5f", "object": "text_completion", "created": 1767225600,
-                                     "model": "gpt2", "choices": [{"index": 0, "text": " is a", "logprobs": None,
-                                                                   "finish_reason": "length"}],
-                                     "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}},
-                   family="openai", stream_event=wire.Completion, stream_example=(
-                       'data: {"id":"cmpl-0a1b2c3d4e5f","object":"text_completion","created":1767225600,"model":"gpt2",'
-                       '"choices":[{"index":0,"text":" is","logprobs":null,"finish_reason":null}]}\n\n'
-                       'data: [DONE]\n\n')))
-async def completions(request: Request) -> Response:
+DOCS = dict(
+    summary="Text completion (OpenAI format); SSE chunks ending in [DONE] when `stream`",
+    openapi_extra=json_body(CompletionRequest, {"model": "gpt2", "prompt": "The module", "max_tokens": 2}),
+    **doc(wire.Completion, {"id": "cmpl-0a1b2c3d4e5f", "object": "text_completion", "created": 1767225600,
+                            "model": "gpt2", "choices": [{"index": 0, "text": " is a", "logprobs": None,
+                                                          "finish_reason": "length"}],
+                            "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}},
+          family="openai", stream_event=wire.Completion, stream_example=(
+              'data: {"id":"cmpl-0a1b2c3d4e5f","object":"text_completion","created":1767225600,"model":"gpt2",'
+              '"choices":[{"index":0,"text":" is","logprobs":null,"finish_reason":null}]}\n\n'
+              'data: [DONE]\n\n')))
+
+
+async def completions(gw: Gateway, request: Request) -> Response:
     req = parse_json(await request.body(), CompletionRequest)
-    d = dispatcher(request)
+    d = gw.dispatcher
     d.spec(req.model)   # 404 names the served models
-    base = request_id(request)
+    base = request_id()
     prompts, k = req.prompts, req.sequences_per_prompt
     jobs = [(p, j) for p in range(len(prompts)) for j in range(k)]
     ids = [base] if len(jobs) == 1 else [f"{base}-{p}-{j}" for p, j in jobs]
@@ -178,7 +149,7 @@ async def stream_completions(req: CompletionRequest, head: dict[str, Any],
         prompt_tokens = completion_tokens = 0
         async for index, item in merge(streams):
             if isinstance(item, InferlineError):
-                yield sse(body_of(renamed(item, COMPLETION_NAMES), "/v1/completions", ""))
+                yield error_chunk(item, COMPLETION_NAMES)
                 continue
             completion_tokens += 1
             if item.index == 0 and index % n == 0:

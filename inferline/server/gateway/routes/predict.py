@@ -9,20 +9,15 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from fastapi import APIRouter, Request
-from starlette.responses import Response
 
 from inferline.server.errors import BadRequest, ValidationFailed
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.openapi import doc
-from inferline.server.gateway.routes.common import Body, answer
+from inferline.server.gateway.routes.common import Body
 from inferline.server.protocol import OP_PREDICT
 
-router = APIRouter(tags=["models"])
-PREFIX, SUFFIX = "/v1/models/", "/predict"
 
-
-async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
+async def predict(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
                  query: str) -> bytes:
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith("image/") or content_type == "application/octet-stream":
@@ -41,12 +36,11 @@ async def handle(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str]
     return reply.body
 
 
-@router.post("/v1/models/{model}/predict", summary="Run a model on one request of its own request type "
-             "(see each model's schema below)", openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"type": "object"}, "example": {"pixels": [[0.5, 0.5], [0.5, 0.5]]}},
-                 "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream"}}}}},
-             **doc(None, {"model": "tinycnn", "version": "1", "label": 3, "score": 0.41}, family="openai",
-                   schema={"type": "object", "required": ["model", "version"],
-                           "properties": {"model": {"type": "string"}, "version": {"type": "string"}}}))
-async def predict(model: str, request: Request) -> Response:
-    return await answer(request, handle)
+DOCS = dict(summary="Run a model on one request of its own request type (see each model's schema below)",
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"type": "object"},
+                                     "example": {"pixels": [[0.5, 0.5], [0.5, 0.5]]}},
+                "application/octet-stream": {"schema": {"contentMediaType": "application/octet-stream"}}}}},
+            **doc(None, {"model": "tinycnn", "version": "1", "label": 3, "score": 0.41}, family="openai",
+                  schema={"type": "object", "required": ["model", "version"],
+                          "properties": {"model": {"type": "string"}, "version": {"type": "string"}}}))

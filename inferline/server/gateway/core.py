@@ -1,0 +1,43 @@
+"""One gateway process's shared parts, built once by create_app and handed to each layer by its constructor: the
+settings, the metrics, the Redis client, the one model registry, the dispatcher and the route table. The app's
+lifespan only starts and stops it."""
+
+from __future__ import annotations
+
+import gc
+
+from inferline.server.broker.client import connect
+from inferline.server.broker.registry import Registry
+from inferline.server.config import Settings
+from inferline.server.gateway.dispatch import Dispatcher
+from inferline.server.gateway.table import ROUTES, RouteTable
+from inferline.server.metrics import GatewayMetrics
+
+REDIS_CONNECTIONS = 256   # the client pool's bound: past it redis-py refuses a command, and the request gets 503
+
+
+class Gateway:
+    def __init__(self, settings: Settings, metrics: GatewayMetrics) -> None:
+        """Connects nothing yet (the Redis client connects on first use). Raises ValueError without a redis_url."""
+        if not settings.redis_url:
+            raise ValueError("the gateway needs settings.redis_url")
+        self.settings = settings
+        self.metrics = metrics
+        # broker.timeout_s bounds a hung Redis (requests get 503 after it); it outlasts every blocking read.
+        self.redis = connect(str(settings.redis_url), settings.broker.timeout_s, max_connections=REDIS_CONNECTIONS)
+        self.registry = Registry(self.redis)
+        self.dispatcher = Dispatcher(self.redis, settings, metrics, self.registry)
+        self.table = RouteTable(ROUTES, settings)
+
+    async def start(self) -> None:
+        """Start reading replies (without waiting for Redis: until it answers, requests get 503 or 504)."""
+        await self.dispatcher.start()
+        # What is here now (FastAPI, pydantic, the routes' schemas) lives as long as the process: without the freeze
+        # a full collection walked it all every ~4,000 requests under load (54 ms each: 13 µs per request, a fifth of
+        # the gateway's CPU at c=64).
+        gc.collect()
+        gc.freeze()
+
+    async def stop(self) -> None:
+        await self.dispatcher.stop()
+        await self.redis.aclose()

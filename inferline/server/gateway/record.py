@@ -1,0 +1,30 @@
+"""What one request's log line, metrics and trace span need from the layers below the Edge. The Edge makes a record
+per request and sets `current`; the route (its label), the dispatcher (its model, the worker's timings) fill it in.
+Its own module, so that the dispatcher and the hot path write it without importing the Edge."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+
+class RequestRecord:
+    __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens")
+
+    def __init__(self, request_id: str, traceparent: str = "") -> None:
+        self.request_id = request_id
+        self.traceparent = traceparent   # the gateway span's, for the envelope ("" when tracing is off)
+        self.route = ""                  # the route table's path template ("" until a route matched)
+        self.model = ""
+        self.queued_ms = 0.0
+        self.compute_ms = 0.0
+        self.batch_size = 0
+        self.tokens = 0
+
+
+current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)
+
+
+def request_id() -> str:
+    """The request id of the request being served ("" outside one)."""
+    record = current.get()
+    return record.request_id if record is not None else ""
