@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from inferline.server.broker.streams import Delivery, ModelQueue
+from inferline.server.broker.consumer import Delivery, ModelQueue
 
 POLL_S = 0.0005   # between reads while a busy batch fills
 

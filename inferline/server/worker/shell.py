@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from inferline.server.broker import keys
+from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import BROKER_ERRORS
+from inferline.server.broker.consumer import Delivery, ModelQueue
 from inferline.server.broker.registry import Registry
-from inferline.server.broker.streams import Cancels, Delivery, ModelQueue
 from inferline.server.config import ModelSpec
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import WorkerMetrics
