@@ -99,8 +99,9 @@ class Shell:
         # request id: a caller may reuse its id (x-request-id) while its first request is still held, and each
         # entry must stay claimed until it is itself answered.
         self._held: dict[bytes, Delivery] = {}
-        # Taken over from dead or hung workers (held already), waiting for take_reclaimed(). Bounded by the claims:
-        # at most 100 entries per claim round (ModelQueue.reclaim, claim_from).
+        # Taken over from dead or hung workers (held already), waiting for take_reclaimed(). Bounded by the claims
+        # (at most 100 entries a round per source, ModelQueue.reclaim and claim_from) and emptied by the schedulers
+        # every batch or intake turn.
         self._reclaimed: list[Delivery] = []
         self._send_turn = asyncio.Lock()
         self._send_errors = RepeatingError(log, f"sending replies model={spec.name}", BROKER_ERRORS)
