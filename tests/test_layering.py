@@ -106,7 +106,8 @@ def test_worker_side_module_loads_no_web_stack(module: str) -> None:
 
 
 @pytest.mark.parametrize("module", [f"inferline.server.{m}" for m in (
-    "protocol", "config", "errors", "schemas.tasks", "broker.streams", "broker.registry", "broker.embedded")])
+    "protocol", "config", "errors", "schemas.tasks", "broker.enqueue", "broker.consumer", "broker.replies",
+    "broker.cancels", "broker.reads", "broker.registry", "broker.embedded")])
 def test_shared_modules_load_neither(module: str) -> None:
     loaded = modules_after(f"import {module}")
     assert offenders(loaded, WEB + FRAMEWORKS) == []

@@ -14,9 +14,10 @@ import uvloop
 
 from inferline.server.broker import keys
 from inferline.server.broker.client import connect
+from inferline.server.broker.consumer import ModelQueue
 from inferline.server.broker.pipelined import Pipelined
+from inferline.server.broker.reads import xread
 from inferline.server.broker.roundtrip import HeldConnection
-from inferline.server.broker.streams import ModelQueue, xread
 from inferline.server.protocol import Envelope
 
 

@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 
 from inferline.server.broker import keys
-from inferline.server.broker.streams import Enqueuer
+from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.protocol import Envelope, Reply, now_ms, unpack_replies
 from tests.conftest import Cluster, live_workers, wait_for
 

@@ -10,8 +10,8 @@ import redis
 
 from inferline.server.broker import keys
 from inferline.server.broker.client import connect
+from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.broker.ratelimit import ADMITTED, LIMITED, Limits, RateLimiter
-from inferline.server.broker.streams import Enqueuer
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import Envelope, now_ms
 

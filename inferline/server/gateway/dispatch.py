@@ -20,9 +20,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from inferline.server.broker import keys
+from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import BROKER_ERRORS, Redis
+from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.broker.registry import Registry
-from inferline.server.broker.streams import Cancels, Enqueuer, ReplyInbox
+from inferline.server.broker.replies import ReplyInbox
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.config import ModelSpec, Settings
 from inferline.server.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, typed

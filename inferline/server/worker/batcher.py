@@ -5,27 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
-from inferline.server.broker.streams import Delivery, ModelQueue
+from inferline.server.broker.consumer import Delivery
 
 POLL_S = 0.0005   # between reads while a busy batch fills
 
+# How deliveries are read: (count, block_s; None: do not block) -> up to count of them. The worker passes
+# Shell.take, which holds what it returns until answered.
+Take = Callable[[int, float | None], Awaitable[list[Delivery]]]
 
-async def collect(queue: ModelQueue, max_size: int, max_delay_s: float, busy: bool,
+
+async def collect(take: Take, max_size: int, max_delay_s: float, busy: bool,
                   idle_block_s: float = 1.0) -> list[Delivery]:
-    """Up to max_size deliveries. Idle: one blocking read (no spinning). Busy (recent batches were
+    """Up to max_size deliveries, read with `take`. Idle: one blocking read (no spinning). Busy (recent batches were
     filling up): keep reading until the batch is full or max_delay_s has passed since the first arrival;
     max_delay_s is an upper bound, never a fixed wait.
 
     The window is timed here, with short non-blocking reads, not with a short BLOCK: Redis checks blocked
     clients' timeouts only as often as its `hz` (10/s by default), so a 5 ms BLOCK that nothing ends
     could return after 100 ms (measured: ~100 ms per request for the first requests after a burst)."""
-    batch = await queue.read(count=max_size, block_s=idle_block_s)
+    batch = await take(max_size, idle_block_s)
     if not busy or not batch:
         return batch
     window_ends = time.monotonic() + max_delay_s
     while len(batch) < max_size:
-        more = await queue.read(count=max_size - len(batch), block_s=None)
+        more = await take(max_size - len(batch), None)
         batch += more
         left = window_ends - time.monotonic()
         if left <= 0:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from inferline.server import tracing
 from inferline.server.broker.client import BROKER_ERRORS
-from inferline.server.broker.streams import Delivery
+from inferline.server.broker.consumer import Delivery
 from inferline.server.errors import InferlineError, InputError
 from inferline.server.logs import RepeatingError
 from inferline.server.model import Model
@@ -107,17 +107,18 @@ class DynamicBatching:
         self.traffic = Traffic(max_batch_size)
         self.model_thread = ModelThread()
         self.request_s = float("inf")   # the last batch's time per request (none yet: the model thread)
-        self.errors = RepeatingError(log, f"reading model={shell.spec.name}", BROKER_ERRORS)
+        self.errors = RepeatingError(log, f"reading model={shell.name}", BROKER_ERRORS)
 
     async def run(self) -> None:
         reading = asyncio.create_task(self.next_batch())
         while True:
             batch = await reading
-            stopping = self.shell.stopping.is_set()
+            stopping = self.shell.stopping
             if not stopping:
                 reading = asyncio.create_task(self.next_batch())
-            while not self.shell.claimed.empty():
-                await self.process([self.shell.claimed.get_nowait()], record=False)
+            while reclaimed := self.shell.take_reclaimed():   # until none is left, as new ones may come meanwhile
+                for d in reclaimed:   # one at a time: one of them may be the request that killed its last worker
+                    await self.process([d], record=False)
             if batch:
                 await self.process(batch)
             if stopping:
@@ -130,7 +131,7 @@ class DynamicBatching:
         """A new batch, or [] after a blocking read found none. Never raises: Redis away is logged and backed off
         (nothing was acknowledged: whatever was read is redelivered)."""
         try:
-            batch = await collect(self.shell.queue, self.max_batch_size, self.max_delay_s, self.traffic.busy,
+            batch = await collect(self.shell.take, self.max_batch_size, self.max_delay_s, self.traffic.busy,
                                   idle_block_s=0.5)
             self.errors.ok()
             return batch
@@ -142,8 +143,7 @@ class DynamicBatching:
             return []
 
     async def process(self, batch: Sequence[Delivery], record: bool = True) -> None:
-        for d in batch:   # a batch slower than the visibility timeout must not be reclaimed under it
-            self.shell.inflight[d.request_id] = d
+        """Run and answer one batch the shell handed out (it stays claimed until answered, however slow)."""
         live, answers = expire(batch)
         if live:
             inline = self.request_s * len(live) < INLINE_UNDER_S
@@ -166,11 +166,10 @@ class DynamicBatching:
             self.request_s = took / n
             if record:
                 self.traffic.record(n)
-            self.shell.status.record_batch(n)
-            self.shell.metrics.batch_size.observe(n)
+            self.shell.record_batch(n)
             if tracing.ENABLED:
-                tracing.record_batch(self.shell.spec.name, [(d.request_id, d.envelope.traceparent, r.queued_ms)
-                                                            for d, r in zip(live, timed, strict=True)],
+                tracing.record_batch(self.shell.name, [(d.request_id, d.envelope.traceparent, r.queued_ms)
+                                                       for d, r in zip(live, timed, strict=True)],
                                      started_ns, started_ns + int(took * 1e9))
-            log.debug("batch model=%s size=%d ms=%.1f", self.shell.spec.name, n, took * 1e3)
-        await self.shell.send(answers, batch)
+            log.debug("batch model=%s size=%d ms=%.1f", self.shell.name, n, took * 1e3)
+        await self.shell.answer(answers, batch)

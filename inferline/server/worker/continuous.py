@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from inferline.server import tracing
 from inferline.server.broker.client import BROKER_ERRORS
-from inferline.server.broker.streams import Delivery
+from inferline.server.broker.consumer import Delivery
 from inferline.server.errors import InferlineError, InputError, describe_validation
 from inferline.server.generation.engine import ERROR, Engine
 from inferline.server.generation.params import SamplingParams
@@ -54,7 +54,9 @@ class ContinuousBatching:
         self.model = model
         self.engine = engine
         self.max_batch_size = max_batch_size
-        self.name = shell.spec.name
+        self.name = shell.name
+        # The requests in the engine, by id: this scheduler's own view (the shell keeps them claimed until answered).
+        self.running: dict[str, Delivery] = {}
         self.v2_ids: dict[str, str | None] = {}   # requests that came through /v2 infer -> their v2 "id"
         self.admitted: dict[str, int] = {}          # request id -> when it joined the engine (epoch ns)
         self.work = asyncio.Event()
@@ -68,7 +70,7 @@ class ContinuousBatching:
         """Until the shell stops: then take no new requests, finish the sequences in hand, return."""
         intake = asyncio.create_task(self._intake())
         try:
-            while not (self.shell.stopping.is_set() and not self.engine.has_work() and not self.shell.inflight):
+            while not (self.shell.stopping and not self.engine.has_work() and not self.running):
                 if not self.engine.has_work():
                     self.work.clear()
                     with contextlib.suppress(TimeoutError):
@@ -82,7 +84,7 @@ class ContinuousBatching:
                 await intake
 
     async def cancel(self, request_id: str) -> bool:
-        d = self.shell.inflight.get(request_id)
+        d = self.running.get(request_id)
         if d is None or not await self.model_thread.run(self.engine.cancel, request_id):
             return False
         await self._finish([(d, Reply.error(request_id, "cancelled", "the client went away"))])
@@ -91,19 +93,16 @@ class ContinuousBatching:
     # intake ----------------------------------------------------------------------------------------------------
     async def _intake(self) -> None:
         errors = RepeatingError(log, f"intake model={self.name}", BROKER_ERRORS)
-        while not self.shell.stopping.is_set():
+        while not self.shell.stopping:
             try:
-                claimed = []
-                while not self.shell.claimed.empty():
-                    claimed.append(self.shell.claimed.get_nowait())
-                await self.admit(claimed)
+                await self.admit(self.shell.take_reclaimed())
                 room = self.max_batch_size - self.engine.num_running - self.engine.num_waiting
                 if room <= 0:   # full: wait until sequences finish
                     self.freed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.freed.wait(), 0.25)
                     continue
-                await self.admit(await self.shell.queue.read(count=room, block_s=0.25))
+                await self.admit(await self.shell.take(room, 0.25))
                 errors.ok()
             except asyncio.CancelledError:
                 raise
@@ -121,14 +120,14 @@ class ContinuousBatching:
                                                                                          params)))))
                     continue
                 self._add(d)
-                self.shell.inflight[d.request_id] = d
+                self.running[d.request_id] = d
                 self.admitted[d.request_id] = time.time_ns()
             except InferlineError as exc:
                 self.v2_ids.pop(d.request_id, None)
                 answers.append((d, Reply.error(d.request_id, exc.error_type, exc.message, exc.field)))
             except (TypeError, ValueError) as exc:
                 answers.append((d, Reply.error(d.request_id, "validation", f"bad generation request: {exc}")))
-        await self.shell.send(answers, [d for d, _ in answers])
+        await self.shell.answer(answers, [d for d, _ in answers])   # none of them joined the engine
         if len(answers) < len(deliveries):
             self.work.set()
 
@@ -170,17 +169,16 @@ class ContinuousBatching:
                 events = await self.model_thread.run(self.engine.step)
             self.inline = self.on_cpu and time.perf_counter() - started < INLINE_STEP_UNDER_S
         except Exception:   # noqa: BLE001 - the engine dropped its running batch: fail those, keep serving
-            lost = [d for rid, d in self.shell.inflight.items() if not self.engine.has_request(rid)]
+            lost = [d for rid, d in self.running.items() if not self.engine.has_request(rid)]
             await self._finish([(d, Reply.error(d.request_id, "generation", f"generation failed for request "
                                                 f"{d.request_id}")) for d in lost])
             return
-        self.shell.status.record_batch(len(events))
-        self.shell.metrics.batch_size.observe(len(events))
-        self.shell.status.active = self.engine.num_running
+        self.shell.record_batch(len(events))
+        self.shell.record_running(self.engine.num_running)
         answers: list[tuple[Delivery, Reply]] = []
         finished: list[Delivery] = []
         for event in events:
-            d = self.shell.inflight.get(event.request_id)
+            d = self.running.get(event.request_id)
             if d is None:
                 continue
             final = event.finish_reason is not None
@@ -196,9 +194,10 @@ class ContinuousBatching:
                 answers.append((d, Reply(event.request_id, event.encode(), final=False)))
             if final:
                 finished.append(d)
+                del self.running[event.request_id]
         if finished:
             self.freed.set()
-        await self.shell.send(answers, finished)
+        await self.shell.answer(answers, finished)
 
     def timed(self, d: Delivery, reply: Reply, tokens: int) -> Reply:
         """A finished request's last reply, with where its time went: queued until admission, then generating."""
@@ -218,14 +217,15 @@ class ContinuousBatching:
     async def _finish(self, answered: list[tuple[Delivery, Reply]]) -> None:
         self.freed.set()
         for d, _ in answered:
+            self.running.pop(d.request_id, None)
             self.v2_ids.pop(d.request_id, None)
             self.admitted.pop(d.request_id, None)
-        await self.shell.send(answered, [d for d, _ in answered])
-        self.shell.status.active = self.engine.num_running
+        await self.shell.answer(answered, [d for d, _ in answered])
+        self.shell.record_running(self.engine.num_running)
 
     async def _expire(self) -> None:
         """Sequences past their deadline: nobody waits for them any more."""
-        _, late = expire(list(self.shell.inflight.values()))
+        _, late = expire(list(self.running.values()))
         for d, _ in late:
             await self.model_thread.run(self.engine.cancel, d.request_id)
         if late:

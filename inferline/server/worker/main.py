@@ -22,9 +22,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from inferline.server import logs, tracing
+from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import connect
+from inferline.server.broker.consumer import ModelQueue
 from inferline.server.broker.registry import Registry
-from inferline.server.broker.streams import Cancels, ModelQueue
 from inferline.server.config import ConfigError, ModelSpec, Settings, spec_from_env
 from inferline.server.model import LanguageModel, Model, signature
 from inferline.server.protocol import ModelInfo, WorkerStatus

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from inferline.server.broker.streams import Delivery
+from inferline.server.broker.consumer import Delivery
 from inferline.server.errors import InferlineError, InputError, MalformedInput, describe_validation, typed
 from inferline.server.model import Model, signature
 from inferline.server.protocol import OP_PREDICT, OP_V2, decode_payload, dumps

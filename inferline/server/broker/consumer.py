@@ -1,15 +1,6 @@
-"""Redis Streams operations for both sides. redis.asyncio only; all key names come from keys.py.
-
-Gateway side: `Enqueuer` puts requests on a model's stream, one pipelined round trip for all the
-requests of one event-loop tick, the queue cap checked atomically in the same script.
-Worker side: `ModelQueue` reads with the consumer group, acknowledges and deletes, replies, reclaims
-work left pending by a dead worker, and dead-letters what keeps failing.
-
-A request is one stream entry, its payload inline: the worker gets everything in the read that finds it
-(a payload under its own key cost one more round trip per batch, ~0.17 ms of every lone request here).
-Streams have no per-entry TTL, but entry ids are arrival times (Redis's clock): every enqueue trims, with XADD's MINID,
-the entries that arrived longer ago than the model's timeout plus a grace, so a request nobody answered
-expires. An answered one is deleted at once.
+"""A worker's side of a model's request stream: `ModelQueue` reads with the consumer group, replies, acknowledges and
+deletes, reclaims work left pending by a dead worker, and dead-letters what keeps failing; `Delivery` is one request
+as a worker received it. Gateways put requests on the stream with enqueue.py and read the replies with replies.py.
 
 Ordering rules that keep work from being lost: an entry is XDEL'd only after it is XACK'd (XCLAIM and
 XAUTOCLAIM skip pending ids whose entries are gone), and only after its reply was sent (a crash in
@@ -28,49 +19,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from inferline.server.broker import keys, roundtrip
-from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.broker.pipelined import Pipelined
-from inferline.server.broker.registry import entry_ms
-from inferline.server.broker.ticks import TickBatcher
-from inferline.server.protocol import Cancel, Envelope, Reply, pack_replies, unpack_replies
+from inferline.server.broker.reads import stream_entries
+from inferline.server.protocol import Envelope, Reply, pack_replies
 
 log = logging.getLogger(__name__)
 
+# A gateway's reply stream is trimmed to about this many entries by the workers' XADDs (one entry per gateway per
+# send): a gateway that stopped reading cannot grow it without bound.
 REPLY_MAXLEN = 100_000
 
-# KEYS: request stream, the gateway's reply stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope
-# fields, then the cap in bytes (0: none), then the W3C traceparent ('' when tracing is off: no field), then the
-# reply stream's TTL (s). Returns the queue length before the add, or -1 when the queue is at a cap (nothing
-# written). A reply stream Redis lost (a restart, FLUSHALL) is made again here, before the request it must carry the
-# answer of is queued: workers reply with NOMKSTREAM, so without it the answer would be dropped and the caller would
-# wait out its deadline.
-# The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
-# ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
-# so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
-# refused forever.
-_ENQUEUE = """
-local n = redis.call('XLEN', KEYS[1])
-if n >= tonumber(ARGV[1]) then return -1 end
-local cap_bytes = tonumber(ARGV[8] or '0')
-if n > 0 and cap_bytes > 0 then
-  local used = redis.call('MEMORY', 'USAGE', KEYS[1]) or 0
-  if used + string.len(ARGV[3]) > cap_bytes then return -1 end
-end
-local t = redis.call('TIME')
-local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('XADD', KEYS[2], '*', 'pack', '')
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
-end
-if ARGV[9] and ARGV[9] ~= '' then
-  redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
-             'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7], 'tp', ARGV[9])
-else
-  redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
-             'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
-end
-return n
-"""
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -90,24 +48,6 @@ class Delivery:
         """When the entry reached the stream: its id's time part, Redis's clock (epoch ms)."""
         return int(self.entry_id.split(b"-", 1)[0])
 
-
-class Enqueuer:
-    """Puts requests on model streams. The enqueues of one event-loop tick share one Redis round trip (a
-    TickBatcher, which a gateway also shares with its rate limiter)."""
-
-    def __init__(self, redis: aioredis.Redis, batcher: TickBatcher | None = None) -> None:
-        self.batcher = batcher if batcher is not None else TickBatcher(redis)
-
-    async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int,
-                      cap_bytes: int = 0) -> int:
-        """Queue one request, and drop the model's entries that arrived more than keep_ms ago (nobody waits
-        for them any more). Returns the queue depth it found, or -1 when the model's queue is full (cap entries,
-        or cap_bytes of Redis memory when cap_bytes > 0).
-        Raises redis errors (the caller answers 503)."""
-        depth = await self.batcher.script(_ENQUEUE, [keys.request_stream(model), envelope.reply_to], [
-            cap, keep_ms, payload, envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op,
-            cap_bytes, envelope.traceparent, keys.REPLY_STREAM_TTL_S])
-        return int(depth)
 
 
 class ModelQueue:
@@ -281,30 +221,6 @@ class ModelQueue:
         await self.reply_and_ack([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries], deliveries)
 
 
-async def xread(conn: roundtrip.HeldConnection, stream: str, after: Any, count: int,
-                block_s: float) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Entries of `stream` after id `after`, waiting up to block_s for the first (one round trip)."""
-    [res] = await conn.run([("XREAD", "COUNT", count, "BLOCK", max(1, int(block_s * 1000)), "STREAMS", stream, after)])
-    if isinstance(res, ResponseError):
-        raise res
-    return stream_entries(res)
-
-
-def stream_entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """(entry id, fields) of one stream from a raw XREAD / XREADGROUP reply (None when the block ran out). Entries
-    whose fields are gone (deleted while pending) are left out."""
-    if not raw:
-        return []
-    # RESP3 (redis-py's default protocol from 8.0) answers a map of stream -> entries, RESP2 a list of pairs
-    entries = next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
-    out = []
-    for entry_id, flat in entries:
-        if flat:
-            it = iter(flat)
-            out.append((entry_id, dict(zip(it, it, strict=True))))
-    return out
-
-
 def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:
     """An entry as read. One without a payload (written by an older gateway, or by hand) gets an empty one,
     which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
@@ -316,80 +232,3 @@ def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:
                        f"request {delivery.request_id} failed {delivery.tries - 1} times ({reason}) and was moved "
                        "to the dead-letter stream")
 
-
-class Cancels:
-    """A model's cancel stream: gateways announce callers that left; every replica reads them all (no group)."""
-
-    def __init__(self, redis: aioredis.Redis, model: str) -> None:
-        self.redis = redis
-        self.stream = keys.cancel_stream(model)
-        self.last: Any = None
-        self.reads = roundtrip.HeldConnection(redis)
-
-    async def publish(self, cancel: Cancel) -> None:
-        await self.redis.xadd(self.stream, cancel.fields(), maxlen=keys.CANCEL_MAXLEN,  # type: ignore[arg-type]
-                              approximate=True)
-
-    async def read(self, block_s: float) -> list[tuple[Cancel, int]]:
-        """Cancels published since the last read (since the first read's call, the first time), each with when it
-        was published (ms, Redis's clock: the one request entry ids are made from, see entry_ms)."""
-        if self.last is None:
-            newest: Any = await self.redis.xrevrange(self.stream, count=1)
-            self.last = newest[0][0] if newest else b"0-0"
-        res = await xread(self.reads, self.stream, self.last, 100, block_s)
-        out = []
-        for entry_id, fields in res:
-            self.last = entry_id
-            out.append((Cancel.from_fields(fields), entry_ms(entry_id)))
-        return out
-
-
-class ReplyInbox:
-    """A gateway's reply stream: made here, never by workers (they send with NOMKSTREAM), so a dead gateway's stream
-    just expires. Recreated on the spot when Redis lost it (a restart or FLUSHALL)."""
-
-    def __init__(self, redis: aioredis.Redis, gateway_id: str) -> None:
-        self.redis = redis
-        self.stream = keys.reply_stream(gateway_id)
-        self.last: Any = None
-        self.reads = roundtrip.HeldConnection(redis)
-
-    async def create(self) -> None:
-        """Make the stream (one empty entry) with its TTL, and read from that entry on."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self.stream, {"pack": b""})
-            pipe.expire(self.stream, keys.REPLY_STREAM_TTL_S)
-            last, _ = await pipe.execute()
-        self.last = last
-
-    async def read(self, block_s: float) -> list[Reply]:
-        """The replies that arrived since the last read, waiting up to block_s for the first."""
-        if self.last is None:
-            await self.create()
-        res = await xread(self.reads, self.stream, self.last, 1000, block_s)
-        if not res and not await self.redis.exists(self.stream):
-            # Redis lost the stream (restart, FLUSHALL): workers reply with NOMKSTREAM, so until it exists again
-            # every reply is dropped. An empty read is the cheap moment to look: one EXISTS per idle block.
-            await self.create()
-            return []
-        replies: list[Reply] = []
-        for entry_id, fields in res:
-            self.last = entry_id
-            replies += unpack_replies(fields.get(b"pack", b""))
-        return replies
-
-    async def trim(self) -> None:
-        """Drop the entries already read."""
-        if self.last is not None:
-            await self.redis.xtrim(self.stream, minid=self.last)
-
-    async def refresh(self) -> None:
-        """Extend the TTL; recreate the stream if Redis lost it."""
-        if not await self.redis.expire(self.stream, keys.REPLY_STREAM_TTL_S):
-            await self.create()
-
-    async def delete(self) -> None:
-        try:
-            await self.redis.delete(self.stream)
-        except BROKER_ERRORS:
-            pass

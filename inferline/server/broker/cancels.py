@@ -1,0 +1,41 @@
+"""A model's cancel stream: gateways publish the requests whose caller left; every replica of the model reads them
+all (no consumer group), and drops the request if it holds it or has not read it yet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from inferline.server.broker import keys, roundtrip
+from inferline.server.broker.reads import xread
+from inferline.server.broker.registry import entry_ms
+from inferline.server.protocol import Cancel
+
+
+class Cancels:
+    """A model's cancel stream: gateways announce callers that left; every replica reads them all (no group)."""
+
+    def __init__(self, redis: aioredis.Redis, model: str) -> None:
+        self.redis = redis
+        self.stream = keys.cancel_stream(model)
+        self.last: Any = None
+        self.reads = roundtrip.HeldConnection(redis)
+
+    async def publish(self, cancel: Cancel) -> None:
+        await self.redis.xadd(self.stream, cancel.fields(), maxlen=keys.CANCEL_MAXLEN,  # type: ignore[arg-type]
+                              approximate=True)
+
+    async def read(self, block_s: float) -> list[tuple[Cancel, int]]:
+        """Cancels published since the last read (since the first read's call, the first time), each with when it
+        was published (ms, Redis's clock: the one request entry ids are made from, see entry_ms)."""
+        if self.last is None:
+            newest: Any = await self.redis.xrevrange(self.stream, count=1)
+            self.last = newest[0][0] if newest else b"0-0"
+        res = await xread(self.reads, self.stream, self.last, 100, block_s)
+        out = []
+        for entry_id, fields in res:
+            self.last = entry_id
+            out.append((Cancel.from_fields(fields), entry_ms(entry_id)))
+        return out
+

@@ -1,0 +1,72 @@
+"""The gateway's side of a model's request stream: `Enqueuer` puts requests on it, one pipelined round trip for all
+the requests of one event-loop tick, the queue cap checked atomically in the same script. The worker's side (reading,
+answering, acknowledging) is consumer.py.
+
+A request is one stream entry, its payload inline: the worker gets everything in the read that finds it
+(a payload under its own key cost one more round trip per batch, ~0.17 ms of every lone request here).
+Streams have no per-entry TTL, but entry ids are arrival times (Redis's clock): every enqueue trims, with XADD's MINID,
+the entries that arrived longer ago than the model's timeout plus a grace, so a request nobody answered
+expires. An answered one is deleted at once (by its worker, consumer.py).
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from inferline.server.broker import keys
+from inferline.server.broker.ticks import TickBatcher
+from inferline.server.protocol import Envelope
+
+# KEYS: request stream, the gateway's reply stream. ARGV: cap, how long (ms) to keep entries, payload, the envelope
+# fields, then the cap in bytes (0: none), then the W3C traceparent ('' when tracing is off: no field), then the
+# reply stream's TTL (s). Returns the queue length before the add, or -1 when the queue is at a cap (nothing
+# written). A reply stream Redis lost (a restart, FLUSHALL) is made again here, before the request it must carry the
+# answer of is queued: workers reply with NOMKSTREAM, so without it the answer would be dropped and the caller would
+# wait out its deadline.
+# The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
+# ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
+# so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
+# refused forever.
+_ENQUEUE = """
+local n = redis.call('XLEN', KEYS[1])
+if n >= tonumber(ARGV[1]) then return -1 end
+local cap_bytes = tonumber(ARGV[8] or '0')
+if n > 0 and cap_bytes > 0 then
+  local used = redis.call('MEMORY', 'USAGE', KEYS[1]) or 0
+  if used + string.len(ARGV[3]) > cap_bytes then return -1 end
+end
+local t = redis.call('TIME')
+local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XADD', KEYS[2], '*', 'pack', '')
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
+end
+if ARGV[9] and ARGV[9] ~= '' then
+  redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
+             'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7], 'tp', ARGV[9])
+else
+  redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', 'p', ARGV[3],
+             'id', ARGV[4], 'reply', ARGV[5], 'deadline', ARGV[6], 'op', ARGV[7])
+end
+return n
+"""
+
+
+class Enqueuer:
+    """Puts requests on model streams. The enqueues of one event-loop tick share one Redis round trip (a
+    TickBatcher, which a gateway also shares with its rate limiter)."""
+
+    def __init__(self, redis: aioredis.Redis, batcher: TickBatcher | None = None) -> None:
+        self.batcher = batcher if batcher is not None else TickBatcher(redis)
+
+    async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int,
+                      cap_bytes: int = 0) -> int:
+        """Queue one request, and drop the model's entries that arrived more than keep_ms ago (nobody waits
+        for them any more). Returns the queue depth it found, or -1 when the model's queue is full (cap entries,
+        or cap_bytes of Redis memory when cap_bytes > 0).
+        Raises redis errors (the caller answers 503)."""
+        depth = await self.batcher.script(_ENQUEUE, [keys.request_stream(model), envelope.reply_to], [
+            cap, keep_ms, payload, envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op,
+            cap_bytes, envelope.traceparent, keys.REPLY_STREAM_TTL_S])
+        return int(depth)
+
