@@ -32,6 +32,7 @@ from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.broker.pipelined import Pipelined
 from inferline.server.broker.registry import entry_ms
 from inferline.server.broker.ticks import TickBatcher
+from inferline.server.errors import DeadLettered
 from inferline.server.protocol import (
     ENVELOPE_FIELDS,
     PAYLOAD_FIELD,
@@ -336,7 +337,7 @@ def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Deli
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:
-    return Reply.error(delivery.request_id, "dead_letter",
+    return Reply.error(delivery.request_id, DeadLettered.error_type,
                        f"request {delivery.request_id} failed {delivery.tries - 1} times ({reason}) and was moved "
                        "to the dead-letter stream")
 
