@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 import pytest
 from PIL import Image
+from pydantic import BaseModel
 
 from inferline.client import (
     AsyncClient,
@@ -37,8 +38,10 @@ from inferline.client import (
     ServerError,
     StreamToken,
     TextClassification,
+    types,
 )
 from inferline.client.types import ChatCompletion, Completion
+from inferline.server.schemas import responses as wire
 from tests.conftest import ROOT, child_env
 from tests.runtimes import EchoAnswer
 from tests.sdk_cluster import Deployment, start_deployment
@@ -76,6 +79,24 @@ def digit_png(digit: np.ndarray) -> bytes:
 
 
 Caller = Callable[..., Any]
+
+
+def test_each_result_is_the_routes_own_wire_model() -> None:
+    """An answer's shape is spelled once, in server/schemas/responses.py: every result but the two decoded views
+    (Prediction: each model's own type; InferResult: tensors as arrays) is the model its route documents, with no
+    field of its own but Health's always-a-list `missing`. A new result type fails here until it says which it is."""
+    documented: dict[type[types.Result], type[BaseModel]] = {
+        ImageClassification: wire.ImageClassification, Forecast: wire.Forecast, TextClassification: wire.TextLabels,
+        Generation: wire.Generation, StreamToken: wire.StreamEvent, Completion: wire.Completion,
+        ChatCompletion: wire.ChatCompletion, ModelList: wire.ModelList, Health: wire.Readiness,
+        ModelMetadata: wire.V2Metadata}
+    results = {cls for cls in vars(types).values() if isinstance(cls, type) and issubclass(cls, types.Result)}
+    assert results == set(documented) | {types.Result, Prediction, InferResult}
+    for result, model in documented.items():
+        assert issubclass(result, model) and set(result.model_fields) == set(model.model_fields), result
+        assert all(result.model_fields[n].annotation == model.model_fields[n].annotation for n in model.model_fields
+                   if (result, n) != (Health, "missing")), result
+    assert types.ModelCard is wire.ModelEntry and types.Label is wire.Label and types.Token is wire.Token
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -209,7 +230,7 @@ def test_models_health_and_metadata(call: Caller, deployment: Deployment) -> Non
     assert isinstance(health, Health) and health.ready and health.missing == []
     meta = call("metadata", "gpt2")
     assert isinstance(meta, ModelMetadata) and meta.name == "gpt2" and meta.versions == [models["gpt2"].version]
-    assert meta.inputs == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+    assert [t.model_dump() for t in meta.inputs] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
 
 
 class Recorder:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from inferline.server.protocol import (
+    ENVELOPE_FIELDS,
+    PAYLOAD_FIELD,
     Cancel,
     Envelope,
     ModelInfo,
@@ -50,7 +54,17 @@ def test_payload_round_trip_and_truncation() -> None:
         decode_payload(b"\x00")
 
 
-def test_envelope_fields_round_trip() -> None:
-    env = Envelope("id1", "inferline:reply:gw", 1234, "task")
+@pytest.mark.parametrize("traceparent", ["", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"])
+def test_envelope_fields_round_trip(traceparent: str) -> None:
+    env = Envelope("id1", "inferline:reply:gw", 1234, "task", traceparent)
     fields = {k.encode(): str(v).encode() for k, v in env.fields().items()}
     assert Envelope.from_fields(fields) == env
+    assert ("tp" in env.fields()) == bool(traceparent)   # an optional field is left off the entry when empty
+
+
+def test_every_envelope_attribute_has_one_entry_field() -> None:
+    """ENVELOPE_FIELDS (what the enqueue script is generated from) covers every attribute, names each field once,
+    and never takes the payload's field."""
+    assert [f.attribute for f in ENVELOPE_FIELDS] == [f.name for f in dataclasses.fields(Envelope)]
+    names = [f.name for f in ENVELOPE_FIELDS] + [PAYLOAD_FIELD]
+    assert len(set(names)) == len(names)

@@ -5,15 +5,17 @@ loaded again without repeating a call that already ran."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import redis
 
 from inferline.server.broker import keys
 from inferline.server.broker.client import connect
+from inferline.server.broker.consumer import parse_entry
 from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.broker.ratelimit import ADMITTED, LIMITED, Limits, RateLimiter
 from inferline.server.broker.ticks import TickBatcher
-from inferline.server.protocol import Envelope, now_ms
+from inferline.server.protocol import PAYLOAD_FIELD, Envelope, now_ms
 
 COUNT = "return redis.call('INCR', KEYS[1])"
 
@@ -76,3 +78,29 @@ def test_gateway_calls_of_one_tick_share_the_pipeline(redis_url: str, rdb: redis
     assert depths == list(range(10)) and rdb.xlen(keys.request_stream("m")) == 10
     assert pipelines == 3
     assert rdb.zcard(keys.in_flight("k")) == 0
+
+
+def test_the_enqueue_script_writes_the_entry_the_codec_spells(redis_url: str, rdb: redis.Redis) -> None:
+    """The script's field list is generated from protocol.py: the entry Redis holds is the payload field, then
+    Envelope.fields() in order (the optional traceparent only when set), and a worker reads the envelope back."""
+    sent = [Envelope("r1", keys.reply_stream("gw"), now_ms() + 10_000, "v2"),
+            Envelope("r2", keys.reply_stream("gw"), now_ms() + 10_000, "generate", traceparent="00-ab-cd-01")]
+
+    async def run() -> None:
+        client = connect(redis_url)
+        try:
+            enqueuer = Enqueuer(client)
+            for envelope in sent:
+                await enqueuer.enqueue("m", envelope, b"payload " + envelope.request_id.encode(), 100, 60_000)
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+    entries: Any = rdb.xrange(keys.request_stream("m"))
+    for envelope, (entry_id, fields) in zip(sent, entries, strict=True):
+        payload = b"payload " + envelope.request_id.encode()
+        want = [(PAYLOAD_FIELD, payload)] + [(k, str(v).encode()) for k, v in envelope.fields().items()]
+        assert [(k.decode(), v) for k, v in fields.items()] == want
+        delivery = parse_entry(entry_id, fields, 1)
+        assert delivery.envelope == envelope and delivery.payload == payload
+    assert b"tp" not in entries[0][1] and entries[1][1][b"tp"] == b"00-ab-cd-01"

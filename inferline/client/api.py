@@ -103,8 +103,11 @@ def read_infer(answer: Answer) -> InferResult:
 
 
 def read_health(answer: Answer) -> Health:
+    """/readyz's 200 or 503 as Health. A body that is not the gateway's (a proxy's 503) reads as not ready."""
     data = answer.json()
-    return with_id(Health(ready=bool(data.get("ready")), missing=list(data.get("missing") or [])), answer.request_id)
+    data = data if isinstance(data, dict) else {}
+    health = Health.model_validate({**data, "ready": bool(data.get("ready")), "missing": data.get("missing") or []})
+    return with_id(health, answer.request_id)
 
 
 def stream_token(data: Any, request_id: str) -> StreamToken:

@@ -1,5 +1,10 @@
-"""The typed results of every call (pydantic). Each mirrors the gateway's answer (../../README.md, "The API");
-fields the server adds later are kept (extra="allow") rather than refused, so an older client keeps working."""
+"""The typed results of every call (pydantic). Each answer's shape is the gateway's own wire model
+(inferline.server.schemas.responses: the one the routes document and /openapi.json shows); a result here is that
+model with the request id added, and a few conveniences (`Completion.text`, `ModelList["gpt2"]`). Top-level fields the
+server adds later are kept (extra="allow") rather than refused, so an older client keeps working; nested objects are
+the wire models themselves.
+
+responses.py imports pydantic alone, so the client still needs only the core install (tests/test_layering.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,22 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from inferline.server.schemas import responses as wire
+
 M = TypeVar("M", bound=BaseModel)
+
+# The nested shapes, by the names the client has always given them.
+Label = wire.Label
+Token = wire.Token
+PrefillToken = wire.PrefillToken
+GenerationDetails = wire.Details
+StreamDetails = wire.StreamDetails
+Usage = wire.Usage
+CompletionChoice = wire.CompletionChoice
+ChatMessage = wire.ChatMessage
+ChatChoice = wire.ChatChoice
+ModelCard = wire.ModelEntry       # one served model as /v1/models lists it
+TensorMetadata = wire.V2TensorMeta
 
 
 class Result(BaseModel):
@@ -22,32 +42,17 @@ class Result(BaseModel):
         return self._request_id
 
 
-class Label(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    label: str
-    score: float
-
-
-class ImageClassification(Result):
+class ImageClassification(Result, wire.ImageClassification):
     """/classify-image: labels sorted by score, best first."""
 
-    model: str
-    version: str
-    predictions: list[Label]
+
+class Forecast(Result, wire.Forecast):
+    """/forecast: `horizon` values."""
 
 
-class Forecast(Result):
-    model: str
-    version: str
-    forecast: list[float]
-
-
-class TextClassification(Result):
-    """/sentiment and /classify-text: one Label per text sent, in order (`label` and `score` are the first's)."""
-
-    model: str
-    version: str
-    results: list[Label]
+class TextClassification(Result, wire.TextLabels):
+    """/sentiment and /classify-text: one Label per text sent, in order (`label` and `score` are the first's). One
+    text's answer {model, version, label, score} is read into this shape too (api.read_labels)."""
 
     @property
     def label(self) -> str:
@@ -58,98 +63,25 @@ class TextClassification(Result):
         return self.results[0].score
 
 
-class Token(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    id: int
-    text: str
-    logprob: float | None = None
-    special: bool = False
-
-
-class GenerationDetails(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    finish_reason: str                          # "length" | "eos_token" | "stop_sequence"
-    generated_tokens: int
-    seed: int | None = None
-    prefill: list[dict[str, Any]] = Field(default_factory=list)
-    tokens: list[Token] = Field(default_factory=list)
-
-
-class Generation(Result):
+class Generation(Result, wire.Generation):
     """/generate (TGI format)."""
 
-    generated_text: str
-    details: GenerationDetails | None = None
 
-
-class StreamDetails(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    finish_reason: str
-    generated_tokens: int
-    seed: int | None = None
-
-
-class StreamToken(Result):
+class StreamToken(Result, wire.StreamEvent):
     """One event of /generate_stream. The last carries `generated_text` (the whole text) and `details`. A special
     token (end of sequence) is not part of the text: the texts of the others add up to generated_text."""
 
-    index: int
-    token: Token
-    generated_text: str | None = None
-    details: StreamDetails | None = None
 
-
-class Usage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionChoice(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    index: int
-    text: str
-    finish_reason: str | None = None
-
-
-class Completion(Result):
+class Completion(Result, wire.Completion):
     """/v1/completions (OpenAI format)."""
-
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
     @property
     def text(self) -> str:
         return self.choices[0].text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    index: int
-    message: ChatMessage
-    finish_reason: str | None = None
-
-
-class ChatCompletion(Result):
+class ChatCompletion(Result, wire.ChatCompletion):
     """/v1/chat/completions (OpenAI format)."""
-
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
 
     @property
     def content(self) -> str:
@@ -157,7 +89,8 @@ class ChatCompletion(Result):
 
 
 class Prediction(Result):
-    """/v1/models/{name}/predict: the model's own answer (its fields are attributes too), with model and version."""
+    """/v1/models/{name}/predict: the model's own answer (its fields are attributes too), with model and version.
+    Not a wire model: each served model answers its own response type, documented per model at request time."""
 
     model: str
     version: str
@@ -173,7 +106,9 @@ class Prediction(Result):
 
 
 class InferResult(Result):
-    """/v2/models/{name}/infer: the output tensors as numpy arrays, by name."""
+    """/v2/models/{name}/infer: the output tensors as numpy arrays, by name. The decoded view of
+    wire.V2InferResponse (tensors.decode_response turns its list of JSON or binary tensors into arrays), so its
+    `outputs` is not that model's."""
 
     model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True, protected_namespaces=())
     model_name: str
@@ -183,22 +118,8 @@ class InferResult(Result):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
-class ModelCard(BaseModel):
-    """One served model as /v1/models lists it."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-    id: str
-    version: str | None = None
-    task: str | None = None
-    kind: str | None = None
-    replicas: int = 0
-    live_replicas: int = 0
-    devices: list[str] = Field(default_factory=list)
-    queue_depth: int = 0
-
-
-class ModelList(Result):
-    data: list[ModelCard]
+class ModelList(Result, wire.ModelList):
+    """/v1/models: iterate it for the ModelCards, or index it by model name."""
 
     def __iter__(self) -> Any:   # type: ignore[override]  # iterate the models, not pydantic's fields
         return iter(self.data)
@@ -214,18 +135,12 @@ class ModelList(Result):
         return [card.id for card in self.data]
 
 
-class Health(Result):
-    """/readyz: ready when Redis answers and every configured model has a live worker; `missing` says what not."""
+class Health(Result, wire.Readiness):
+    """/readyz: ready when Redis answers and every configured model has a live worker; `missing` says what not
+    (always a list here: [] when nothing is)."""
 
-    ready: bool
     missing: list[str] = Field(default_factory=list)
 
 
-class ModelMetadata(Result):
+class ModelMetadata(Result, wire.V2Metadata):
     """/v2/models/{name}: the Open Inference Protocol tensors a model takes and gives."""
-
-    name: str
-    versions: list[str] = Field(default_factory=list)
-    platform: str = ""
-    inputs: list[dict[str, Any]] = Field(default_factory=list)
-    outputs: list[dict[str, Any]] = Field(default_factory=list)

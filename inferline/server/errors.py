@@ -95,8 +95,28 @@ class DeadlineExceeded(InferlineError):
     error_type = "timeout"
 
 
+class Cancelled(InferlineError):
+    """The caller went away before its answer: a worker drops the request and says so (nobody reads it; the access
+    metrics record nginx's 499)."""
+
+    error_type = "cancelled"
+
+
+class DeadLettered(InferlineError):
+    """A request that failed on every delivery and was moved to the dead-letter stream: 500, not to be retried."""
+
+    error_type = "dead_letter"
+
+
+class GenerationFailed(InferlineError):
+    """A language model's generation failed for one request (the engine or the model raised): 500."""
+
+    error_type = "generation"
+
+
 def typed(error_type: str, message: str, field: str | None = None) -> InferlineError:
-    """An error of any type, e.g. rebuilt from a worker's reply."""
+    """An error of any type, e.g. rebuilt from a worker's reply (workers send the type as a string: they name one of
+    the classes above by its error_type, and the gateway's table has a row for each)."""
     err = InferlineError(message, field)
     err.error_type = error_type
     return err

@@ -2,7 +2,7 @@
 server/broker/ sends and reads these records.
 
 A request is one entry on the model's request stream: the Envelope's fields (ids, reply address, deadline, op) and
-the payload (small JSON params + an opaque blob; server/broker/streams.py says how unanswered entries expire).
+the payload (small JSON params + an opaque blob; server/broker/enqueue.py says how unanswered entries expire).
 Replies travel packed: one entry on a gateway's reply stream carries every reply a worker has for that gateway from
 one batch (or one decoding step). A reply names an error *type* on failure, never an HTTP status: the gateway's one
 table maps types to statuses (server/gateway/errors.py). A streaming request gets several replies, the last final.
@@ -14,7 +14,7 @@ import dataclasses
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -40,28 +40,53 @@ def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def _entry(name: str, optional: bool = False) -> dict[str, Any]:
+    """An Envelope attribute's field name on the stream entry (metadata for dataclasses.field)."""
+    return {"entry": name, "optional": optional}
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """The stream entry. Everything a worker needs to route, expire and answer a request."""
+    """The stream entry. Everything a worker needs to route, expire and answer a request.
 
-    request_id: str
-    reply_to: str          # the gateway's reply stream
-    deadline_ms: int       # wall-clock epoch ms; past it nobody waits for the answer
-    op: str
-    traceparent: str = ""  # W3C trace context of the gateway's request span; "" (and no field) when tracing is off
+    Each attribute names its field on the entry here and nowhere else: fields(), from_fields() and the broker's
+    enqueue script (generated from ENVELOPE_FIELDS when it is imported) read these names. An optional field is left
+    off the entry when it is ""."""
+
+    request_id: str = field(metadata=_entry("id"))
+    reply_to: str = field(metadata=_entry("reply"))         # the gateway's reply stream
+    deadline_ms: int = field(metadata=_entry("deadline"))   # wall-clock epoch ms; past it nobody waits for the answer
+    op: str = field(metadata=_entry("op"))
+    # W3C trace context of the gateway's request span; "" (and no field) when tracing is off
+    traceparent: str = field(default="", metadata=_entry("tp", optional=True))
 
     def fields(self) -> dict[str, str | int]:
-        out: dict[str, str | int] = {"id": self.request_id, "reply": self.reply_to, "deadline": self.deadline_ms,
-                                     "op": self.op}
-        if self.traceparent:
-            out["tp"] = self.traceparent
-        return out
+        """The entry's fields (without the payload), as XADD takes them."""
+        values = ((f.name, getattr(self, f.attribute), f.optional) for f in ENVELOPE_FIELDS)
+        return {name: value for name, value, optional in values if value != "" or not optional}
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Envelope:
-        return cls(request_id=fields[b"id"].decode(), reply_to=fields[b"reply"].decode(),
-                   deadline_ms=int(fields[b"deadline"]), op=fields[b"op"].decode(),
-                   traceparent=fields.get(b"tp", b"").decode())
+        """An entry's envelope (extra fields, the payload's among them, ignored). Raises KeyError when a required
+        field is missing. Attribute by attribute rather than a loop over ENVELOPE_FIELDS: a worker runs it per
+        request, and the loop cost 0.7 µs more a call (2.3 against 3.0 µs here)."""
+        return cls(request_id=fields[_ID].decode(), reply_to=fields[_REPLY].decode(),
+                   deadline_ms=int(fields[_DEADLINE]), op=fields[_OP].decode(),
+                   traceparent=fields.get(_TP, b"").decode())
+
+
+class EntryField(NamedTuple):
+    attribute: str   # the Envelope attribute
+    name: str        # its field name on the request entry
+    optional: bool   # left off the entry when ""
+
+
+# The envelope's fields in entry order. The payload (encode_payload's value) is the entry's PAYLOAD_FIELD, first.
+ENVELOPE_FIELDS: tuple[EntryField, ...] = tuple(EntryField(f.name, f.metadata["entry"], f.metadata["optional"])
+                                                for f in dataclasses.fields(Envelope))
+PAYLOAD_FIELD = "p"
+_KEYS = {f.attribute: f.name.encode() for f in ENVELOPE_FIELDS}   # from_fields's keys, by attribute
+_ID, _REPLY, _DEADLINE, _OP, _TP = (_KEYS[a] for a in ("request_id", "reply_to", "deadline_ms", "op", "traceparent"))
 
 
 def encode_payload(params: dict[str, Any] | bytes, blob: bytes | bytearray = b"") -> bytes:

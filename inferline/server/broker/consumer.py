@@ -21,7 +21,8 @@ from redis.exceptions import ResponseError
 from inferline.server.broker import keys, roundtrip
 from inferline.server.broker.pipelined import Pipelined
 from inferline.server.broker.reads import stream_entries
-from inferline.server.protocol import Envelope, Reply, pack_replies
+from inferline.server.errors import DeadLettered
+from inferline.server.protocol import PAYLOAD_FIELD, Envelope, Reply, pack_replies
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +222,17 @@ class ModelQueue:
         await self.reply_and_ack([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries], deliveries)
 
 
+_PAYLOAD = PAYLOAD_FIELD.encode()
+
+
 def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:
     """An entry as read. One without a payload (written by an older gateway, or by hand) gets an empty one,
     which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
-    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(b"p", b""), tries)
+    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(_PAYLOAD, b""), tries)
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:
-    return Reply.error(delivery.request_id, "dead_letter",
+    return Reply.error(delivery.request_id, DeadLettered.error_type,
                        f"request {delivery.request_id} failed {delivery.tries - 1} times ({reason}) and was moved "
                        "to the dead-letter stream")
 

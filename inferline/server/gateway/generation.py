@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 
 from inferline.server.errors import InferlineError
 from inferline.server.gateway.dispatch import Dispatcher
+from inferline.server.gateway.errors import CLIENT_GONE as CLIENT_GONE  # the routes' 499 for a caller that left
 from inferline.server.protocol import OP_GENERATE, TokenEvent
 
 _cancelling: set[asyncio.Task[None]] = set()
 T = TypeVar("T")
-CLIENT_GONE = 499   # nginx's "client closed request": the status the access metrics record for a caller that left
 Receive = Callable[[], Awaitable[Any]]   # an ASGI receive: the HTTP connection's next message
 
 
