@@ -16,7 +16,7 @@ from inferline.server.broker import keys
 from inferline.server.broker.client import connect
 from inferline.server.broker.registry import Registry
 from inferline.server.config import Settings
-from inferline.server.errors import DeadlineExceeded, InferlineError, Overloaded, Unavailable
+from inferline.server.errors import DeadlineExceeded, InferlineError, Overloaded, Unavailable, ValidationFailed
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.ids import new_id
 from inferline.server.metrics import GatewayMetrics
@@ -103,7 +103,7 @@ async def test_an_error_reply_raises_its_type(redis_for_test: str) -> None:
         try:
             call = asyncio.create_task(dispatcher.call(the_model(dispatcher), OP_PREDICT, {"row": {}}))
             envelope = await next_request(redis, the_model(dispatcher))
-            await reply_on(redis, envelope, Reply.error(envelope.request_id, "validation", "`x` is bad", field="x"))
+            await reply_on(redis, envelope, Reply.error(envelope.request_id, ValidationFailed("`x` is bad", field="x")))
             with pytest.raises(InferlineError) as caught:
                 await asyncio.wait_for(call, 5)
             assert caught.value.error_type == "validation" and caught.value.field == "x"

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from inferline.server.errors import DeadLettered
 from inferline.server.protocol import (
     ENVELOPE_FIELDS,
     PAYLOAD_FIELD,
@@ -23,7 +24,7 @@ from inferline.server.protocol import (
 
 
 def test_replies_pack_and_unpack_in_order_with_error_types_and_empty_bodies() -> None:
-    replies = [Reply("a", b'{"x": 1}'), Reply.error("b", "dead_letter", "gone", field="x"),
+    replies = [Reply("a", b'{"x": 1}'), Reply.error("b", DeadLettered("gone", field="x")),
                Reply("c", b"", final=False), Reply("d\u00e9", b"\x00\xff binary", "validation")]
     assert unpack_replies(pack_replies(replies)) == replies
     assert unpack_replies(b"") == []

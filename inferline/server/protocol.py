@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from inferline.server.errors import InferlineError
+
 # Ops: how the worker decodes the payload and encodes the answer.
 OP_PREDICT = "predict"    # JSON rows: params {"row": {...}} or {"rows": [...]}, or raw bytes (blob) for Model.decode
 OP_V2 = "v2"              # Open Inference Protocol infer: the raw HTTP body (JSON, maybe + binary tensors)
@@ -133,11 +135,12 @@ class Reply:
         return Reply(self.request_id, self.body, self.error_type, self.final, queued_ms, compute_ms, batch_size, tokens)
 
     @classmethod
-    def error(cls, request_id: str, error_type: str, message: str, field: str | None = None) -> Reply:
-        body: dict[str, Any] = {"error": message, "error_type": error_type}
-        if field is not None:
-            body["field"] = field
-        return cls(request_id, orjson.dumps(body), error_type)
+    def error(cls, request_id: str, err: InferlineError) -> Reply:
+        """The reply that carries `err` to the gateway, which raises it again there (errors.typed)."""
+        body: dict[str, Any] = {"error": err.message, "error_type": err.error_type}
+        if err.field is not None:
+            body["field"] = err.field
+        return cls(request_id, orjson.dumps(body), err.error_type)
 
     def error_fields(self) -> tuple[str, str | None]:
         """(message, field) of an error reply."""

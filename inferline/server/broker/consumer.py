@@ -232,7 +232,7 @@ def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Deli
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:
-    return Reply.error(delivery.request_id, DeadLettered.error_type,
-                       f"request {delivery.request_id} failed {delivery.tries - 1} times ({reason}) and was moved "
-                       "to the dead-letter stream")
+    return Reply.error(delivery.request_id, DeadLettered(
+        f"request {delivery.request_id} failed {delivery.tries - 1} times ({reason}) and was moved to the dead-letter "
+        "stream"))
 

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from inferline.server.errors import InferlineError
 from inferline.server.gateway.dispatch import Dispatcher
-from inferline.server.gateway.errors import CLIENT_GONE as CLIENT_GONE  # the routes' 499 for a caller that left
 from inferline.server.protocol import OP_GENERATE, TokenEvent
 
 _cancelling: set[asyncio.Task[None]] = set()

@@ -53,11 +53,11 @@ class Executor:
             try:
                 items.append(self.codec.decode(d))
             except InferlineError as exc:
-                replies[d.request_id] = Reply.error(d.request_id, exc.error_type, exc.message, exc.field)
+                replies[d.request_id] = Reply.error(d.request_id, exc)
             except Exception:
                 log.exception("decode failed model=%s id=%s", self.name, d.request_id)
-                replies[d.request_id] = Reply.error(d.request_id, "internal", "the worker could not decode this "
-                                                    "request")
+                replies[d.request_id] = Reply.error(d.request_id, InferlineError(
+                    "the worker could not decode this request"))
         if items:
             for item, reply in zip(items, self.predict(items), strict=True):
                 replies[item.delivery.request_id] = reply
@@ -75,9 +75,9 @@ class Executor:
                 return [r for item in items for r in self.predict([item])]
             rid = items[0].delivery.request_id
             if isinstance(exc, InputError):
-                return [Reply.error(rid, exc.error_type, exc.message, exc.field)]
+                return [Reply.error(rid, exc)]
             log.exception("predict failed model=%s id=%s", self.name, rid)
-            return [Reply.error(rid, "internal", f"model {self.name} failed on request {rid}")]
+            return [Reply.error(rid, InferlineError(f"model {self.name} failed on request {rid}"))]
         replies, start = [], 0
         for item in items:
             part = outputs[start:start + len(item.rows)]
@@ -90,10 +90,11 @@ class Executor:
         try:
             return Reply(rid, self.codec.answer(item, outputs))
         except InferlineError as exc:
-            return Reply.error(rid, exc.error_type, exc.message, exc.field)
+            return Reply.error(rid, exc)
         except Exception:
             log.exception("encoding the answer failed model=%s id=%s", self.name, rid)
-            return Reply.error(rid, "internal", f"model {self.name} could not encode the answer to {rid}")
+            return Reply.error(rid, InferlineError(
+                f"model {self.name} could not encode the answer to {rid}"))
 
 
 class DynamicBatching:

@@ -22,7 +22,15 @@ from pydantic import ValidationError
 from inferline.server import tracing
 from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.broker.consumer import Delivery
-from inferline.server.errors import InferlineError, InputError, describe_validation
+from inferline.server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    GenerationFailed,
+    InferlineError,
+    InputError,
+    ValidationFailed,
+    describe_validation,
+)
 from inferline.server.generation.engine import ERROR, Engine
 from inferline.server.generation.params import SamplingParams
 from inferline.server.logs import RepeatingError
@@ -87,7 +95,7 @@ class ContinuousBatching:
         d = self.running.get(request_id)
         if d is None or not await self.model_thread.run(self.engine.cancel, request_id):
             return False
-        await self._finish([(d, Reply.error(request_id, "cancelled", "the client went away"))])
+        await self._finish([(d, Reply.error(request_id, Cancelled("the client went away")))])
         return True
 
     # intake ----------------------------------------------------------------------------------------------------
@@ -124,9 +132,9 @@ class ContinuousBatching:
                 self.admitted[d.request_id] = time.time_ns()
             except InferlineError as exc:
                 self.v2_ids.pop(d.request_id, None)
-                answers.append((d, Reply.error(d.request_id, exc.error_type, exc.message, exc.field)))
+                answers.append((d, Reply.error(d.request_id, exc)))
             except (TypeError, ValueError) as exc:
-                answers.append((d, Reply.error(d.request_id, "validation", f"bad generation request: {exc}")))
+                answers.append((d, Reply.error(d.request_id, ValidationFailed(f"bad generation request: {exc}"))))
         await self.shell.answer(answers, [d for d, _ in answers])   # none of them joined the engine
         if len(answers) < len(deliveries):
             self.work.set()
@@ -170,8 +178,8 @@ class ContinuousBatching:
             self.inline = self.on_cpu and time.perf_counter() - started < INLINE_STEP_UNDER_S
         except Exception:   # noqa: BLE001 - the engine dropped its running batch: fail those, keep serving
             lost = [d for rid, d in self.running.items() if not self.engine.has_request(rid)]
-            await self._finish([(d, Reply.error(d.request_id, "generation", f"generation failed for request "
-                                                f"{d.request_id}")) for d in lost])
+            await self._finish([(d, Reply.error(d.request_id, GenerationFailed(
+                f"generation failed for request {d.request_id}"))) for d in lost])
             return
         self.shell.record_batch(len(events))
         self.shell.record_running(self.engine.num_running)
@@ -184,7 +192,8 @@ class ContinuousBatching:
             final = event.finish_reason is not None
             if event.finish_reason == ERROR:   # this request failed alone (e.g. its sampling broke); the rest go on
                 self.v2_ids.pop(event.request_id, None)
-                answers.append((d, Reply.error(event.request_id, "generation", event.error or "generation failed")))
+                answers.append((d, Reply.error(event.request_id,
+                                               GenerationFailed(event.error or "generation failed"))))
             elif event.request_id in self.v2_ids:   # v2 answers once, with the whole text
                 if final:
                     answers.append((d, self.timed(d, self.v2_reply(event), event.index + 1)))
@@ -229,8 +238,8 @@ class ContinuousBatching:
         for d, _ in late:
             await self.model_thread.run(self.engine.cancel, d.request_id)
         if late:
-            await self._finish([(d, Reply.error(d.request_id, "timeout", f"request {d.request_id} passed its "
-                                                "deadline while generating")) for d, _ in late])
+            await self._finish([(d, Reply.error(d.request_id, DeadlineExceeded(
+                f"request {d.request_id} passed its deadline while generating"))) for d, _ in late])
 
 
 def sampling_params(params: dict[str, Any]) -> SamplingParams:

@@ -38,6 +38,7 @@ from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.broker.consumer import Delivery, ModelQueue
 from inferline.server.broker.registry import Registry
 from inferline.server.config import ModelSpec
+from inferline.server.errors import Cancelled, DeadlineExceeded
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import WorkerMetrics
 from inferline.server.protocol import ModelInfo, Reply, WorkerStatus, now_ms
@@ -75,8 +76,8 @@ def expire(deliveries: Sequence[Delivery]) -> tuple[list[Delivery], list[tuple[D
         if d.envelope.deadline_ms > now:
             live.append(d)
         else:
-            late.append((d, Reply.error(d.request_id, "timeout", f"request {d.request_id} was not run: its deadline "
-                                        "passed while it was queued")))
+            late.append((d, Reply.error(d.request_id, DeadlineExceeded(
+                f"request {d.request_id} was not run: its deadline passed while it was queued"))))
     return live, late
 
 
@@ -155,7 +156,7 @@ class Shell:
         for d in live:
             if self._cancelled.get(d.request_id, -1) >= d.arrived_ms:
                 del self._cancelled[d.request_id]
-                answers.append((d, Reply.error(d.request_id, "cancelled", "the client went away")))
+                answers.append((d, Reply.error(d.request_id, Cancelled("the client went away"))))
             else:
                 kept.append(d)
         return kept, answers

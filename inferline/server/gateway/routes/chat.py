@@ -14,8 +14,8 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
 from inferline.server.errors import InferlineError
+from inferline.server.gateway.errors import CLIENT_GONE
 from inferline.server.gateway.generation import (
-    CLIENT_GONE,
     ClientGone,
     collect_all,
     merge,

@@ -17,9 +17,8 @@ from starlette.responses import Response, StreamingResponse
 from inferline import server
 from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.errors import InferlineError, Unavailable
-from inferline.server.gateway.errors import stream_event
+from inferline.server.gateway.errors import CLIENT_GONE, stream_event
 from inferline.server.gateway.generation import (
-    CLIENT_GONE,
     ClientGone,
     Generation,
     collect,
