@@ -14,8 +14,14 @@ MAX_TEXT_CHARS = 10_000
 
 
 class ForecastRequest(BaseModel):
+    """/forecast's envelope: the route's documented contract and the platform's bounds (how long a series, how far a
+    horizon), so that no request makes a worker do unbounded work. The row goes to the worker as sent, and the bound
+    deployment's own request type validates it there (its fields, the model's own limits), as on
+    /v1/models/{name}/predict: a user's model bound to task "forecast" may take more fields than these."""
+
     # strict: lax mode would turn `true` into 1 and "4.5" into 4.5; a series holds numbers, a horizon an integer.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+    # allow: unknown fields are the model's row type to take or refuse.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     series: list[float] = Field(min_length=1, max_length=MAX_SERIES)
     horizon: int = Field(1, ge=1, le=MAX_HORIZON)   # the model's own max_horizon is checked by its worker

@@ -113,7 +113,10 @@ class RowCodec:
         if len(sizes) > 1:
             raise InputError(f"input tensors must share their first (batch) dimension; given {sorted(sizes)}",
                              field="inputs")
-        shared = {k: v for k, v in parameters.items() if k not in columns}   # fields sent as parameters
+        # Fields sent as parameters. Only the row's own: the others are the protocol's (tritonclient's
+        # binary_data_output, a KServe client's own), which a row type that forbids unknown fields would refuse.
+        fields = self.request.model_fields if self.request is not None else parameters
+        shared = {k: v for k, v in parameters.items() if k not in columns and k in fields}
         n = sizes.pop() if sizes else 1
         if n < 1:
             first = next(iter(columns))

@@ -18,7 +18,8 @@ _FP32_MAX = float(np.finfo(np.float32).max)
 
 class SeriesRow(BaseModel):
     # strict: lax mode would turn `true` into 1 and "4.5" into 4.5; a series holds numbers, a horizon an integer.
-    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+    # forbid: a misspelt field (`horizn`) is an error, not silently the default
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
     series: list[float] = Field(min_length=1)
     horizon: int = Field(1, ge=1)

@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from inferline.server.errors import BadRequest, ValidationFailed
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.errors import from_validation
 from inferline.server.gateway.record import request_id
@@ -32,6 +34,18 @@ def parse_json(body: Body, model: type[Model]) -> Model:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise from_validation(RequestValidationError(exc.errors(include_url=False))) from None
+
+
+def json_object(body: Body) -> dict[str, Any]:
+    """The body as a JSON object, whatever the declared Content-Type. Raises BadRequest (not JSON) or ValidationFailed
+    (not an object)."""
+    try:
+        row = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", field="body") from None
+    if not isinstance(row, dict):
+        raise ValidationFailed("body must be a JSON object: one request of the model's request type", field="body")
+    return row
 
 
 def json_body(model: type[BaseModel], example: Any = None) -> dict[str, Any]:

@@ -17,4 +17,5 @@ DOCS = dict(summary="Forecast the next `horizon` values of a time series (the `f
 
 async def forecast(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],
                    query: str) -> bytes:
-    return await run_task(d, rid, TASK, {"row": parse_json(body, ForecastRequest).model_dump()})
+    # the fields as sent (exclude_unset: no default filled in); the model's own row type validates them
+    return await run_task(d, rid, TASK, {"row": parse_json(body, ForecastRequest).model_dump(exclude_unset=True)})

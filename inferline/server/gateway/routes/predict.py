@@ -8,12 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
-
-from inferline.server.errors import BadRequest, ValidationFailed
+from inferline.server.errors import ValidationFailed
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.openapi import doc
-from inferline.server.gateway.routes.common import Body
+from inferline.server.gateway.routes.common import Body, json_object
 from inferline.server.protocol import OP_PREDICT
 
 
@@ -26,13 +24,7 @@ async def predict(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str
         params: dict[str, Any] = {"options": dict(parse_qsl(query))}
         reply = await d.call(path["model"], OP_PREDICT, params, body, request_id=rid)
         return reply.body
-    try:
-        row = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}", field="body") from None
-    if not isinstance(row, dict):
-        raise ValidationFailed("body must be a JSON object: one request of the model's request type", field="body")
-    reply = await d.call(path["model"], OP_PREDICT, {"row": row}, request_id=rid)
+    reply = await d.call(path["model"], OP_PREDICT, {"row": json_object(body)}, request_id=rid)
     return reply.body
 
 
