@@ -76,3 +76,26 @@ class Noop(Model):
 
     def predict(self, batch: list[NoopRow]) -> list[NoopAnswer]:
         return [NoopAnswer(y=self.ZERO) for _ in batch]
+
+
+class HangRow(BaseModel):
+    x: float = 0.0
+    hang: bool = False   # the marker: predict never returns for a batch holding this row
+
+
+class HangAnswer(BaseModel):
+    y: float
+    pid: int
+
+
+class Hang(Model):
+    """A model whose predict hangs for good on a marked row (a user model stuck in a lock, a dead device, an endless
+    loop): predict_timeout_s must fail the batch and get the worker replaced. Other rows answer y = 2x at once."""
+
+    platform = "inferline_test"
+    max_batch_size = 8
+
+    def predict(self, batch: list[HangRow]) -> list[HangAnswer]:
+        if any(row.hang for row in batch):
+            threading.Event().wait()   # forever: nothing ever sets it
+        return [HangAnswer(y=2 * row.x, pid=os.getpid()) for row in batch]

@@ -57,6 +57,11 @@ class ModelSpec(BaseModel):
     # be answered in time.
     visibility_timeout_s: float = Field(10.0, gt=0, le=3600)
     max_tries: int = Field(3, ge=1, le=100)                    # deliveries before the dead-letter stream
+    # A model call (one batch's predict, one decoding step) still running this long is hung: its requests get 504
+    # naming the model and this bound, and the worker exits (worker/watchdog.py EXIT_HUNG) to be replaced by its
+    # supervisor or Kubernetes; the thread a hung call holds cannot be taken back any other way. Well above a real
+    # batch (ms to seconds here, a first call's warm-up included) and at most an hour.
+    predict_timeout_s: float = Field(30.0, ge=0.1, le=3600)
     options: dict[str, Any] = Field(default_factory=dict)      # runtime-specific knobs (e.g. a hub id for gpt2)
 
     @field_validator("device")

@@ -23,6 +23,7 @@ import httpx
 
 from inferline.server.broker import embedded
 from inferline.server.config import Settings
+from inferline.server.worker.watchdog import EXIT_HUNG
 
 log = logging.getLogger("inferline.up")
 
@@ -192,7 +193,9 @@ class Supervisor:
                 child.failures += 1
                 delay = min(BACKOFF_MAX_S, 0.5 * 2 ** (child.failures - 1))
                 child.restart_at = now + delay
-                log.warning("%s exited with %s; restarting in %.1f s (see %s)", child.name, code, delay, child.log_path)
+                why = " (a model call hung past predict_timeout_s)" if code == EXIT_HUNG else ""
+                log.warning("%s exited with %s%s; restarting in %.1f s (see %s)", child.name, code, why, delay,
+                            child.log_path)
             elif now >= child.restart_at:
                 child.restart_at = 0.0
                 child.restarts += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +158,31 @@ class ModelQueue:
                     pipe.hincrby(keys.stats(self.model), keys.STAT_REDELIVERED, len(fresh))
                 await pipe.execute()
         return fresh, exhausted
+
+    async def orphans(self, held: Container[bytes], count: int) -> list[Delivery]:
+        """Entries Redis delivered to this consumer that its worker does not hold: a blocking read that Redis answered
+        but whose answer the worker never read (it stalled past the socket timeout, SIGSTOP or a long pause, and the
+        read failed). Claimed again by this consumer, so their idle time restarts and their delivery count stays
+        what it was (they never ran). At most `count`. Call it only while no read of this consumer is in flight:
+        that read's entries would look orphaned too."""
+        try:
+            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
+                                                           consumername=self.consumer)
+        except ResponseError as exc:
+            await self._recreate_on_nogroup(exc)
+            return []
+        by_tries: dict[int, list[Any]] = {}   # one XCLAIM per delivery count, to keep each entry's (usually one)
+        for p in pending:
+            if p["message_id"] not in held:
+                by_tries.setdefault(int(p["times_delivered"]), []).append(p["message_id"])
+        found: list[Delivery] = []
+        for tries, ids in by_tries.items():
+            claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
+            found += [parse_entry(eid, f, tries) for eid, f in claimed if f]
+            deleted = [eid for eid, f in claimed if not f]
+            if deleted:   # entries deleted under the PEL: clear them for good
+                await self.redis.xack(self.stream, keys.GROUP, *deleted)
+        return found
 
     async def consumers(self) -> list[str]:
         """The names of the group's consumers other than this one (worker ids)."""

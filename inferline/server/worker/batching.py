@@ -24,6 +24,7 @@ from inferline.server.worker.batcher import Traffic, collect
 from inferline.server.worker.model_thread import ModelThread
 from inferline.server.worker.rows import Item, RowCodec
 from inferline.server.worker.shell import Shell, expire
+from inferline.server.worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,11 @@ class Executor:
 class DynamicBatching:
     cancellable = False   # a batch is answered within one model call: nothing to drop mid-way
 
-    def __init__(self, shell: Shell, executor: Executor, max_batch_size: int, max_batch_delay_ms: float) -> None:
+    def __init__(self, shell: Shell, executor: Executor, max_batch_size: int, max_batch_delay_ms: float,
+                 watchdog: Watchdog) -> None:
         self.shell = shell
         self.executor = executor
+        self.watchdog = watchdog   # times every batch, inline or not: a hung one fails with 504 and the worker leaves
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_batch_delay_ms / 1000
         self.traffic = Traffic(max_batch_size)
@@ -152,10 +155,11 @@ class DynamicBatching:
                 await asyncio.sleep(0)   # the next batch's read (a task made before this batch) goes out first
             started_ns = time.time_ns()
             started = time.perf_counter()
-            if inline:
-                replies = self.executor.run(live)
-            else:
-                replies = await self.model_thread.run(self.executor.run, live)
+            with self.watchdog.watching(live):
+                if inline:
+                    replies = self.executor.run(live)
+                else:
+                    replies = await self.model_thread.run(self.executor.run, live)
             took = time.perf_counter() - started
             n = len(live)
             start_ms = started_ns // 1_000_000

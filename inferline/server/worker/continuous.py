@@ -40,6 +40,7 @@ from inferline.server.worker import v2codec
 from inferline.server.worker.model_thread import ModelThread
 from inferline.server.worker.prompts import prompt_of, tokenize
 from inferline.server.worker.shell import Shell, expire
+from inferline.server.worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ TURN_EVERY_S = 0.001
 class ContinuousBatching:
     cancellable = True
 
-    def __init__(self, shell: Shell, model: LanguageModel, engine: Engine, max_batch_size: int) -> None:
+    def __init__(self, shell: Shell, model: LanguageModel, engine: Engine, max_batch_size: int,
+                 watchdog: Watchdog) -> None:
         self.shell = shell
+        self.watchdog = watchdog   # times every step: a hung one fails the sequences in the engine, the worker leaves
         self.model = model
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -172,9 +175,11 @@ class ContinuousBatching:
                     # arrivals, cancels and beats get their turn. The last step's tokens are on the wire already.
                     await asyncio.sleep(0)
                     self.turned = time.perf_counter()
-                events = self.engine.step()
+                with self.watchdog.watching(list(self.running.values())):
+                    events = self.engine.step()
             else:
-                events = await self.model_thread.run(self.engine.step)
+                with self.watchdog.watching(list(self.running.values())):
+                    events = await self.model_thread.run(self.engine.step)
             self.inline = self.on_cpu and time.perf_counter() - started < INLINE_STEP_UNDER_S
         except Exception:   # noqa: BLE001 - the engine dropped its running batch: fail those, keep serving
             lost = [d for rid, d in self.running.items() if not self.engine.has_request(rid)]

@@ -2,7 +2,9 @@
 
 Resolve the device, load the deployment's Model once, publish its metadata, and serve it through the one worker
 shell with the scheduler its kind needs (dynamic batching, or continuous batching for a LanguageModel) until
-SIGTERM/SIGINT, which drains: stop reading, answer and acknowledge what is in hand, exit.
+SIGTERM/SIGINT, which drains: stop reading, answer and acknowledge what is in hand, exit. A model call that hangs
+(past predict_timeout_s), or a drain past its cap, ends the process instead (worker/watchdog.py: exit code 75 or 76),
+for its supervisor to replace it.
 No web framework is imported on this side.
 """
 
@@ -34,6 +36,7 @@ from inferline.server.worker.batching import DynamicBatching, Executor
 from inferline.server.worker.loading import load_model
 from inferline.server.worker.rows import RowCodec
 from inferline.server.worker.shell import Scheduler, Shell
+from inferline.server.worker.watchdog import Watchdog, farewell
 
 if TYPE_CHECKING:   # the engine imports torch: only a language model's worker loads it
     from inferline.server.generation.engine import Engine
@@ -68,18 +71,20 @@ def model_info(spec: ModelSpec, model: Model, max_batch_size: int, engine: Engin
                      [t.to_json() for t in sig.outputs], max_batch_size, manifest=manifest, **sig.schemas())
 
 
-def scheduler_for(shell: Shell, spec: ModelSpec, model: Model, device: str) -> tuple[Scheduler, ModelInfo]:
+def scheduler_for(shell: Shell, spec: ModelSpec, model: Model, device: str,
+                  watchdog: Watchdog) -> tuple[Scheduler, ModelInfo]:
     max_batch_size = spec.max_batch_size or type(model).max_batch_size
     if isinstance(model, LanguageModel):
         from inferline.server.generation.engine import Engine
         from inferline.server.worker.continuous import ContinuousBatching
 
         engine = Engine(model.model, model.tokenizer, device=device, max_batch_size=max_batch_size)
-        return (ContinuousBatching(shell, model, engine, max_batch_size),
+        return (ContinuousBatching(shell, model, engine, max_batch_size, watchdog),
                 model_info(spec, model, max_batch_size, engine))
     delay = spec.max_batch_delay_ms if spec.max_batch_delay_ms is not None else type(model).max_batch_delay_ms
     executor = Executor(model, RowCodec(model, spec.name), spec.name)
-    return DynamicBatching(shell, executor, max_batch_size, delay), model_info(spec, model, max_batch_size)
+    return (DynamicBatching(shell, executor, max_batch_size, delay, watchdog),
+            model_info(spec, model, max_batch_size))
 
 
 async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int) -> None:
@@ -91,12 +96,19 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
     status = WorkerStatus(os.getpid(), socket.gethostname(), device, model.version, int(time.time()))
     shell = Shell(spec, ModelQueue(redis, spec.name, worker_id), registry, Cancels(redis, spec.name), worker_id,
                   status, alive_file=settings.alive_file)
-    scheduler, info = scheduler_for(shell, spec, model, device)
+    watchdog = Watchdog(spec.name, spec.predict_timeout_s,
+                        farewell(redis_url, settings.broker.timeout_s, spec.name, worker_id))
+    scheduler, info = scheduler_for(shell, spec, model, device, watchdog)
     shell.info = info
     await registry.publish(info)
+
+    def stop() -> None:   # drain, and be gone within the watchdog's drain cap even if a model call hangs
+        shell.stop()
+        watchdog.stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shell.stop)
+        loop.add_signal_handler(sig, stop)
     # The framework and the model are millions of long-lived objects: keep the collector from walking them
     # again and again (full collections showed as ~90 ms stalls in latency tails).
     gc.collect()

@@ -3,7 +3,9 @@ worker's entries (dead-lettering those delivered max_tries times), keeps its own
 replies in order, forwards cancels, beats, and drains on stop.
 
 A worker's entries are claimed by another as soon as its heartbeat lapses (HEARTBEAT_TTL_S, then DEAD_AFTER_S of
-grace), not after the visibility timeout: a kill -9 costs its callers seconds, well within their deadline. Its
+grace only if Redis itself may have stalled), not after the visibility timeout: a kill -9 or a stalled worker
+(SIGSTOP, a long pause) costs its callers seconds, well within their deadline. A worker that stalls past the socket
+timeout while a read of its was answered claims those entries back itself when it resumes (take()). Its
 consumer is then removed from the group. The visibility timeout still covers a worker that beats but holds an entry
 without refreshing it. Every loop here retries on its own, logs a repeating error once with a count, and recreates
 what Redis lost (the group, the model's metadata) where it is used.
@@ -48,7 +50,12 @@ log = logging.getLogger(__name__)
 RECLAIM_EVERY_S = 1.0
 # A consumer whose heartbeat is gone is claimed from only if it is still gone this long after first seen so: right
 # after Redis comes back from a stall, every heartbeat has lapsed at once and the live ones need a beat to return.
+# Not waited when this worker's own beats have landed steadily for longer than a heartbeat lives (STEADY_FOR_S):
+# then Redis was up all along, and a heartbeat that lapsed means its worker stopped (died, or stalled: SIGSTOP, a
+# long pause), so its entries are claimed within HEARTBEAT_TTL_S + one claim round of its last beat.
 DEAD_AFTER_S = 2.0
+STEADY_GAP_S = 2 * keys.HEARTBEAT_EVERY_S + 0.5   # beats further apart than this break the steady run
+STEADY_FOR_S = keys.HEARTBEAT_TTL_S + keys.HEARTBEAT_EVERY_S
 # Claims from a dead consumer use this min-idle rather than 0: the first claimer resets the idle time, so a second
 # worker claiming at the same moment gets nothing instead of running the request twice.
 DEAD_CLAIM_MIN_IDLE_MS = 1000
@@ -107,6 +114,11 @@ class Shell:
         self._send_turn = asyncio.Lock()
         self._send_errors = RepeatingError(log, f"sending replies model={spec.name}", BROKER_ERRORS)
         self._suspects: dict[str, float] = {}   # consumers without a heartbeat -> when first seen so
+        self._beat_landed = 0.0    # monotonic time of this worker's last beat that Redis took
+        self._steady_since = 0.0   # ... and of the first of the unbroken run of beats it ends (STEADY_GAP_S apart)
+        # A read failed (its socket timed out, the connection broke): Redis may have delivered entries all the same,
+        # which nothing here holds. The next take() claims them back first (ModelQueue.orphans).
+        self._lost_read = False
         # ids cancelled before this worker held them -> when (ms), oldest first. A caller may reuse an id (its own
         # x-request-id): only a request queued before the cancel is dropped.
         self._cancelled: dict[str, int] = {}
@@ -130,9 +142,24 @@ class Shell:
 
     async def take(self, count: int, block_s: float | None) -> list[Delivery]:
         """Up to `count` new entries from the model's stream, waiting up to block_s for the first (None: no wait).
-        Each is held from here until answered. Raises what ModelQueue.read raises (nothing read is then held:
-        whatever Redis handed out is redelivered)."""
-        got = await self._queue.read(count, block_s)
+        Each is held from here until answered. Raises what ModelQueue.read raises; what Redis handed out to a read
+        that failed (a worker stalled past the socket timeout while Redis answered it: SIGSTOP, a long pause) is
+        claimed back and returned by the next take(), before it reads anything new, instead of waiting in the
+        group's pending list for the visibility timeout. Reads are one at a time (HeldConnection), so no read is in
+        flight while the orphans are looked for."""
+        if self._lost_read:
+            found = await self._queue.orphans(self._held, count)
+            self._lost_read = len(found) == count   # there may be more
+            if found:
+                log.warning("recovered model=%s n=%d: delivered to a read that failed", self._spec.name, len(found))
+                for d in found:
+                    self._held[d.entry_id] = d
+                return found
+        try:
+            got = await self._queue.read(count, block_s)
+        except BaseException:
+            self._lost_read = True
+            raise
         held = self._held
         for d in got:   # the dict insert the scheduler used to do itself: no extra cost per request
             held[d.entry_id] = d
@@ -235,6 +262,10 @@ class Shell:
                 self._metrics.sample_process(self._status)
                 await self._registry.beat(self._spec.name, self._worker_id, self._status, stats, self.info)
                 self._metrics.commit(stats)
+                landed = time.monotonic()
+                if landed - self._beat_landed > STEADY_GAP_S:
+                    self._steady_since = landed
+                self._beat_landed = landed
                 errors.ok()
             except Exception as exc:   # noqa: BLE001 - a missed beat is retried next time
                 errors.failed(exc)
@@ -264,8 +295,9 @@ class Shell:
         dead = set(others) - await self._registry.alive(self._spec.name, others)
         now = time.monotonic()
         self._suspects = {c: self._suspects.get(c, now) for c in dead}
+        steady = now - self._beat_landed <= STEADY_GAP_S and now - self._steady_since >= STEADY_FOR_S
         for consumer, since in self._suspects.items():
-            if now - since < DEAD_AFTER_S:
+            if now - since < DEAD_AFTER_S and not steady:
                 continue
             claimed, exhausted = await self._queue.claim_from(consumer, DEAD_CLAIM_MIN_IDLE_MS, self._spec.max_tries)
             if claimed or exhausted:
