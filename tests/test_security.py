@@ -20,7 +20,7 @@ from tests.security_cluster import ECHO, bearer, create_key, start_gateway, v2_b
 
 pytestmark = pytest.mark.timeout(120)
 REQUIRED = {"auth": "required"}
-EXEMPT = {"/healthz", "/readyz", "/metrics"}
+EXEMPT = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"}
 
 
 def concrete(path: str) -> str:

@@ -116,6 +116,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     """inferline keys create|list|revoke, against the Redis the gateways use."""
     import asyncio
 
+    from inferline.server.auth import keyfile
     from inferline.server.auth.keys import ALL_MODELS, ApiKey, BadKey, new_key, parse
     from inferline.server.broker import keystore
     from inferline.server.broker.client import connect
@@ -124,6 +125,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     url = settings.redis_url or private_redis_url(settings)
     if not url:
         raise ConfigError("REDIS_URL is not set and no `inferline up` Redis runs here: set REDIS_URL")
+    # The private Redis of `inferline up` may lose its data: each change goes to the durable copy first, so a
+    # revoked key never comes back from it (server/auth/keyfile.py). A user's Redis keeps its own.
+    durable = None if settings.redis_url else keyfile.location(settings.state_dir)
 
     async def run() -> int:
         redis = connect(url, settings.broker.timeout_s)
@@ -135,6 +139,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
                                           args.rate, args.burst, args.concurrency)
                 except BadKey as exc:
                     raise ConfigError(str(exc)) from None
+                if durable is not None:
+                    keyfile.change(durable, record.key_id, record.to_fields())
                 await keystore.save(redis, record.key_id, record.to_fields())
                 print(key)
                 print(f"inferline: created key {record.key_id}; the secret above is shown only this once",
@@ -153,6 +159,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             else:
                 parsed = parse(args.key_id)
                 key_id = parsed[0] if parsed else args.key_id
+                if durable is not None:
+                    keyfile.change(durable, key_id, None)
                 if not await keystore.revoke(redis, key_id):
                     print(f"inferline: no key {key_id}", file=sys.stderr)
                     return 1

@@ -116,6 +116,9 @@ class SecuritySettings(BaseModel):
     burst: int = Field(100, ge=1, le=10_000_000)         # bucket size: requests a key may send at once
     concurrency: int = Field(64, ge=0, le=1_000_000)     # requests in flight per key; 0: no cap
     concurrency_lease_s: float = Field(600.0, gt=0, le=86_400)   # a slot a dead gateway held lapses after this
+    # The durable copy of the key records (server/auth/keyfile.py): `inferline up` sets it for the gateway of its
+    # private Redis, which puts the records back when that Redis lost them. None: the Redis's own durability.
+    keys_file: Path | None = None
 
 
 class BrokerSettings(BaseModel):

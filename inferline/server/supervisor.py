@@ -1,9 +1,10 @@
 """`inferline up`: Redis (a private one unless REDIS_URL is set), the demo models (built if missing),
 the gateway and one process per model replica. Restarts a process that dies, with backoff, so a dead
 worker's pending requests are claimed by its successor; the private Redis too (empty unless broker.persist:
-every part recreates what it lost). The first Ctrl-C drains (SIGTERM to the gateway and workers, wait, then
-Redis), the second kills. No process is left behind, even when `up` itself is killed with -9: every child
-gets SIGTERM from the kernel when its parent dies (PR_SET_PDEATHSIG)."""
+every part recreates what it lost; the gateway puts the API keys back from their durable copy, auth/keyfile.py).
+The first Ctrl-C drains (SIGTERM to the gateway and workers, wait, then Redis), the second kills. No process is
+left behind, even when `up` itself is killed with -9: every child gets SIGTERM from the kernel when its parent
+dies (PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from inferline.server.auth import keyfile
 from inferline.server.broker import embedded
 from inferline.server.config import Settings
 from inferline.server.worker.watchdog import EXIT_HUNG
@@ -140,6 +142,8 @@ class Supervisor:
             self.redis = Child("redis", self.redis_plan.argv, dict(os.environ), logs / "redis.log", own_session=True)
         self.redis_url = redis_url
         env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+        if self.redis_plan is not None:   # the gateway restores the keys of a private Redis that lost them
+            env["INFERLINE_SECURITY__KEYS_FILE"] = str(keyfile.location(settings.state_dir).resolve())
         py = sys.executable
         self.children.append(Child("gateway", [py, "-m", "inferline.server.cli", "gateway"], env, logs / "gateway.log"))
         for name, spec in settings.models.items():

@@ -132,11 +132,14 @@ class Verifier:
     """Remembers which (key id, secret) pairs matched which stored hash, so scrypt runs once per key per
     process rather than per request. An entry is only trusted while the stored hash is unchanged: a revoked
     or re-created key has no record or another hash, which the caller reads fresh from Redis each request.
-    Only SHA-256 digests of secrets are kept, in a bounded LRU."""
+    Only SHA-256 digests of secrets are kept, in a bounded LRU. Refusals are remembered the same way (against the
+    stored hash they failed, "" for an id with no record), so the same wrong key sent again costs no scrypt either;
+    an unknown id and a wrong secret are remembered alike, so neither is answered faster than the other."""
 
     def __init__(self, max_entries: int = 10_000) -> None:
         self.max_entries = max_entries
         self.known: OrderedDict[bytes, str] = OrderedDict()
+        self.refused: OrderedDict[bytes, str] = OrderedDict()
 
     @staticmethod
     def _slot(key_id: str, secret: str) -> bytes:
@@ -155,6 +158,16 @@ class Verifier:
         self.known[self._slot(key_id, secret)] = stored
         while len(self.known) > self.max_entries:
             self.known.popitem(last=False)
+
+    def was_refused(self, key_id: str, secret: str, stored: str) -> bool:
+        """Whether this secret already failed against `stored` ("" : the id had no record either)."""
+        return self.refused.get(self._slot(key_id, secret)) == stored
+
+    def remember_refusal(self, key_id: str, secret: str, stored: str) -> None:
+        """Record that `secret` did not match `stored` ("" for an id with no record)."""
+        self.refused[self._slot(key_id, secret)] = stored
+        while len(self.refused) > self.max_entries:
+            self.refused.popitem(last=False)
 
 
 def b64(data: bytes) -> str:

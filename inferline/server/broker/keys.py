@@ -60,6 +60,11 @@ def model_info(model: str) -> str:
 # API keys (server/auth/keys.py). Workers' Redis ACL user is denied everything under inferline:auth:*.
 AUTH_PREFIX = f"{PREFIX}:auth"
 API_KEY_INDEX = f"{AUTH_PREFIX}:keys"     # set of key ids, for `inferline keys list`
+# Hash {updated: epoch s}: "keys have been managed in this Redis", written with every key and kept when keys are
+# revoked, so "no key left" reads as "all revoked" while it exists and as "this Redis lost its keys" once it is gone.
+# Under the key-record prefix because the gateway and admin ACL users may already read and write there
+# (SECURITY.md); "_managed" can never be a key id (16 hex digits).
+AUTH_MARKER = f"{AUTH_PREFIX}:key:_managed"
 
 
 def api_key(key_id: str) -> str:

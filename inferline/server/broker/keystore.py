@@ -1,9 +1,10 @@
 """API key records in Redis: one hash per key (keys.api_key) and an index set. Every gateway reads the record on
 each request, so a revocation holds everywhere at once. Records are flat string mappings; their meaning lives
-in server/auth/keys.py."""
+in server/auth/keys.py. keys.AUTH_MARKER says keys have been managed here (see `state`)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -12,11 +13,19 @@ from inferline.server.broker import keys
 
 
 async def save(redis: aioredis.Redis, key_id: str, fields: dict[str, str]) -> None:
-    """Store (or replace) a key's record and index it."""
+    """Store (or replace) a key's record, index it, and mark this Redis as one where keys are managed."""
+    await restore(redis, {key_id: fields})
+
+
+async def restore(redis: aioredis.Redis, records: dict[str, dict[str, str]]) -> None:
+    """Store (or replace) several records at once (one transaction), with the marker. Used by `save` and by a
+    gateway putting back the durable copy of `inferline up`'s keys after its private Redis lost them."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.api_key(key_id))
-        pipe.hset(keys.api_key(key_id), mapping=dict[Any, Any](fields))
-        pipe.sadd(keys.API_KEY_INDEX, key_id)
+        for key_id, fields in records.items():
+            pipe.delete(keys.api_key(key_id))
+            pipe.hset(keys.api_key(key_id), mapping=dict[Any, Any](fields))
+            pipe.sadd(keys.API_KEY_INDEX, key_id)
+        pipe.hset(keys.AUTH_MARKER, "updated", repr(time.time()))   # HSET: the admin ACL user has no HSETNX
         await pipe.execute()
 
 
@@ -26,10 +35,14 @@ async def load(redis: aioredis.Redis, key_id: str) -> dict[str, str] | None:
     return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
 
 
-async def any_exist(redis: aioredis.Redis) -> bool:
-    """Whether any key is indexed (created and not revoked; an expired one still counts). One SCARD."""
-    count: Any = await redis.scard(keys.API_KEY_INDEX)  # type: ignore[misc]
-    return int(count) > 0
+async def state(redis: aioredis.Redis) -> tuple[int, bool]:
+    """(how many keys are indexed, whether keys have ever been managed in this Redis). One round trip (SCARD,
+    EXISTS). (0, True): every key was revoked; (0, False): none was ever created here, or this Redis lost them."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.scard(keys.API_KEY_INDEX)
+        pipe.exists(keys.AUTH_MARKER)
+        count, marker = await pipe.execute()
+    return int(count), bool(marker)
 
 
 async def list_all(redis: aioredis.Redis) -> dict[str, dict[str, str]]:

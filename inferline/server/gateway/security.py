@@ -8,8 +8,16 @@ loop); then one atomic script (server/broker/ratelimit.py) checks that the recor
 key's current scopes and models. The admission, the slot's release and the request's enqueue go through the
 gateway's TickBatcher (server/broker/ticks.py): all of those of one event-loop tick share one Redis round trip.
 
-Exempt: /healthz and /readyz (probes), and /metrics while security.metrics_public is on.
-security.auth = "auto" on a loopback address requires keys only while any key exists (SECURITY.md).
+Exempt: the probes (/healthz, /readyz and KServe's /v2/health/live and /v2/health/ready), and /metrics while
+security.metrics_public is on. security.auth = "auto" on a loopback address requires keys only while any key
+exists (SECURITY.md).
+
+Fail closed: once this gateway has seen keys, finding none left in Redis *and* no record there that they were
+revoked (keys.AUTH_MARKER) means Redis lost them: every request then gets 503 naming that, never a pass without a
+key. For `inferline up`'s private Redis the gateway first puts the records back from their durable copy
+(server/auth/keyfile.py), which also covers a gateway restarted after Redis lost everything.
+An unknown key id costs the same scrypt run as a wrong secret (checked against a dummy hash), so the time of a
+refusal does not tell whether an id exists; failed checks are throttled per client address (gateway/throttle.py).
 """
 
 from __future__ import annotations
@@ -19,17 +27,31 @@ import contextlib
 import ipaddress
 import logging
 import math
+import secrets
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inferline.server.auth.keys import SCOPE_ADMIN, SCOPE_INFER, ApiKey, BadKey, Verifier, parse, split, verify_secret
+from inferline.server.auth import keyfile
+from inferline.server.auth.keys import (
+    SCOPE_ADMIN,
+    SCOPE_INFER,
+    ApiKey,
+    BadKey,
+    Verifier,
+    hash_secret,
+    parse,
+    split,
+    verify_secret,
+)
 from inferline.server.broker import keystore
 from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.broker.ratelimit import ADMITTED, EXPIRED, LIMITED, Admission, Limits, RateLimiter
 from inferline.server.config import Settings
 from inferline.server.errors import Forbidden, RateLimited, Unauthorized, Unavailable
+from inferline.server.gateway.throttle import FailureThrottle
 from inferline.server.ids import new_id
 
 if TYPE_CHECKING:
@@ -37,10 +59,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXEMPT = frozenset({"/healthz", "/readyz"})
+# Probes: a Kubernetes or KServe liveness/readiness probe carries no key.
+EXEMPT = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 KDF_CONCURRENCY = 2       # scrypt runs at once (16 MiB each): a flood of wrong secrets costs at most this much
 KDF_QUEUE = 64            # callers waiting for one; more get 429
-KEYS_RECHECK_S = 2.0      # auto on loopback: how old the "does any key exist" answer may be
+KEYS_RECHECK_S = 2.0      # how old the "do keys exist, were they lost" answer may be
+MISS_RECHECK_S = 0.25     # ... when a presented key has no record (Redis may just have lost them): at most 4/s
+LOST = ("the API keys were lost: this deployment required keys, but its Redis now has none and no record that they "
+        "were revoked (Redis restarted without persistence, or was flushed). Requests are refused until a key "
+        "exists again: `inferline keys create`")
 
 
 def auth_enforced(settings: Settings) -> bool:
@@ -89,12 +116,19 @@ class Security:
         self.verifier = Verifier()
         self.kdf = asyncio.Semaphore(KDF_CONCURRENCY)
         self.kdf_waiting = 0
+        # An unknown id runs scrypt against this, so it costs what a wrong secret costs (~50 ms, once, at start).
+        self.dummy_hash = hash_secret(secrets.token_urlsafe(32))
+        self.failures = FailureThrottle()
         # the dispatcher's batcher: admissions, releases and enqueues of one tick share a round trip
         self.limiter = RateLimiter(gateway.redis, self.limits, gateway.dispatcher.batcher)
         self.always = auth_enforced(gateway.settings)
+        self.keys_file: Path | None = sec.keys_file
         self.keys_exist = False
-        self.keys_checked_until = 0.0
-        self.checking: asyncio.Future[bool] | None = None
+        self.had_keys = False     # this process saw keys and not their revocation: none left then means lost
+        self.lost = False
+        self.restores = 0
+        self.checked_at = -math.inf
+        self.checking: asyncio.Future[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exempt or not await self.enforced():
@@ -120,39 +154,68 @@ class Security:
 
     async def enforced(self) -> bool:
         """Whether this request needs a key: always, unless security.auth = "auto" on loopback, where it does
-        while any key exists (read at most every KEYS_RECHECK_S, one read shared by the requests waiting on it).
-        Raises Unavailable while Redis cannot say: guessing "no keys" would open the gateway."""
-        if self.always:
-            return True
-        if time.monotonic() < self.keys_checked_until:
-            return self.keys_exist
+        while any key exists. Raises Unavailable while the keys are lost (LOST), and while Redis cannot say:
+        guessing "no keys" would open the gateway."""
+        await self.refresh(KEYS_RECHECK_S)
+        if self.lost:
+            raise Unavailable(LOST)
+        return self.always or self.keys_exist
+
+    async def refresh(self, max_age_s: float) -> None:
+        """Read the keys' state again when the last read is older than max_age_s; one read shared by the requests
+        waiting on it. Raises Unavailable."""
+        if time.monotonic() - self.checked_at < max_age_s:
+            return
         if self.checking is None:
             self.checking = asyncio.ensure_future(self.check_keys())
-        return await asyncio.shield(self.checking)
+        await asyncio.shield(self.checking)
 
-    async def check_keys(self) -> bool:
-        """Read whether any key exists and remember it for KEYS_RECHECK_S. Raises Unavailable."""
+    async def check_keys(self) -> None:
+        """Read how many keys exist and whether keys were ever managed in this Redis (one round trip); with a key
+        file and a Redis that has neither, put the file's records back first. Raises Unavailable."""
         try:
-            exist = await keystore.any_exist(self.redis)
+            count, managed = await keystore.state(self.redis)
+            if count == 0 and not managed and self.keys_file is not None:
+                count = await self.restore(self.keys_file)
+                managed = count > 0
         except BROKER_ERRORS as exc:
             raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
         finally:
             self.checking = None
-        if exist != self.keys_exist:
-            log.warning("API keys %s (security.auth = auto on loopback)",
-                        "exist: now required" if exist else "all revoked: no longer required")
-        self.keys_exist = exist
-        self.keys_checked_until = time.monotonic() + KEYS_RECHECK_S
-        return exist
+        exist = count > 0
+        lost = not exist and not managed and self.had_keys
+        if exist != self.keys_exist or lost != self.lost:
+            if lost:
+                log.error("API keys lost: Redis has none and no record of their revocation; refusing requests (503)")
+            elif exist:
+                log.warning("API keys exist: now required")
+            else:
+                log.warning("API keys all revoked: %s", "no key is valid" if self.always else "no longer required")
+        self.had_keys = exist or (self.had_keys and not managed)
+        self.keys_exist, self.lost = exist, lost
+        self.checked_at = time.monotonic()
+
+    async def restore(self, path: Path) -> int:
+        """Put the durable copy's records back into a Redis that lost them; returns how many. Raises Unavailable
+        for a file that cannot be read (fail closed), and the broker's errors."""
+        try:
+            records = keyfile.load(path)
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"the API key file {path} cannot be read: {type(exc).__name__}") from None
+        if records:
+            await keystore.restore(self.redis, records)
+            self.restores += 1
+            log.warning("restored %d API key(s) from %s: Redis had lost them", len(records), path)
+        return len(records)
 
     async def start(self) -> None:
-        """At gateway start: read whether keys exist (auto on loopback), so the log says it before any request."""
-        if not self.always:
-            with contextlib.suppress(Unavailable):
-                await self.check_keys()
+        """At gateway start: read whether keys exist (and restore them), so the log says it before any request."""
+        with contextlib.suppress(Unavailable):
+            await self.check_keys()
 
     async def authenticate(self, scope: Scope) -> tuple[str, str]:
-        """(key id, the stored hash its secret matched). Raises Unauthorized, Unavailable or RateLimited."""
+        """(key id, the stored hash its secret matched). Raises Unauthorized, Unavailable or RateLimited (this
+        client address failed too often: no scrypt runs for it)."""
         presented = bearer(scope)
         if presented is None:
             raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", reason="")
@@ -163,32 +226,77 @@ class Security:
         stored = self.verifier.remembered(key_id, secret)
         if stored is not None:
             return key_id, stored
-        try:
-            fields = await keystore.load(self.redis, key_id)
-        except BROKER_ERRORS as exc:
-            raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
-        try:
-            record = ApiKey.from_fields(key_id, fields) if fields else None
-        except (BadKey, ValueError):
-            log.warning("unusable key record key=%s", key_id)
-            record = None
-        if record is None:
+        client = scope.get("client")
+        record = await self.verify(key_id, secret, str(client[0]) if client else "")
+        return key_id, record.secret_hash
+
+    async def verify(self, key_id: str, secret: str, peer: str) -> ApiKey:
+        """The key's record once the secret matched it. An unknown id, an unusable record and a wrong secret
+        each cost one scrypt run (the first time: refusals are remembered) and give the same 401, so neither the
+        answer nor its time tells whether the id exists; only the key's holder learns that it expired. A run of
+        scrypt takes a token of `peer`'s failure throttle, given back when the secret matched.
+        Raises Unauthorized, Unavailable, RateLimited."""
+        record = await self.lookup(key_id)
+        stored = record.secret_hash if record else ""
+        if self.verifier.was_refused(key_id, secret, stored):
             raise Unauthorized("invalid API key")
+        wait = self.failures.take(peer)
+        if wait > 0:
+            err = RateLimited(f"too many failed API key checks from this address; retry in {math.ceil(wait)} s")
+            err.headers["retry-after"] = str(math.ceil(wait))
+            raise err
+        try:
+            ok = await self.kdf_check(secret, stored or self.dummy_hash)
+        except BaseException:
+            self.failures.give_back(peer)   # it could not run: not a failure of this peer's
+            raise
+        if record is None or not ok:
+            self.verifier.remember_refusal(key_id, secret, stored)   # the token stays spent
+            log.info("failed key check key=%s", key_id)
+            raise Unauthorized("invalid API key")
+        self.failures.give_back(peer)
         if record.expired():
             raise Unauthorized(f"API key {key_id} has expired")
+        self.verifier.remember(key_id, secret, record.secret_hash)
+        self.had_keys = True   # seen here, between two reads of the keys' state: their loss must still fail closed
+        return record
+
+    async def lookup(self, key_id: str) -> ApiKey | None:
+        """The key's record; when there is none while keys were seen, read the keys' state first (Redis may just
+        have lost them: restored, or 503 LOST). Raises Unavailable."""
+        record = await self.record(key_id)
+        if record is None:
+            restores = self.restores
+            if self.had_keys:   # Redis may just have lost the keys: look now, not within KEYS_RECHECK_S
+                await self.refresh(MISS_RECHECK_S)
+            if self.lost:
+                raise Unavailable(LOST)
+            if self.restores != restores:
+                record = await self.record(key_id)
+        return record
+
+    async def kdf_check(self, secret: str, stored: str) -> bool:
+        """verify_secret off the event loop, at most KDF_CONCURRENCY at once. Raises RateLimited past KDF_QUEUE."""
         if self.kdf_waiting >= KDF_QUEUE:
             raise RateLimited("too many API keys are being verified at once; retry shortly")
         self.kdf_waiting += 1
         try:
             async with self.kdf:
-                ok = await asyncio.to_thread(verify_secret, secret, record.secret_hash)
+                return await asyncio.to_thread(verify_secret, secret, stored)
         finally:
             self.kdf_waiting -= 1
-        if not ok:
-            log.info("wrong secret key=%s", key_id)
-            raise Unauthorized("invalid API key")
-        self.verifier.remember(key_id, secret, record.secret_hash)
-        return key_id, record.secret_hash
+
+    async def record(self, key_id: str) -> ApiKey | None:
+        """The key's record from Redis; None when there is none or it is unusable. Raises Unavailable."""
+        try:
+            fields = await keystore.load(self.redis, key_id)
+        except BROKER_ERRORS as exc:
+            raise Unavailable(f"the key store is unreachable: {type(exc).__name__}") from None
+        try:
+            return ApiKey.from_fields(key_id, fields) if fields else None
+        except (BadKey, ValueError):
+            log.warning("unusable key record key=%s", key_id)
+            return None
 
     async def admit(self, key_id: str, stored: str, slot: str) -> Admission:
         try:
