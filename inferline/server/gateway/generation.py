@@ -51,7 +51,8 @@ class Generation:
 
 
 def token_of(event: TokenEvent) -> dict[str, Any]:
-    """TGI's token object. A logprob that is not finite is written as null (orjson's way; TGI's client takes it)."""
+    """TGI's token object (the fields of a wire.Token). A logprob that is not finite is written as null (TGI's
+    client takes it)."""
     return {"id": event.token_id, "text": event.text, "logprob": event.logprob, "special": event.special}
 
 

@@ -1,5 +1,10 @@
-"""Wire models of what the gateway answers: each route's 200 body and each protocol family's error body, for the API
-document (/openapi.json) and for clients that generate types from it. Pydantic only; nothing here validates traffic."""
+"""Wire models of what the gateway answers: each route's 200 body and each protocol family's error body. One spelling
+per answer: the routes build their answers as these models (gateway/routes/common.py: `build`, `encode`), the API
+document (/openapi.json) shows them, and the SDK's result types (inferline/client/types.py) derive from them.
+
+A field a route leaves unset is not sent (encode serialises with exclude_unset): where the wire has a key only
+sometimes (`details.top_tokens`, a chunk's `usage`, a chat delta's `role`), the model declares it with a default and
+the route sets it when it is sent. Pydantic only (the SDK imports this module with the core install)."""
 
 from __future__ import annotations
 
@@ -63,6 +68,8 @@ class Details(BaseModel):
     seed: int | None = None
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
+    top_tokens: list[list[Token]] | None = Field(None, description="only with parameters.top_n_tokens: per "
+                                                  "generated token, its most likely alternatives, best first")
 
 
 class Generation(BaseModel):
@@ -83,6 +90,8 @@ class StreamEvent(BaseModel):
 
     index: int
     token: Token
+    top_tokens: list[Token] | None = Field(None, description="with parameters.top_n_tokens: this token's most "
+                                           "likely alternatives, best first; else null")
     generated_text: str | None = None
     details: StreamDetails | None = None
 
@@ -277,32 +286,62 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"]
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage | None = None
 
 
+class ChatDelta(BaseModel):
+    """What one chunk adds to its choice's message: the role (first chunk), then content; {} for a token that adds
+    no text (an end-of-sequence token)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
 class ChatChunk(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """One `data:` chunk of a streamed chat completion. With stream_options.include_usage every chunk has `usage`,
+    null but in the last (whose `choices` is []); without it, no chunk has it."""
+
     id: str
     object: Literal["chat.completion.chunk"]
     created: int
     model: str
-    choices: list[dict[str, Any]]
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
 
 class TGIInfo(BaseModel):
     """TGI's /info: the generate deployment's model and limits."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=())
     model_id: str
+    model_sha: str | None = None
     model_version: str | None = None
+    model_dtype: str | None = None
+    model_device_type: str | None = Field(None, description="the live workers' device types, comma-separated")
+    model_pipeline_tag: str | None = None
+    max_concurrent_requests: int | None = Field(None, description="the deployment's queue_cap: past it, requests "
+                                                "are refused as overloaded")
+    max_best_of: int | None = None
+    max_stop_sequences: int | None = None
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     max_batch_size: int | None = None
-    max_concurrent_requests: int | None = None
-    max_stop_sequences: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_client_batch_size: int | None = None
+    router: str | None = None
     version: str
+    sha: str | None = None
+    docker_label: str | None = None
 
 
 class TokenSpan(BaseModel):

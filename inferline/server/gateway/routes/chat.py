@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -17,6 +16,7 @@ from inferline.server.errors import InferlineError
 from inferline.server.gateway.errors import CLIENT_GONE
 from inferline.server.gateway.generation import (
     ClientGone,
+    Generation,
     collect_all,
     merge,
     start_all,
@@ -25,7 +25,7 @@ from inferline.server.gateway.generation import (
 )
 from inferline.server.gateway.openapi import doc
 from inferline.server.gateway.record import request_id
-from inferline.server.gateway.routes.common import JSON, json_body, parse_json
+from inferline.server.gateway.routes.common import build, json_answer, json_body, parse_json
 from inferline.server.gateway.routes.openai_shapes import FINISH, error_chunk, finite, renamed, token_name, usage
 from inferline.server.gateway.routes.sse import DONE, SSE_HEADERS, sse
 from inferline.server.protocol import TokenEvent
@@ -82,13 +82,17 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
         return Response(status_code=CLIENT_GONE)
     except InferlineError as exc:
         raise renamed(exc, names) from None
+    return json_answer(chat_body(req, head, results))
+
+
+def chat_body(req: ChatCompletionRequest, head: dict[str, Any], results: list[Generation]) -> wire.ChatCompletion:
+    """The whole answer: one choice per generation, in order."""
     choices = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
                 "logprobs": logprobs_of(req, r.events), "finish_reason": FINISH.get(r.finish_reason, r.finish_reason)}
                for i, r in enumerate(results)]
     # The choices share one prompt: counted once, as OpenAI does.
-    body = {**head, "choices": choices,
-            "usage": usage(results[0].prompt_tokens, sum(r.generated_tokens for r in results))}
-    return Response(orjson.dumps(body), media_type=JSON)
+    return build(wire.ChatCompletion, {**head, "choices": choices, "usage": usage(
+        results[0].prompt_tokens, sum(r.generated_tokens for r in results))})
 
 
 def stream_chat(req: ChatCompletionRequest, head: dict[str, Any], names: dict[str, str],
@@ -99,10 +103,10 @@ def stream_chat(req: ChatCompletionRequest, head: dict[str, Any], names: dict[st
 
     def chunk(index: int, delta: dict[str, Any], event: TokenEvent | None = None) -> bytes:
         finish = event.finish_reason if event is not None else None
-        return sse({**head, "choices": [{
+        return sse(build(wire.ChatChunk, {**head, "choices": [{
             "index": index, "delta": delta,
             "logprobs": logprobs_of(req, [event]) if event is not None else None,
-            "finish_reason": FINISH.get(finish, finish) if finish else None}]})
+            "finish_reason": FINISH.get(finish, finish) if finish else None}]}))
 
     async def lines() -> AsyncIterator[bytes]:
         prompt_tokens = completion_tokens = 0
@@ -118,7 +122,7 @@ def stream_chat(req: ChatCompletionRequest, head: dict[str, Any], names: dict[st
             # False): the deltas add up to the message.
             yield chunk(index, {"content": item.text} if item.text else {}, item)
         if with_usage:
-            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse(build(wire.ChatChunk, {**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}))
         yield DONE
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -3,21 +3,22 @@ calls), and TGI's /info, /tokenize and /health, all for the deployment bound to 
 are SSE events {"error", "error_type"}; no [DONE] line on these routes.
 
 Log-probabilities (details.tokens[*].logprob, top_n_tokens, the prefill's) and their -inf: a token the warpers
-excluded has logprob -inf, which JSON cannot carry; orjson writes it as null, which TGI's client takes."""
+excluded has logprob -inf, which JSON cannot carry; it is written as null (routes/common.encode), which TGI's
+client takes."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
 from inferline import server
 from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.errors import InferlineError, Unavailable
-from inferline.server.gateway.errors import CLIENT_GONE, stream_event
+from inferline.server.gateway.errors import CLIENT_GONE
+from inferline.server.gateway.errors import stream_event as stream_error
 from inferline.server.gateway.generation import (
     ClientGone,
     Generation,
@@ -29,14 +30,15 @@ from inferline.server.gateway.generation import (
 )
 from inferline.server.gateway.openapi import SSE, doc, error_responses
 from inferline.server.gateway.record import request_id
-from inferline.server.gateway.routes.common import JSON, json_body, parse_json
+from inferline.server.gateway.routes.common import JSON, build, encode, json_answer, json_body, parse_json
 from inferline.server.gateway.routes.sse import SSE_HEADERS
 from inferline.server.generation.params import MAX_STOP
-from inferline.server.protocol import OP_TOKENIZE
+from inferline.server.protocol import OP_TOKENIZE, ModelInfo, TokenEvent
 from inferline.server.schemas import responses as wire
 from inferline.server.schemas.tgi import GenerateRequest, TokenizeRequest
 
 if TYPE_CHECKING:
+    from inferline.server.config import ModelSpec
     from inferline.server.gateway.core import Gateway
 
 TASK = "generate"   # the deployment these routes serve is the one configured with task = "generate"
@@ -51,7 +53,9 @@ EVENTS = ('data:{"index":0,"token":{"id":318,"text":" is","logprob":-1.2,"specia
           '"details":{"finish_reason":"length","generated_tokens":2,"seed":null}}\n\n')
 
 
-def response_body(req: GenerateRequest, gen: Generation) -> dict[str, Any]:
+def response_body(req: GenerateRequest, gen: Generation) -> wire.Generation:
+    """/generate's answer (one element of /'s list): `details` only when asked, its `top_tokens` only with
+    top_n_tokens."""
     text = (req.inputs + gen.text) if req.parameters.return_full_text else gen.text
     body: dict[str, Any] = {"generated_text": text}
     if req.parameters.details:
@@ -60,10 +64,28 @@ def response_body(req: GenerateRequest, gen: Generation) -> dict[str, Any]:
         if req.parameters.top_n_tokens:   # TGI: one list per generated token, best first
             details["top_tokens"] = [e.top_logprobs or [] for e in gen.events]
         body["details"] = details
-    return body
+    return build(wire.Generation, body)
 
 
-async def generate_once(gw: Gateway, request: Request, req: GenerateRequest) -> dict[str, Any]:
+def stream_event(req: GenerateRequest, event: TokenEvent) -> wire.StreamEvent:
+    """One event of /generate_stream (per token: validated and serialised ~2.5 µs, routes/common.build); the last
+    carries the whole text and the details."""
+    last = event.finish_reason is not None
+    text = event.generated_text if last else None
+    if last and req.parameters.return_full_text:
+        text = req.inputs + (text or "")
+    return build(wire.StreamEvent, {
+        "index": event.index, "token": token_of(event), "top_tokens": event.top_logprobs, "generated_text": text,
+        "details": {"finish_reason": event.finish_reason, "generated_tokens": event.index + 1,
+                    "seed": event.seed} if last else None})
+
+
+def event_line(event: wire.StreamEvent | wire.StreamError) -> bytes:
+    """TGI's framing: `data:` without a space."""
+    return b"data:" + encode(event) + b"\n\n"
+
+
+async def generate_once(gw: Gateway, request: Request, req: GenerateRequest) -> wire.Generation:
     """The whole answer. Raises ClientGone (the sequence is dropped) when the client leaves before it is ready."""
     d = gw.dispatcher
     events = token_events(d, d.task(TASK).name, req.parameters.to_params(req.inputs), request_id())
@@ -78,17 +100,9 @@ async def sse(gw: Gateway, req: GenerateRequest) -> Response:
     async def lines() -> AsyncIterator[bytes]:
         try:
             async for event in events:
-                last = event.finish_reason is not None
-                text = event.generated_text if last else None
-                if last and req.parameters.return_full_text:
-                    text = req.inputs + (text or "")
-                yield b"data:" + orjson.dumps({
-                    "index": event.index, "token": token_of(event), "top_tokens": event.top_logprobs,
-                    "generated_text": text,
-                    "details": {"finish_reason": event.finish_reason, "generated_tokens": event.index + 1,
-                                "seed": event.seed} if last else None}) + b"\n\n"
+                yield event_line(stream_event(req, event))
         except InferlineError as exc:
-            yield b"data:" + orjson.dumps(stream_event(exc)) + b"\n\n"
+            yield event_line(build(wire.StreamError, stream_error(exc)))
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -108,7 +122,7 @@ COMPAT_DOCS = dict(summary="TGI compatibility route: a list of one response, or 
 async def generate(gw: Gateway, request: Request) -> Response:
     req = parse_json(await request.body(), GenerateRequest)
     try:
-        return Response(orjson.dumps(await generate_once(gw, request, req)), media_type=JSON)
+        return json_answer(await generate_once(gw, request, req))
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
 
@@ -122,7 +136,7 @@ async def compat(gw: Gateway, request: Request) -> Response:
     if req.stream:
         return await sse(gw, req)
     try:
-        return Response(orjson.dumps([await generate_once(gw, request, req)]), media_type=JSON)
+        return Response(b"[" + encode(await generate_once(gw, request, req)) + b"]", media_type=JSON)
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
 
@@ -147,20 +161,23 @@ async def info(gw: Gateway, request: Request) -> Response:
         status = await gw.registry.status(spec.name)
     except BROKER_ERRORS as exc:
         raise Unavailable(f"the registry is unreachable: {type(exc).__name__}") from None
-    model = status.info
-    if model is None:
+    if status.info is None:
         raise Unavailable(f"no worker of model {spec.name} has started yet")
-    body = {
+    return json_answer(info_body(spec, status.info, status.devices))
+
+
+def info_body(spec: ModelSpec, model: ModelInfo, devices: list[str]) -> wire.TGIInfo:
+    """TGI's /info for the generate deployment `spec`, from what its workers published and the devices they run on."""
+    return build(wire.TGIInfo, {
         "model_id": spec.name, "model_sha": model.version, "model_version": model.version, "model_dtype": None,
-        "model_device_type": ",".join(sorted({dev.split(":")[0] for dev in status.devices})) or None,
+        "model_device_type": ",".join(sorted({dev.split(":")[0] for dev in devices})) or None,
         "model_pipeline_tag": "text-generation",
         # TGI's admission limit: past it requests are refused as overloaded; here the deployment's queue_cap.
         "max_concurrent_requests": spec.queue_cap, "max_best_of": 1, "max_stop_sequences": MAX_STOP,
         "max_input_tokens": model.max_input_tokens, "max_total_tokens": model.context_length,
         "max_batch_size": model.max_batch_size, "max_batch_prefill_tokens": model.max_prefill_tokens,
         "max_client_batch_size": 1, "router": "inferline", "version": server.__version__, "sha": None,
-        "docker_label": None}
-    return Response(orjson.dumps(body), media_type=JSON)
+        "docker_label": None})
 
 
 async def tokenize(gw: Gateway, request: Request) -> Response:

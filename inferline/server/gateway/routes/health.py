@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from inferline.server.broker.client import BROKER_ERRORS
+from inferline.server.broker.registry import Serving
 from inferline.server.gateway.openapi import doc
+from inferline.server.gateway.routes.common import build, json_answer
 from inferline.server.schemas import responses as wire
 
 if TYPE_CHECKING:
@@ -25,27 +27,36 @@ HEALTHZ_DOCS = dict(summary="The gateway process is up (liveness: never depends 
                    **doc(wire.Healthz, {"status": "ok"}, errors=()))
 
 
-async def healthz(gw: Gateway, request: Request) -> dict[str, str]:
-    return {"status": "ok"}
+HEALTHZ = build(wire.Healthz, {"status": "ok"})
 
 
-async def readiness(gw: Gateway) -> dict[str, Any]:
+async def healthz(gw: Gateway, request: Request) -> Response:
+    return json_answer(HEALTHZ)
+
+
+async def readiness(gw: Gateway) -> wire.Readiness:
     """Whether this gateway can serve requests now, and each model's part in it (one Redis round trip, bounded by
-    broker.timeout_s).
+    broker.timeout_s): see readiness_of."""
+    try:   # bounded as a whole: a fresh connection to a hung Redis would otherwise cost connect + read timeouts
+        serving = await asyncio.wait_for(gw.registry.serving(list(gw.settings.models)), gw.settings.broker.timeout_s)
+    except REDIS_AWAY as exc:
+        return readiness_of({}, f"unreachable: {type(exc).__name__}")
+    return readiness_of(serving)
+
+
+def readiness_of(serving: dict[str, Serving], redis_away: str | None = None) -> wire.Readiness:
+    """/readyz's answer from each model's state (none when Redis is away: `redis_away` says why).
 
     Body: {"ready": bool, "redis": "ok" | "unreachable: <error>", "models": {name: {"ready": bool,
-    "live_workers": int, "reason"?: str}}}, plus "error", "error_type" and "missing" (the reasons) when not ready.
+    "live_workers": int, "reason"?: str}}, "missing": [reasons]}, plus "error" and "error_type" when not ready.
     Ready: Redis answers and at least one model has a live worker with a consumer group to read (or no model is
     configured). A model without one answers 503 on its own routes and shows here, but does not make the gateway
     unready: one GPU-only model on a CPU cluster must not take down the CPU models' routes."""
     body: dict[str, Any] = {"ready": False, "redis": "ok", "models": {}}
     missing: list[str] = []
-    try:   # bounded as a whole: a fresh connection to a hung Redis would otherwise cost connect + read timeouts
-        serving = await asyncio.wait_for(gw.registry.serving(list(gw.settings.models)), gw.settings.broker.timeout_s)
-    except REDIS_AWAY as exc:
-        body["redis"] = f"unreachable: {type(exc).__name__}"
-        missing.append(f"redis unreachable: {type(exc).__name__}")
-        serving = {}
+    if redis_away is not None:
+        body["redis"] = redis_away
+        missing.append(f"redis {redis_away}")
     for name, seen in serving.items():
         entry: dict[str, Any] = {"ready": seen.ready, "live_workers": seen.live_workers}
         if not seen.live_workers:
@@ -59,7 +70,7 @@ async def readiness(gw: Gateway) -> dict[str, Any]:
     if not body["ready"]:
         body.update(error="; ".join(missing), error_type="unavailable")
     body["missing"] = missing
-    return body
+    return build(wire.Readiness, body)
 
 
 READYZ_DOCS = dict(
@@ -76,7 +87,7 @@ READYZ_DOCS = dict(
 
 async def readyz(gw: Gateway, request: Request) -> Response:
     body = await readiness(gw)
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+    return json_answer(body, status_code=200 if body.ready else 503)
 
 
 METRICS_DOCS = dict(summary="Prometheus metrics (text exposition format)",

@@ -4,16 +4,16 @@ bytes (JSON, or JSON + binary tensors per the binary-data extension) and are par
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from inferline import server
 from inferline.server.errors import BadRequest, NotFound, Unavailable
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.openapi import READ_ERRORS, TASK_ERRORS, doc
-from inferline.server.gateway.routes.common import Body, answer
+from inferline.server.gateway.routes.common import Body, answer, build, json_answer
 from inferline.server.gateway.routes.health import readiness
 from inferline.server.protocol import OP_V2, ModelInfo
 from inferline.server.schemas import responses as wire
@@ -50,17 +50,22 @@ INFER_DOCS = dict(summary="Run inference (JSON or binary tensors)", openapi_extr
 VERSION_INFER_DOCS = dict(summary="Run inference on a named version", openapi_extra=INFER_BODY, **INFER_ANSWER)
 
 
-async def server_metadata(gw: Gateway, request: Request) -> dict[str, Any]:
-    return {"name": "inferline", "version": server.__version__, "extensions": ["binary_tensor_data"]}
+SERVER = build(wire.V2Server, {"name": "inferline", "version": server.__version__,
+                                "extensions": ["binary_tensor_data"]})
+LIVE = build(wire.V2Live, {"live": True})
 
 
-async def live(gw: Gateway, request: Request) -> dict[str, bool]:
-    return {"live": True}
+async def server_metadata(gw: Gateway, request: Request) -> Response:
+    return json_answer(SERVER)
+
+
+async def live(gw: Gateway, request: Request) -> Response:
+    return json_answer(LIVE)
 
 
 async def ready(gw: Gateway, request: Request) -> Response:
-    ok = (await readiness(gw))["ready"]
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    ok = (await readiness(gw)).ready
+    return json_answer(build(wire.V2Ready, {"ready": ok}), status_code=200 if ok else 503)
 
 
 async def model_info(gw: Gateway, model: str, version: str | None) -> ModelInfo:
@@ -73,18 +78,22 @@ async def model_info(gw: Gateway, model: str, version: str | None) -> ModelInfo:
     return info
 
 
-async def metadata(gw: Gateway, request: Request) -> dict[str, Any]:
+async def metadata(gw: Gateway, request: Request) -> Response:
     model = request.path_params["model"]
-    info = await model_info(gw, model, request.path_params.get("version"))
-    return {"name": model, "versions": [info.version], "platform": info.platform, "inputs": info.inputs,
-            "outputs": info.outputs}
+    return json_answer(metadata_of(model, await model_info(gw, model, request.path_params.get("version"))))
+
+
+def metadata_of(model: str, info: ModelInfo) -> wire.V2Metadata:
+    """A model's v2 metadata from what its workers published (tensors as {"name", "datatype", "shape"})."""
+    return build(wire.V2Metadata, {"name": model, "versions": [info.version], "platform": info.platform,
+                                   "inputs": info.inputs, "outputs": info.outputs})
 
 
 async def model_ready(gw: Gateway, request: Request) -> Response:
     model = request.path_params["model"]
     await model_info(gw, model, request.path_params.get("version"))
     ok = (await gw.registry.status(model)).live_replicas > 0
-    return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
+    return json_answer(build(wire.V2ModelReady, {"name": model, "ready": ok}), status_code=200 if ok else 503)
 
 
 async def infer(d: Dispatcher, rid: str, body: Body, headers: Mapping[str, str], path: dict[str, str],

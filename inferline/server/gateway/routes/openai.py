@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -29,7 +28,7 @@ from inferline.server.gateway.generation import (
 )
 from inferline.server.gateway.openapi import doc
 from inferline.server.gateway.record import request_id
-from inferline.server.gateway.routes.common import JSON, json_body, parse_json
+from inferline.server.gateway.routes.common import build, json_answer, json_body, parse_json
 from inferline.server.gateway.routes.openai_shapes import FINISH, error_chunk, finite, renamed, token_name, usage
 from inferline.server.gateway.routes.sse import DONE, SSE_HEADERS, sse
 from inferline.server.protocol import TokenEvent
@@ -108,6 +107,13 @@ async def completions(gw: Gateway, request: Request) -> Response:
         return Response(status_code=CLIENT_GONE)
     except InferlineError as exc:
         raise renamed(exc, COMPLETION_NAMES) from None
+    return json_answer(completion_body(req, head, results))
+
+
+def completion_body(req: CompletionRequest, head: dict[str, Any], results: list[Generation]) -> wire.Completion:
+    """The whole answer: `results` are the sequences_per_prompt generations of each prompt in turn; with best_of,
+    the n best of each prompt's are kept."""
+    prompts, k = req.prompts, req.sequences_per_prompt
     choices = []
     for p, prompt in enumerate(prompts):
         gens = results[p * k:(p + 1) * k]
@@ -115,12 +121,12 @@ async def completions(gw: Gateway, request: Request) -> Response:
             gens = sorted(gens, key=lambda g: g.mean_logprob, reverse=True)[:req.n]
         choices += [completion_choice(req, prompt, g, p * req.n + c) for c, g in enumerate(gens)]
     prompt_tokens = sum(results[p * k].prompt_tokens for p in range(len(prompts)))   # once per prompt, as OpenAI
-    body = {**head, "choices": choices,
-            "usage": usage(prompt_tokens, sum(r.generated_tokens for r in results))}
-    return Response(orjson.dumps(body), media_type=JSON)
+    return build(wire.Completion, {**head, "choices": choices,
+                                   "usage": usage(prompt_tokens, sum(r.generated_tokens for r in results))})
 
 
 def completion_choice(req: CompletionRequest, prompt: Prompt, gen: Generation, index: int) -> dict[str, Any]:
+    """The fields of one wire.CompletionChoice."""
     echoed = echo_text(prompt, gen.prefill) if req.echo else ""
     logprobs = None
     if req.logprobs is not None:
@@ -156,9 +162,9 @@ async def stream_completions(req: CompletionRequest, head: dict[str, Any],
                 prompt_tokens += item.prompt_tokens
             # The engine leaves special tokens (EOS) and held-back stop text out of `text` on OpenAI requests
             # (include_stop_sequence=False): the chunks add up to the completion as they are.
-            yield sse({**head, "choices": [chunk_of(index, item)]})
+            yield sse(build(wire.Completion, {**head, "choices": [chunk_of(index, item)]}))
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse(build(wire.Completion, {**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}))
         yield DONE
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers=SSE_HEADERS)

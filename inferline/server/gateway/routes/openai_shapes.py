@@ -7,8 +7,10 @@ import math
 
 from inferline.server.errors import InferlineError
 from inferline.server.gateway.errors import body_of
+from inferline.server.gateway.routes.common import build
 from inferline.server.gateway.routes.sse import sse
 from inferline.server.protocol import TokenEvent
+from inferline.server.schemas import responses as wire
 
 OPENAI_FAMILY = "/v1"   # errors.family reads the protocol family from a path's prefix
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
@@ -24,6 +26,7 @@ def finite(logprob: float | None) -> float | None:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The fields of a wire.Usage (built with the answer that holds it)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
@@ -42,4 +45,4 @@ def token_name(event: TokenEvent) -> str:
 
 def error_chunk(exc: InferlineError, names: dict[str, str]) -> bytes:
     """An error in the middle of an OpenAI stream: an event with OpenAI's error body, naming OpenAI's fields."""
-    return sse(body_of(renamed(exc, names), OPENAI_FAMILY, ""))
+    return sse(build(wire.OpenAIError, body_of(renamed(exc, names), OPENAI_FAMILY, "")))

@@ -4,14 +4,15 @@ event framing (`data: <json>`, the stream ending in `data: [DONE]`). TGI's event
 
 from __future__ import annotations
 
-from typing import Any
+from pydantic import BaseModel
 
-import orjson
+from inferline.server.gateway.routes.common import encode
 
 # no-cache: a proxy must not hold events back; x-accel-buffering: nginx passes each event on as it comes
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
 
-def sse(body: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(body) + b"\n\n"
+def sse(event: BaseModel) -> bytes:
+    """One OpenAI event: a chunk (wire.Completion, wire.ChatChunk) or an error (wire.OpenAIError)."""
+    return b"data: " + encode(event) + b"\n\n"
