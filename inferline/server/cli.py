@@ -97,6 +97,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         gw.tls_certfile, gw.tls_keyfile = args.tls_cert, args.tls_key
         if not (gw.tls_certfile and gw.tls_keyfile):
             raise ConfigError("--tls-cert and --tls-key go together")
+    if gw.access_log and gw.access_log_file is not None:
+        logs.route_access(gw.access_log_file, gw.access_log_max_bytes, gw.access_log_backups)
     tracing.setup("inferline-gateway")
     port = args.port or gw.port
     tls = {"ssl_certfile": str(gw.tls_certfile), "ssl_keyfile": str(gw.tls_keyfile)} if gw.tls_certfile else {}

@@ -94,8 +94,10 @@ class GatewaySettings(BaseModel):
     max_idle_connections_per_client: int = Field(32, ge=1, le=1_000_000)
     body_timeout_s: float = Field(30.0, gt=0, le=3600)     # from the end of the headers to the body's last byte: 408
     access_log: bool = True    # one line per request on the "inferline.access" logger (INFERLINE_LOG_FORMAT=json)
-    # Under `inferline up` the access log is its own file, <state_dir>/logs/access.log, rotated at this size with
-    # this many old files kept (access.log.1 ...): ~190 bytes a request, so the defaults keep ~1.7 M requests.
+    # The access log's own file, rotated at access_log_max_bytes with access_log_backups old files kept (access.log.1
+    # ...): ~190 bytes a request, so the defaults keep ~1.7 M requests. None: with the rest of the log, on stderr
+    # (unrotated: a container's log driver rotates it). `inferline up` sets <state_dir>/logs/access.log.
+    access_log_file: Path | None = None
     access_log_max_bytes: int = Field(64 * 1024 * 1024, ge=4096, le=1024**4)
     access_log_backups: int = Field(4, ge=1, le=100)
     tls_certfile: Path | None = None                       # both set: the gateway serves HTTPS only
