@@ -125,6 +125,10 @@ def test_inferline_redis_url_and_a_model_only_in_the_environment(tmp_path: Path,
     ("[gateway]\nport = 70000\n", "gateway.port"),
     ("[gateway]\nmax_body_bytes = 10\n", "gateway.max_body_bytes"),
     ("[gateway]\nprot = 80\n", "gateway.prot"),
+    ("[gateway]\nbody_timeout_s = 0\n", "gateway.body_timeout_s"),
+    ("[gateway]\naccess_log_max_bytes = 100\n", "gateway.access_log_max_bytes"),
+    ("[gateway]\nmax_connections = 100\n", "gateway.max_connections_per_client"),   # the default share, 256
+    ("[gateway]\nmax_connections_per_client = 10\n", "gateway.max_idle_connections_per_client"),   # default 32
     ("modles = 1\n", "modles"),
 ])
 def test_bad_values_fail_naming_the_key(tmp_path: Path, toml: str, key: str) -> None:

@@ -250,6 +250,18 @@ def test_compose_services_and_dockerfiles(monkeypatch: pytest.MonkeyPatch) -> No
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
 
 
+
+def test_compose_prometheus_has_no_remote_control() -> None:
+    """Prometheus's port is published: neither its lifecycle endpoints (POST /-/quit, /-/reload) nor its admin API
+    (deleting series) may be switched on, in compose or in any manifest."""
+    flags = ("--web.enable-lifecycle", "--web.enable-admin-api")
+    for name, service in compose()["services"].items():
+        command = service.get("command", [])
+        words = command.split() if isinstance(command, str) else [str(w) for w in command]
+        assert not [w for w in words if w.split("=")[0] in flags], f"{name}: {words}"
+    for doc in k8s_docs():
+        assert not any(flag in json.dumps(doc) for flag in flags), doc.get("metadata")
+
 def test_dockerfiles() -> None:
     gateway = (DEPLOY / "Dockerfile.gateway").read_text()
     worker = (DEPLOY / "Dockerfile.worker").read_text()

@@ -68,7 +68,8 @@ def test_idle_and_slow_connections_are_closed(cluster: Cluster) -> None:
     """Connections that never send a byte, that send their headers a byte at a time (slowloris), and kept-alive
     ones left idle after a response are all closed within the configured times."""
     cluster.spec("echo", runtime=ECHO)
-    url = start_gateway(cluster, gateway={"header_timeout_s": 1.0, "keep_alive_s": 1.0})
+    url = start_gateway(cluster, gateway={"header_timeout_s": 1.0, "keep_alive_s": 1.0,
+                                          "max_idle_connections_per_client": 64})   # all 50 may be idle
     idle = [connect(url) for _ in range(50)]
     slow = connect(url)
     slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")

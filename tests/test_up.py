@@ -148,3 +148,47 @@ def test_up_with_a_bad_config_exits_naming_the_key(tmp_path: Path, toml: str, en
     assert out.returncode != 0
     assert key in out.stderr, out.stderr
     assert not (tmp_path / "state").exists()   # nothing was started
+
+
+ACCESS_MAX_BYTES = 8192   # ~40 lines a file at ~190 bytes a request
+
+
+def test_up_rotates_the_access_log_at_its_size(tmp_path: Path) -> None:
+    """`inferline up` writes the access log to <state_dir>/logs/access.log and rotates it at
+    gateway.access_log_max_bytes, keeping gateway.access_log_backups old files: 300 requests (~57 KB of lines)
+    leave three files of at most 8 KiB each, and none of those lines in gateway.log."""
+    port = embedded.free_port()
+    config = tmp_path / "inferline.toml"
+    config.write_text(f"[gateway]\nport = {port}\naccess_log_max_bytes = {ACCESS_MAX_BYTES}\naccess_log_backups = 2\n"
+                      '[models.echo]\nmodel = "tests.runtimes:Echo"\nreplicas = 0\n')
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "--config", str(config), "up"],
+                                env=child_env(), stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    logs = tmp_path / ".inferline" / "logs"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                return httpx.get(url + "/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 60, "inferline up's gateway")
+        with httpx.Client(timeout=10) as client:
+            for _ in range(300):
+                assert client.get(url + "/healthz").status_code == 200
+        files = wait_for(lambda: sorted(logs.glob("access.log*")) if (logs / "access.log.2").exists() else None, 10,
+                         "two rotations")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert [f.name for f in files] == ["access.log", "access.log.1", "access.log.2"], files
+    sizes = {f.name: f.stat().st_size for f in files}
+    assert all(0 < size <= ACCESS_MAX_BYTES for size in sizes.values()), sizes
+    assert sizes["access.log.1"] > ACCESS_MAX_BYTES - 400, sizes   # rotated when full, not early
+    lines = (logs / "access.log.1").read_text().splitlines()
+    assert lines and all(" inferline.access request id=" in line and "route=/healthz" in line for line in lines)
+    assert "inferline.access" not in (logs / "gateway.log").read_text()

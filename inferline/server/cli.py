@@ -97,17 +97,20 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         gw.tls_certfile, gw.tls_keyfile = args.tls_cert, args.tls_key
         if not (gw.tls_certfile and gw.tls_keyfile):
             raise ConfigError("--tls-cert and --tls-key go together")
+    if gw.access_log and gw.access_log_file is not None:
+        logs.route_access(gw.access_log_file, gw.access_log_max_bytes, gw.access_log_backups)
     tracing.setup("inferline-gateway")
     port = args.port or gw.port
     tls = {"ssl_certfile": str(gw.tls_certfile), "ssl_keyfile": str(gw.tls_keyfile)} if gw.tls_certfile else {}
     scheme = "https" if tls else "http"
     print(f"inferline gateway: {scheme}://{gw.host}:{port}; {describe(settings)}", file=sys.stderr, flush=True)
-    # httptools with our per-connection limits (header bytes, count and read deadline); h11's own size bound is
-    # set too, for a machine without httptools. No proxy-headers layer: nothing here uses the client's address or
-    # scheme, and it cost a layer and a pass over the headers per request.
+    # httptools with our per-connection limits (header bytes, count and read deadlines, each client's share of the
+    # connections, and their total: uvicorn's limit_concurrency is not used, since it counts the connections turned
+    # away too and answers in plain text); h11's own size bound is set too, for a machine without httptools. No
+    # proxy-headers layer: the shares are by peer address, and a forwarded address is whatever the client wrote.
     uvicorn.run(create_app(settings), host=gw.host, port=port, log_level="warning", access_log=False,
                 loop="auto", http=protocol_for(gw), proxy_headers=False, timeout_graceful_shutdown=10,
-                timeout_keep_alive=int(math.ceil(gw.keep_alive_s)), limit_concurrency=gw.max_connections,
+                timeout_keep_alive=int(math.ceil(gw.keep_alive_s)),
                 h11_max_incomplete_event_size=gw.max_header_bytes, **tls)  # type: ignore[arg-type]
     return 0
 

@@ -91,8 +91,20 @@ class GatewaySettings(BaseModel):
     max_headers: int = Field(100, ge=8, le=1000)
     header_timeout_s: float = Field(10.0, gt=0, le=300)    # from connection (or first byte) to the end of headers
     keep_alive_s: float = Field(5.0, gt=0, le=300)         # idle between requests on a kept-alive connection
-    max_connections: int = Field(2048, ge=1, le=1_000_000)   # beyond it uvicorn answers 503
+    # Connections: all clients together, one client's share (by peer address: an IPv4 address or an IPv6 /64), and
+    # how many of that share may be idle (no request in progress: new, mid-headers or kept alive). Over any: 503 and
+    # closed (gateway/fairshare.py). Behind a proxy every client is the proxy: raise the share to max_connections.
+    max_connections: int = Field(2048, ge=1, le=1_000_000)
+    max_connections_per_client: int = Field(256, ge=1, le=1_000_000)
+    max_idle_connections_per_client: int = Field(32, ge=1, le=1_000_000)
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)     # from the end of the headers to the body's last byte: 408
     access_log: bool = True    # one line per request on the "inferline.access" logger (INFERLINE_LOG_FORMAT=json)
+    # The access log's own file, rotated at access_log_max_bytes with access_log_backups old files kept (access.log.1
+    # ...): ~190 bytes a request, so the defaults keep ~1.7 M requests. None: with the rest of the log, on stderr
+    # (unrotated: a container's log driver rotates it). `inferline up` sets <state_dir>/logs/access.log.
+    access_log_file: Path | None = None
+    access_log_max_bytes: int = Field(64 * 1024 * 1024, ge=4096, le=1024**4)
+    access_log_backups: int = Field(4, ge=1, le=100)
     tls_certfile: Path | None = None                       # both set: the gateway serves HTTPS only
     tls_keyfile: Path | None = None
 
@@ -100,6 +112,18 @@ class GatewaySettings(BaseModel):
     def _tls_pair(self) -> GatewaySettings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("gateway.tls_certfile and gateway.tls_keyfile must be set together")
+        return self
+
+    @model_validator(mode="after")
+    def _shares(self) -> GatewaySettings:
+        # An idle share at least as large as the whole share, or a share as large as the total, lets one client's
+        # silent connections shut everyone else out.
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError(f"gateway.max_connections_per_client ({self.max_connections_per_client}) must not exceed "
+                             f"gateway.max_connections ({self.max_connections})")
+        if self.max_idle_connections_per_client > self.max_connections_per_client:
+            raise ValueError(f"gateway.max_idle_connections_per_client ({self.max_idle_connections_per_client}) must "
+                             f"not exceed gateway.max_connections_per_client ({self.max_connections_per_client})")
         return self
 
 

@@ -95,6 +95,12 @@ class DeadlineExceeded(InferlineError):
     error_type = "timeout"
 
 
+class RequestTimeout(InferlineError):
+    """The client did not finish sending its request body in time (gateway.body_timeout_s): 408, then closed."""
+
+    error_type = "request_timeout"
+
+
 class Cancelled(InferlineError):
     """The caller went away before its answer: a worker drops the request and says so (nobody reads it; the access
     metrics record nginx's 499)."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import logging.handlers
 import time
+from pathlib import Path
 from typing import IO
 
 SUMMARY_EVERY_S = 30.0
@@ -75,6 +77,7 @@ class JsonLines(logging.Formatter):
 FLUSH_EVERY_S = 0.2       # an access line reaches the log at most this long after its request ended
 FLUSH_BYTES = 64 * 1024   # or as soon as this much is waiting
 _OUTPUT: tuple[logging.Handler, IO[str], str] | None = None   # configure()'s handler, its stream and format
+_ACCESS_FILE: logging.handlers.RotatingFileHandler | None = None   # route_access()'s, when the access log has a file
 
 
 class AccessLog:
@@ -84,7 +87,8 @@ class AccessLog:
     and go out in one write FLUSH_EVERY_S after the first of a block (sooner past FLUSH_BYTES), and at exit.
     The `inferline.access` logger's level still decides whether lines are written. In a process whose logging
     configure() did not set up (an application embedding the gateway, tests), lines go through that logger as
-    before, so its handlers see them."""
+    before, so its handlers see them. With route_access() they go to a file of their own, rotated at its size: no
+    file ever passes it, unless one line alone does."""
 
     def __init__(self) -> None:
         self.logger = logging.getLogger(ACCESS_LOGGER)
@@ -101,7 +105,7 @@ class AccessLog:
         if not self.logger.isEnabledFor(logging.INFO):
             return
         output = _OUTPUT
-        if output is None or output[0] not in logging.getLogger().handlers or self.logger.handlers:
+        if output is None or not _direct(self.logger):
             self.logger.info(ACCESS_FORMAT, request_id, method, route, model or "-", status, ms, queued_ms,
                              compute_ms, batch, tokens)
             return
@@ -137,16 +141,61 @@ class AccessLog:
             self.timer = None
         if not self.lines or _OUTPUT is None:
             return
-        block, self.lines, self.size = "".join(self.lines), [], 0
-        handler, stream, _ = _OUTPUT
+        lines, self.lines, self.size = self.lines, [], 0
+        rotating = _ACCESS_FILE
+        handler: logging.Handler = rotating if rotating is not None else _OUTPUT[0]
         handler.acquire()   # not mid-way through another thread's log line
         try:
-            stream.write(block)
-            stream.flush()
-        except (OSError, ValueError):   # stderr closed or gone: the lines are lost, the request is not
+            if rotating is not None:
+                _write_rotating(rotating, lines)
+            else:
+                _OUTPUT[1].write("".join(lines))
+                _OUTPUT[1].flush()
+        except (OSError, ValueError):   # stderr closed or gone, or a full disk: the lines are lost, the request is not
             pass
         finally:
             handler.release()
+
+
+def _direct(access: logging.Logger) -> bool:
+    """Whether access lines may go straight to their output: configure() (and route_access(), if called) set it up,
+    and nobody gave the access logger other handlers since."""
+    if _ACCESS_FILE is not None:
+        return access.handlers == [_ACCESS_FILE]
+    return _OUTPUT is not None and _OUTPUT[0] in logging.getLogger().handlers and not access.handlers
+
+
+def _write_rotating(handler: logging.handlers.RotatingFileHandler, lines: list[str]) -> None:
+    """Append `lines` to the handler's file, rolling it over (access.log -> access.log.1 ...) before the line that
+    would take it past maxBytes. The lines are ASCII (ids, routes, model names, numbers), so a character is a byte."""
+    if handler.stream is None:   # a handler opened with delay, or closed by a failed rollover
+        handler.stream = handler._open()  # noqa: SLF001
+    size = handler.stream.tell()
+    start = 0
+    for i, line in enumerate(lines):
+        if size + len(line) > handler.maxBytes and size > 0:
+            handler.stream.write("".join(lines[start:i]))
+            handler.doRollover()
+            start, size = i, 0
+        size += len(line)
+    handler.stream.write("".join(lines[start:]))
+    handler.stream.flush()
+
+
+def route_access(path: Path, max_bytes: int, backups: int) -> None:
+    """Send the access log to `path` (its directory is made), rotated at max_bytes with `backups` old files kept, in
+    configure()'s format; nothing else goes there, and access lines no longer go to stderr. Call after configure()."""
+    global _ACCESS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    handler.setFormatter(JsonLines() if _OUTPUT is not None and _OUTPUT[2] == "json" else
+                         logging.Formatter(TEXT_FORMAT))
+    access = logging.getLogger(ACCESS_LOGGER)
+    for old in list(access.handlers):
+        access.removeHandler(old)
+    access.addHandler(handler)
+    access.propagate = False
+    _ACCESS_FILE = handler
 
 
 def configure(level: str | None = None, fmt: str | None = None) -> None:

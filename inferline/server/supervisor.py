@@ -145,7 +145,12 @@ class Supervisor:
         if self.redis_plan is not None:   # the gateway restores the keys of a private Redis that lost them
             env["INFERLINE_SECURITY__KEYS_FILE"] = str(keyfile.location(settings.state_dir).resolve())
         py = sys.executable
-        self.children.append(Child("gateway", [py, "-m", "inferline.server.cli", "gateway"], env, logs / "gateway.log"))
+        # The access log (a line per request) goes to a file of its own that the gateway rotates (gateway.access_log_*
+        # bounds it); gateway.log keeps the rest, which grows with events, not with requests.
+        gateway_env = env if settings.gateway.access_log_file else {
+            **env, "INFERLINE_GATEWAY__ACCESS_LOG_FILE": str((logs / "access.log").resolve())}
+        self.children.append(Child("gateway", [py, "-m", "inferline.server.cli", "gateway"], gateway_env,
+                                   logs / "gateway.log"))
         for name, spec in settings.models.items():
             for i in range(spec.replicas):
                 self.children.append(Child(f"worker {name}#{i}", [py, "-m", "inferline.server.worker.main", name,

@@ -13,6 +13,16 @@ from inferline.server.broker.registry import entry_ms
 from inferline.server.protocol import Cancel
 
 
+def publish_command(model: str, cancel: Cancel) -> list[Any]:
+    """The XADD that publishes `cancel` on `model`'s cancel stream, as a TickBatcher command: the gateway sends its
+    cancels this way, so the cancels of one event-loop tick go out in one round trip on the batcher's connection
+    (a client that left 30 `n=8` completions at once published 240, each on a pool connection of its own)."""
+    args: list[Any] = ["XADD", keys.cancel_stream(model), "MAXLEN", "~", keys.CANCEL_MAXLEN, "*"]
+    for name, value in cancel.fields().items():
+        args += [name, value]
+    return args
+
+
 class Cancels:
     """A model's cancel stream: gateways announce callers that left; every replica reads them all (no group)."""
 

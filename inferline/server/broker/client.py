@@ -41,16 +41,22 @@ MAX_BLOCK_S = 1.0           # the longest BLOCK of any read: timeout_s must outl
 DEFAULT_TIMEOUT_S = 2.0
 
 
-def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> aioredis.Redis:
+def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, pool_size: int | None = None,
+            **options: Any) -> aioredis.Redis:
     """A client for `url` whose calls fail after timeout_s (connect and each reply) instead of hanging. TCP
     keepalive (a dead peer is noticed) only where there is TCP: redis-py's unix-socket connections refuse it.
-    Raises ValueError for a timeout that a blocking read would outlast, or a malformed sentinel URL."""
+    pool_size: at most this many connections, and a call that finds them all in use waits for one, up to
+    timeout_s, then raises ConnectionError (redis-py's default pool opens a connection for every concurrent call up
+    to its max_connections, and refuses the next at once). A sentinel URL's pool cannot wait: there it is only the
+    bound. Raises ValueError for a timeout that a blocking read would outlast, or a malformed sentinel URL."""
     if timeout_s <= MAX_BLOCK_S:
         raise ValueError(f"timeout_s {timeout_s} must be above the longest blocking read ({MAX_BLOCK_S} s)")
     options.setdefault("socket_timeout", timeout_s)
     options.setdefault("socket_connect_timeout", timeout_s)
     options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
     if url.startswith(SENTINEL_SCHEME):
+        if pool_size is not None:
+            options.setdefault("max_connections", pool_size)
         return _via_sentinel(url, options)
     if not url.startswith("unix:"):
         options.setdefault("socket_keepalive", True)
@@ -59,6 +65,9 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> a
             if os.environ.get(env) and f"{option}=" not in url:
                 options.setdefault(option, os.environ[env])
         options.setdefault("ssl_cert_reqs", "required")
+    if pool_size is not None:
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=pool_size, timeout=timeout_s, **options)
+        return aioredis.Redis.from_pool(pool)   # the client owns the pool: aclose() closes it
     return aioredis.Redis.from_url(url, **options)
 
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from inferline.server.broker import keys
-from inferline.server.broker.cancels import Cancels
+from inferline.server.broker.cancels import publish_command
 from inferline.server.broker.client import BROKER_ERRORS, Redis
 from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.broker.registry import Registry
@@ -224,7 +224,7 @@ class Dispatcher:
     async def cancel(self, model: str, request_id: str) -> None:
         """Tell the model's workers the caller is gone, so they drop the request (best effort)."""
         with contextlib.suppress(*BROKER_ERRORS):
-            await Cancels(self.redis, model).publish(Cancel(request_id))
+            await self.batcher.command(*publish_command(model, Cancel(request_id)))
 
     async def _read_replies(self) -> None:
         errors = RepeatingError(log, f"reply stream gateway={self.gateway_id}", BROKER_ERRORS)
