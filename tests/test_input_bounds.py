@@ -8,11 +8,15 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+import redis.asyncio as aioredis
 
 from inferline.server.broker import keys
+from inferline.server.broker.consumer import ModelQueue
+from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer
 from inferline.server.errors import ValidationFailed
 from inferline.server.limits import MAX_ROWS
-from inferline.server.protocol import PAYLOAD_FIELD, encode_payload
+from inferline.server.protocol import PAYLOAD_FIELD, Envelope, encode_payload, now_ms
 from tests.conftest import Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -162,3 +166,42 @@ def test_small_requests_queued_first_do_not_hide_large_ones_from_the_byte_cap(cl
     assert "queue_cap_bytes" in refused.json()["error"] and str(cap) in refused.json()["error"], refused.text
     # every answered entry is counted off (its ack follows its reply)
     wait_for(lambda: int(cluster.client.get(keys.queued_bytes("echo")) or 0) == 0, 5, "queued bytes back to 0")
+
+
+def test_queued_bytes_are_counted_on_by_the_enqueue_and_off_by_the_ack_once(redis_url: str, rdb: redis.Redis) -> None:
+    """The counter the byte cap reads, against a real Redis with the real scripts: each payload counted on when
+    queued, off when its entry is acknowledged and deleted (once, however often it is answered), cleared when an
+    enqueue finds the stream empty (which also bounds what MINID trims leave counted)."""
+    counter = keys.queued_bytes("echo")
+
+    async def scenario() -> list[int]:
+        client = aioredis.Redis.from_url(redis_url)
+        seen = []
+        try:
+            queue = ModelQueue(client, "echo", "w1")
+            await queue.ensure_group()
+            enqueuer = Enqueuer(client)
+
+            async def put(rid: str, size: int, cap_bytes: int = 0) -> int:
+                envelope = Envelope(rid, keys.reply_stream("gw"), now_ms() + 10_000, "v2")
+                return await enqueuer.enqueue("echo", envelope, b"p" * size, 100, 60_000, cap_bytes)
+
+            for rid, size in (("a", 100), ("b", 200), ("c", 300)):
+                assert await put(rid, size) >= 0
+            seen.append(int(await client.get(counter)))
+            taken = await queue.read(3, None)
+            await queue.reply_and_ack([], taken[:2])
+            seen.append(int(await client.get(counter)))
+            await queue.reply_and_ack([], taken[:2])   # a second answer to the same entries: counted off once
+            seen.append(int(await client.get(counter)))
+            assert await put("d", 701, cap_bytes=1000) == FULL_BYTES   # 300 + 701 > 1000
+            assert await put("d", 700, cap_bytes=1000) == 1   # exactly at the cap
+            await client.set(counter, 10**9)   # as if trimmed entries were never counted off
+            await queue.reply_and_ack([], [*taken[2:], *await queue.read(1, None)])
+            assert await put("e", 10, cap_bytes=1000) == 0   # the stream is empty: the drift is cleared
+            seen.append(int(await client.get(counter)))
+        finally:
+            await client.aclose()
+        return seen
+
+    assert asyncio.run(scenario()) == [600, 300, 300, 10]
