@@ -79,10 +79,12 @@ def raw(content: bytes | str, content_type: str = "application/json", **headers:
 
 
 _bin_head, _bin_headers = binary_body(
-    {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32", "parameters": {"binary_data_size": 9999}}]},
+    {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32",
+                 "parameters": {"binary_data_size": 9999}}]},
     b"\0" * 64)
 _inf_head, _inf_headers = binary_body(
-    {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32", "parameters": {"binary_data_size": 3136}}]},
+    {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32",
+                 "parameters": {"binary_data_size": 3136}}]},
     np.full(784, np.inf, dtype="<f4").tobytes())
 _short_head, _short_headers = binary_body(
     {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
