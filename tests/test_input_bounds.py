@@ -164,6 +164,8 @@ def test_small_requests_queued_first_do_not_hide_large_ones_from_the_byte_cap(cl
     assert counted <= cap   # what the stream held at its fullest
     refused = next(r for r in bigs if r.status_code == 503)
     assert "queue_cap_bytes" in refused.json()["error"] and str(cap) in refused.json()["error"], refused.text
+    metrics = httpx.get(url.replace("/v2/models/echo/infer", "/metrics")).text
+    assert 'inferline_rejected_total{model="echo",reason="queue_bytes"} 6.0' in metrics
     # every answered entry is counted off (its ack follows its reply)
     wait_for(lambda: int(cluster.client.get(keys.queued_bytes("echo")) or 0) == 0, 5, "queued bytes back to 0")
 

@@ -117,7 +117,7 @@ class Dispatcher:
             self.metrics.rejected.labels(spec.name, "redis").inc()
             raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None
         if depth == FULL_BYTES:
-            self.metrics.rejected.labels(spec.name, "queue_full").inc()
+            self.metrics.rejected.labels(spec.name, "queue_bytes").inc()
             raise Overloaded(f"model {spec.name} has too many bytes queued: this request's {len(payload)} would pass "
                              f"its queue_cap_bytes of {spec.queue_cap_bytes}; retry later")
         if depth < 0:
