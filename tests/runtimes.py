@@ -99,3 +99,23 @@ class Hang(Model):
         if any(row.hang for row in batch):
             threading.Event().wait()   # forever: nothing ever sets it
         return [HangAnswer(y=2 * row.x, pid=os.getpid()) for row in batch]
+
+
+class RatioRow(BaseModel):
+    a: float
+    b: float
+
+
+class RatioAnswer(BaseModel):
+    q: float   # a plain float field: pydantic lets NaN and infinity through, as a user's model may
+
+
+class Ratio(Model):
+    """q = a / b in numpy's arithmetic: b = 0 gives inf (or NaN for 0 / 0), an answer JSON cannot spell."""
+
+    platform = "inferline_test"
+    max_batch_size = 8
+
+    def predict(self, batch: list[RatioRow]) -> list[RatioAnswer]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return [RatioAnswer(q=float(np.float64(row.a) / np.float64(row.b))) for row in batch]

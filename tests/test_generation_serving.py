@@ -364,6 +364,20 @@ def test_v2_infer_answers_text_output(gpt2_url: str, tgi: text_generation.Client
     assert meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
 
 
+def test_v2_text_input_must_be_bytes_and_integers_must_fit(gpt2_url: str) -> None:
+    """Numbers are not a prompt: an FP32 `text_input` was stringified and generated from; now a 400 naming it. A
+    2**64 top_k or token id crashed the payload encoder (a text/plain 500); now a 422 naming the field."""
+    with httpx.Client(base_url=gpt2_url, timeout=60) as client:
+        numbers = client.post("/v2/models/gpt2/infer", json={"inputs": [
+            {"name": "text_input", "shape": [1], "datatype": "FP32", "data": [1.5]}]})
+        top_k = client.post("/generate", json={"inputs": "The value", "parameters": {"top_k": 2**64}})
+        token = client.post("/v1/completions", json={"model": "gpt2", "prompt": [1, 2**64], "max_tokens": 2})
+    assert numbers.status_code == 400 and "text_input" in numbers.json()["error"], numbers.text
+    assert "BYTES" in numbers.json()["error"], numbers.text
+    assert top_k.status_code == 422 and top_k.json()["field"] == "parameters.top_k", top_k.text
+    assert token.status_code == 422 and token.json()["error"]["param"] == "prompt", token.text
+
+
 async def test_a_poison_sampling_request_fails_alone_and_its_batch_mates_finish(gpt2_url: str) -> None:
     """temperature 1e-300 (and 1e-45) with sampling once made every running sequence fail with inf/nan; now the
     edge refuses it with a 422 naming the field, and the 8 requests beside it all get their full answer."""

@@ -79,13 +79,15 @@ def raw(content: bytes | str, content_type: str = "application/json", **headers:
 
 
 _bin_head, _bin_headers = binary_body(
-    {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "parameters": {"binary_data_size": 9999}}]},
+    {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32",
+                 "parameters": {"binary_data_size": 9999}}]},
     b"\0" * 64)
 _inf_head, _inf_headers = binary_body(
-    {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "parameters": {"binary_data_size": 3136}}]},
+    {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32",
+                 "parameters": {"binary_data_size": 3136}}]},
     np.full(784, np.inf, dtype="<f4").tobytes())
 _short_head, _short_headers = binary_body(
-    {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
+    {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
     b"\0" * 8)
 _utf_head, _utf_headers = binary_body(
     {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]},
@@ -178,15 +180,15 @@ CASES = [
     # Open Inference Protocol ----------------------------------------------------------------------------------------
     Case("v2-wrong-method", "GET", "/v2/models/cnn/infer", 405, "is not allowed on"),
     Case("v2-unknown-model-infer", "POST", "/v2/models/nope/infer", 404, "nope", None,
-         {"json": cnn_tensor([1, 784], PIXELS)}),
+         {"json": cnn_tensor([1, 28, 28, 1], PIXELS)}),
     Case("v2-unknown-model-metadata", "GET", "/v2/models/nope", 404, "nope"),
     Case("v2-unknown-model-ready", "GET", "/v2/models/nope/ready", 404, "nope"),
     Case("v2-version-mismatch-infer", "POST", "/v2/models/cnn/versions/0/infer", 404, "version", None,
-         {"json": cnn_tensor([1, 784], PIXELS)}),
+         {"json": cnn_tensor([1, 28, 28, 1], PIXELS)}),
     Case("v2-unknown-datatype", "POST", "/v2/models/cnn/infer", 422, "datatype", None,
-         {"json": cnn_tensor([1, 784], PIXELS, datatype="FP99")}),
+         {"json": cnn_tensor([1, 28, 28, 1], PIXELS, datatype="FP99")}),
     Case("v2-bytes-for-fp32-input", "POST", "/v2/models/cnn/infer", 400, "fp32", None,
-         {"json": cnn_tensor([1, 784], ["abc"] * 784, datatype="BYTES")}),
+         {"json": cnn_tensor([1, 28, 28, 1], ["abc"] * 784, datatype="BYTES")}),
     Case("v2-numbers-for-bytes-input", "POST", "/v2/models/sentiment/infer", 422, "string", None,
          {"json": {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": [1, 2]}]}}),
     Case("v2-shape-data-mismatch", "POST", "/v2/models/cnn/infer", 422, "shape", None,
@@ -194,11 +196,11 @@ CASES = [
     Case("v2-wrong-shape-for-model", "POST", "/v2/models/cnn/infer", 422, "shape", None,
          {"json": cnn_tensor([1, 10], [0.0] * 10)}),
     Case("v2-negative-shape", "POST", "/v2/models/cnn/infer", 422, "shape", None,
-         {"json": cnn_tensor([-1, 784], PIXELS)}),
+         {"json": cnn_tensor([-1, 28, 28, 1], PIXELS)}),
     Case("v2-data-not-numbers", "POST", "/v2/models/cnn/infer", 422, "data", None,
          {"json": cnn_tensor([1, 2], ["a", "b"])}),
     Case("v2-data-missing", "POST", "/v2/models/cnn/infer", 422, "data", None,
-         {"json": {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32"}]}}),
+         {"json": {"inputs": [{"name": "input", "shape": [1, 28, 28, 1], "datatype": "FP32"}]}}),
     Case("v2-binary-data-size-past-body", "POST", "/v2/models/cnn/infer", 422, "binary_data_size", None,
          raw(_bin_head, **{k: v for k, v in _bin_headers.items() if k != "content-type"})),
     Case("v2-binary-data-size-wrong-for-shape", "POST", "/v2/models/cnn/infer", 422, "bytes", None,
@@ -208,17 +210,17 @@ CASES = [
     Case("v2-binary-bytes-not-utf8", "POST", "/v2/models/sentiment/infer", 422, "utf-8", None,
          {"content": _utf_head, "headers": _utf_headers}),
     Case("v2-header-length-not-a-number", "POST", "/v2/models/cnn/infer", 400, "inference-header-content-length", None,
-         raw(json.dumps(cnn_tensor([1, 784], PIXELS)), **{"inference-header-content-length": "12abc"})),
+         raw(json.dumps(cnn_tensor([1, 28, 28, 1], PIXELS)), **{"inference-header-content-length": "12abc"})),
     Case("v2-header-length-past-body", "POST", "/v2/models/cnn/infer", 400, "inference-header-content-length", None,
-         raw(json.dumps(cnn_tensor([1, 784], PIXELS)), **{"inference-header-content-length": "999999"})),
+         raw(json.dumps(cnn_tensor([1, 28, 28, 1], PIXELS)), **{"inference-header-content-length": "999999"})),
     Case("v2-unknown-input-name", "POST", "/v2/models/cnn/infer", 422, "pixels", None,
-         {"json": cnn_tensor([1, 784], PIXELS, name="pixels")}),
+         {"json": cnn_tensor([1, 28, 28, 1], PIXELS, name="pixels")}),
     Case("v2-unknown-requested-output", "POST", "/v2/models/cnn/infer", 422, "logits", None,
-         {"json": {**cnn_tensor([1, 784], PIXELS), "outputs": [{"name": "logits"}]}}),
+         {"json": {**cnn_tensor([1, 28, 28, 1], PIXELS), "outputs": [{"name": "logits"}]}}),
     Case("v2-body-not-object", "POST", "/v2/models/cnn/infer", 422, "object", None, {"json": [1, 2, 3]}),
     Case("v2-invalid-json", "POST", "/v2/models/cnn/infer", 400, "json", None, raw(b'{"inputs": [')),
     Case("v2-nan-literal", "POST", "/v2/models/cnn/infer", 400, "json", None,
-         raw(json.dumps(cnn_tensor([1, 784], [float("nan"), *PIXELS[1:]])))),
+         raw(json.dumps(cnn_tensor([1, 28, 28, 1], [float("nan"), *PIXELS[1:]])))),
     Case("v2-empty-body", "POST", "/v2/models/cnn/infer", 400, "empty", None, raw(b"")),
     Case("v2-no-inputs", "POST", "/v2/models/cnn/infer", 422, "inputs", None, {"json": {"inputs": []}}),
     Case("v2-parameters-not-object", "POST", "/v2/models/lstm/infer", 422, "parameters", None,
@@ -229,8 +231,24 @@ CASES = [
                    "parameters": {"horizon": 0}}}),
     Case("v2-empty-string", "POST", "/v2/models/sentiment/infer", 422, "non-empty", None,
          {"json": {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [""]}]}}),
+    # v2 is as strict as the task routes and the declared shapes (server/limits.py; input `input` is [-1, 28, 28, 1])
+    Case("v2-cnn-flat-row", "POST", "/v2/models/cnn/infer", 422, "[-1, 28, 28, 1]", None,
+         {"json": {"inputs": [{"name": "input", "shape": [1, 784], "datatype": "FP32", "data": PIXELS}]}}),
+    Case("v2-cnn-other-image-shape", "POST", "/v2/models/cnn/infer", 422, "[-1, 28, 28, 1]", None,
+         {"json": cnn_tensor([1, 56, 14, 1], PIXELS)}),
+    Case("v2-cnn-extra-dims", "POST", "/v2/models/cnn/infer", 422, "[-1, 28, 28, 1]", None,
+         {"json": cnn_tensor([1, 1, 1, 784], PIXELS)}),
+    Case("v2-input-named-twice", "POST", "/v2/models/cnn/infer", 400, "`input` is given twice", None,
+         {"json": {"inputs": [*cnn_tensor([1, 28, 28, 1], PIXELS)["inputs"]] * 2}}),
+    Case("v2-sentiment-too-many-rows", "POST", "/v2/models/sentiment/infer", 422, "at most 256", None,
+         {"json": {"inputs": [{"name": "text", "shape": [300], "datatype": "BYTES", "data": ["a"] * 300}]}}),
+    Case("v2-sentiment-text-too-long", "POST", "/v2/models/sentiment/infer", 422, "10000", None,
+         {"json": {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a" * 10_001]}]}}),
+    Case("v2-lstm-too-many-rows", "POST", "/v2/models/lstm/infer", 422, "at most 256", None,
+         {"json": {"inputs": [{"name": "series", "shape": [300, WINDOW], "datatype": "FP32",
+                               "data": [0.5] * (300 * WINDOW)}]}}),
     Case("v2-body-too-large", "POST", "/v2/models/cnn/infer", 413, str(MAX_BODY), None,
-         raw(json.dumps(cnn_tensor([20, 784], [0.5] * 20 * 784)))),
+         raw(json.dumps(cnn_tensor([20, 28, 28, 1], [0.5] * 20 * 784)))),
 ]
 
 
@@ -335,5 +353,5 @@ def test_service_still_answers_and_no_worker_died(zoo: Cluster, http: httpx.Clie
     assert len(http.post("/classify-image?top_k=2", content=png((28, 28)),
                          headers={"content-type": "image/png"}).json()["predictions"]) == 2
     assert len(http.post("/classify-image", files={"file": ("d.png", png(), "image/png")}).json()["predictions"]) == 5
-    v2 = http.post("/v2/models/cnn/infer", json=cnn_tensor([1, 784], PIXELS))
+    v2 = http.post("/v2/models/cnn/infer", json=cnn_tensor([1, 28, 28, 1], PIXELS))
     assert v2.status_code == 200 and v2.json()["outputs"][0]["shape"] == [1, 10]

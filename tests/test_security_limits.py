@@ -141,7 +141,8 @@ def test_abandoned_large_requests_free_the_gateways_memory(cluster: Cluster) -> 
     url = start_gateway(cluster)
     gateway_pid = cluster.workers[-1].pid
     body = v2_body(0.0)
-    body["inputs"][0].update(shape=[1, ABANDONED_FLOATS], data=[0.123456] * ABANDONED_FLOATS)
+    # 5 rows: one row holds at most MAX_SERIES (100,000) values (server/limits.py)
+    body["inputs"][0].update(shape=[5, ABANDONED_FLOATS // 5], data=[0.123456] * ABANDONED_FLOATS)
     payload = orjson.dumps(body)
     assert len(payload) > 3_900_000
     with httpx.Client(timeout=30) as client:   # warm up: the gateway's steady state with one such request served

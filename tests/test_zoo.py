@@ -189,10 +189,13 @@ def test_cnn_v2_matches_task(cnn: Direct, digits: tuple[np.ndarray, np.ndarray])
     (task,) = run_task(cnn, [request])
     task_probs = {p["label"]: p["score"] for p in task["predictions"]}
     pixels = cnn.model.decode(request.blob, {}).input[None]     # [1, 28, 28, 1], as decoded from the PNG
-    for shaped in (pixels, pixels.reshape(1, 784), pixels.reshape(1, 28, 28)):
+    for shaped in (pixels, pixels[0]):   # with its batch dimension, or one row without it
         probs = run_v2(cnn, {"input": shaped})["probabilities"]
         assert probs.shape == (1, 10) and probs.dtype == np.float32
         np.testing.assert_allclose(probs[0], [task_probs[str(d)] for d in range(10)], atol=1e-5)
+    for reshaped in (pixels.reshape(1, 784), pixels.reshape(1, 28, 28), pixels.reshape(1, 56, 14, 1)):
+        kind, message, field = v2_error(cnn, {"input": reshaped}, {})   # never silently reshaped
+        assert (kind, field) == ("validation", "input") and "[-1, 28, 28, 1]" in message, message
     rows = np.stack([cnn.model.decode(digit_request(images, i).blob, {}).input for i in range(3)])
     assert run_v2(cnn, {"input": rows})["probabilities"].shape == (3, 10)
 
@@ -239,14 +242,14 @@ def test_cnn_empty_upload_is_refused(cnn: Direct) -> None:
     ({"input": np.zeros((1, 27, 28, 1), np.float32)}, "input"),
     ({"input": np.zeros((784,), np.float32)}, "input"),
     ({"input": np.zeros((0, 784), np.float32)}, "input"),
-    ({"input": np.full((1, 784), np.nan, np.float32)}, "input"),
-    ({"input": np.full((2, 28, 28), np.inf, np.float32)}, "input"),
+    ({"input": np.full((1, 28, 28, 1), np.nan, np.float32)}, "input"),
+    ({"input": np.full((2, 28, 28, 1), np.inf, np.float32)}, "input"),
     ({}, "inputs"),
     ({"input": np.array([[b"a"] * 784], dtype=object)}, "input"),
     ({"input": np.zeros((1, 784), np.int32)}, "input"),
     ({"input": np.zeros((1, 784), np.float64)}, "input"),
     ({"top_k": np.ones(1, np.int64)}, "input"),
-    ({"input": np.zeros((1, 784), np.float32), "image": np.zeros((1, 784), np.float32)}, "image"),
+    ({"input": np.zeros((1, 28, 28, 1), np.float32), "image": np.zeros((1, 784), np.float32)}, "image"),
 ])
 def test_cnn_bad_v2_input(cnn: Direct, tensors: dict[str, np.ndarray], field: str) -> None:
     _, message, named = v2_error(cnn, tensors, {})

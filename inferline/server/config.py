@@ -49,7 +49,7 @@ class ModelSpec(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, le=4096)        # None: the Model class's own default
     max_batch_delay_ms: float | None = Field(None, ge=0, le=10_000)
     queue_cap: int = Field(2048, ge=1, le=10_000_000)
-    queue_cap_bytes: int = Field(128 * 1024 * 1024, ge=1024)   # the stream's memory in Redis (MEMORY USAGE)
+    queue_cap_bytes: int = Field(128 * 1024 * 1024, ge=1024)   # payload bytes queued (counted exactly: enqueue.py)
     timeout_s: float = Field(30.0, gt=0, le=3600)
     threads: int = Field(1, ge=1, le=256)
     # A request pending this long on a live worker is claimed by another (the worker hung). A dead worker's requests

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from inferline.server.errors import InferlineError
+from inferline.server.errors import InferlineError, ValidationFailed
 
 # Ops: how the worker decodes the payload and encodes the answer.
 OP_PREDICT = "predict"    # JSON rows: params {"row": {...}} or {"rows": [...]}, or raw bytes (blob) for Model.decode
@@ -92,9 +92,31 @@ _ID, _REPLY, _DEADLINE, _OP, _TP = (_KEYS[a] for a in ("request_id", "reply_to",
 
 
 def encode_payload(params: dict[str, Any] | bytes, blob: bytes | bytearray = b"") -> bytes:
-    """params (a dict, or JSON already encoded) and an opaque blob, length-prefixed into one value."""
-    head = params if isinstance(params, bytes) else orjson.dumps(params)
+    """params (a dict, or JSON already encoded) and an opaque blob, length-prefixed into one value. Raises
+    ValidationFailed naming the parameter when one holds an integer JSON cannot carry here (orjson writes 64-bit
+    integers only): the wire schemas bound their integers well inside that, this is the backstop for any they miss."""
+    try:
+        head = params if isinstance(params, bytes) else orjson.dumps(params)
+    except orjson.JSONEncodeError:
+        path = _huge_int(params, "")
+        if path is None:
+            raise
+        raise ValidationFailed(f"`{path}` is out of range: integers here must fit in 64 bits",
+                               field=path) from None
     return _LEN.pack(len(head)) + head + blob
+
+
+def _huge_int(value: Any, path: str) -> str | None:
+    """The path of the first integer outside [-2**63, 2**64) in a JSON-like value, or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return path or "body" if not -2**63 <= value < 2**64 else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        found = _huge_int(item, f"{path}.{key}" if path and isinstance(key, str) else
+                          f"{path}[{key}]" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def decode_payload(raw: bytes) -> tuple[dict[str, Any], bytes]:

@@ -31,6 +31,22 @@ log = logging.getLogger(__name__)
 REPLY_MAXLEN = 100_000
 
 
+# Acknowledge and delete answered entries, and count their payload bytes off the model's queued-bytes counter (the
+# enqueue script, enqueue.py, counted them on): only an entry this XDEL removed is counted off, so a second answer to a
+# redelivered request subtracts nothing. KEYS: request stream, its byte counter. ARGV: group, then (entry id, payload
+# bytes) pairs. Sent as EVAL on the pipelined connection (EVALSHA's NOSCRIPT could not be retried there; the script
+# text is ~400 bytes a send, not a request).
+_ACK = """
+local gone = 0
+for i = 2, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then gone = gone + tonumber(ARGV[i + 1]) end
+end
+if gone > 0 and redis.call('DECRBY', KEYS[2], gone) < 0 then redis.call('SET', KEYS[2], 0) end
+return gone
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One request as a worker received it."""
@@ -59,6 +75,7 @@ class ModelQueue:
         self.model = model
         self.consumer = consumer
         self.stream = keys.request_stream(model)
+        self.queued_bytes = keys.queued_bytes(model)
         self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
         self.pipelined = Pipelined(redis)              # replies and acks
 
@@ -102,8 +119,8 @@ class ModelQueue:
         commands: list[Sequence[Any]] = [("XADD", reply_to, "NOMKSTREAM", "MAXLEN", "~", REPLY_MAXLEN, "*", "pack",
                                           pack_replies(batch)) for reply_to, batch in by_gateway.items()]
         if deliveries:
-            ids = [d.entry_id for d in deliveries]
-            commands += [("XACK", self.stream, keys.GROUP, *ids), ("XDEL", self.stream, *ids)]
+            pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
+            commands.append(("EVAL", _ACK, 2, self.stream, self.queued_bytes, keys.GROUP, *pairs))
         await self.pipelined.wait_for_room()
         return self.pipelined.send(commands, refusal_fails=True)
 

@@ -17,18 +17,26 @@ from inferline.server.broker import keys
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 
-# KEYS: request stream, the gateway's reply stream. ARGV: cap, how long (ms) to keep entries, payload, the cap in bytes
-# (0: none), the reply stream's TTL (s), then the envelope's values in protocol.ENVELOPE_FIELDS order. Returns the
-# queue length before the add, or -1 when the queue is at a cap (nothing written). A reply stream Redis lost (a
-# restart, FLUSHALL) is made again here, before the request it must carry the answer of is queued: workers reply with
-# NOMKSTREAM, so without it the answer would be dropped and the caller would wait out its deadline.
+# KEYS: request stream, the gateway's reply stream, the stream's byte counter (keys.queued_bytes). ARGV: cap, how long
+# (ms) to keep entries, payload, the cap in bytes (0: none), the reply stream's TTL (s), then the envelope's values in
+# protocol.ENVELOPE_FIELDS order. Returns the queue length before the add, or FULL_ENTRIES / FULL_BYTES when the
+# queue is at that cap (nothing written). A reply stream Redis lost (a restart, FLUSHALL) is made again here, before
+# the request it must carry the answer of is queued: workers reply with NOMKSTREAM, so without it the answer would be
+# dropped and the caller would wait out its deadline.
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
-# ahead would otherwise trim fresh entries, its own new one included. The byte cap reads MEMORY USAGE (sampled,
-# so approximate for mixed sizes); an empty queue always takes one request, so a body over the cap is not
-# refused forever.
+# ahead would otherwise trim fresh entries, its own new one included.
+# The byte cap reads the counter that this script raises by each payload's length and the workers' acknowledge script
+# (consumer.py) lowers when the entry is deleted: exact, where MEMORY USAGE sampled 5 entries (16 small requests queued
+# first hid 400 MB behind them under a 128 MiB cap). One way out of the stream is not counted down: an entry XADD's
+# MINID trims (nobody answered it within its timeout and a grace). That drift only over-counts (refusing early, never
+# admitting more than the cap), and it is cleared whenever an enqueue finds the stream empty, which a queue at its cap
+# reaches as its workers drain it. An empty queue always takes one request, so a body over the cap is not refused
+# forever.
 # The entry's field names come from protocol.py (the codec workers read entries with), not typed here: the XADD is
 # generated once, at import, one branch per combination of optional fields present (Lua's unpack of a table built per
 # call cost 0.4 µs more a call in Redis). A request costs what it did: ten ARGV, one EVALSHA.
+FULL_ENTRIES = -1
+FULL_BYTES = -2
 _ENVELOPE_ARGV = 6   # ARGV index of the envelope's first value; Enqueuer.enqueue passes them in ENVELOPE_FIELDS order
 
 
@@ -44,11 +52,13 @@ def _xadd(fields: list[str], optional: list[tuple[int, str]]) -> str:
 
 _ENQUEUE = """
 local n = redis.call('XLEN', KEYS[1])
-if n >= tonumber(ARGV[1]) then return -1 end
-local cap_bytes = tonumber(ARGV[4])
-if n > 0 and cap_bytes > 0 then
-  local used = redis.call('MEMORY', 'USAGE', KEYS[1]) or 0
-  if used + string.len(ARGV[3]) > cap_bytes then return -1 end
+if n >= tonumber(ARGV[1]) then return """ + str(FULL_ENTRIES) + """ end
+local size = string.len(ARGV[3])
+if n == 0 then
+  redis.call('SET', KEYS[3], 0)
+elseif tonumber(ARGV[4]) > 0 then
+  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if used + size > tonumber(ARGV[4]) then return """ + str(FULL_BYTES) + """ end
 end
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
@@ -59,6 +69,7 @@ end
 """ + _xadd([f"'{PAYLOAD_FIELD}', ARGV[3]"] + [f"'{f.name}', ARGV[{_ENVELOPE_ARGV + i}]"
                                               for i, f in enumerate(ENVELOPE_FIELDS) if not f.optional],
             [(_ENVELOPE_ARGV + i, f.name) for i, f in enumerate(ENVELOPE_FIELDS) if f.optional]) + """
+redis.call('INCRBY', KEYS[3], size)
 return n
 """
 
@@ -73,10 +84,11 @@ class Enqueuer:
     async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int,
                       cap_bytes: int = 0) -> int:
         """Queue one request, and drop the model's entries that arrived more than keep_ms ago (nobody waits
-        for them any more). Returns the queue depth it found, or -1 when the model's queue is full (cap entries,
-        or cap_bytes of Redis memory when cap_bytes > 0).
+        for them any more). Returns the queue depth it found, or FULL_ENTRIES when the model's queue holds cap
+        entries, FULL_BYTES when adding this payload would pass cap_bytes of queued payloads (when cap_bytes > 0).
         Raises redis errors (the caller answers 503)."""
-        depth = await self.batcher.script(_ENQUEUE, [keys.request_stream(model), envelope.reply_to], [
+        depth = await self.batcher.script(_ENQUEUE, [keys.request_stream(model), envelope.reply_to,
+                                                     keys.queued_bytes(model)], [
             cap, keep_ms, payload, cap_bytes, keys.REPLY_STREAM_TTL_S,
             # in ENVELOPE_FIELDS order (test_ticks checks the entry against Envelope.fields()): read one by one,
             # as protocol.envelope_values would cost 70-95 ns more a request

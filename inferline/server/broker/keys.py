@@ -17,6 +17,13 @@ def request_stream(model: str) -> str:
     return f"{PREFIX}:req:{model}"
 
 
+def queued_bytes(model: str) -> str:
+    """Counter: the payload bytes of the entries on the model's request stream, kept exact by the scripts that add
+    (enqueue.py) and delete (consumer.py) them. Spelt as the stream's name plus a suffix, so it hashes to the
+    stream's slot whatever hash tag the stream's name carries (both are touched by one script)."""
+    return f"{request_stream(model)}:bytes"
+
+
 def reply_stream(gateway_id: str) -> str:
     return f"{PREFIX}:reply:{gateway_id}"
 

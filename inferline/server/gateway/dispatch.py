@@ -22,7 +22,7 @@ from typing import Any
 from inferline.server.broker import keys
 from inferline.server.broker.cancels import publish_command
 from inferline.server.broker.client import BROKER_ERRORS, Redis
-from inferline.server.broker.enqueue import Enqueuer
+from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer
 from inferline.server.broker.registry import Registry
 from inferline.server.broker.replies import ReplyInbox
 from inferline.server.broker.ticks import TickBatcher
@@ -116,6 +116,10 @@ class Dispatcher:
         except BROKER_ERRORS as exc:
             self.metrics.rejected.labels(spec.name, "redis").inc()
             raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None
+        if depth == FULL_BYTES:
+            self.metrics.rejected.labels(spec.name, "queue_bytes").inc()
+            raise Overloaded(f"model {spec.name} has too many bytes queued: this request's {len(payload)} would pass "
+                             f"its queue_cap_bytes of {spec.queue_cap_bytes}; retry later")
         if depth < 0:
             self.metrics.rejected.labels(spec.name, "queue_full").inc()
             raise Overloaded(f"model {spec.name} has {spec.queue_cap} requests queued (its queue_cap); retry later")

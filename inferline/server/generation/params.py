@@ -9,7 +9,8 @@ Bounds, and why (each one keeps inf/nan out of the sampler or bounds the work of
 - repetition_penalty in [1e-2, 100]: it multiplies or divides logits, so the same overflow argument.
 - presence_penalty, frequency_penalty in [-2, 2]: OpenAI's range; a frequency penalty times a count of at most
   MAX_NEW_TOKENS stays far from float32 overflow.
-- top_k >= 1 (k above the vocabulary means "all"), top_p in (0, 1].
+- top_k in [1, 2**31 - 1] (k above the vocabulary means "all"; no vocabulary is near 2**31, and an integer past
+  2**64 could not even be queued: the payload is JSON with 64-bit integers), top_p in (0, 1].
 - top_logprobs in [0, 20] (OpenAI's chat limit; TGI's top_n_tokens is also capped there).
 - stop: at most 4 sequences of 1..64 characters (matching cost per token is linear in their length).
 Unknown keys are refused: a misspelt field must not silently fall back to its default.
@@ -31,12 +32,13 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_SEED = 2**63 - 1  # TGI's wire range; torch seeds take up to 2**64-1
+MAX_TOP_K = 2**31 - 1
 
 # The bounds, written once: SamplingParams and the wire schemas (server/schemas/tgi.py, openai.py) annotate their
 # fields with these, so a 422 at the gateway names the wire field and the same bound the engine relies on.
 MaxNewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
 Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)]
-TopK = Annotated[int, Field(ge=1)]
+TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)]
 Penalty = Annotated[float, Field(ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)]

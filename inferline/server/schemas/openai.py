@@ -32,6 +32,7 @@ Prompt = str | list[int]   # text, or token ids
 
 MAX_PROMPTS = 16
 MAX_PROMPT_IDS = 65_536         # token ids in one prompt (the model's context is checked by its worker)
+MAX_TOKEN_ID = 2**31 - 1        # the vocabulary itself is checked by the worker
 MAX_COMPLETION_LOGPROBS = 5     # OpenAI's limit for /v1/completions `logprobs`
 MAX_CHOICES = 8                 # `n` and `best_of`: each choice is one sequence in the engine
 MAX_SEQUENCES = 64              # prompts x max(n, best_of): the engine sequences one request may start
@@ -141,6 +142,8 @@ class CompletionRequest(OpenAIRequest):
                                      f"(given {len(prompt)})")
                 if min(prompt) < 0:
                     raise ValueError(f"prompt{which} token ids must be >= 0 (given {min(prompt)})")
+                if max(prompt) > MAX_TOKEN_ID:   # past any vocabulary; past 2**63 it could not even be queued
+                    raise ValueError(f"prompt{which} token ids must be <= {MAX_TOKEN_ID} (given {max(prompt)})")
         return value
 
     _neutral_only = neutral_only(NEUTRAL)

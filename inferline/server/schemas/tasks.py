@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_SERIES = 100_000
-MAX_HORIZON = 1024
-MAX_TEXTS = 256
-MAX_TEXT_CHARS = 10_000
+from inferline.server.limits import MAX_HORIZON, MAX_ROWS, MAX_SERIES, MAX_TEXT_CHARS
+
+MAX_TEXTS = MAX_ROWS   # the caps are server/limits.py's table, shared with the worker's v2 and predict routes
 
 
 class ForecastRequest(BaseModel):

@@ -31,10 +31,14 @@ log = logging.getLogger(__name__)
 # Batches of a model that answers them this fast run on the event loop's thread: waking the model thread and being
 # woken back cost ~0.3 ms of a ~1.7 ms round trip at concurrency 1, and under load that hand-off (a futex and a
 # self-pipe write each way) showed as ~22 µs per request of a no-op model's. The next batch's read is sent before
-# such a batch runs, so Redis answers it meanwhile. A batch expected to take longer (its size times the last batch's
-# time per request) runs on the model thread: there the next batch's window fills while this one runs, and the
-# loop stays free for heartbeats.
+# such a batch runs, so Redis answers it meanwhile. A batch expected to take longer runs on the model thread: there
+# the next batch's window fills while this one runs, and the loop stays free for heartbeats and claim refreshes.
+# The estimate is per row, not per request: one v2 request may carry MAX_ROWS rows, and counting it as one (as this
+# did) ran a 40,000-row lstm request on the loop until its heartbeat lapsed and it reclaimed and ran its own entry.
 INLINE_UNDER_S = 0.005
+# Decoding a batch whose payloads are bigger than this goes to the model thread too (parsing ~1 MB of JSON takes
+# milliseconds); smaller ones are decoded on the loop, where their rows are counted for the estimate above.
+INLINE_DECODE_BYTES = 64 * 1024
 
 
 class Executor:
@@ -48,6 +52,11 @@ class Executor:
 
     def run(self, deliveries: Sequence[Delivery]) -> list[Reply]:
         """One reply per delivery, in order. Never raises: a failure becomes that request's error reply."""
+        items, failed = self.decode(deliveries)
+        return self.finish(deliveries, items, failed)
+
+    def decode(self, deliveries: Sequence[Delivery]) -> tuple[list[Item], dict[str, Reply]]:
+        """The deliveries' rows, and an error reply for each one that does not decode. Never raises."""
         replies: dict[str, Reply] = {}
         items: list[Item] = []
         for d in deliveries:
@@ -59,6 +68,11 @@ class Executor:
                 log.exception("decode failed model=%s id=%s", self.name, d.request_id)
                 replies[d.request_id] = Reply.error(d.request_id, InferlineError(
                     "the worker could not decode this request"))
+        return items, replies
+
+    def finish(self, deliveries: Sequence[Delivery], items: list[Item], failed: dict[str, Reply]) -> list[Reply]:
+        """Predict the decoded items (one model call for all their rows) and answer: one reply per delivery."""
+        replies = dict(failed)
         if items:
             for item, reply in zip(items, self.predict(items), strict=True):
                 replies[item.delivery.request_id] = reply
@@ -110,7 +124,7 @@ class DynamicBatching:
         self.max_delay_s = max_batch_delay_ms / 1000
         self.traffic = Traffic(max_batch_size)
         self.model_thread = ModelThread()
-        self.request_s = float("inf")   # the last batch's time per request (none yet: the model thread)
+        self.row_s = float("inf")   # the last batch's time per row (none yet: the model thread)
         self.errors = RepeatingError(log, f"reading model={shell.name}", BROKER_ERRORS)
 
     async def run(self) -> None:
@@ -150,16 +164,20 @@ class DynamicBatching:
         """Run and answer one batch the shell handed out (it stays claimed until answered, however slow)."""
         live, answers = expire(batch)
         if live:
-            inline = self.request_s * len(live) < INLINE_UNDER_S
-            if inline and self.traffic.busy:
-                await asyncio.sleep(0)   # the next batch's read (a task made before this batch) goes out first
             started_ns = time.time_ns()
             started = time.perf_counter()
             with self.watchdog.watching(live):
-                if inline:
-                    replies = self.executor.run(live)
+                if sum(len(d.payload) for d in live) <= INLINE_DECODE_BYTES:
+                    items, failed = self.executor.decode(live)
                 else:
-                    replies = await self.model_thread.run(self.executor.run, live)
+                    items, failed = await self.model_thread.run(self.executor.decode, live)
+                rows = sum(len(item.rows) for item in items)
+                if self.row_s * rows < INLINE_UNDER_S:
+                    if self.traffic.busy:
+                        await asyncio.sleep(0)   # the next batch's read (a task made before this batch) goes out first
+                    replies = self.executor.finish(live, items, failed)
+                else:
+                    replies = await self.model_thread.run(self.executor.finish, live, items, failed)
             took = time.perf_counter() - started
             n = len(live)
             start_ms = started_ns // 1_000_000
@@ -168,7 +186,8 @@ class DynamicBatching:
             timed = [r.timed(float(max(0, start_ms - d.arrived_ms)), took_ms, n)
                      for d, r in zip(live, replies, strict=True)]
             answers += zip(live, timed, strict=True)
-            self.request_s = took / n
+            if rows:   # a batch that decoded to nothing says nothing about the model's speed
+                self.row_s = took / rows
             if record:
                 self.traffic.record(n)
             self.shell.record_batch(n)

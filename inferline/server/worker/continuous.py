@@ -28,6 +28,7 @@ from inferline.server.errors import (
     GenerationFailed,
     InferlineError,
     InputError,
+    MalformedInput,
     ValidationFailed,
     describe_validation,
 )
@@ -36,6 +37,7 @@ from inferline.server.generation.params import SamplingParams
 from inferline.server.logs import RepeatingError
 from inferline.server.model import LanguageModel
 from inferline.server.protocol import OP_GENERATE, OP_TOKENIZE, OP_V2, Reply, TokenEvent, TokenSpan, decode_payload
+from inferline.server.tensors import datatype_of
 from inferline.server.worker import v2codec
 from inferline.server.worker.model_thread import ModelThread
 from inferline.server.worker.prompts import prompt_of, tokenize
@@ -157,6 +159,9 @@ class ContinuousBatching:
         text = tensors.get("text_input")
         if text is None or text.size != 1:
             raise InputError("expected one BYTES input `text_input` holding one prompt", "inputs")
+        if text.dtype != object:   # numbers are not a prompt: refused, never stringified
+            raise MalformedInput(f"input `text_input` has datatype {datatype_of(text)}; model expects BYTES",
+                                 "text_input")
         parameters = request.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InputError("`parameters` must be an object", "parameters")

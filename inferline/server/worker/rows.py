@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from inferline.server.broker.consumer import Delivery
 from inferline.server.errors import InferlineError, InputError, MalformedInput, describe_validation, typed
+from inferline.server.limits import MAX_ROWS, MAX_SERIES, MAX_TEXT_CHARS
 from inferline.server.model import Model, signature
 from inferline.server.protocol import OP_PREDICT, OP_V2, decode_payload, dumps
 from inferline.server.tensors import DTYPES, TensorSpec, datatype_of
@@ -73,6 +74,9 @@ class RowCodec:
                 rows = params["rows"]
                 if not isinstance(rows, list) or not rows:
                     raise InputError("`rows` must be a non-empty list of request objects", field="rows")
+                if len(rows) > MAX_ROWS:
+                    raise InputError(f"`rows` holds {len(rows)} rows; at most {MAX_ROWS} (MAX_ROWS) per request",
+                                     field="rows")
                 return Item(d, [self.validate(r, f"rows[{i}].") for i, r in enumerate(rows)], MANY)
             return Item(d, [self.validate(params.get("row", {}))], ONE)
         if d.envelope.op == OP_V2:
@@ -121,6 +125,10 @@ class RowCodec:
         if n < 1:
             first = next(iter(columns))
             raise InputError(f"input `{first}` has no rows (its first dimension is 0)", field=first)
+        if n > MAX_ROWS:   # the same cap as a task route's `texts`: one request is never an unbounded batch
+            first = next(iter(columns))
+            raise InputError(f"input `{first}` has {n} rows (its first dimension); at most {MAX_ROWS} (MAX_ROWS) "
+                             "per request", field=first)
         rows = []
         for i in range(n):
             row = {**shared, **{k: self._cell(k, c[i]) for k, c in columns.items()}}
@@ -141,6 +149,9 @@ class RowCodec:
         if spec.shape == [-1]:
             value = value.item() if isinstance(value, np.generic) else value
             return self._text(name, value) if name in self.text_fields else value
+        if value.size > MAX_SERIES:
+            raise InputError(f"input `{name}` has {value.size} values in one row; at most {MAX_SERIES} (MAX_SERIES)",
+                             field=name)
         if name in self.list_fields:
             items = value.tolist()
             return [self._text(name, v) for v in items] if spec.datatype == "BYTES" else items
@@ -151,9 +162,13 @@ class RowCodec:
         if not isinstance(value, bytes):
             return value
         try:
-            return value.decode("utf-8")
+            text = value.decode("utf-8")
         except UnicodeDecodeError:
             raise InputError(f"`{name}` must be UTF-8 text; given {len(value)} undecodable bytes", field=name) from None
+        if len(text) > MAX_TEXT_CHARS:   # the task routes' cap on one text
+            raise InputError(f"`{name}` must hold at most {MAX_TEXT_CHARS} characters (MAX_TEXT_CHARS); given "
+                             f"{len(text)}", field=name)
+        return text
 
     # encoding --------------------------------------------------------------------------------------------------
     def answer(self, item: Item, outputs: list[Any]) -> bytes:
@@ -162,9 +177,20 @@ class RowCodec:
         if item.form == V2:
             return self.answer_v2(item, outs)
         head = {"model": self.name, "version": self.model.version}
+        rows = [_dump(o) for o in outs]
+        for i, row in enumerate(rows):
+            bad = _nonfinite(row, "" if item.form == ONE else f"results[{i}]")
+            if bad is not None:
+                raise self.nonfinite(bad)
         if item.form == ONE:
-            return dumps({**head, **_dump(outs[0])})
-        return dumps({**head, "results": [_dump(o) for o in outs]})
+            return dumps({**head, **rows[0]})
+        return dumps({**head, "results": rows})
+
+    def nonfinite(self, output: str) -> InferlineError:
+        """The error for a NaN or infinity in an answer: JSON has no spelling for them (orjson would write null, a
+        value the caller cannot tell from a missing one), and it is the model's fault, not the caller's: a 500
+        `internal` naming the model and the output."""
+        return InferlineError(f"model {self.name} returned a NaN or infinite value in output `{output}`")
 
     def as_response(self, output: Any) -> Any:
         if self.response is None or isinstance(output, self.response):
@@ -174,25 +200,31 @@ class RowCodec:
     def answer_v2(self, item: Item, outs: list[Any]) -> bytes:
         names = item.v2_outputs or list(self.outputs)
         arrays = {name: _stack(self.outputs[name], [_get(o, name) for o in outs]) for name in names}
+        for name, array in arrays.items():
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise self.nonfinite(name)
         return v2codec.encode_response(self.name, self.model.version, item.v2_id, arrays, names)
 
 
 def _batch_major(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """A v2 input with its batch dimension first. Refuses a datatype other than the declared one (Triton does
-    too: a silent cast hides a client's bug). A tensor sent without its batch dimension is one row; [N, 1] for a
-    one-value-per-row field is N rows."""
+    too: a silent cast hides a client's bug) and any shape but the declared one: only the batch dimension and the
+    declared -1 dimensions vary (a [1, 784] or [1, 56, 14, 1] tensor for a [-1, 28, 28, 1] input is refused, never
+    reshaped). Two spellings of a batch stay accepted, as tritonclient sends them: a tensor without its batch
+    dimension is one row, and [N, 1] for a one-value-per-row input ([-1]) is N rows."""
     given = datatype_of(array)
     if given != spec.datatype:
         raise MalformedInput(f"input `{spec.name}` has datatype {given}; model expects {spec.datatype}",
                              field=spec.name)
-    if array.ndim == len(spec.shape) - 1:
-        return array[None]
-    if spec.shape == [-1] and array.ndim == 2 and array.shape[1] == 1:
-        return array[:, 0]
-    if array.ndim == 0 or (spec.shape == [-1] and array.ndim != 1):
-        raise InputError(f"input `{spec.name}` must have shape {spec.shape}; given {list(array.shape)}",
-                         field=spec.name)
-    return array   # a row of another shape is checked (and a flat one of the right size reshaped) by its field
+    if array.ndim == len(spec.shape) - 1 and array.ndim > 0:
+        array = array[None]
+    elif spec.shape == [-1] and array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape[1:], array.shape[1:],
+                                                                                      strict=True)):
+        raise InputError(f"input `{spec.name}` must have shape {spec.shape} (-1: any size); given "
+                         f"{list(array.shape)}", field=spec.name)
+    return array
 
 
 def _stack(spec: TensorSpec, values: list[Any]) -> np.ndarray:
@@ -206,6 +238,25 @@ def _stack(spec: TensorSpec, values: list[Any]) -> np.ndarray:
         return np.stack([np.asarray(v, dtype=dtype) for v in values])
     except ValueError as exc:   # ragged rows (e.g. forecasts of different lengths in one v2 request)
         raise InferlineError(f"output `{spec.name}` rows do not stack into one tensor: {exc}") from None
+
+
+def _nonfinite(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinity in a dumped answer (dicts, lists, floats, numpy arrays), or None."""
+    if isinstance(value, float | np.floating):
+        return None if np.isfinite(value) else path
+    if isinstance(value, np.ndarray):
+        return path if value.dtype.kind in "fc" and not np.isfinite(value).all() else None
+    if isinstance(value, dict):
+        for key, v in value.items():
+            found = _nonfinite(v, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _nonfinite(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _get(output: Any, name: str) -> Any:

@@ -39,6 +39,9 @@ def decode_request(body: bytes, header_length: int | None) -> tuple[dict[str, An
         name, shape, datatype = spec.get("name"), spec.get("shape"), spec.get("datatype")
         if not isinstance(name, str) or not name:
             raise InputError(f"inputs[{i}].name must be a non-empty string", field=_field(i, "name"))
+        if name in tensors:   # one of the two would be dropped unseen: the client's bug, refused like Triton does
+            raise MalformedInput(f"input `{name}` is given twice (inputs[{i}]); each input tensor once",
+                                 field=_field(i, "name"))
         if datatype not in DTYPES:
             raise InputError(f"inputs[{i}].datatype must be one of {sorted(DTYPES)}; given {datatype!r}",
                              field=_field(i, "datatype"))
