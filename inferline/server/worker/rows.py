@@ -54,6 +54,9 @@ class RowCodec:
         fields = self.request.model_fields if self.request is not None else {}
         self.text_fields = {n for n, f in fields.items() if _is_str(f.annotation)}
         self.list_fields = {n for n, f in fields.items() if typing.get_origin(f.annotation) in (list, tuple)}
+        # the names a row's field may be sent under, as a v2 parameter: its own, or its alias (`raise` for `fail`)
+        self.field_names: set[str] | None = None if self.request is None else (
+            set(fields) | {f.alias for f in fields.values() if f.alias})
 
     # decoding --------------------------------------------------------------------------------------------------
     def decode(self, d: Delivery) -> Item:
@@ -119,8 +122,8 @@ class RowCodec:
                              field="inputs")
         # Fields sent as parameters. Only the row's own: the others are the protocol's (tritonclient's
         # binary_data_output, a KServe client's own), which a row type that forbids unknown fields would refuse.
-        fields = self.request.model_fields if self.request is not None else parameters
-        shared = {k: v for k, v in parameters.items() if k not in columns and k in fields}
+        names = self.field_names if self.field_names is not None else parameters
+        shared = {k: v for k, v in parameters.items() if k not in columns and k in names}
         n = sizes.pop() if sizes else 1
         if n < 1:
             first = next(iter(columns))
