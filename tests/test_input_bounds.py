@@ -207,3 +207,42 @@ def test_queued_bytes_are_counted_on_by_the_enqueue_and_off_by_the_ack_once(redi
         return seen
 
     assert asyncio.run(scenario()) == [600, 300, 300, 10]
+
+
+def resident_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory now (VmRSS) or at its peak so far (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+@pytest.mark.slow
+def test_worker_memory_returns_after_large_batches(cluster: Cluster) -> None:
+    """Batches of large v2 requests (8 at a time, ~4 MB of JSON each, at the row and body caps) take the worker's
+    RSS up by hundreds of MB while they run; once they are answered it comes back to within RETURN_MB of where it
+    was (worker/memory.py gives the C heap's free pages back). Before, it stayed near the peak."""
+    cluster.spec("echo", model=ECHO, max_batch_size=8, max_batch_delay_ms=200)
+    url = cluster.start_gateway() + "/v2/models/echo/infer"
+    worker = cluster.start_worker("echo")
+    small = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0] * 4}]}
+    assert httpx.post(url, json=small, timeout=30).status_code == 200
+    before = resident_mb(worker.pid)
+    big = {"inputs": [{"name": "x", "shape": [MAX_ROWS, 1500], "datatype": "FP32",
+                       "data": [0.123456] * (MAX_ROWS * 1500)}]}
+    body = httpx.Request("POST", url, json=big).read()
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            json = {"content-type": "application/json"}
+            replies = await asyncio.gather(*[client.post(url, content=body, headers=json) for _ in range(8)])
+            return [r.status_code for r in replies]
+
+    for _ in range(3):
+        assert asyncio.run(burst()) == [200] * 8
+    peak = resident_mb(worker.pid, "VmHWM")
+    assert httpx.post(url, json=small, timeout=30).status_code == 200   # a small batch after the large ones
+    after = wait_for(lambda: (rss := resident_mb(worker.pid)) < before + RETURN_MB and rss, 10,
+                     f"worker RSS back within {RETURN_MB} MB of {before:.0f} MB (peak {peak:.0f} MB)")
+    assert peak > before + 2 * RETURN_MB, (before, peak, after)   # the batches did take memory
+
+
+RETURN_MB = 64

@@ -20,6 +20,7 @@ from inferline.server.errors import InferlineError, InputError
 from inferline.server.logs import RepeatingError
 from inferline.server.model import Model
 from inferline.server.protocol import Reply
+from inferline.server.worker import memory
 from inferline.server.worker.batcher import Traffic, collect
 from inferline.server.worker.model_thread import ModelThread
 from inferline.server.worker.rows import Item, RowCodec
@@ -139,6 +140,10 @@ class DynamicBatching:
                     await self.process([d], record=False)
             if batch:
                 await self.process(batch)
+                large = sum(len(d.payload) for d in batch) > memory.TRIM_OVER_BYTES
+                del batch   # answered: nothing holds its payloads, rows or arrays any more
+                if large:
+                    await self.model_thread.run(memory.give_back)
             if stopping:
                 return
 
