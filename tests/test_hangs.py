@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from inferline.server.broker import embedded, keys
 from inferline.server.worker.watchdog import DRAIN_CAP_S, EXIT_DRAIN_CUT, LAST_WORDS_S
 from tests.conftest import Cluster, child_env, live_workers, wait_for
 from tests.faults import Row, table
-from tests.test_up import alive, children
+from tests.test_up import alive, process_tree
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -58,21 +57,9 @@ def up_hang(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> Iterator[tuple[
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n[gateway]\nport = {port}\n'
                       f'[models.hang]\nmodel = "{HANG}"\nreplicas = 1\ntimeout_s = 30\npredict_timeout_s = 2\n')
     log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "--config", str(config), "up",
-                                 "--no-build"], env=child_env(REDIS_URL=redis_url), stdout=out,
-                                stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    seen: set[int] = set()
-    try:
+    with process_tree(["--config", str(config), "up", "--no-build"], tmp_path, log,
+                      child_env(REDIS_URL=redis_url)) as proc:
         yield proc, f"http://127.0.0.1:{port}", log
-    finally:
-        seen |= children(proc.pid)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        for pid in seen:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_hung_predict_is_failed_504_and_its_worker_replaced(up_hang: tuple[subprocess.Popen[bytes], str, Path],

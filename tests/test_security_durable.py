@@ -24,7 +24,7 @@ from inferline.server.broker import embedded
 from inferline.server.gateway.throttle import BURST
 from tests.conftest import Cluster, child_env, wait_for
 from tests.security_cluster import ECHO, bearer, create_key, start_gateway
-from tests.test_up import alive, children, cmdline
+from tests.test_up import alive, children, cmdline, process_tree
 
 pytestmark = pytest.mark.timeout(180)
 REQUIRED = {"auth": "required"}
@@ -47,32 +47,18 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]
     as a user runs it. Teardown kills whatever is left."""
     port = embedded.free_port()
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "serve", ECHO, "--name", "echo",
-                                 "--port", str(port)], env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=tmp_path, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    with process_tree(["serve", ECHO, "--name", "echo", "--port", str(port)], tmp_path, log, child_env()) as proc:
 
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                return httpx.get(url + "/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
 
-    seen: set[int] = set()
-    try:
         wait_for(up, 60, "inferline serve up")
-        seen |= children(proc.pid)
         yield proc, url, tmp_path
-    finally:
-        seen |= children(proc.pid)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        for pid in seen:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def no_key_status(url: str) -> int:

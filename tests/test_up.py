@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -50,6 +51,26 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@contextmanager
+def process_tree(args: list[str], cwd: Path, log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m inferline.server.cli *args` in its own session (as a user runs `inferline up` or `serve`), its
+    output in `log`; at the end it is killed with every process it started (Redis, gateway, workers)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+    seen: set[int] = set()
+    try:
+        yield proc
+    finally:
+        seen |= children(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -70,20 +91,8 @@ def up(quick_store: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byt
     log = tmp_path / "up.log"
     env = child_env()
     assert "REDIS_URL" not in env and not any(k.startswith("INFERLINE_") for k in env)
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "--config", str(config), "up"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    seen: set[int] = set()
-    try:
+    with process_tree(["--config", str(config), "up"], tmp_path, log, env) as proc:
         yield proc, f"http://127.0.0.1:{port}", log
-    finally:
-        seen |= children(proc.pid)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        for pid in seen:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_up_serves_restarts_a_killed_worker_and_stops_cleanly(up: tuple[subprocess.Popen[bytes], str, Path]) -> None:
