@@ -63,6 +63,7 @@ async def test_the_model_comes_from_the_path_the_task_binding_or_the_body(table:
     assert (await table.model_of("POST", "/v1/models/plain/predict", receive))[0] == "plain"
     assert (await table.model_of("POST", "/forecast", receive))[0] == "fc"          # the config's binding
     assert (await table.model_of("GET", "/info", receive))[0] == "gen"
+    assert (await table.model_of("HEAD", "/v2/models/plain/ready", receive))[0] == "plain"   # served as GET
     assert (await table.model_of("POST", "/sentiment", receive))[0] is None         # no deployment bound: 404 later
     assert (await table.model_of("GET", "/v1/models", receive))[0] is None          # no one model
     assert (await table.model_of("POST", "/nowhere", receive))[0] is None

@@ -126,8 +126,9 @@ class RouteTable:
 
     async def model_of(self, method: str, path: str, receive: Receive) -> tuple[str | None, Receive]:
         """The model a request is for (None: a route tied to no model, or no route at all), and the receive to pass
-        on: a replay of the body when it had to be read for its model field."""
-        found = self.match(method, path)
+        on: a replay of the body when it had to be read for its model field. HEAD is asked as GET: Starlette serves
+        a HEAD with the GET route's handler."""
+        found = self.match("GET" if method == "HEAD" else method, path)
         if found is None:
             return None, receive
         route, params = found
