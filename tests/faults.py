@@ -10,12 +10,13 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from inferline.server.broker import embedded
 
@@ -171,3 +172,15 @@ def first_ok_after(outcomes: list[Outcome], target: str, since: float) -> float 
     """Seconds from `since` to the end of the first 200 for `target` among requests started after `since`."""
     ends = [o.ended for o in outcomes if o.target == target and o.status == 200 and o.started >= since]
     return min(ends) - since if ends else None
+
+
+def printed_rows(request: pytest.FixtureRequest, title: str) -> Iterator[list[Row]]:
+    """For a module-scoped fixture: the list a module's tests add their Rows to, printed as one table with `title`
+    when the module ends (shown with or without -s)."""
+    collected: list[Row] = []
+    yield collected
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if collected and capture is not None:
+        with capture.global_and_fixture_disabled():
+            print(f"\n\n{title}:")
+            print(table(collected), flush=True)

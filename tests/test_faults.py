@@ -26,7 +26,7 @@ import redis
 
 from inferline.server.broker import embedded, keys
 from tests.conftest import GPT2_PROMPTS, ROOT, Cluster, child_env, live_workers, wait_for
-from tests.faults import GRACE_S, Outcome, PrivateRedis, Row, first_ok_after, run_load, table
+from tests.faults import GRACE_S, Outcome, PrivateRedis, Row, first_ok_after, printed_rows, run_load
 from tests.test_up import alive, children, cmdline
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,13 +49,7 @@ def echo_ok(response: httpx.Response, i: int) -> bool:
 
 @pytest.fixture(scope="module")
 def rows(request: pytest.FixtureRequest) -> Iterator[list[Row]]:
-    collected: list[Row] = []
-    yield collected
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if collected and capture is not None:
-        with capture.global_and_fixture_disabled():   # shown with or without -s
-            print("\n\nfault table (16 clients, loopback; lost = no answer by its deadline + 2 s):")
-            print(table(collected), flush=True)
+    yield from printed_rows(request, "fault table (16 clients, loopback; lost = no answer by its deadline + 2 s)")
 
 
 @pytest.fixture(scope="module")

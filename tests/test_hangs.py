@@ -21,7 +21,7 @@ import redis
 from inferline.server.broker import embedded, keys
 from inferline.server.worker.watchdog import DRAIN_CAP_S, EXIT_DRAIN_CUT, LAST_WORDS_S
 from tests.conftest import Cluster, child_env, live_workers, wait_for
-from tests.faults import Row, table
+from tests.faults import Row, printed_rows
 from tests.test_up import alive, process_tree
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -36,13 +36,7 @@ REPLACED_WITHIN_S = 30.0   # `up`'s backoff (0.5 s, then 1 s) and a worker's sta
 
 @pytest.fixture(scope="module")
 def rows(request: pytest.FixtureRequest) -> Iterator[list[Row]]:
-    collected: list[Row] = []
-    yield collected
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if collected and capture is not None:
-        with capture.global_and_fixture_disabled():
-            print("\n\nhang and stall rows of the fault table:")
-            print(table(collected), flush=True)
+    yield from printed_rows(request, "hang and stall rows of the fault table")
 
 
 def hang_body(x: float, hang: bool = False) -> dict[str, Any]:
