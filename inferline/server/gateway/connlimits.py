@@ -31,9 +31,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from inferline.server.config import GatewaySettings
 from inferline.server.errors import HeadersTooLarge, InferlineError, Overloaded, RequestTimeout
-from inferline.server.gateway.edge import sane_id
 from inferline.server.gateway.errors import render
 from inferline.server.gateway.fairshare import Shares, client_of
+from inferline.server.gateway.record import sane_id
 from inferline.server.ids import new_id
 
 # A connection turned away is answered at once, then read (and the bytes dropped) until the client closes it, for

@@ -29,6 +29,7 @@ from inferline.server.broker.ticks import TickBatcher
 from inferline.server.config import ModelSpec, Settings
 from inferline.server.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, typed
 from inferline.server.gateway import record as records
+from inferline.server.gateway.record import sane_id
 from inferline.server.ids import new_id
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import GatewayMetrics
@@ -93,8 +94,7 @@ class Dispatcher:
 
     def new_request_id(self, wanted: str | None = None) -> str:
         """The caller's x-request-id when it is sane and not already in flight, else a fresh one."""
-        if wanted and len(wanted) <= 64 and wanted.isascii() and wanted.replace("-", "").replace("_", "").isalnum() \
-                and wanted not in self.waiters:
+        if wanted and sane_id(wanted) and wanted not in self.waiters:
             return wanted
         return new_id()
 

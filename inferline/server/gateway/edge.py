@@ -15,16 +15,12 @@ from inferline.server import tracing
 from inferline.server.errors import HeadersTooLarge, InferlineError, PayloadTooLarge
 from inferline.server.gateway.errors import render
 from inferline.server.gateway.memory import Reclaimer
-from inferline.server.gateway.record import RequestRecord, current
+from inferline.server.gateway.record import RequestRecord, current, sane_id
 from inferline.server.ids import new_id
 from inferline.server.logs import AccessLog
 from inferline.server.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
-
-
-def sane_id(value: str) -> bool:
-    return 0 < len(value) <= 64 and value.isascii() and value.replace("-", "").replace("_", "").isalnum()
 
 
 class Edge:

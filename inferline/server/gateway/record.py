@@ -24,6 +24,11 @@ class RequestRecord:
 current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)
 
 
+def sane_id(value: str) -> bool:
+    """Whether a caller's x-request-id may be used as is: 1-64 ASCII letters, digits, '-' or '_'."""
+    return 0 < len(value) <= 64 and value.isascii() and value.replace("-", "").replace("_", "").isalnum()
+
+
 def request_id() -> str:
     """The request id of the request being served ("" outside one)."""
     record = current.get()
