@@ -75,7 +75,6 @@ class ModelQueue:
         self.model = model
         self.consumer = consumer
         self.stream = keys.request_stream(model)
-        self.queued_bytes = keys.queued_bytes(model)
         self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
         self.pipelined = Pipelined(redis)              # replies and acks
 
@@ -115,12 +114,16 @@ class ModelQueue:
         by_gateway: dict[str, list[Reply]] = {}
         for reply_to, reply in replies:
             by_gateway.setdefault(reply_to, []).append(reply)
-        # one entry per gateway, however many replies
-        commands: list[Sequence[Any]] = [("XADD", reply_to, "NOMKSTREAM", "MAXLEN", "~", REPLY_MAXLEN, "*", "pack",
-                                          pack_replies(batch)) for reply_to, batch in by_gateway.items()]
+        # One entry per gateway, however many replies. The XADD makes the stream if Redis lost it (a restart,
+        # FLUSHALL, a Cluster failover that lost the last writes), and the EXPIRE bounds it if its gateway is gone
+        # for good: the enqueue script no longer makes it (it hashes to another slot than the request stream).
+        commands: list[Sequence[Any]] = []
+        for reply_to, batch in by_gateway.items():
+            commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch)))
+            commands.append(("EXPIRE", reply_to, keys.REPLY_STREAM_TTL_S))
         if deliveries:
             pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
-            commands.append(("EVAL", _ACK, 2, self.stream, self.queued_bytes, keys.GROUP, *pairs))
+            commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model), keys.GROUP, *pairs))
         await self.pipelined.wait_for_room()
         return self.pipelined.send(commands, refusal_fails=True)
 

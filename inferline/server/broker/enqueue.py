@@ -17,12 +17,11 @@ from inferline.server.broker import keys
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 
-# KEYS: request stream, the gateway's reply stream, the stream's byte counter (keys.queued_bytes). ARGV: cap, how long
-# (ms) to keep entries, payload, the cap in bytes (0: none), the reply stream's TTL (s), then the envelope's values in
-# protocol.ENVELOPE_FIELDS order. Returns the queue length before the add, or FULL_ENTRIES / FULL_BYTES when the
-# queue is at that cap (nothing written). A reply stream Redis lost (a restart, FLUSHALL) is made again here, before
-# the request it must carry the answer of is queued: workers reply with NOMKSTREAM, so without it the answer would be
-# dropped and the caller would wait out its deadline.
+# KEYS: keys.enqueue_keys (the request stream, its byte counter): one hash tag, one slot. ARGV: cap, how long (ms) to
+# keep entries, payload, the cap in bytes (0: none), then the envelope's values in protocol.ENVELOPE_FIELDS order.
+# Returns the queue length before the add, or FULL_ENTRIES / FULL_BYTES when the queue is at that cap (nothing
+# written). The gateway's reply stream is not touched here (it hashes to another slot on a Cluster): its gateway
+# keeps it (replies.py), and a worker's reply makes it again if Redis lost it (consumer.py).
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
 # ahead would otherwise trim fresh entries, its own new one included.
 # The byte cap reads the counter that this script raises by each payload's length and the workers' acknowledge script
@@ -37,7 +36,7 @@ from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 # call cost 0.4 µs more a call in Redis). A request costs what it did: ten ARGV, one EVALSHA.
 FULL_ENTRIES = -1
 FULL_BYTES = -2
-_ENVELOPE_ARGV = 6   # ARGV index of the envelope's first value; Enqueuer.enqueue passes them in ENVELOPE_FIELDS order
+_ENVELOPE_ARGV = 5   # ARGV index of the envelope's first value; Enqueuer.enqueue passes them in ENVELOPE_FIELDS order
 
 
 def _xadd(fields: list[str], optional: list[tuple[int, str]]) -> str:
@@ -55,21 +54,17 @@ local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return """ + str(FULL_ENTRIES) + """ end
 local size = string.len(ARGV[3])
 if n == 0 then
-  redis.call('SET', KEYS[3], 0)
+  redis.call('SET', KEYS[2], 0)
 elseif tonumber(ARGV[4]) > 0 then
-  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local used = tonumber(redis.call('GET', KEYS[2]) or '0')
   if used + size > tonumber(ARGV[4]) then return """ + str(FULL_BYTES) + """ end
 end
 local t = redis.call('TIME')
 local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('XADD', KEYS[2], '*', 'pack', '')
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-end
 """ + _xadd([f"'{PAYLOAD_FIELD}', ARGV[3]"] + [f"'{f.name}', ARGV[{_ENVELOPE_ARGV + i}]"
                                               for i, f in enumerate(ENVELOPE_FIELDS) if not f.optional],
             [(_ENVELOPE_ARGV + i, f.name) for i, f in enumerate(ENVELOPE_FIELDS) if f.optional]) + """
-redis.call('INCRBY', KEYS[3], size)
+redis.call('INCRBY', KEYS[2], size)
 return n
 """
 
@@ -87,9 +82,8 @@ class Enqueuer:
         for them any more). Returns the queue depth it found, or FULL_ENTRIES when the model's queue holds cap
         entries, FULL_BYTES when adding this payload would pass cap_bytes of queued payloads (when cap_bytes > 0).
         Raises redis errors (the caller answers 503)."""
-        depth = await self.batcher.script(_ENQUEUE, [keys.request_stream(model), envelope.reply_to,
-                                                     keys.queued_bytes(model)], [
-            cap, keep_ms, payload, cap_bytes, keys.REPLY_STREAM_TTL_S,
+        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model), [
+            cap, keep_ms, payload, cap_bytes,
             # in ENVELOPE_FIELDS order (test_ticks checks the entry against Envelope.fields()): read one by one,
             # as protocol.envelope_values would cost 70-95 ns more a request
             envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, envelope.traceparent])

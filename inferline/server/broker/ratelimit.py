@@ -19,7 +19,8 @@ from inferline.server.broker.ticks import TickBatcher
 
 UNKNOWN, EXPIRED, ADMITTED, LIMITED = 0, 1, 2, 3
 
-# KEYS: record, bucket, in-flight set. ARGV: expected hash, default rate/s, burst, concurrency, slot id, lease ms.
+# KEYS: keys.admit_keys (record, bucket, in-flight set: one hash tag, one slot).
+# ARGV: expected hash, default rate/s, burst, concurrency, slot id, lease ms.
 # Returns {code, scopes, models, burst, remaining, retry_ms, reason, slot_taken, rate, concurrency cap}.
 _ADMIT = """
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'scopes', 'models', 'expires_at', 'rate', 'burst', 'concurrency')
@@ -100,7 +101,7 @@ class RateLimiter:
         Raises redis errors (the caller answers 503)."""
         lim = self.limits
         res: Any = await self.batcher.script(
-            _ADMIT, [keys.api_key(key_id), keys.rate_bucket(key_id), keys.in_flight(key_id)],
+            _ADMIT, keys.admit_keys(key_id),
             [expected_hash, repr(lim.rate_per_s), lim.burst, lim.concurrency, slot_id, lim.lease_ms])
         code, scopes, models, limit, remaining, retry_ms, reason, slot, rate, cap = res
         return Admission(int(code), text(scopes), text(models), int(limit), int(remaining), int(retry_ms),

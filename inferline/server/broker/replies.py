@@ -14,8 +14,9 @@ from inferline.server.protocol import Reply, unpack_replies
 
 
 class ReplyInbox:
-    """A gateway's reply stream: made here, never by workers (they send with NOMKSTREAM), so a dead gateway's stream
-    just expires. Recreated on the spot when Redis lost it (a restart or FLUSHALL)."""
+    """A gateway's reply stream: made here with its TTL, refreshed while the gateway lives, so a dead gateway's stream
+    expires. Recreated on the spot when Redis lost it (a restart or FLUSHALL); a worker's reply makes it too, with
+    the same TTL, so an answer sent in between is not dropped."""
 
     def __init__(self, redis: aioredis.Redis, gateway_id: str) -> None:
         self.redis = redis
@@ -37,8 +38,9 @@ class ReplyInbox:
             await self.create()
         res = await xread(self.reads, self.stream, self.last, 1000, block_s)
         if not res and not await self.redis.exists(self.stream):
-            # Redis lost the stream (restart, FLUSHALL): workers reply with NOMKSTREAM, so until it exists again
-            # every reply is dropped. An empty read is the cheap moment to look: one EXISTS per idle block.
+            # Redis lost the stream (restart, FLUSHALL): make it again now rather than at the next refresh, so the
+            # read position restarts at a known entry. An empty read is the cheap moment to look: one EXISTS per
+            # idle block.
             await self.create()
             return []
         replies: list[Reply] = []
