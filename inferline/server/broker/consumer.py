@@ -5,6 +5,15 @@ as a worker received it. Gateways put requests on the stream with enqueue.py and
 Ordering rules that keep work from being lost: an entry is XDEL'd only after it is XACK'd (XCLAIM and
 XAUTOCLAIM skip pending ids whose entries are gone), and only after its reply was sent (a crash in
 between redelivers instead of dropping).
+
+Durable enqueue (broker.min_replicas_ack, `Durable` here): a failover can lose the last acknowledgements (Redis
+replicates asynchronously), and the promoted replica delivers those entries again. So each send writes, in order on
+one connection: the replies, the answered entries' ids (keys.answered), a WAIT for the replicas, then the ack. After
+a failover the replica then holds the ids of every entry whose ack it may lack but whose WAIT returned, and a worker
+that reads or claims such an entry acknowledges it without running it (one ZMSCORE per read, only in this mode). A
+failover that cuts between a reply and its id's replication runs that entry again: the gateway ignores the second
+reply, so the caller is still answered once. Entry ids, not request ids: a client that retries a 503 ("not
+replicated") with the same x-request-id makes a new entry, which must run.
 """
 
 from __future__ import annotations
@@ -47,6 +56,27 @@ return gone
 """
 
 
+# The answered ids of one send (KEYS: keys.answered). ARGV: how long (ms) to keep ids, then the entry ids. Trimmed by
+# Redis's clock, the one entry ids come from.
+_MARK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Durable:
+    """Durable enqueue's worker side (broker.min_replicas_ack > 0): WAIT for min_replicas (timeout_ms) before each
+    ack, and keep answered entry ids keep_ms (the model's timeout: after it nobody waits for a second answer)."""
+
+    min_replicas: int
+    timeout_ms: int
+    keep_ms: int
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One request as a worker received it."""
@@ -70,10 +100,13 @@ class Delivery:
 class ModelQueue:
     """A worker's view of one model's request stream."""
 
-    def __init__(self, redis: aioredis.Redis, model: str, consumer: str) -> None:
+    def __init__(self, redis: aioredis.Redis, model: str, consumer: str, durable: Durable | None = None) -> None:
+        """durable: de-duplicate redelivered entries (module docstring); None: the default path, no extra command."""
         self.redis = redis
         self.model = model
         self.consumer = consumer
+        self.durable = durable
+        self.skipped = 0   # deliveries found answered already (durable mode), for tests and logs
         self.stream = keys.request_stream(model)
         self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
         self.pipelined = Pipelined(redis)              # replies and acks
@@ -94,7 +127,7 @@ class ModelQueue:
         if isinstance(res, ResponseError):
             await self._recreate_on_nogroup(res)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
-        return [parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)]
+        return await self._unanswered([parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)])
 
     async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
         """send(), then wait until Redis ran it. Raises the connection's error or Redis's refusal."""
@@ -122,6 +155,10 @@ class ModelQueue:
             commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch)))
             commands.append(("EXPIRE", reply_to, keys.REPLY_STREAM_TTL_S))
         if deliveries:
+            if self.durable is not None:   # the ids reach the replicas before the ack can (module docstring)
+                commands.append(("EVAL", _MARK, 1, keys.answered(self.model), self.durable.keep_ms,
+                                 *[d.entry_id for d in deliveries]))
+                commands.append(("WAIT", self.durable.min_replicas, self.durable.timeout_ms))
             pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
             commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model), keys.GROUP, *pairs))
         await self.pipelined.wait_for_room()
@@ -169,6 +206,7 @@ class ModelQueue:
             await self.redis.xack(self.stream, keys.GROUP, *deleted)
         # XCLAIM counted this delivery: the tries are the old count + 1.
         deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
+        deliveries = await self._unanswered(deliveries)
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
         if deliveries:   # counted now, in Redis: the worker that claimed them may die on the next one
@@ -198,11 +236,26 @@ class ModelQueue:
         found: list[Delivery] = []
         for tries, ids in by_tries.items():
             claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
-            found += [parse_entry(eid, f, tries) for eid, f in claimed if f]
+            found += await self._unanswered([parse_entry(eid, f, tries) for eid, f in claimed if f])
             deleted = [eid for eid, f in claimed if not f]
             if deleted:   # entries deleted under the PEL: clear them for good
                 await self.redis.xack(self.stream, keys.GROUP, *deleted)
         return found
+
+    async def _unanswered(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """In durable mode, the deliveries not answered already; the answered ones (a failover lost their ack) are
+        acknowledged and deleted here, without a reply (their caller had one). Otherwise all of them, at no cost."""
+        if self.durable is None or not deliveries:
+            return deliveries
+        scores: Any = await self.redis.execute_command("ZMSCORE", keys.answered(self.model),
+                                                       *[d.entry_id for d in deliveries])
+        done = [d for d, score in zip(deliveries, scores, strict=True) if score is not None]
+        if not done:
+            return deliveries
+        self.skipped += len(done)
+        log.warning("answered already model=%s n=%d (delivered again after a failover)", self.model, len(done))
+        await self.reply_and_ack([], done)
+        return [d for d, score in zip(deliveries, scores, strict=True) if score is None]
 
     async def consumers(self) -> list[str]:
         """The names of the group's consumers other than this one (worker ids)."""

@@ -81,8 +81,9 @@ class Enqueuer:
         """Queue one request, and drop the model's entries that arrived more than keep_ms ago (nobody waits
         for them any more). Returns the queue depth it found, or FULL_ENTRIES when the model's queue holds cap
         entries, FULL_BYTES when adding this payload would pass cap_bytes of queued payloads (when cap_bytes > 0).
-        Raises redis errors (the caller answers 503)."""
-        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model), [
+        Raises redis errors (the caller answers 503), and ticks.NotReplicated when the batcher asks for replicas
+        (durable enqueue) and too few had the entry in time: it is queued on the primary all the same."""
+        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model), replicated=True, args=[
             cap, keep_ms, payload, cap_bytes,
             # in ENVELOPE_FIELDS order (test_ticks checks the entry against Envelope.fields()): read one by one,
             # as protocol.envelope_values would cost 70-95 ns more a request
