@@ -133,7 +133,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     durable = None if settings.redis_url else keyfile.location(settings.state_dir)
 
     async def run() -> int:
-        redis = connect(url, settings.broker.timeout_s)
+        redis = connect(url, settings.broker.timeout_s, cluster=settings.broker.cluster)
         try:
             if args.keys_command == "create":
                 try:

@@ -9,9 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from inferline.server.broker import keys
+from inferline.server.broker.client import Redis
 from inferline.server.protocol import ModelInfo, WorkerStatus
 
 INFO_TTL_S = 2.0
@@ -70,7 +69,7 @@ def entry_ms(entry_id: Any) -> int:
 
 
 class Registry:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self.cache: dict[str, tuple[float, ModelInfo]] = {}
 
