@@ -288,9 +288,12 @@ class ModelQueue:
 
     async def _recreate_on_nogroup(self, exc: ResponseError) -> None:
         """Redis lost the stream or its group (a restart without persistence, FLUSHALL): make them again here, on
-        the spot, rather than failing the same call every round. Other errors are raised."""
+        the spot, rather than failing the same call every round. Redis 7 also ends a blocked group read with
+        UNBLOCKED when its stream is deleted: FLUSHALL, or on a Cluster the stream migrated to another node (then
+        ensure_group finds it there, and the next read follows the redirect at once, where a failed read would
+        have held the worker back a second). Other errors are raised."""
         text = str(exc)
-        if "NOGROUP" not in text and "no such key" not in text.lower():
+        if "NOGROUP" not in text and "no such key" not in text.lower() and not text.startswith("UNBLOCKED"):
             raise exc
         await self.ensure_group()
 
