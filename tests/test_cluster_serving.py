@@ -26,6 +26,7 @@ from tests.conftest import Cluster, every_model_ready, wait_for
 from tests.redis_cluster import Cluster as RedisCluster
 from tests.redis_cluster import cluster_support, redis_cluster
 from tests.security_cluster import ECHO, bearer, create_key, start_gateway, v2_body
+from tests.test_security_redis import PASSWORDS, acl_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.skipif(cluster_support() is not None, reason=str(cluster_support()))]
@@ -34,13 +35,28 @@ MODELS = ("echo-a", "echo-b", "echo-c", "echo-d")
 CLUSTER_ENV = {"INFERLINE_BROKER__CLUSTER": "true"}
 
 
-class OnCluster(Cluster):
-    """tests.conftest's process cluster, its workers told that REDIS_URL names a Cluster node."""
+def user_url(rc: RedisCluster, user: str, password: str) -> str:
+    """The URL of the cluster's first node as one of SECURITY.md's users."""
+    return rc.url.replace("redis://", f"redis://{user}:{PASSWORDS[password]}@")
 
-    def __init__(self, redis_url: str, tmp: Path) -> None:
-        super().__init__(redis_url, tmp)
+
+def acl_file(tmp: Path) -> Path:
+    """SECURITY.md's ACL block with the test's passwords, and a default user with every right for the test's own
+    checks and for joining the nodes."""
+    path = tmp / "users.acl"
+    path.write_text("\n".join([*[ln.replace("user default off", "user default on nopass ~* &* +@all")
+                                  for ln in acl_lines()]]) + "\n")
+    return path
+
+
+class OnCluster(Cluster):
+    """tests.conftest's process cluster, its workers told that REDIS_URL names a Cluster node (as the worker ACL
+    user); the test's own client is the default user."""
+
+    def __init__(self, rc: RedisCluster, tmp: Path) -> None:
+        super().__init__(user_url(rc, "inferline-worker", "WORKER_PASSWORD"), tmp)
         self.client.close()
-        self.client = redis.RedisCluster.from_url(redis_url)   # type: ignore[assignment]
+        self.client = redis.RedisCluster.from_url(rc.url)   # type: ignore[assignment]
         self.env = dict(CLUSTER_ENV)
 
 
@@ -52,15 +68,17 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("cluster-serving")
-    with redis_cluster(tmp / "redis") as rc:
-        procs = OnCluster(rc.url, tmp)
+    with redis_cluster(tmp / "redis", acl=str(acl_file(tmp))) as rc:
+        procs = OnCluster(rc, tmp)
         try:
             for model in MODELS:
                 procs.spec(model, model=ECHO, max_batch_size=16, timeout_s=60)
-            key, _ = create_key(rc.url, cluster=True, name="load", rate_per_s=100_000, burst=100_000,
+            admin = user_url(rc, "inferline-admin", "ADMIN_PASSWORD")
+            key, _ = create_key(admin, cluster=True, name="load", rate_per_s=100_000, burst=100_000,
                                 concurrency=10_000)
-            limited, _ = create_key(rc.url, cluster=True, name="limited", rate_per_s=0.001, burst=5)
-            gateways = [start_gateway(procs, f"gw{i}", security={"auth": "required"}, env=CLUSTER_ENV)
+            limited, _ = create_key(admin, cluster=True, name="limited", rate_per_s=0.001, burst=5)
+            gateways = [start_gateway(procs, f"gw{i}", security={"auth": "required"}, env=CLUSTER_ENV,
+                                      redis_url=user_url(rc, "inferline-gateway", "GATEWAY_PASSWORD"))
                         for i in range(2)]
             for model in MODELS:
                 procs.start_worker(model)
@@ -117,6 +135,9 @@ def test_two_gateways_four_models_under_load_every_answer_right(served: Served) 
     client = served.procs.client
     for model in MODELS:   # answered entries are deleted, their bytes counted off
         assert client.xlen(keys.request_stream(model)) == 0
+    for url in served.gateways:   # the broker's view of every model, read across the shards as the gateway's user
+        metrics = httpx.get(f"{url}/metrics", timeout=10)
+        assert metrics.status_code == 200 and all(f'model="{m}"' in metrics.text for m in MODELS)
 
 
 def test_keys_and_rate_limits_hold_across_both_gateways(served: Served) -> None:
