@@ -156,6 +156,10 @@ class BrokerSettings(BaseModel):
     # `inferline up`'s private Redis: append-only file in <state_dir>/redis (fsync every second), so a restart of
     # Redis keeps queued requests, groups and API keys. Off: a restart starts empty and everything recreates itself.
     persist: bool = False
+    # REDIS_URL names a node of a Redis Cluster (env INFERLINE_BROKER__CLUSTER=true): every process discovers the
+    # slot map and sends each command to the node serving its key (broker/nodes.py). Keys are laid out for it
+    # (broker/keys.py): a model's keys share one slot, models spread over the shards by name.
+    cluster: bool = False
     # Durable enqueue: a request counts as accepted (the gateway waits for its answer) only once its enqueue reached
     # this many replicas: one WAIT per tick of enqueues, in the same round trip (broker/ticks.py). Fewer within
     # replica_ack_timeout_s: 503 with Retry-After, "not replicated" (the request may still run; workers answer a

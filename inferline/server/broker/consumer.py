@@ -24,12 +24,13 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from inferline.server.broker import keys, roundtrip
-from inferline.server.broker.pipelined import Pipelined
+from inferline.server.broker import keys, nodes, roundtrip
+from inferline.server.broker.client import Redis
+from inferline.server.broker.pipelined import MAX_UNANSWERED, Pipelined
 from inferline.server.broker.reads import stream_entries
+from inferline.server.broker.ticks import TickBatcher
 from inferline.server.errors import DeadLettered
 from inferline.server.protocol import PAYLOAD_FIELD, Envelope, Reply, pack_replies
 
@@ -55,7 +56,6 @@ if gone > 0 and redis.call('DECRBY', KEYS[2], gone) < 0 then redis.call('SET', K
 return gone
 """
 
-
 # The answered ids of one send (KEYS: keys.answered). ARGV: how long (ms) to keep ids, then the entry ids. Trimmed by
 # Redis's clock, the one entry ids come from.
 _MARK = """
@@ -75,6 +75,7 @@ class Durable:
     min_replicas: int
     timeout_ms: int
     keep_ms: int
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,7 @@ class Delivery:
 class ModelQueue:
     """A worker's view of one model's request stream."""
 
-    def __init__(self, redis: aioredis.Redis, model: str, consumer: str, durable: Durable | None = None) -> None:
+    def __init__(self, redis: Redis, model: str, consumer: str, durable: Durable | None = None) -> None:
         """durable: de-duplicate redelivered entries (module docstring); None: the default path, no extra command."""
         self.redis = redis
         self.model = model
@@ -108,8 +109,13 @@ class ModelQueue:
         self.durable = durable
         self.skipped = 0   # deliveries found answered already (durable mode), for tests and logs
         self.stream = keys.request_stream(model)
-        self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
-        self.pipelined = Pipelined(redis)              # replies and acks
+        self.reads = roundtrip.HeldConnection(redis, self.stream)   # XREADGROUP
+        # Replies and acks: on one Redis one pipelined connection; on a Cluster the reply streams and the request
+        # stream live on different nodes, so they go through a TickBatcher's per-node connections (`_send_routed`).
+        self.pipelined = None if isinstance(redis, nodes.Cluster) else Pipelined(redis)
+        self.batcher = (TickBatcher(redis, *((durable.min_replicas, durable.timeout_ms) if durable else ()))
+                        if isinstance(redis, nodes.Cluster) else None)
+        self.sending: set[asyncio.Future[list[Any]]] = set()   # a Cluster's sends not yet done
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (idempotent, safe across replicas)."""
@@ -154,24 +160,75 @@ class ModelQueue:
         for reply_to, batch in by_gateway.items():
             commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch)))
             commands.append(("EXPIRE", reply_to, keys.REPLY_STREAM_TTL_S))
+        pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
+        marks = [keys.answered(self.model), self.durable.keep_ms, *[d.entry_id for d in deliveries]] \
+            if self.durable is not None and deliveries else []
+        if self.pipelined is None:
+            return await self._send_routed(commands, pairs, marks)
         if deliveries:
             if self.durable is not None:   # the ids reach the replicas before the ack can (module docstring)
-                commands.append(("EVAL", _MARK, 1, keys.answered(self.model), self.durable.keep_ms,
-                                 *[d.entry_id for d in deliveries]))
+                commands.append(("EVAL", _MARK, 1, *marks))
                 commands.append(("WAIT", self.durable.min_replicas, self.durable.timeout_ms))
-            pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
             commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model), keys.GROUP, *pairs))
         await self.pipelined.wait_for_room()
         return self.pipelined.send(commands, refusal_fails=True)
 
+    async def _send_routed(self, commands: list[Sequence[Any]], pairs: list[Any],
+                           marks: list[Any]) -> asyncio.Future[list[Any]]:
+        """send() on a Cluster: the replies are written at once, each to the node of its gateway's stream, and the
+        ack only once they all ran (on another node, nothing would order it after them: an ack that landed first,
+        then a reply lost with its node, would lose the request). The future: done when the ack ran, failed with
+        the first refusal or connection error (then nothing is acked: the entries are redelivered). At most
+        MAX_UNANSWERED sends in flight; past that it waits for one to end. Durable mode: the answered ids (`marks`,
+        the mark script's KEYS and ARGV) go to the model's node after the replies ran, with its WAIT (the batcher's
+        replicated call), and the ack after them, whatever the WAIT found (the replies are out: only its timeout
+        is spent)."""
+        assert self.batcher is not None
+        batcher = self.batcher
+        while len(self.sending) >= MAX_UNANSWERED:
+            await asyncio.wait(self.sending, return_when=asyncio.FIRST_COMPLETED)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Any]] = loop.create_future()
+        written = asyncio.gather(*(batcher.submit(None, command) for command in commands))
+
+        def then_ack(written: asyncio.Future[list[Any]]) -> None:
+            if written.cancelled() or written.exception() is not None:
+                if not done.done():
+                    done.set_exception(written.exception() or RuntimeError("send cancelled"))
+                return
+            if not pairs:
+                done.set_result(written.result())
+                return
+            acked = batcher.submit(_ACK, [*keys.ack_keys(self.model), keys.GROUP, *pairs], 2)
+            acked.add_done_callback(lambda acked: _chain(acked, done, written.result()))
+
+        def then_mark(written: asyncio.Future[list[Any]]) -> None:
+            if written.cancelled() or written.exception() is not None:
+                then_ack(written)
+                return
+            marked = batcher.submit(_MARK, marks, 1, replicated=True)
+            marked.add_done_callback(lambda marked: then_ack(written))
+
+        written.add_done_callback(then_mark if marks else then_ack)
+        self.sending.add(done)
+        done.add_done_callback(self.sending.discard)
+        return done
+
     async def drain(self) -> None:
         """Wait until everything sent is run by Redis, or failed."""
-        await self.pipelined.drain()
+        if self.pipelined is not None:
+            await self.pipelined.drain()
+        elif self.sending:
+            await asyncio.wait(list(self.sending))
 
     async def close(self) -> None:
         """Wait for what was sent, then let the pipelined connection go, and the one reads were held on."""
-        await self.pipelined.drain()
-        await self.pipelined.close()
+        await self.drain()
+        deliveries = await self._unanswered(deliveries)
+        if self.pipelined is not None:
+            await self.pipelined.close()
+        if self.batcher is not None:
+            await self.batcher.close()
         await self.reads.close()
 
     async def reclaim(self, min_idle_ms: int, max_tries: int,
@@ -206,7 +263,6 @@ class ModelQueue:
             await self.redis.xack(self.stream, keys.GROUP, *deleted)
         # XCLAIM counted this delivery: the tries are the old count + 1.
         deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
-        deliveries = await self._unanswered(deliveries)
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
         if deliveries:   # counted now, in Redis: the worker that claimed them may die on the next one
@@ -298,9 +354,12 @@ class ModelQueue:
 
     async def _recreate_on_nogroup(self, exc: ResponseError) -> None:
         """Redis lost the stream or its group (a restart without persistence, FLUSHALL): make them again here, on
-        the spot, rather than failing the same call every round. Other errors are raised."""
+        the spot, rather than failing the same call every round. Redis 7 also ends a blocked group read with
+        UNBLOCKED when its stream is deleted: FLUSHALL, or on a Cluster the stream migrated to another node (then
+        ensure_group finds it there, and the next read follows the redirect at once, where a failed read would
+        have held the worker back a second). Other errors are raised."""
         text = str(exc)
-        if "NOGROUP" not in text and "no such key" not in text.lower():
+        if "NOGROUP" not in text and "no such key" not in text.lower() and not text.startswith("UNBLOCKED"):
             raise exc
         await self.ensure_group()
 
@@ -321,6 +380,17 @@ class ModelQueue:
 
 
 _PAYLOAD = PAYLOAD_FIELD.encode()
+
+
+def _chain(acked: asyncio.Future[Any], done: asyncio.Future[list[Any]], written: list[Any]) -> None:
+    if done.done():
+        return
+    if acked.cancelled():
+        done.set_exception(RuntimeError("send cancelled"))
+    elif (error := acked.exception()) is not None:
+        done.set_exception(error)
+    else:
+        done.set_result([*written, acked.result()])
 
 
 def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:

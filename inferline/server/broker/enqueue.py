@@ -11,9 +11,8 @@ expires. An answered one is deleted at once (by its worker, consumer.py).
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from inferline.server.broker import keys
+from inferline.server.broker.client import Redis
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 
@@ -73,7 +72,7 @@ class Enqueuer:
     """Puts requests on model streams. The enqueues of one event-loop tick share one Redis round trip (a
     TickBatcher, which a gateway also shares with its rate limiter)."""
 
-    def __init__(self, redis: aioredis.Redis, batcher: TickBatcher | None = None) -> None:
+    def __init__(self, redis: Redis, batcher: TickBatcher | None = None) -> None:
         self.batcher = batcher if batcher is not None else TickBatcher(redis)
 
     async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int,

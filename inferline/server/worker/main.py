@@ -91,7 +91,7 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
     device = devices.resolve(spec.device, replica)
     model = load_model(spec, device)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    redis = connect(redis_url, settings.broker.timeout_s, health_check_interval=30)
+    redis = connect(redis_url, settings.broker.timeout_s, health_check_interval=30, cluster=settings.broker.cluster)
     registry = Registry(redis)
     status = WorkerStatus(os.getpid(), socket.gethostname(), device, model.version, int(time.time()))
     broker = settings.broker
@@ -100,7 +100,7 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
     shell = Shell(spec, ModelQueue(redis, spec.name, worker_id, durable), registry, Cancels(redis, spec.name),
                   worker_id, status, alive_file=settings.alive_file)
     watchdog = Watchdog(spec.name, spec.predict_timeout_s,
-                        farewell(redis_url, settings.broker.timeout_s, spec.name, worker_id))
+                        farewell(redis_url, settings.broker.timeout_s, spec.name, worker_id, settings.broker.cluster))
     scheduler, info = scheduler_for(shell, spec, model, device, watchdog)
     shell.info = info
     await registry.publish(info)
