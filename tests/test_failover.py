@@ -129,3 +129,73 @@ def _master_port(ask: redis.Redis) -> int:
         return int(ask.sentinel_get_master_addr_by_name("main")[1])
     except (redis.RedisError, TypeError):
         return 0
+
+
+@pytest.mark.parametrize("acks", [0, 1], ids=["async", "min_replicas_ack=1"])
+def test_kill_9_cluster_primary_of_a_models_stream(acks: int, tmp_path: Path, rows: list[Row]) -> None:
+    """The same on a Redis Cluster (3 primaries, a replica each; cluster mode): kill -9 of the primary that owns the
+    model's slot; its replica takes over (cluster-node-timeout 1 s), the killed node comes back as its replica."""
+    from redis.crc import key_slot
+
+    from inferline.server.broker import keys
+    from tests.redis_cluster import cluster_support, redis_cluster
+
+    if (why := cluster_support()) is not None:
+        pytest.skip(why)
+    with redis_cluster(tmp_path / "nodes") as nodes:
+        cluster = Cluster(nodes.url, tmp_path)
+        cluster.client.close()
+        cluster.client = redis.RedisCluster.from_url(nodes.url)   # type: ignore[assignment]
+        try:
+            cluster.env = {"INFERLINE_BROKER__CLUSTER": "true",
+                           **({"INFERLINE_BROKER__MIN_REPLICAS_ACK": str(acks)} if acks else {})}
+            cluster.spec("echo", model=ECHO, max_batch_size=8, timeout_s=DEADLINE_S)
+            url = cluster.start_gateway() + "/v2/models/echo/infer"
+            cluster.start_worker("echo")
+            slot = key_slot(keys.request_stream("echo").encode())
+            owner = nodes.primary_of_slot(slot)
+            marks: dict[str, float] = {}
+
+            async def fault() -> None:
+                await asyncio.sleep(3)
+                nodes.kill(owner)
+                marks["killed"] = time.monotonic()
+                await asyncio.to_thread(wait_for, lambda: _owner(nodes, slot) not in (owner, 0), 30,
+                                        "the replica promoted")
+                marks["promoted"] = time.monotonic()
+                await asyncio.to_thread(nodes.restart, owner)   # rejoins as the new primary's replica
+                await asyncio.to_thread(wait_for, lambda: _role(_Port(owner)) == b"slave", 30, "rejoined as replica")
+                marks["replicated"] = time.monotonic()
+
+            outcomes = asyncio.run(run_load(lambda i: ("echo", url, echo_body(i, 0.005)), {"echo": DEADLINE_S},
+                                            CLIENTS, 16, fault))
+        finally:
+            cluster.close()
+    lost = [o for o in outcomes if o.status in (504, "lost")]
+    assert {o.status for o in outcomes} <= {200, 503, 504, "lost"}, {o.status for o in outcomes}
+    since = marks["replicated"] if acks else marks["promoted"]
+    recovered = first_ok_after(outcomes, "echo", since)
+    assert recovered is not None and recovered < RECOVERED_WITHIN_S
+    accepted = sum(o.status != 503 for o in outcomes)
+    rows.append(Row(f"Cluster primary kill -9, {f'min_replicas_ack = {acks}' if acks else 'async replication'}",
+                    outcomes, [f"promoted {marks['promoted'] - marks['killed']:.1f} s after the kill",
+                               f"replica back {marks['replicated'] - marks['promoted']:.1f} s after",
+                               f"200 again {recovered:.1f} s after {'that' if acks else 'promotion'}",
+                               f"accepted {accepted}, lost {len(lost)}"]))
+    print(f"\ncluster failover acks={acks}: accepted={accepted} lost={len(lost)} "
+          f"promoted_after_s={marks['promoted'] - marks['killed']:.1f} recovered_after_s={recovered:.1f}")
+    if acks:
+        assert not lost, lost[:5]
+
+
+class _Port:
+    def __init__(self, port: int) -> None:
+        self.plan = self
+        self.port = port
+
+
+def _owner(nodes: object, slot: int) -> int:
+    try:
+        return int(nodes.primary_of_slot(slot))   # type: ignore[attr-defined]
+    except (redis.RedisError, KeyError, ValueError, StopIteration, IndexError):
+        return 0

@@ -224,7 +224,6 @@ class ModelQueue:
     async def close(self) -> None:
         """Wait for what was sent, then let the pipelined connection go, and the one reads were held on."""
         await self.drain()
-        deliveries = await self._unanswered(deliveries)
         if self.pipelined is not None:
             await self.pipelined.close()
         if self.batcher is not None:
@@ -263,6 +262,7 @@ class ModelQueue:
             await self.redis.xack(self.stream, keys.GROUP, *deleted)
         # XCLAIM counted this delivery: the tries are the old count + 1.
         deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
+        deliveries = await self._unanswered(deliveries)
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
         if deliveries:   # counted now, in Redis: the worker that claimed them may die on the next one
