@@ -83,7 +83,7 @@ class Fleet:
             self._spawn(f"gateway-{g}", [sys.executable, "-m", "inferline.server.cli", "gateway", "--port", str(port)])
             self.urls.append(f"http://127.0.0.1:{port}")
         for url in self.urls:
-            wait_ready(url, "fleet did not become ready; see logs in " + str(tmp))
+            wait_ready(url, "fleet did not become ready; see logs in " + str(tmp), within_s=300)   # loaded machines
         self.models = models
 
     def _spawn(self, name: str, argv: list[str]) -> None:
