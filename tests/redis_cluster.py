@@ -62,11 +62,12 @@ class Cluster:
     ports: list[int]
     acl: str | None = None
     replicas: int = 1
+    tls: dict[str, Path] | None = None   # make_certs()'s files: then every port (client and bus) speaks TLS only
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports[0]}"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.ports[0]}"
 
     @property
     def addresses(self) -> list[str]:
@@ -75,12 +76,20 @@ class Cluster:
     def node(self, port: int) -> redis.Redis:
         """A plain client of one node (close it after use). Admin commands only: the tests' ACL file, if any,
         has a default user with every right."""
+        if self.tls:
+            return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5, ssl=True,
+                               ssl_ca_certs=str(self.tls["ca.pem"]))
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
 
     def start(self, port: int) -> None:
         d = self.root / str(port)
         d.mkdir(parents=True, exist_ok=True)
-        args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+        ports = ["--port", str(port)]
+        if self.tls:
+            ports = ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-replication", "yes",
+                     "--tls-cert-file", str(self.tls["server.pem"]), "--tls-key-file", str(self.tls["server.key"]),
+                     "--tls-ca-cert-file", str(self.tls["ca.pem"]), "--tls-auth-clients", "no"]
+        args = [REDIS_SERVER, *ports, "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                 "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 "--dir", str(d), "--save", "", "--appendonly", "no", "--daemonize", "no",
                 "--logfile", str(d / "redis.log")]
@@ -190,18 +199,21 @@ def _wait_ping(client: redis.Redis, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def redis_cluster(root: Path, primaries: int = 3, replicas: int = 1, acl: str | None = None) -> Iterator[Cluster]:
+def redis_cluster(root: Path, primaries: int = 3, replicas: int = 1, acl: str | None = None,
+                  tls: dict[str, Path] | None = None) -> Iterator[Cluster]:
     """Start primaries * (1 + replicas) nodes on free loopback ports and join them; the first `primaries` ports are
     the primaries (slots split evenly in port order: with 3, 0-5460, 5461-10922, 10923-16383). Stopped on exit.
-    acl: an ACL file every node loads (users the processes under test connect as)."""
-    cluster = Cluster(root, free_ports(primaries * (1 + replicas)), acl, replicas)
+    acl: an ACL file every node loads (users the processes under test connect as). tls: certificates
+    (security_cluster.make_certs): clients, the cluster bus and replication then speak TLS only."""
+    cluster = Cluster(root, free_ports(primaries * (1 + replicas)), acl, replicas, tls)
     try:
         for port in cluster.ports:
             cluster.start(port)
         for port in cluster.ports:
             _wait_ping(cluster.node(port), 10)
-        subprocess.run([REDIS_CLI, "--cluster", "create", *cluster.addresses, "--cluster-replicas", str(replicas),
-                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        tls_args = ["--tls", "--cacert", str(tls["ca.pem"])] if tls else []
+        subprocess.run([REDIS_CLI, *tls_args, "--cluster", "create", *cluster.addresses, "--cluster-replicas",
+                        str(replicas), "--cluster-yes"], check=True, capture_output=True, timeout=60)
         cluster.wait_ok()
         yield cluster
     finally:

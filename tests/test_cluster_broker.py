@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,8 @@ from inferline.server.broker.replies import ReplyInbox
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import Cancel, Envelope, Reply, now_ms
 from tests.redis_cluster import Cluster, cluster_support, redis_cluster
+from tests.security_cluster import make_certs
+from tests.test_security_redis import PASSWORDS, acl_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120),
               pytest.mark.skipif(cluster_support() is not None, reason=str(cluster_support()))]
@@ -230,3 +233,47 @@ def test_a_slot_moved_under_the_hot_paths_is_followed(rc: Cluster, crdb: redis.R
     assert owner == f"127.0.0.1:{target}" and read == sent
     assert crdb.xlen(keys.request_stream(model)) == 2   # "late" and "flushed": read, not acked
 
+
+
+def test_tls_and_acl_users_on_a_tls_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Cluster that speaks only TLS (clients, bus, replication), its users SECURITY.md's: the gateway's user queues
+    requests for models on two shards and reads its replies, the worker's user reads, answers and acks them; the
+    node clients the hot paths open for each shard verify each node with REDIS_CA_FILE and log in as the same user."""
+    certs = make_certs(tmp_path / "certs")
+    acl = tmp_path / "users.acl"
+    acl.write_text("\n".join(ln.replace("user default off", "user default on nopass ~* &* +@all")
+                             for ln in acl_lines()) + "\n")
+    monkeypatch.setenv("REDIS_CA_FILE", str(certs["ca.pem"]))
+
+    with redis_cluster(tmp_path / "nodes", acl=str(acl), tls=certs) as tls_rc:
+        def as_user(user: str, password: str) -> str:
+            return tls_rc.url.replace("rediss://", f"rediss://{user}:{PASSWORDS[password]}@")
+
+        async def run() -> list[Reply]:
+            gateway = connect(as_user("inferline-gateway", "GATEWAY_PASSWORD"), cluster=True)
+            worker = connect(as_user("inferline-worker", "WORKER_PASSWORD"), cluster=True)
+            inbox = ReplyInbox(gateway, "gw-b")   # reply stream slot 13344: the third shard
+            queues = [ModelQueue(worker, m, "w") for m in ("sentiment", "cnn")]
+            try:
+                await inbox.create()
+                for q in queues:
+                    await q.ensure_group()
+                    await Enqueuer(gateway).enqueue(q.model, Envelope(f"r-{q.model}", inbox.stream,
+                                                                      now_ms() + 30_000, "v2"), b"x", 100, 60_000)
+                    got = await q.read(10, 0.5)
+                    await q.reply_and_ack([(d.envelope.reply_to, Reply(d.request_id, b"ok")) for d in got], got)
+                replies: list[Reply] = []
+                for _ in range(10):
+                    replies += await inbox.read(0.2)
+                    if len(replies) >= 2:
+                        break
+                assert isinstance(worker, ClusterClient) and len(worker.router.clients) == 3   # 2 shards + inbox's
+                return replies
+            finally:
+                for q in queues:
+                    await q.close()
+                await gateway.aclose()
+                await worker.aclose()
+
+        replies = asyncio.run(run())
+    assert sorted(r.request_id for r in replies) == ["r-cnn", "r-sentiment"]

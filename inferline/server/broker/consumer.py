@@ -183,13 +183,26 @@ class ModelQueue:
         the mark script's KEYS and ARGV) go to the model's node after the replies ran, with its WAIT (the batcher's
         replicated call), and the ack after them, whatever the WAIT found (the replies are out: only its timeout
         is spent)."""
-        assert self.batcher is not None
-        batcher = self.batcher
+        assert self.batcher is not None and self.batcher.router is not None
+        batcher, router = self.batcher, self.batcher.router
         while len(self.sending) >= MAX_UNANSWERED:
             await asyncio.wait(self.sending, return_when=asyncio.FIRST_COMPLETED)
+        await router.ensure()   # before anything is submitted: the calls below must go out in one tick
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Any]] = loop.create_future()
         written = asyncio.gather(*(batcher.submit(None, command) for command in commands))
+        home = router.node_of(self.stream)
+        if pairs and not marks and all(router.node_of(command[1]) == home for command in commands):
+            # Every reply stream lives on the request stream's node: the batcher writes the tick's calls to one node
+            # in the order submitted, on one connection, so the ack goes in the same write, after the replies (one
+            # round trip, as on one Redis; waiting cost a second write per batch: +25-50 % of the worker's broker
+            # CPU per request, bench/bench_broker_calls.py). Not in durable mode: its WAIT must come before the ack.
+            acked = batcher.submit(_ACK, [*keys.ack_keys(self.model), keys.GROUP, *pairs], 2)
+            both = asyncio.gather(written, acked)
+            both.add_done_callback(lambda both: _chain_both(both, done))
+            self.sending.add(done)
+            done.add_done_callback(self.sending.discard)
+            return done
 
         def then_ack(written: asyncio.Future[list[Any]]) -> None:
             if written.cancelled() or written.exception() is not None:
@@ -380,6 +393,18 @@ class ModelQueue:
 
 
 _PAYLOAD = PAYLOAD_FIELD.encode()
+
+
+def _chain_both(both: asyncio.Future[Any], done: asyncio.Future[list[Any]]) -> None:
+    if done.done():
+        return
+    if both.cancelled():
+        done.set_exception(RuntimeError("send cancelled"))
+    elif (error := both.exception()) is not None:
+        done.set_exception(error)
+    else:
+        written, acked = both.result()
+        done.set_result([*written, acked])
 
 
 def _chain(acked: asyncio.Future[Any], done: asyncio.Future[list[Any]], written: list[Any]) -> None:

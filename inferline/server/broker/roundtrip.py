@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ClusterDownError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferline.server.broker import nodes
@@ -88,7 +88,11 @@ class HeldConnection:
         for _ in range(nodes.MAX_REDIRECTS + 1):
             await router.ensure()
             assert self.key is not None
-            client = router.client(router.node_of(self.key))
+            node = router.node_of(self.key)
+            if not node:   # no primary serves the slot (a failover under way): fail now, look again
+                router.refresh_soon()
+                raise ClusterDownError("the stream's slot is not served by any node")
+            client = router.client(node)
             if client is not self.redis:
                 await self.close()
                 self.redis = client

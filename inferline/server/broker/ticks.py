@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterDownError, NoScriptError
 
 from inferline.server.broker import nodes
 from inferline.server.broker.client import Redis
@@ -135,6 +135,10 @@ class TickBatcher:
         for call in batch:
             node = call.ask or self.router.node_of(call.args[0] if call.script is not None or len(call.args) < 2
                                                    else call.args[1])
+            if not node:   # no primary serves the slot (a failover under way): fail now, look again
+                call.future.set_exception(ClusterDownError("the key's slot is not served by any node"))
+                self.router.refresh_soon()
+                continue
             by_node.setdefault(node, []).append(call)
         return [(self._line(node), calls) for node, calls in by_node.items()]
 
