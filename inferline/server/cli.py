@@ -133,7 +133,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     durable = None if settings.redis_url else keyfile.location(settings.state_dir)
 
     async def run() -> int:
-        redis = connect(url, settings.broker.timeout_s)
+        redis = connect(url, settings.broker.timeout_s, cluster=settings.broker.cluster)
         try:
             if args.keys_command == "create":
                 try:
@@ -171,6 +171,37 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         finally:
             await redis.aclose()
+
+    return asyncio.run(run())
+
+
+def cmd_migrate_keys(args: argparse.Namespace) -> int:
+    """inferline migrate-keys [--dry-run]: rename the keys of the layout before hash tags on the deployment's one
+    Redis (broker/migrate.py). Run it with every gateway and worker stopped, then start the new version."""
+    import asyncio
+
+    from inferline.server.broker import migrate
+    from inferline.server.broker.client import connect
+
+    settings = Settings.load(args.config)
+    url = settings.redis_url or private_redis_url(settings)
+    if not url:
+        raise ConfigError("REDIS_URL is not set and no `inferline up` Redis runs here: set REDIS_URL")
+    if settings.broker.cluster:
+        raise ConfigError("migrate-keys renames keys on the one Redis a deployment used before the upgrade (no "
+                          "earlier version ran on a Redis Cluster): run it there, without broker.cluster")
+
+    async def run() -> int:
+        redis = connect(url, settings.broker.timeout_s)
+        try:
+            steps = await migrate.migrate(redis, dry_run=args.dry_run)
+        finally:
+            await redis.aclose()
+        for step in steps:
+            print(migrate.describe(step))
+        done = sum(s.done for s in steps)
+        print(f"inferline: {len(steps)} old key(s) found, {done} migrated", file=sys.stderr)
+        return 0 if args.dry_run or done == len(steps) else 1
 
     return asyncio.run(run())
 
@@ -265,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     kr = ks_sub.add_parser("revoke", parents=[common], help="revoke a key now, on every gateway")
     kr.add_argument("key_id", help="the key's id (or the whole key)")
     ks.set_defaults(func=cmd_keys)
+    mk = sub.add_parser("migrate-keys", parents=[common],
+                        help="rename the Redis keys of a deployment from before the Cluster-safe names (stop every "
+                        "gateway and worker first)")
+    mk.add_argument("--dry-run", action="store_true", help="only print what would be renamed or dropped")
+    mk.set_defaults(func=cmd_migrate_keys)
     wk = sub.add_parser("worker", parents=[common], help="run one replica of a model (needs REDIS_URL)")
     wk.add_argument("model")
     wk.add_argument("--replica", type=int, default=0)

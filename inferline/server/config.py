@@ -156,6 +156,29 @@ class BrokerSettings(BaseModel):
     # `inferline up`'s private Redis: append-only file in <state_dir>/redis (fsync every second), so a restart of
     # Redis keeps queued requests, groups and API keys. Off: a restart starts empty and everything recreates itself.
     persist: bool = False
+    # REDIS_URL names a node of a Redis Cluster (env INFERLINE_BROKER__CLUSTER=true): every process discovers the
+    # slot map and sends each command to the node serving its key (broker/nodes.py). Keys are laid out for it
+    # (broker/keys.py): a model's keys share one slot, models spread over the shards by name.
+    cluster: bool = False
+    # Durable enqueue: a request counts as accepted (the gateway waits for its answer) only once its enqueue reached
+    # this many replicas: one WAIT per tick of enqueues, in the same round trip (broker/ticks.py). Fewer within
+    # replica_ack_timeout_s: 503 with Retry-After, "not replicated" (the request may still run; workers answer a
+    # twice-delivered entry once). 0: off, and a failover may lose the last accepted requests (Redis replicates
+    # asynchronously). Needs a replica: on a Redis without one every request waits the timeout and gets 503.
+    min_replicas_ack: int = Field(0, ge=0, le=16)
+    replica_ack_timeout_s: float = Field(0.5, gt=0, le=30)
+
+    @model_validator(mode="after")
+    def _wait_within_timeout(self) -> BrokerSettings:
+        # The WAIT's answer is read on a connection with timeout_s as its socket timeout: it must come well before.
+        if self.replica_ack_timeout_s > self.timeout_s / 2:
+            raise ValueError(f"broker.replica_ack_timeout_s ({self.replica_ack_timeout_s:g}) must be at most half of "
+                             f"broker.timeout_s ({self.timeout_s:g})")
+        return self
+
+    @property
+    def replica_ack_timeout_ms(self) -> int:
+        return int(self.replica_ack_timeout_s * 1000)
 
 
 class Settings(BaseSettings):

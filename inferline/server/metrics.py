@@ -46,7 +46,8 @@ from inferline.server.protocol import WorkerStatus
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-REJECT_REASONS = ("queue_full", "queue_bytes", "redis")   # queue_cap, queue_cap_bytes, Redis away
+REJECT_REASONS = ("queue_full", "queue_bytes", "redis", "not_replicated")   # queue_cap, queue_cap_bytes, Redis away,
+# broker.min_replicas_ack unmet
 
 
 class GatewayMetrics:

@@ -7,11 +7,18 @@
 #   REDIS_TLS_DIR        ca.crt, tls.crt, tls.key (make-tls.sh, or a kubernetes.io/tls Secret)   default /tls
 #   REDIS_ACL_FILE       where the ACL file with the passwords is written (owner-only)     default /data/users.acl
 #   REDIS_TLS_PORT       default 6379;  REDIS_MAXMEMORY  default 768mb (below the container's memory limit)
+#   REDIS_CLUSTER=yes    a Redis Cluster node (deploy/k8s-redis-cluster): TLS on the cluster bus and for
+#                        replication too, nodes.conf in REDIS_CLUSTER_DIR (default /data, keep it on a volume), and one
+#                        more ACL user, inferline-cluster (REDIS_CLUSTER_PASSWORD, 32+ characters), that replicas and
+#                        the create job log in as: cluster and replication commands only, no key.
+#   REDIS_ANNOUNCE_HOSTNAME  the node's stable DNS name (a StatefulSet pod's), announced instead of its IP
 set -eu
 here=$(dirname "$0")
 tls=${REDIS_TLS_DIR:-/tls}
 acl=${REDIS_ACL_FILE:-/data/users.acl}
-for who in GATEWAY WORKER ADMIN; do
+who_all="GATEWAY WORKER ADMIN"
+[ "${REDIS_CLUSTER:-}" = yes ] && who_all="$who_all CLUSTER"
+for who in $who_all; do
   eval "password=\${REDIS_${who}_PASSWORD:-}"
   case "$password" in
     *[!A-Za-z0-9_-]*) echo "start.sh: REDIS_${who}_PASSWORD may hold only letters, digits, - and _" >&2; exit 1 ;;
@@ -24,9 +31,19 @@ done
 umask 077
 sed -e "s/>GATEWAY_PASSWORD />${REDIS_GATEWAY_PASSWORD} /" -e "s/>WORKER_PASSWORD />${REDIS_WORKER_PASSWORD} /" \
     -e "s/>ADMIN_PASSWORD />${REDIS_ADMIN_PASSWORD} /" "$here/users.acl" > "$acl"
+cluster=""
+if [ "${REDIS_CLUSTER:-}" = yes ]; then
+  echo "user inferline-cluster on >${REDIS_CLUSTER_PASSWORD} resetkeys resetchannels -@all +ping +auth +hello +info +cluster +psync +sync +replconf +readonly +config|get" >> "$acl"
+  data=${REDIS_CLUSTER_DIR:-/data}
+  cluster="--cluster-enabled yes --cluster-config-file $data/nodes.conf --cluster-node-timeout 5000 --tls-cluster yes
+    --tls-replication yes --masteruser inferline-cluster --masterauth ${REDIS_CLUSTER_PASSWORD} --dir $data"
+  if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
+    cluster="$cluster --cluster-announce-hostname $REDIS_ANNOUNCE_HOSTNAME --cluster-preferred-endpoint-type hostname"
+  fi
+fi
 # protected-mode no: every client must log in as an ACL user anyway, and in a container Redis listens on all
 # interfaces by design.
 exec redis-server --port 0 --tls-port "${REDIS_TLS_PORT:-6379}" \
   --tls-cert-file "$tls/tls.crt" --tls-key-file "$tls/tls.key" --tls-ca-cert-file "$tls/ca.crt" \
   --tls-auth-clients optional --aclfile "$acl" --protected-mode no \
-  --save "" --appendonly no --maxmemory "${REDIS_MAXMEMORY:-768mb}" --maxmemory-policy noeviction
+  --save "" --appendonly no --maxmemory "${REDIS_MAXMEMORY:-768mb}" --maxmemory-policy noeviction $cluster

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from inferline.server.broker import keys, roundtrip
+from inferline.server.broker.client import Redis
 from inferline.server.broker.reads import xread
 from inferline.server.broker.registry import entry_ms
 from inferline.server.protocol import Cancel
@@ -26,11 +25,11 @@ def publish_command(model: str, cancel: Cancel) -> list[Any]:
 class Cancels:
     """A model's cancel stream: gateways announce callers that left; every replica reads them all (no group)."""
 
-    def __init__(self, redis: aioredis.Redis, model: str) -> None:
+    def __init__(self, redis: Redis, model: str) -> None:
         self.redis = redis
         self.stream = keys.cancel_stream(model)
         self.last: Any = None
-        self.reads = roundtrip.HeldConnection(redis)
+        self.reads = roundtrip.HeldConnection(redis, self.stream)
 
     async def publish(self, cancel: Cancel) -> None:
         await self.redis.xadd(self.stream, cancel.fields(), maxlen=keys.CANCEL_MAXLEN,  # type: ignore[arg-type]

@@ -11,6 +11,11 @@ primary of MASTER_NAME is, and asks again whenever a connection to it breaks, so
 caught in the switch fail (our loops retry them, requests get 503 or their deadline) and the next ones reach the
 promoted replica. The password, if any, is the data nodes' (the sentinels are asked without one).
 
+Cluster (cluster=True, `[broker] cluster`): the URL names any node of a Redis Cluster (redis:// or rediss://, with
+its user and password); the client discovers the others. It is redis-py's RedisCluster for ordinary commands and
+pipelines, and carries a nodes.Router that the hot paths (ticks.py, roundtrip.py) route by: one plain client per
+node, made by this same function from the same URL with that node's host and port (so TLS and the ACL user hold).
+
 Timeouts: every call fails within `timeout_s` when Redis hangs (SIGSTOP, a dead host without a RST). Blocking
 reads (XREAD, XREADGROUP) block at most MAX_BLOCK_S, so their answer always comes well inside that bound. A call
 is retried once, at once, and only when its connection broke (a pooled connection to a Redis that restarted): never
@@ -21,8 +26,8 @@ for 10 x the timeout.)
 from __future__ import annotations
 
 import os
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -31,9 +36,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from inferline.server.broker.nodes import Cluster, Router
+
 # What a broker call raises when Redis is away, hung or refusing: callers outside the broker catch this tuple.
 BROKER_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
-Redis = aioredis.Redis
+Redis = aioredis.Redis | Cluster   # what connect() returns: a client of one Redis, or of a Cluster
 
 TLS_ENV = {"ssl_ca_certs": "REDIS_CA_FILE", "ssl_certfile": "REDIS_CERT_FILE", "ssl_keyfile": "REDIS_KEY_FILE"}
 SENTINEL_SCHEME = "redis+sentinel://"
@@ -41,16 +48,20 @@ MAX_BLOCK_S = 1.0           # the longest BLOCK of any read: timeout_s must outl
 DEFAULT_TIMEOUT_S = 2.0
 
 
-def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, pool_size: int | None = None,
-            **options: Any) -> aioredis.Redis:
+def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, pool_size: int | None = None, cluster: bool = False,
+            **options: Any) -> Redis:
     """A client for `url` whose calls fail after timeout_s (connect and each reply) instead of hanging. TCP
     keepalive (a dead peer is noticed) only where there is TCP: redis-py's unix-socket connections refuse it.
     pool_size: at most this many connections, and a call that finds them all in use waits for one, up to
     timeout_s, then raises ConnectionError (redis-py's default pool opens a connection for every concurrent call up
     to its max_connections, and refuses the next at once). A sentinel URL's pool cannot wait: there it is only the
-    bound. Raises ValueError for a timeout that a blocking read would outlast, or a malformed sentinel URL."""
+    bound. cluster: `url` names a node of a Redis Cluster (see the module's docstring); pool_size then bounds each
+    node's connections. Raises ValueError for a timeout that a blocking read would outlast, a malformed sentinel
+    URL, or a cluster URL that is not redis:// or rediss://."""
     if timeout_s <= MAX_BLOCK_S:
         raise ValueError(f"timeout_s {timeout_s} must be above the longest blocking read ({MAX_BLOCK_S} s)")
+    if cluster:
+        return _cluster(url, timeout_s, pool_size, options)
     options.setdefault("socket_timeout", timeout_s)
     options.setdefault("socket_connect_timeout", timeout_s)
     options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
@@ -69,6 +80,40 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, pool_size: int | Non
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=pool_size, timeout=timeout_s, **options)
         return aioredis.Redis.from_pool(pool)   # the client owns the pool: aclose() closes it
     return aioredis.Redis.from_url(url, **options)
+
+
+def _cluster(url: str, timeout_s: float, pool_size: int | None, options: dict[str, Any]) -> Cluster:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("cluster mode: REDIS_URL must be redis://[USER:PASSWORD@]HOST:PORT or rediss://... naming "
+                         "any node of the cluster")
+    node_options = dict(options)
+    cluster_options = dict(options)
+    cluster_options.setdefault("socket_timeout", timeout_s)
+    cluster_options.setdefault("socket_connect_timeout", timeout_s)
+    if url.startswith("rediss:"):
+        for option, env in TLS_ENV.items():
+            if os.environ.get(env) and f"{option}=" not in url:
+                cluster_options.setdefault(option, os.environ[env])
+        cluster_options.setdefault("ssl_cert_reqs", "required")
+    if pool_size is not None:
+        cluster_options["max_connections"] = pool_size
+    # One try more on a broken connection, at once; never after a timeout (see above). Redirects are followed apart
+    # from this (redis-py's own bound, 16 a call).
+    cluster_options.setdefault("retry", Retry(NoBackoff(), 1))
+    client = cast(Cluster, Cluster.from_url(url, **cluster_options))
+
+    def node_client(node: str) -> aioredis.Redis:
+        host, _, port = node.rpartition(":")
+        host = f"[{host}]" if ":" in host else host
+        netloc = parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else ""
+        node_url = urlunsplit((parts.scheme, f"{netloc}{host}:{port}", parts.path, parts.query, parts.fragment))
+        made = connect(node_url, timeout_s, **node_options)
+        assert isinstance(made, aioredis.Redis)
+        return made
+
+    client.router = Router(client, node_client)
+    return client
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None, str | None]:

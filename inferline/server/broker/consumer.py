@@ -5,6 +5,15 @@ as a worker received it. Gateways put requests on the stream with enqueue.py and
 Ordering rules that keep work from being lost: an entry is XDEL'd only after it is XACK'd (XCLAIM and
 XAUTOCLAIM skip pending ids whose entries are gone), and only after its reply was sent (a crash in
 between redelivers instead of dropping).
+
+Durable enqueue (broker.min_replicas_ack, `Durable` here): a failover can lose the last acknowledgements (Redis
+replicates asynchronously), and the promoted replica delivers those entries again. So each send writes, in order on
+one connection: the replies, the answered entries' ids (keys.answered), a WAIT for the replicas, then the ack. After
+a failover the replica then holds the ids of every entry whose ack it may lack but whose WAIT returned, and a worker
+that reads or claims such an entry acknowledges it without running it (one ZMSCORE per read, only in this mode). A
+failover that cuts between a reply and its id's replication runs that entry again: the gateway ignores the second
+reply, so the caller is still answered once. Entry ids, not request ids: a client that retries a 503 ("not
+replicated") with the same x-request-id makes a new entry, which must run.
 """
 
 from __future__ import annotations
@@ -15,12 +24,13 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from inferline.server.broker import keys, roundtrip
-from inferline.server.broker.pipelined import Pipelined
+from inferline.server.broker import keys, nodes, roundtrip
+from inferline.server.broker.client import Redis
+from inferline.server.broker.pipelined import MAX_UNANSWERED, Pipelined
 from inferline.server.broker.reads import stream_entries
+from inferline.server.broker.ticks import TickBatcher
 from inferline.server.errors import DeadLettered
 from inferline.server.protocol import PAYLOAD_FIELD, Envelope, Reply, pack_replies
 
@@ -46,6 +56,27 @@ if gone > 0 and redis.call('DECRBY', KEYS[2], gone) < 0 then redis.call('SET', K
 return gone
 """
 
+# The answered ids of one send (KEYS: keys.answered). ARGV: how long (ms) to keep ids, then the entry ids. Trimmed by
+# Redis's clock, the one entry ids come from.
+_MARK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Durable:
+    """Durable enqueue's worker side (broker.min_replicas_ack > 0): WAIT for min_replicas (timeout_ms) before each
+    ack, and keep answered entry ids keep_ms (the model's timeout: after it nobody waits for a second answer)."""
+
+    min_replicas: int
+    timeout_ms: int
+    keep_ms: int
+
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -70,13 +101,21 @@ class Delivery:
 class ModelQueue:
     """A worker's view of one model's request stream."""
 
-    def __init__(self, redis: aioredis.Redis, model: str, consumer: str) -> None:
+    def __init__(self, redis: Redis, model: str, consumer: str, durable: Durable | None = None) -> None:
+        """durable: de-duplicate redelivered entries (module docstring); None: the default path, no extra command."""
         self.redis = redis
         self.model = model
         self.consumer = consumer
+        self.durable = durable
+        self.skipped = 0   # deliveries found answered already (durable mode), for tests and logs
         self.stream = keys.request_stream(model)
-        self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
-        self.pipelined = Pipelined(redis)              # replies and acks
+        self.reads = roundtrip.HeldConnection(redis, self.stream)   # XREADGROUP
+        # Replies and acks: on one Redis one pipelined connection; on a Cluster the reply streams and the request
+        # stream live on different nodes, so they go through a TickBatcher's per-node connections (`_send_routed`).
+        self.pipelined = None if isinstance(redis, nodes.Cluster) else Pipelined(redis)
+        self.batcher = (TickBatcher(redis, *((durable.min_replicas, durable.timeout_ms) if durable else ()))
+                        if isinstance(redis, nodes.Cluster) else None)
+        self.sending: set[asyncio.Future[list[Any]]] = set()   # a Cluster's sends not yet done
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (idempotent, safe across replicas)."""
@@ -94,7 +133,7 @@ class ModelQueue:
         if isinstance(res, ResponseError):
             await self._recreate_on_nogroup(res)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
-        return [parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)]
+        return await self._unanswered([parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)])
 
     async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
         """send(), then wait until Redis ran it. Raises the connection's error or Redis's refusal."""
@@ -121,20 +160,87 @@ class ModelQueue:
         for reply_to, batch in by_gateway.items():
             commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch)))
             commands.append(("EXPIRE", reply_to, keys.REPLY_STREAM_TTL_S))
+        pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
+        marks = [keys.answered(self.model), self.durable.keep_ms, *[d.entry_id for d in deliveries]] \
+            if self.durable is not None and deliveries else []
+        if self.pipelined is None:
+            return await self._send_routed(commands, pairs, marks)
         if deliveries:
-            pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
+            if self.durable is not None:   # the ids reach the replicas before the ack can (module docstring)
+                commands.append(("EVAL", _MARK, 1, *marks))
+                commands.append(("WAIT", self.durable.min_replicas, self.durable.timeout_ms))
             commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model), keys.GROUP, *pairs))
         await self.pipelined.wait_for_room()
         return self.pipelined.send(commands, refusal_fails=True)
 
+    async def _send_routed(self, commands: list[Sequence[Any]], pairs: list[Any],
+                           marks: list[Any]) -> asyncio.Future[list[Any]]:
+        """send() on a Cluster: the replies are written at once, each to the node of its gateway's stream, and the
+        ack only once they all ran (on another node, nothing would order it after them: an ack that landed first,
+        then a reply lost with its node, would lose the request). The future: done when the ack ran, failed with
+        the first refusal or connection error (then nothing is acked: the entries are redelivered). At most
+        MAX_UNANSWERED sends in flight; past that it waits for one to end. Durable mode: the answered ids (`marks`,
+        the mark script's KEYS and ARGV) go to the model's node after the replies ran, with its WAIT (the batcher's
+        replicated call), and the ack after them, whatever the WAIT found (the replies are out: only its timeout
+        is spent)."""
+        assert self.batcher is not None and self.batcher.router is not None
+        batcher, router = self.batcher, self.batcher.router
+        while len(self.sending) >= MAX_UNANSWERED:
+            await asyncio.wait(self.sending, return_when=asyncio.FIRST_COMPLETED)
+        await router.ensure()   # before anything is submitted: the calls below must go out in one tick
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Any]] = loop.create_future()
+        written = asyncio.gather(*(batcher.submit(None, command) for command in commands))
+        home = router.node_of(self.stream)
+        if pairs and not marks and all(router.node_of(command[1]) == home for command in commands):
+            # Every reply stream lives on the request stream's node: the batcher writes the tick's calls to one node
+            # in the order submitted, on one connection, so the ack goes in the same write, after the replies (one
+            # round trip, as on one Redis; waiting cost a second write per batch: +25-50 % of the worker's broker
+            # CPU per request, bench/bench_broker_calls.py). Not in durable mode: its WAIT must come before the ack.
+            acked = batcher.submit(_ACK, [*keys.ack_keys(self.model), keys.GROUP, *pairs], 2)
+            both = asyncio.gather(written, acked)
+            both.add_done_callback(lambda both: _chain_both(both, done))
+            self.sending.add(done)
+            done.add_done_callback(self.sending.discard)
+            return done
+
+        def then_ack(written: asyncio.Future[list[Any]]) -> None:
+            if written.cancelled() or written.exception() is not None:
+                if not done.done():
+                    done.set_exception(written.exception() or RuntimeError("send cancelled"))
+                return
+            if not pairs:
+                done.set_result(written.result())
+                return
+            acked = batcher.submit(_ACK, [*keys.ack_keys(self.model), keys.GROUP, *pairs], 2)
+            acked.add_done_callback(lambda acked: _chain(acked, done, written.result()))
+
+        def then_mark(written: asyncio.Future[list[Any]]) -> None:
+            if written.cancelled() or written.exception() is not None:
+                then_ack(written)
+                return
+            marked = batcher.submit(_MARK, marks, 1, replicated=True)
+            marked.add_done_callback(lambda marked: then_ack(written))
+
+        written.add_done_callback(then_mark if marks else then_ack)
+        self.sending.add(done)
+        done.add_done_callback(self.sending.discard)
+        return done
+
     async def drain(self) -> None:
         """Wait until everything sent is run by Redis, or failed."""
-        await self.pipelined.drain()
+        if self.pipelined is not None:
+            await self.pipelined.drain()
+        elif self.sending:
+            await asyncio.wait(list(self.sending))
 
     async def close(self) -> None:
         """Wait for what was sent, then let the pipelined connection go, and the one reads were held on."""
-        await self.pipelined.drain()
-        await self.pipelined.close()
+        await self.drain()
+        if self.pipelined is not None:
+            await self.pipelined.close()
+        if self.batcher is not None:
+            await self.batcher.close()
         await self.reads.close()
 
     async def reclaim(self, min_idle_ms: int, max_tries: int,
@@ -169,6 +275,7 @@ class ModelQueue:
             await self.redis.xack(self.stream, keys.GROUP, *deleted)
         # XCLAIM counted this delivery: the tries are the old count + 1.
         deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
+        deliveries = await self._unanswered(deliveries)
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
         if deliveries:   # counted now, in Redis: the worker that claimed them may die on the next one
@@ -198,11 +305,26 @@ class ModelQueue:
         found: list[Delivery] = []
         for tries, ids in by_tries.items():
             claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
-            found += [parse_entry(eid, f, tries) for eid, f in claimed if f]
+            found += await self._unanswered([parse_entry(eid, f, tries) for eid, f in claimed if f])
             deleted = [eid for eid, f in claimed if not f]
             if deleted:   # entries deleted under the PEL: clear them for good
                 await self.redis.xack(self.stream, keys.GROUP, *deleted)
         return found
+
+    async def _unanswered(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """In durable mode, the deliveries not answered already; the answered ones (a failover lost their ack) are
+        acknowledged and deleted here, without a reply (their caller had one). Otherwise all of them, at no cost."""
+        if self.durable is None or not deliveries:
+            return deliveries
+        scores: Any = await self.redis.execute_command("ZMSCORE", keys.answered(self.model),
+                                                       *[d.entry_id for d in deliveries])
+        done = [d for d, score in zip(deliveries, scores, strict=True) if score is not None]
+        if not done:
+            return deliveries
+        self.skipped += len(done)
+        log.warning("answered already model=%s n=%d (delivered again after a failover)", self.model, len(done))
+        await self.reply_and_ack([], done)
+        return [d for d, score in zip(deliveries, scores, strict=True) if score is None]
 
     async def consumers(self) -> list[str]:
         """The names of the group's consumers other than this one (worker ids)."""
@@ -245,9 +367,12 @@ class ModelQueue:
 
     async def _recreate_on_nogroup(self, exc: ResponseError) -> None:
         """Redis lost the stream or its group (a restart without persistence, FLUSHALL): make them again here, on
-        the spot, rather than failing the same call every round. Other errors are raised."""
+        the spot, rather than failing the same call every round. Redis 7 also ends a blocked group read with
+        UNBLOCKED when its stream is deleted: FLUSHALL, or on a Cluster the stream migrated to another node (then
+        ensure_group finds it there, and the next read follows the redirect at once, where a failed read would
+        have held the worker back a second). Other errors are raised."""
         text = str(exc)
-        if "NOGROUP" not in text and "no such key" not in text.lower():
+        if "NOGROUP" not in text and "no such key" not in text.lower() and not text.startswith("UNBLOCKED"):
             raise exc
         await self.ensure_group()
 
@@ -268,6 +393,29 @@ class ModelQueue:
 
 
 _PAYLOAD = PAYLOAD_FIELD.encode()
+
+
+def _chain_both(both: asyncio.Future[Any], done: asyncio.Future[list[Any]]) -> None:
+    if done.done():
+        return
+    if both.cancelled():
+        done.set_exception(RuntimeError("send cancelled"))
+    elif (error := both.exception()) is not None:
+        done.set_exception(error)
+    else:
+        written, acked = both.result()
+        done.set_result([*written, acked])
+
+
+def _chain(acked: asyncio.Future[Any], done: asyncio.Future[list[Any]], written: list[Any]) -> None:
+    if done.done():
+        return
+    if acked.cancelled():
+        done.set_exception(RuntimeError("send cancelled"))
+    elif (error := acked.exception()) is not None:
+        done.set_exception(error)
+    else:
+        done.set_result([*written, acked.result()])
 
 
 def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:

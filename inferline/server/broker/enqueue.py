@@ -11,9 +11,8 @@ expires. An answered one is deleted at once (by its worker, consumer.py).
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from inferline.server.broker import keys
+from inferline.server.broker.client import Redis
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 
@@ -73,7 +72,7 @@ class Enqueuer:
     """Puts requests on model streams. The enqueues of one event-loop tick share one Redis round trip (a
     TickBatcher, which a gateway also shares with its rate limiter)."""
 
-    def __init__(self, redis: aioredis.Redis, batcher: TickBatcher | None = None) -> None:
+    def __init__(self, redis: Redis, batcher: TickBatcher | None = None) -> None:
         self.batcher = batcher if batcher is not None else TickBatcher(redis)
 
     async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int,
@@ -81,8 +80,9 @@ class Enqueuer:
         """Queue one request, and drop the model's entries that arrived more than keep_ms ago (nobody waits
         for them any more). Returns the queue depth it found, or FULL_ENTRIES when the model's queue holds cap
         entries, FULL_BYTES when adding this payload would pass cap_bytes of queued payloads (when cap_bytes > 0).
-        Raises redis errors (the caller answers 503)."""
-        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model), [
+        Raises redis errors (the caller answers 503), and ticks.NotReplicated when the batcher asks for replicas
+        (durable enqueue) and too few had the entry in time: it is queued on the primary all the same."""
+        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model), replicated=True, args=[
             cap, keep_ms, payload, cap_bytes,
             # in ENVELOPE_FIELDS order (test_ticks checks the entry against Envelope.fields()): read one by one,
             # as protocol.envelope_values would cost 70-95 ns more a request

@@ -2,10 +2,10 @@
 
 Cluster-safe layout: every key carries a hash tag (the part in braces, which alone decides a key's slot on a Redis
 Cluster), one tag per owner: `{m:NAME}` for everything of model NAME (request stream, byte counter, dead letters,
-cancels, workers, stats, metadata), `{k:ID}` for everything of API key ID (record, bucket, in-flight slots), `{g:ID}`
-for gateway ID's reply stream, `{auth}` for the key index and marker. What one script or transaction touches shares
-one tag (the groups below, `ATOMIC`, are what tests/test_key_layout.py checks with the real CRC16 slot function), so
-nothing crosses a slot, and models spread over the shards by name while one model's stream is never split.
+cancels, workers, stats, metadata, answered ids), `{k:ID}` for everything of API key ID (record, bucket, in-flight
+slots), `{g:ID}` for gateway ID's reply stream, `{auth}` for the key index and marker. What one script or transaction
+touches shares one tag (the groups below, `ATOMIC`, are what tests/test_key_layout.py checks with the real CRC16 slot
+function), so nothing crosses a slot, and models spread over the shards by name while one model's stream is never split.
 On one Redis the braces change nothing but the names (`inferline migrate-keys` renames a deployment's old ones).
 """
 
@@ -74,6 +74,14 @@ def stats(model: str) -> str:
 STAT_RECLAIMED = "reclaimed"
 STAT_REDELIVERED = "redelivered"
 STAT_DEAD_LETTERED = "dead_lettered"
+
+
+def answered(model: str) -> str:
+    """Sorted set: the request-stream entry ids a model's workers answered lately (scored by when, epoch ms; trimmed
+    to the model's timeout), written only with durable enqueue (broker.min_replicas_ack). A failover can lose the
+    acknowledgement of an answered entry and deliver it again: a worker that finds it here acknowledges it without
+    running it (consumer.py)."""
+    return f"{PREFIX}:answered:{_model(model)}"
 
 
 def model_info(model: str) -> str:

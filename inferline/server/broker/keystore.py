@@ -7,17 +7,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from inferline.server.broker import keys
+from inferline.server.broker.client import Redis
 
 
-async def save(redis: aioredis.Redis, key_id: str, fields: dict[str, str]) -> None:
+async def save(redis: Redis, key_id: str, fields: dict[str, str]) -> None:
     """Store (or replace) a key's record, index it, and mark this Redis as one where keys are managed."""
     await restore(redis, {key_id: fields})
 
 
-async def restore(redis: aioredis.Redis, records: dict[str, dict[str, str]]) -> None:
+async def restore(redis: Redis, records: dict[str, dict[str, str]]) -> None:
     """Store (or replace) several records, each replaced atomically (one transaction per record: a record and its
     index live in different slots on a Cluster), then index them and set the marker. Used by `save` and by a
     gateway putting back the durable copy of `inferline up`'s keys after its private Redis lost them. A crash in
@@ -34,13 +33,13 @@ async def restore(redis: aioredis.Redis, records: dict[str, dict[str, str]]) -> 
         await pipe.execute()
 
 
-async def load(redis: aioredis.Redis, key_id: str) -> dict[str, str] | None:
+async def load(redis: Redis, key_id: str) -> dict[str, str] | None:
     """A key's record, or None when there is none (never created, or revoked). One round trip."""
     raw: Any = await redis.hgetall(keys.api_key(key_id))
     return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
 
 
-async def state(redis: aioredis.Redis) -> tuple[int, bool]:
+async def state(redis: Redis) -> tuple[int, bool]:
     """(how many keys are indexed, whether keys have ever been managed in this Redis). One round trip (SCARD,
     EXISTS). (0, True): every key was revoked; (0, False): none was ever created here, or this Redis lost them."""
     async with redis.pipeline(transaction=False) as pipe:
@@ -50,7 +49,7 @@ async def state(redis: aioredis.Redis) -> tuple[int, bool]:
     return int(count), bool(marker)
 
 
-async def list_all(redis: aioredis.Redis) -> dict[str, dict[str, str]]:
+async def list_all(redis: Redis) -> dict[str, dict[str, str]]:
     """Every indexed key's record by id; index entries whose record is gone are dropped from the index."""
     members: Any = await redis.smembers(keys.API_KEY_INDEX)
     ids = sorted(i.decode() for i in members)
@@ -67,7 +66,7 @@ async def list_all(redis: aioredis.Redis) -> dict[str, dict[str, str]]:
             for key_id, r in zip(ids, records, strict=True) if r}
 
 
-async def revoke(redis: aioredis.Redis, key_id: str) -> bool:
+async def revoke(redis: Redis, key_id: str) -> bool:
     """Delete a key's record, rate state and slots. True when it existed. Effective for the very next request
     on every gateway: each reads the record (or checks its hash) per request."""
     async with redis.pipeline(transaction=True) as pipe:   # keys.admit_keys: one slot

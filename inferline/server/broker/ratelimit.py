@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from inferline.server.broker import keys
+from inferline.server.broker.client import Redis
 from inferline.server.broker.ticks import TickBatcher
 
 UNKNOWN, EXPIRED, ADMITTED, LIMITED = 0, 1, 2, 3
@@ -92,7 +91,7 @@ class RateLimiter:
     """Admissions and slot releases go through a TickBatcher: those of one event-loop tick (and, when the batcher
     is the gateway's shared one, its enqueues too) cost one Redis round trip together."""
 
-    def __init__(self, redis: aioredis.Redis, limits: Limits, batcher: TickBatcher | None = None) -> None:
+    def __init__(self, redis: Redis, limits: Limits, batcher: TickBatcher | None = None) -> None:
         self.limits = limits
         self.batcher = batcher if batcher is not None else TickBatcher(redis)
 

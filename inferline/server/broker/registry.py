@@ -9,9 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from inferline.server.broker import keys
+from inferline.server.broker.client import Redis
 from inferline.server.protocol import ModelInfo, WorkerStatus
 
 INFO_TTL_S = 2.0
@@ -70,7 +69,7 @@ def entry_ms(entry_id: Any) -> int:
 
 
 class Registry:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self.cache: dict[str, tuple[float, ModelInfo]] = {}
 
@@ -156,11 +155,13 @@ class Registry:
 
     async def health(self, models: Iterable[str]) -> dict[str, ModelHealth]:
         """The broker's state of each model (queue, pending entries and their ages, dead letters, counters, live
-        workers): one pipelined round trip for all models, plus one per model that has live workers.
+        workers): Redis's clock, then one pipelined round trip for all models, plus one per model that has live workers.
         Raises redis errors."""
         names = list(models)
+        # TIME on its own: a Cluster's pipelines refuse keyless commands (any node's clock serves: entry ids are
+        # made from the same clocks, kept in step by NTP).
+        seconds, micros = await self.redis.time()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
             for name in names:
                 stream = keys.request_stream(name)
                 pipe.xlen(stream)
@@ -169,11 +170,10 @@ class Registry:
                 pipe.xlen(keys.dead_letter_stream(name))
                 pipe.hgetall(keys.stats(name))
             results: list[Any] = await pipe.execute(raise_on_error=False)
-        seconds, micros = results[0]
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, ModelHealth] = {}
         for i, name in enumerate(names):
-            depth, pending, first, dead, stats = results[1 + 5 * i:6 + 5 * i]
+            depth, pending, first, dead, stats = results[5 * i:5 + 5 * i]
             for r in (depth, dead, stats):
                 if isinstance(r, Exception):
                     raise r

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from inferline.server.broker import keys, roundtrip
-from inferline.server.broker.client import BROKER_ERRORS
+from inferline.server.broker.client import BROKER_ERRORS, Redis
 from inferline.server.broker.reads import xread
 from inferline.server.protocol import Reply, unpack_replies
 
@@ -18,11 +16,11 @@ class ReplyInbox:
     expires. Recreated on the spot when Redis lost it (a restart or FLUSHALL); a worker's reply makes it too, with
     the same TTL, so an answer sent in between is not dropped."""
 
-    def __init__(self, redis: aioredis.Redis, gateway_id: str) -> None:
+    def __init__(self, redis: Redis, gateway_id: str) -> None:
         self.redis = redis
         self.stream = keys.reply_stream(gateway_id)
         self.last: Any = None
-        self.reads = roundtrip.HeldConnection(redis)
+        self.reads = roundtrip.HeldConnection(redis, self.stream)
 
     async def create(self) -> None:
         """Make the stream (one empty entry) with its TTL, and read from that entry on."""

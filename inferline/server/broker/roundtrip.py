@@ -21,8 +21,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError
+from redis.exceptions import ClusterDownError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from inferline.server.broker import nodes
 
 
 def pack(commands: Sequence[Sequence[Any]]) -> bytes:
@@ -62,15 +64,61 @@ class HeldConnection:
     closed, never kept half-read; the next round trip takes a fresh connection. redis.aclose() closes a held
     connection too (the pool's in-use ones)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
-        self.redis = redis
+    def __init__(self, redis: Any, key: str | None = None) -> None:
+        """redis: a client of one Redis, or of a Cluster (connect(cluster=True)): then the reads go to the node that
+        serves `key` (the one stream they read), found again after a MOVED or a broken connection."""
+        self.router = nodes.router_of(redis)
+        if self.router is not None and key is None:
+            raise ValueError("a held connection on a Redis Cluster needs the key it reads")
+        self.key = key
+        self.redis: aioredis.Redis = redis   # on a Cluster: the client of the node that serves key, once known
         self.conn: AbstractConnection | None = None
         self.busy = False
 
     async def run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Each command's raw reply, in order; a command that Redis refused gives its ResponseError in its place (the
         others still ran). Raises the connection's error (ConnectionError, TimeoutError) when the round trip failed,
-        after the client's Retry (a broken connection is reconnected and the commands written again, once)."""
+        after the client's Retry (a broken connection is reconnected and the commands written again, once). On a
+        Cluster a MOVED is followed (the slot map read again), an ASK answered on the node named, a TRYAGAIN
+        waited out, each as bounded as nodes.py says; past the bound the refusal is the reply."""
+        if self.router is None:
+            return await self._run(commands)
+        router = self.router
+        results: list[Any] = []
+        for _ in range(nodes.MAX_REDIRECTS + 1):
+            await router.ensure()
+            assert self.key is not None
+            node = router.node_of(self.key)
+            if not node:   # no primary serves the slot (a failover under way): fail now, look again
+                router.refresh_soon()
+                raise ClusterDownError("the stream's slot is not served by any node")
+            client = router.client(node)
+            if client is not self.redis:
+                await self.close()
+                self.redis = client
+            try:
+                results = await self._run(commands)
+            except (RedisError, OSError):
+                router.refresh_soon()   # the node died or failed over: find who serves the stream now
+                raise
+            hop = next((h for h in map(nodes.redirect, results) if h is not None), None)
+            if hop is None:
+                return results
+            kind, slot, node = hop
+            router.redirects[kind] += 1
+            if kind == "MOVED":
+                router.moved(slot, node)
+            elif kind == "ASK":   # the stream is half-way to `node`: read it there, once
+                asked = HeldConnection(router.client(node))
+                try:
+                    return (await asked.run([("ASKING",), *commands]))[1:]
+                finally:
+                    await asked.close()
+            else:
+                await asyncio.sleep(nodes.TRYAGAIN_WAIT_S)
+        return results
+
+    async def _run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         if self.busy:   # a reader's round trips are one after another; two at once would interleave their replies
             raise RuntimeError("a held connection runs one round trip at a time")
         self.busy = True

@@ -28,7 +28,8 @@ class Gateway:
         self.settings = settings
         self.metrics = metrics
         # broker.timeout_s bounds a hung Redis (requests get 503 after it); it outlasts every blocking read.
-        self.redis = connect(str(settings.redis_url), settings.broker.timeout_s, pool_size=REDIS_CONNECTIONS)
+        self.redis = connect(str(settings.redis_url), settings.broker.timeout_s, pool_size=REDIS_CONNECTIONS,
+                             cluster=settings.broker.cluster)
         self.registry = Registry(self.redis)
         self.dispatcher = Dispatcher(self.redis, settings, metrics, self.registry)
         self.table = RouteTable(ROUTES, settings)

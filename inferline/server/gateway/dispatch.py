@@ -2,7 +2,9 @@
 
 One reply stream per gateway process, read by one task that hands each reply to the coroutine waiting
 for it. Queue at cap -> Overloaded (503 + Retry-After); Redis unreachable or hung (broker.timeout_s) ->
-Unavailable (503); no live worker for the model -> Unavailable (503, at once: the model's routes only);
+Unavailable (503); durable enqueue (broker.min_replicas_ack) and too few replicas had it in time ->
+Unavailable (503 + Retry-After, "not replicated"); no live worker for the model -> Unavailable (503, at once: the
+model's routes only);
 deadline passed -> DeadlineExceeded (504); the worker's error replies come back as InferlineErrors of their type.
 Every Redis call goes through the broker (server/broker/).
 """
@@ -25,7 +27,7 @@ from inferline.server.broker.client import BROKER_ERRORS, Redis
 from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer
 from inferline.server.broker.registry import Registry
 from inferline.server.broker.replies import ReplyInbox
-from inferline.server.broker.ticks import TickBatcher
+from inferline.server.broker.ticks import NotReplicated, TickBatcher
 from inferline.server.config import ModelSpec, Settings
 from inferline.server.errors import DeadlineExceeded, InferlineError, NotFound, Overloaded, Unavailable, typed
 from inferline.server.gateway import record as records
@@ -53,7 +55,8 @@ class Dispatcher:
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.inbox = ReplyInbox(redis, self.gateway_id)
         self.reply_stream = self.inbox.stream
-        self.batcher = batcher if batcher is not None else TickBatcher(redis)
+        self.batcher = batcher if batcher is not None else TickBatcher(
+            redis, settings.broker.min_replicas_ack, settings.broker.replica_ack_timeout_ms)
         self.enqueuer = Enqueuer(redis, self.batcher)
         self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
@@ -113,6 +116,12 @@ class Dispatcher:
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
                                                 timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes)
+        except NotReplicated as exc:
+            # Queued on the primary but not (yet) on enough replicas: a failover now could lose it, so it is not
+            # accepted. It may still be served (the client retries; a worker answers one delivery once).
+            self.metrics.rejected.labels(spec.name, "not_replicated").inc()
+            raise Unavailable(f"request {request_id} was not replicated: it {exc} (broker.min_replicas_ack); it may "
+                              "still run; retry later") from None
         except BROKER_ERRORS as exc:
             self.metrics.rejected.labels(spec.name, "redis").inc()
             raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None

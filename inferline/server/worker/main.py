@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from inferline.server import logs, tracing
 from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import connect
-from inferline.server.broker.consumer import ModelQueue
+from inferline.server.broker.consumer import Durable, ModelQueue
 from inferline.server.broker.registry import Registry
 from inferline.server.config import ConfigError, ModelSpec, Settings, spec_from_env
 from inferline.server.model import LanguageModel, Model, signature
@@ -91,13 +91,16 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
     device = devices.resolve(spec.device, replica)
     model = load_model(spec, device)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    redis = connect(redis_url, settings.broker.timeout_s, health_check_interval=30)
+    redis = connect(redis_url, settings.broker.timeout_s, health_check_interval=30, cluster=settings.broker.cluster)
     registry = Registry(redis)
     status = WorkerStatus(os.getpid(), socket.gethostname(), device, model.version, int(time.time()))
-    shell = Shell(spec, ModelQueue(redis, spec.name, worker_id), registry, Cancels(redis, spec.name), worker_id,
-                  status, alive_file=settings.alive_file)
+    broker = settings.broker
+    durable = (Durable(broker.min_replicas_ack, broker.replica_ack_timeout_ms, int(spec.timeout_s * 1000))
+               if broker.min_replicas_ack else None)
+    shell = Shell(spec, ModelQueue(redis, spec.name, worker_id, durable), registry, Cancels(redis, spec.name),
+                  worker_id, status, alive_file=settings.alive_file)
     watchdog = Watchdog(spec.name, spec.predict_timeout_s,
-                        farewell(redis_url, settings.broker.timeout_s, spec.name, worker_id))
+                        farewell(redis_url, settings.broker.timeout_s, spec.name, worker_id, settings.broker.cluster))
     scheduler, info = scheduler_for(shell, spec, model, device, watchdog)
     shell.info = info
     await registry.publish(info)

@@ -245,6 +245,10 @@ class Shell:
             self._send_errors.ok()
         else:   # Redis away: unacked entries are redelivered, nothing is lost
             self._send_errors.failed(error)
+            # Its entries stay pending on this consumer, held by nobody here: the next take() claims them back (sent
+            # again, or acknowledged unrun when durable mode finds them answered), rather than leaving them to the
+            # visibility timeout. Measured: a primary killed under load left 4 of 658 requests unanswered for 10 s.
+            self._lost_read = True
 
     async def flush(self) -> None:
         """Wait until everything sent is in Redis (or failed)."""
