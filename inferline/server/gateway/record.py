@@ -8,7 +8,8 @@ from contextvars import ContextVar
 
 
 class RequestRecord:
-    __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens")
+    __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens",
+                 "version")
 
     def __init__(self, request_id: str, traceparent: str = "") -> None:
         self.request_id = request_id
@@ -19,6 +20,7 @@ class RequestRecord:
         self.compute_ms = 0.0
         self.batch_size = 0
         self.tokens = 0
+        self.version = ""                # the model version that answered: the Edge's x-model-version header
 
 
 current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)

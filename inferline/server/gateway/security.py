@@ -323,6 +323,9 @@ class Security:
         path: str = scope["path"]
         if path == "/metrics":
             raise Forbidden("/metrics needs a key with the `admin` scope", field="scope")
+        found = self.table.match("GET" if scope["method"] == "HEAD" else scope["method"], path)
+        if found is not None and found[0].admin:
+            raise Forbidden(f"{path} needs a key with the `admin` scope", field="scope")
         if SCOPE_INFER not in scopes:
             raise Forbidden(f"this key has no `{SCOPE_INFER}` scope (it has {sorted(scopes)})", field="scope")
         model, receive = await self.table.model_of(scope["method"], path, receive)

@@ -22,6 +22,7 @@ from inferline.server.gateway import record
 from inferline.server.gateway.routes import (
     chat,
     classify,
+    fleet,
     forecast,
     generate,
     health,
@@ -74,6 +75,7 @@ class Route:
     model: ModelFrom = NO_MODEL
     tags: tuple[str, ...] = ()
     docs: Mapping[str, Any] = field(default_factory=dict)
+    admin: bool = False   # needs a key with the `admin` scope (gateway/security.py)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -202,6 +204,7 @@ def endpoint_for(gateway: Gateway, route: Route) -> Callable[[Request], Awaitabl
 
 OPS, MODELS, TASKS = ("operations",), ("models",), ("tasks",)
 V2, TGI, OPENAI = ("open inference protocol",), ("text generation (TGI)",), ("text generation (OpenAI)",)
+ADMIN = ("admin",)
 GENERATE = for_task(generate.TASK)
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", health.healthz, tags=OPS, docs=health.HEALTHZ_DOCS),
@@ -236,4 +239,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/health", generate.health, model=GENERATE, tags=TGI, docs=generate.HEALTH_DOCS),
     Route("POST", "/v1/completions", openai.completions, model=IN_BODY, tags=OPENAI, docs=openai.DOCS),
     Route("POST", "/v1/chat/completions", chat.chat_completions, model=IN_BODY, tags=OPENAI, docs=chat.DOCS),
+    Route("POST", "/admin/models/{model}/rollout", fleet.start_rollout, model=IN_PATH, tags=ADMIN,
+          docs=fleet.ROLLOUT_DOCS, admin=True),
+    Route("GET", "/admin/models/{model}/rollout", fleet.rollout_status, model=IN_PATH, tags=ADMIN,
+          docs=fleet.STATUS_DOCS, admin=True),
+    Route("POST", "/admin/models/{model}/promote", fleet.promote, model=IN_PATH, tags=ADMIN, docs=fleet.PROMOTE_DOCS,
+          admin=True),
+    Route("POST", "/admin/models/{model}/scale", fleet.scale, model=IN_PATH, tags=ADMIN, docs=fleet.SCALE_DOCS,
+          admin=True),
 )

@@ -262,6 +262,7 @@ class Shell:
                 self._metrics.sample_process(self._status)
                 await self._registry.beat(self._spec.name, self._worker_id, self._status, stats, self.info)
                 self._metrics.commit(stats)
+                await self._queue.watch_rollout()
                 landed = time.monotonic()
                 if landed - self._beat_landed > STEADY_GAP_S:
                     self._steady_since = landed
