@@ -94,6 +94,13 @@ async def set_replicas(redis: aioredis.Redis, model: str, version: str, replicas
     await redis.hset(keys.deployment(model), REPLICAS + version, replicas)  # type: ignore[misc]
 
 
+async def served(redis: aioredis.Redis, model: str, version: str, previous: str) -> None:
+    """A rollout finished moving traffic: the deployment serves `version` now (when a supervisor keeps a record:
+    none is made here, under Kubernetes the operator's Deployments are the record)."""
+    if await redis.exists(keys.deployment(model)):
+        await redis.hset(keys.deployment(model), mapping={"version": version, "previous": previous})  # type: ignore[misc]
+
+
 async def drop_version(redis: aioredis.Redis, model: str, version: str) -> None:
     """Want no worker of `version` any more (a rollout's old or failed version)."""
     await redis.hdel(keys.deployment(model), REPLICAS + version)  # type: ignore[misc]
