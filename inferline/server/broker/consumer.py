@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from inferline.server.broker import keys, roundtrip
+from inferline.server.broker import deadletters, keys, roundtrip
 from inferline.server.broker.pipelined import Pipelined
 from inferline.server.broker.reads import stream_entries
 from inferline.server.errors import DeadLettered
@@ -252,17 +252,12 @@ class ModelQueue:
         await self.ensure_group()
 
     async def dead_letter(self, deliveries: Sequence[Delivery], reason: str) -> None:
-        """Move deliveries to the dead-letter stream, answer them (not to be retried), ack and delete."""
+        """Move deliveries to the dead-letter stream (their metadata, and their payload for a replay when small:
+        deadletters.py), answer them (not to be retried), ack and delete."""
         if not deliveries:
             return
-        dlq = keys.dead_letter_stream(self.model)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for d in deliveries:
-                pipe.xadd(dlq, {"id": d.request_id, "entry": d.entry_id, "tries": d.tries, "reason": reason,
-                                "op": d.envelope.op},   # metadata only: no payload outlives its request
-                          maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
-            pipe.hincrby(keys.stats(self.model), keys.STAT_DEAD_LETTERED, len(deliveries))
-            await pipe.execute()
+        rows = [(d.request_id, d.entry_id, d.tries, d.envelope.op, d.payload) for d in deliveries]
+        await self.redis.eval(deadletters.DEAD_LETTER, *deadletters.dead_letter_args(self.model, reason, rows))
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
         await self.reply_and_ack([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries], deliveries)
 

@@ -178,6 +178,25 @@ class Dispatcher:
             raise reply_error(reply)
         return reply
 
+    async def replay(self, model: str, op: str, payload: bytes) -> tuple[str, Reply]:
+        """Queue an already encoded payload (a dead letter's, kept by the broker) as a new request, under a new id,
+        and await its first reply: (the new request id, the reply, ok or not). Raises InferlineError when it could
+        not be queued or no reply came within the model's timeout."""
+        spec = self.spec(model)
+        request_id = new_id()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        self.waiters[request_id] = future
+        timer = loop.call_later(spec.timeout_s, expire, future, request_id, model, spec.timeout_s)
+        try:
+            await self._enqueue(spec, request_id, op, payload)
+            reply = await future
+        finally:
+            timer.cancel()
+            self.waiters.pop(request_id, None)
+        self.observe(spec.name, reply)
+        return request_id, reply
+
     async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
         """Queue one request and yield its replies as they come, the last one final. The first reply
         (or an error before it) is awaited before anything is yielded, so callers can still answer
