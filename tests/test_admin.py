@@ -5,8 +5,11 @@ replay, purge) made for real by a worker that dies on its request."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from inferline.client import AsyncClient, Client, NotFoundError, PermissionDeniedError
 from inferline.server.broker import keys
-from tests.conftest import Cluster, wait_for
+from tests.conftest import ROOT, Cluster, child_env, wait_for
 from tests.security_cluster import ECHO, bearer, create_key, start_gateway, v2_body
 
 pytestmark = pytest.mark.timeout(180)
@@ -39,6 +43,11 @@ def non_loopback_ip() -> str | None:
 
 def audit_lines(cluster: Cluster, name: str = "gw") -> list[str]:
     return [line for line in (cluster.tmp / f"{name}.log").read_text().splitlines() if "admin call" in line]
+
+
+def logged(cluster: Cluster, name: str, *parts: str) -> None:
+    """Until an audit line of gateway `name` holds every part (the log is written a moment after the answer)."""
+    wait_for(lambda: any(all(p in line for p in parts) for line in audit_lines(cluster, name)), 10, f"{parts} logged")
 
 
 def test_admin_needs_the_admin_scope_and_every_call_is_logged(cluster: Cluster) -> None:
@@ -91,10 +100,10 @@ def test_admin_is_loopback_only_while_no_key_exists(cluster: Cluster) -> None:
         assert httpx.post(remote + "/v2/repository/index", timeout=30).status_code == 403
         if auth == "off":   # no keys are ever checked: loopback is the whole rule
             assert httpx.get(url + "/admin/deployments", timeout=30).status_code == 200
-        assert any(f"peer={ip}" in line and "status=403" in line for line in audit_lines(cluster, f"gw-{auth}"))
+        logged(cluster, f"gw-{auth}", f"peer={ip}", "status=403")
     url = start_gateway(cluster, "gw-loopback")   # auto, on loopback, no key: open to loopback callers
     assert httpx.get(url + "/admin/deployments", timeout=30).status_code == 200
-    assert any("who=loopback" in line and "status=200" in line for line in audit_lines(cluster, "gw-loopback"))
+    logged(cluster, "gw-loopback", "who=loopback", "status=200")
 
 
 def test_drain_one_worker_answers_what_it_holds_then_exits(cluster: Cluster) -> None:
@@ -176,3 +185,99 @@ def test_dead_letters_list_replay_and_purge(cluster: Cluster, tmp_path: Path) ->
     assert cluster.client.xlen(keys.dead_payloads("flaky")) == 0
     assert httpx.post(url + "/admin/models/flaky/dead-letters/purge", timeout=30).json()["purged"] == 0
     assert httpx.get(url + "/admin/models/nope/dead-letters", timeout=30).status_code == 404
+
+
+def test_v2_repository_index_unload_and_load_with_tritonclient(cluster: Cluster) -> None:
+    """tritonclient.http as a Triton user calls it: the index lists the deployment READY with its version; unload
+    drains its worker (a clean exit) and the index says UNAVAILABLE, why, and the wanted replicas are 0; load sets
+    them back to the configured count and returns once a replica is live (started here, as the supervisor would)."""
+    tritonclient = pytest.importorskip("tritonclient.http")
+    cluster.spec("echo", runtime=ECHO, replicas=1)
+    worker = cluster.start_worker("echo")
+    url = start_gateway(cluster)
+    client = tritonclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=60.0)
+    assert client.get_model_repository_index() == [{"name": "echo", "version": "1", "state": "READY", "reason": ""}]
+    assert "model_repository" in client.get_server_metadata()["extensions"]
+    client.unload_model("echo")
+    assert worker.wait(30) == 0
+    [entry] = client.get_model_repository_index()
+    assert (entry["state"], entry["version"]) == ("UNAVAILABLE", "") and "unloaded" in entry["reason"]
+    assert client.get_model_repository_index(headers=None, query_params=None) == [entry]
+    assert httpx.post(url + "/v2/repository/index", json={"ready": True}, timeout=30).json() == []
+    assert cluster.client.hget(keys.deployment("echo"), "replicas") == b"0"
+    loaded: list[BaseException | None] = []
+
+    def load() -> None:   # its own client: tritonclient.http's are gevent-based, one thread each
+        try:
+            tritonclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=60.0).load_model("echo")
+            loaded.append(None)
+        except BaseException as exc:   # noqa: BLE001 - reported below
+            loaded.append(exc)
+
+    loading = threading.Thread(target=load)
+    loading.start()
+    wait_for(lambda: cluster.client.hget(keys.deployment("echo"), "replicas") == b"1", 30, "replicas wanted again")
+    assert not loaded   # still waiting for a live replica
+    cluster.start_worker("echo")
+    loading.join(60)
+    assert loaded == [None]
+    assert client.is_model_ready("echo")
+    assert client.get_model_repository_index()[0]["state"] == "READY"
+    with pytest.raises(tritonclient.InferenceServerException, match="not served"):
+        client.unload_model("nope")
+    bad = httpx.post(url + "/v2/repository/models/echo/load", json={"parameters": {"config": "{}"}}, timeout=30)
+    assert bad.status_code == 400 and "config" in bad.json()["error"]
+
+
+def readme_blocks(kind: str) -> list[str]:
+    """The README's code blocks marked `<!-- readme-admin: kind -->`, in order."""
+    text = (ROOT / "README.md").read_text()
+    return re.findall(rf"<!-- readme-admin: {kind} -->\n```\w+\n(.*?)```", text, flags=re.S)
+
+
+def test_sdk_admin_calls_and_the_readme_examples(cluster: Cluster) -> None:
+    """client.admin (sync and async) against a live gateway that requires keys, with an admin key; an infer key is
+    refused with the SDK's PermissionDeniedError. Then the README's admin examples (curl and Python), as written."""
+    cluster.spec("echo", runtime=ECHO)
+    worker = cluster.start_worker("echo")
+    url = start_gateway(cluster, security={"auth": "required"})
+    admin, _ = create_key(cluster.redis_url, scopes={"admin"})
+    infer, _ = create_key(cluster.redis_url)
+    with Client(url, api_key=admin) as client:
+        deployments = client.admin.deployments()
+        echo = deployments["echo"]
+        assert echo.live_replicas == 1 and echo.workers[0].pid == worker.pid and deployments.request_id
+        assert [(m.name, m.state) for m in client.admin.repository_index(ready=True).models] == [("echo", "READY")]
+        listed = client.admin.dead_letters("echo", limit=5)
+        assert (listed.model, listed.total, listed.entries) == ("echo", 0, [])
+        assert client.admin.replay_dead_letters("echo", ids=["0-1"]).skipped == {"0-1": "no such dead letter"}
+        assert client.admin.purge_dead_letters("echo").purged == 0
+        with pytest.raises(NotFoundError):
+            client.admin.dead_letters("nope")
+    with Client(url, api_key=infer) as client, pytest.raises(PermissionDeniedError, match="admin"):
+        client.admin.deployments()
+
+    async def asynchronous() -> tuple[list[str], str]:
+        async with AsyncClient(url, api_key=admin) as client:
+            names = [d.name for d in await client.admin.deployments()]
+            index = await client.admin.repository_index()
+            return names, index.models[0].state
+
+    assert asyncio.run(asynchronous()) == (["echo"], "READY")
+    env = child_env(ADMIN_KEY=admin)
+    (curl,) = readme_blocks("curl")
+    lines = [line for line in curl.splitlines() if line.startswith("curl ")]
+    assert len(lines) == 5
+    for line in lines:
+        out = subprocess.run(["bash", "-c", line.replace("localhost:8000", url.removeprefix("http://"))
+                              .replace("/cnn/", "/echo/")], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0 and out.stdout and "error" not in out.stdout, (line, out.stdout)
+    (python,) = readme_blocks("python")
+    code = python.replace("http://127.0.0.1:8000", url).replace('"cnn"', '"echo"')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "echo 1/1 live" in out.stdout and "('echo', '1', 'READY')" in out.stdout
+    with Client(url, api_key=admin) as client:   # last: the drain ends the worker
+        drained = client.admin.drain(echo.workers[0].id)
+        assert (drained.model, drained.draining) == ("echo", True)
+    assert worker.wait(30) == 0

@@ -216,4 +216,4 @@ def test_operations_and_v2_answers() -> None:
     assert sent(kserve.metadata_of("echo", info), wire.V2Metadata) == {
         "name": "echo", "versions": ["1"], "platform": "inferline", "inputs": info.inputs, "outputs": info.outputs}
     assert sent(kserve.LIVE, wire.V2Live) == {"live": True}
-    assert sent(kserve.SERVER, wire.V2Server)["extensions"] == ["binary_tensor_data"]
+    assert sent(kserve.SERVER, wire.V2Server)["extensions"] == ["binary_tensor_data", "model_repository"]
