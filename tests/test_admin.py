@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from inferline.client import AsyncClient, Client, NotFoundError, PermissionDeniedError
-from inferline.server.broker import keys
+from inferline.client import AsyncClient, Client, ModelCard, NotFoundError, PermissionDeniedError
+from inferline.server import top
+from inferline.server.broker import fleet, keys
 from tests.conftest import ROOT, Cluster, child_env, wait_for
 from tests.security_cluster import ECHO, bearer, create_key, start_gateway, v2_body
 
@@ -187,6 +188,12 @@ def test_dead_letters_list_replay_and_purge(cluster: Cluster, tmp_path: Path) ->
     assert httpx.get(url + "/admin/models/nope/dead-letters", timeout=30).status_code == 404
 
 
+def wanted(cluster: Cluster, model: str) -> dict[str, int]:
+    """The replicas wanted per version, as the supervisor reads them (broker/fleet.py)."""
+    record = fleet.parse_deployment(cluster.client.hgetall(keys.deployment(model)))
+    return record.replicas if record is not None else {}
+
+
 def test_v2_repository_index_unload_and_load_with_tritonclient(cluster: Cluster) -> None:
     """tritonclient.http as a Triton user calls it: the index lists the deployment READY with its version; unload
     drains its worker (a clean exit) and the index says UNAVAILABLE, why, and the wanted replicas are 0; load sets
@@ -204,7 +211,7 @@ def test_v2_repository_index_unload_and_load_with_tritonclient(cluster: Cluster)
     assert (entry["state"], entry["version"]) == ("UNAVAILABLE", "") and "unloaded" in entry["reason"]
     assert client.get_model_repository_index(headers=None, query_params=None) == [entry]
     assert httpx.post(url + "/v2/repository/index", json={"ready": True}, timeout=30).json() == []
-    assert cluster.client.hget(keys.deployment("echo"), "replicas") == b"0"
+    assert wanted(cluster, "echo") == {"": 0}   # no pinned version: the configuration's, spelt ""
     loaded: list[BaseException | None] = []
 
     def load() -> None:   # its own client: tritonclient.http's are gevent-based, one thread each
@@ -216,7 +223,7 @@ def test_v2_repository_index_unload_and_load_with_tritonclient(cluster: Cluster)
 
     loading = threading.Thread(target=load)
     loading.start()
-    wait_for(lambda: cluster.client.hget(keys.deployment("echo"), "replicas") == b"1", 30, "replicas wanted again")
+    wait_for(lambda: wanted(cluster, "echo") == {"": 1}, 30, "replicas wanted again")
     assert not loaded   # still waiting for a live replica
     cluster.start_worker("echo")
     loading.join(60)
@@ -281,3 +288,19 @@ def test_sdk_admin_calls_and_the_readme_examples(cluster: Cluster) -> None:
         drained = client.admin.drain(echo.workers[0].id)
         assert (drained.model, drained.draining) == ("echo", True)
     assert worker.wait(30) == 0
+
+
+def test_top_shows_each_version_with_its_replicas_and_weight() -> None:
+    """`inferline top` reads a rollout's versions from /v1/models (the rollout's broker state, as the gateway lists
+    it): each version's live/wanted replicas and its share of the traffic, in one cell."""
+    card = ModelCard.model_validate({
+        "id": "cnn", "object": "model", "created": 0, "owned_by": "inferline", "version": "1", "live_replicas": 2,
+        "replicas": 2, "devices": ["cpu"], "queue_depth": 3, "kind": "batch", "task": None, "versions": [
+            {"version": "1", "replicas": 1, "live_replicas": 1, "weight": 80, "live": True},
+            {"version": "2", "replicas": 1, "live_replicas": 1, "weight": 20, "live": True}]})
+    frame = top.render(top.rows([card], top.Scrape(0.0), None), "http://gw", 1.0)
+    header, row = frame.splitlines()[2:4]
+    assert header.split()[:4] == ["MODEL", "VERSION", "VERSIONS", "KIND"]
+    assert row.split()[:4] == ["cnn", "1", "1:1/1@80%,2:1/1@20%", "batch"]
+    plain = card.model_copy(update={"versions": []})
+    assert top.rows([plain], top.Scrape(0.0), None)[0].versions == "-"

@@ -195,14 +195,15 @@ def test_operations_and_v2_answers() -> None:
                      inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
                      outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, -1]}])
     worker = WorkerStatus(pid=1, host="h", device="cpu", version="1", started=0)
-    listed = models.model_list([("echo", ModelSpec(name="echo"), ModelStatus(info, [worker], 3)),
-                                ("gpt2", ModelSpec(name="gpt2", task="generate"), ModelStatus(None, [], 0))])
+    listed = models.model_list([("echo", ModelSpec(name="echo"), ModelStatus(info, [worker], 3), None, {}),
+                                ("gpt2", ModelSpec(name="gpt2", task="generate"), ModelStatus(None, [], 0), None, {})])
     card = {"object": "model", "created": 0, "owned_by": "inferline", "replicas": 1}
     assert sent(listed, wire.ModelList) == {"object": "list", "data": [
         {"id": "echo", **card, "version": "1", "live_replicas": 1, "devices": ["cpu"], "queue_depth": 3,
-         "kind": "batch", "task": None},
+         "kind": "batch", "task": None,
+         "versions": [{"version": "1", "replicas": 0, "live_replicas": 1, "weight": 100, "live": True}]},
         {"id": "gpt2", **card, "version": None, "live_replicas": 0, "devices": [], "queue_depth": 0, "kind": None,
-         "task": "generate"}]}
+         "task": "generate", "versions": []}]}
     ready = health.readiness_of({"echo": Serving(1, True), "gpt2": Serving(0, True)})
     assert sent(ready, wire.Readiness) == {"ready": True, "redis": "ok", "models": {
         "echo": {"ready": True, "live_workers": 1},

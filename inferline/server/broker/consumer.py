@@ -18,9 +18,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from inferline.server.broker import deadletters, keys, roundtrip
+from inferline.server.broker import deadletters, fleet, keys, roundtrip
 from inferline.server.broker.pipelined import Pipelined
-from inferline.server.broker.reads import stream_entries
+from inferline.server.broker.reads import streams_entries
 from inferline.server.errors import DeadLettered
 from inferline.server.protocol import PAYLOAD_FIELD, Envelope, Reply, pack_replies
 
@@ -47,6 +47,27 @@ return gone
 """
 
 
+# The rollout guard, sent with a new version's replies while its rollout's window is open (keys.routing `limit`):
+# counts the version's answers and failures, and the moment its failures pass the limit sets the split's share back
+# to 0 and says why, in the same step, so no further request goes to it (the requests already on its lane are still
+# answered by it). KEYS: keys.guard_keys. ARGV: version, answers, failures.
+_GUARD = """
+local req = redis.call('HINCRBY', KEYS[1], 'requests', ARGV[2])
+local fail = redis.call('HINCRBY', KEYS[1], 'failures', ARGV[3])
+if tonumber(ARGV[3]) > 0 then
+  local r = redis.call('HMGET', KEYS[2], 'b', 'limit', 'share')
+  if r[1] == ARGV[1] and r[2] and fail > tonumber(r[2]) and tonumber(r[3] or '0') > 0 then
+    redis.call('HSET', KEYS[2], 'share', 0, 'tripped', fail .. ' failed of its first ' .. req ..
+               ' answers, over the limit of ' .. r[2])
+  end
+end
+return fail
+"""
+# Answers that count against a version in a rollout: the worker's own failures, not the caller's (bad input, a
+# deadline passed in the queue, a caller gone).
+FAILURES = frozenset({"internal", "generation", "dead_letter"})
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One request as a worker received it."""
@@ -55,6 +76,7 @@ class Delivery:
     envelope: Envelope
     payload: bytes
     tries: int = 1
+    lane: str = ""   # the version whose lane it came from ("": the model's common stream)
 
     @property
     def request_id(self) -> str:
@@ -68,33 +90,49 @@ class Delivery:
 
 
 class ModelQueue:
-    """A worker's view of one model's request stream."""
+    """A worker's view of one model's request streams: the common one and, for a worker that knows its version, that
+    version's lane (keys.request_stream), read together in one XREADGROUP; each entry is acknowledged on its own."""
 
-    def __init__(self, redis: aioredis.Redis, model: str, consumer: str) -> None:
+    def __init__(self, redis: aioredis.Redis, model: str, consumer: str, version: str = "") -> None:
         self.redis = redis
         self.model = model
         self.consumer = consumer
+        self.version = version
         self.stream = keys.request_stream(model)
+        self.lanes = ["", version] if version else [""]          # "" is the common stream
+        self.streams = keys.model_streams(model, [version])
         self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
         self.pipelined = Pipelined(redis)              # replies and acks
+        self.guarded = False   # this version's rollout window is open: its answers are counted (watch_rollout)
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing (idempotent, safe across replicas)."""
-        try:
-            await self.redis.xgroup_create(self.stream, keys.GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the streams and their consumer group if missing (idempotent, safe across replicas)."""
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def watch_rollout(self) -> None:
+        """Whether this worker's version is the new one of a rollout whose window is open (its answers then go
+        through the guard). Called at start and with every heartbeat. Raises redis errors."""
+        if self.version:
+            b, limit = await self.redis.hmget(keys.routing(self.model), ["b", "limit"])  # type: ignore[misc]
+            self.guarded = b is not None and fleet.text(b) == self.version and limit is not None
 
     async def read(self, count: int, block_s: float | None) -> list[Delivery]:
-        """New entries for this consumer. block_s None: do not block."""
+        """New entries for this consumer, from any of its streams. block_s None: do not block."""
         block = () if block_s is None else ("BLOCK", max(1, int(block_s * 1000)))
         [res] = await self.reads.run([("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count, *block,
-                                       "STREAMS", self.stream, ">")])
+                                       "STREAMS", *self.streams, *(">",) * len(self.streams))])
         if isinstance(res, ResponseError):
             await self._recreate_on_nogroup(res)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
-        return [parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)]
+        if len(self.streams) == 1:
+            return [parse_entry(eid, fields, 1) for _, entries in streams_entries(res) for eid, fields in entries]
+        return [parse_entry(eid, fields, 1, keys.lane_version(stream, self.model))
+                for stream, entries in streams_entries(res) for eid, fields in entries]
 
     async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
         """send(), then wait until Redis ran it. Raises the connection's error or Redis's refusal."""
@@ -117,13 +155,23 @@ class ModelQueue:
         # One entry per gateway, however many replies. The XADD makes the stream if Redis lost it (a restart,
         # FLUSHALL, a Cluster failover that lost the last writes), and the EXPIRE bounds it if its gateway is gone
         # for good: the enqueue script no longer makes it (it hashes to another slot than the request stream).
+        # The pack names the version that answered (x-model-version): one field per send, not per reply.
         commands: list[Sequence[Any]] = []
+        version = ("v", self.version) if self.version else ()
         for reply_to, batch in by_gateway.items():
-            commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch)))
+            commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch),
+                             *version))
             commands.append(("EXPIRE", reply_to, keys.REPLY_STREAM_TTL_S))
         if deliveries:
-            pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
-            commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model), keys.GROUP, *pairs))
+            for lane in dict.fromkeys(d.lane for d in deliveries):   # each entry on its own stream
+                pairs = [x for d in deliveries if d.lane == lane for x in (d.entry_id, len(d.payload))]
+                commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model, lane), keys.GROUP, *pairs))
+        if self.guarded:
+            final = [r for _, r in replies if r.final or not r.ok]
+            failed = sum(1 for r in final if r.error_type in FAILURES)
+            if final:
+                commands.append(("EVAL", _GUARD, 2, *keys.guard_keys(self.model, self.version), self.version,
+                                 len(final), failed))
         await self.pipelined.wait_for_room()
         return self.pipelined.send(commands, refusal_fails=True)
 
@@ -139,22 +187,33 @@ class ModelQueue:
 
     async def reclaim(self, min_idle_ms: int, max_tries: int,
                       count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
-        """Take over entries left pending longer than min_idle_ms (their worker died or hung).
-        Returns (claimed, exhausted): exhausted ones were already delivered max_tries times and must be
-        dead-lettered, not run again."""
-        return await self._claim(min_idle_ms, max_tries, count, None)
+        """Take over entries left pending longer than min_idle_ms (their worker died or hung), on each of this
+        worker's streams (at most `count` from each). Returns (claimed, exhausted): exhausted ones were already
+        delivered max_tries times and must be dead-lettered, not run again."""
+        return await self._claim_all(min_idle_ms, max_tries, count, None)
 
     async def claim_from(self, consumer: str, min_idle_ms: int, max_tries: int,
                          count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
         """Take over the entries of one consumer (a worker whose heartbeat lapsed), as reclaim() does. min_idle_ms
         is kept above zero on purpose: the first claimer resets the idle time, so two workers claiming the same dead
         consumer's entries at once never both get one."""
-        return await self._claim(min_idle_ms, max_tries, count, consumer)
+        return await self._claim_all(min_idle_ms, max_tries, count, consumer)
 
-    async def _claim(self, min_idle_ms: int, max_tries: int, count: int,
+    async def _claim_all(self, min_idle_ms: int, max_tries: int, count: int,
+                         consumer: str | None) -> tuple[list[Delivery], list[Delivery]]:
+        fresh: list[Delivery] = []
+        exhausted: list[Delivery] = []
+        for lane in self.lanes:
+            f, e = await self._claim(lane, min_idle_ms, max_tries, count, consumer)
+            fresh += f
+            exhausted += e
+        return fresh, exhausted
+
+    async def _claim(self, lane: str, min_idle_ms: int, max_tries: int, count: int,
                      consumer: str | None) -> tuple[list[Delivery], list[Delivery]]:
+        stream = keys.request_stream(self.model, lane)
         try:
-            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
+            pending: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=count,
                                                            idle=min_idle_ms, consumername=consumer)
         except ResponseError as exc:
             await self._recreate_on_nogroup(exc)
@@ -163,12 +222,12 @@ class ModelQueue:
             return [], []
         tries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
         # XCLAIM with the same min-idle: if another worker claimed one first, it is not returned twice.
-        claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
+        claimed: Any = await self.redis.xclaim(stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
         deleted = [eid for eid, fields in claimed if not fields]
         if deleted:   # entries deleted under the PEL (Redis 6.2 still lists them): clear them for good
-            await self.redis.xack(self.stream, keys.GROUP, *deleted)
+            await self.redis.xack(stream, keys.GROUP, *deleted)
         # XCLAIM counted this delivery: the tries are the old count + 1.
-        deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
+        deliveries = [parse_entry(eid, f, tries[eid] + 1, lane) for eid, f in claimed if f]
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
         if deliveries:   # counted now, in Redis: the worker that claimed them may die on the next one
@@ -183,10 +242,17 @@ class ModelQueue:
         """Entries Redis delivered to this consumer that its worker does not hold: a blocking read that Redis answered
         but whose answer the worker never read (it stalled past the socket timeout, SIGSTOP or a long pause, and the
         read failed). Claimed again by this consumer, so their idle time restarts and their delivery count stays
-        what it was (they never ran). At most `count`. Call it only while no read of this consumer is in flight:
-        that read's entries would look orphaned too."""
+        what it was (they never ran). At most `count` per stream. Call it only while no read of this consumer is in
+        flight: that read's entries would look orphaned too."""
+        found: list[Delivery] = []
+        for lane in self.lanes:
+            found += await self._orphans(lane, held, count)
+        return found
+
+    async def _orphans(self, lane: str, held: Container[bytes], count: int) -> list[Delivery]:
+        stream = keys.request_stream(self.model, lane)
         try:
-            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
+            pending: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=count,
                                                            consumername=self.consumer)
         except ResponseError as exc:
             await self._recreate_on_nogroup(exc)
@@ -197,51 +263,60 @@ class ModelQueue:
                 by_tries.setdefault(int(p["times_delivered"]), []).append(p["message_id"])
         found: list[Delivery] = []
         for tries, ids in by_tries.items():
-            claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
-            found += [parse_entry(eid, f, tries) for eid, f in claimed if f]
+            claimed: Any = await self.redis.xclaim(stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
+            found += [parse_entry(eid, f, tries, lane) for eid, f in claimed if f]
             deleted = [eid for eid, f in claimed if not f]
             if deleted:   # entries deleted under the PEL: clear them for good
-                await self.redis.xack(self.stream, keys.GROUP, *deleted)
+                await self.redis.xack(stream, keys.GROUP, *deleted)
         return found
 
     async def consumers(self) -> list[str]:
-        """The names of the group's consumers other than this one (worker ids)."""
-        try:
-            found: Any = await self.redis.xinfo_consumers(self.stream, keys.GROUP)
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
-            return []
-        names = [c["name"] for c in found]
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in names if n not in (self.consumer,
-                                                                                             self.consumer.encode())]
+        """The names of the consumers other than this one (worker ids) in the group of any of its streams."""
+        names: list[str] = []
+        for stream in self.streams:
+            try:
+                found: Any = await self.redis.xinfo_consumers(stream, keys.GROUP)
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
+                continue
+            for c in found:
+                n = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+                if n != self.consumer and n not in names:
+                    names.append(n)
+        return names
 
     async def remove_consumer(self, consumer: str) -> bool:
-        """Remove a dead worker's consumer from the group once nothing is pending on it (XGROUP DELCONSUMER would
-        drop what is). True when it was removed."""
-        try:
-            left: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=1,
-                                                        consumername=consumer)
-            if left:
-                return False
-            await self.redis.xgroup_delconsumer(self.stream, keys.GROUP, consumer)
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
-            return False
-        return True
+        """Remove a dead worker's consumer from the groups of this worker's streams once nothing is pending on it
+        there (XGROUP DELCONSUMER would drop what is). True when it was removed from all of them."""
+        removed = True
+        for stream in self.streams:
+            try:
+                left: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=1,
+                                                            consumername=consumer)
+                if left:
+                    removed = False
+                    continue
+                await self.redis.xgroup_delconsumer(stream, keys.GROUP, consumer)
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
+                removed = False
+        return removed
 
     async def refresh_claims(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of entries this worker still works on, so no other worker reclaims live work. Also
-        proves the group is there: Redis lost it (restart, FLUSHALL) -> it is recreated here, on the spot."""
-        try:
-            if deliveries:
-                await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, [d.entry_id for d in deliveries],
-                                        justid=True)
-            else:
-                groups: Any = await self.redis.xinfo_groups(self.stream)
-                if not any(g["name"] in (keys.GROUP, keys.GROUP.encode()) for g in groups):
-                    await self.ensure_group()   # the stream is back (an enqueue made it) but not its group
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
+        proves the groups are there: Redis lost one (restart, FLUSHALL) -> it is recreated here, on the spot."""
+        for lane in self.lanes:
+            stream = keys.request_stream(self.model, lane)
+            ids: list[Any] = [d.entry_id for d in deliveries if d.lane == lane]
+            try:
+                if ids:
+                    await self.redis.xclaim(stream, keys.GROUP, self.consumer, 0, ids, justid=True)
+                else:
+                    groups: Any = await self.redis.xinfo_groups(stream)
+                    if not any(g["name"] in (keys.GROUP, keys.GROUP.encode()) for g in groups):
+                        await self.ensure_group()   # the stream is back (an enqueue made it) but not its group
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
 
     async def _recreate_on_nogroup(self, exc: ResponseError) -> None:
         """Redis lost the stream or its group (a restart without persistence, FLUSHALL): make them again here, on
@@ -258,6 +333,13 @@ class ModelQueue:
             return
         rows = [(d.request_id, d.entry_id, d.tries, d.envelope.op, d.payload) for d in deliveries]
         await self.redis.eval(deadletters.DEAD_LETTER, *deadletters.dead_letter_args(self.model, reason, rows))
+        lanes = {d.lane for d in deliveries if d.lane}
+        if lanes:   # a rollout's version counts its own dead letters
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lane in lanes:
+                    pipe.hincrby(keys.version_stats(self.model, lane), "dead_lettered",
+                                 sum(1 for d in deliveries if d.lane == lane))
+                await pipe.execute()
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
         await self.reply_and_ack([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries], deliveries)
 
@@ -265,10 +347,11 @@ class ModelQueue:
 _PAYLOAD = PAYLOAD_FIELD.encode()
 
 
-def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:
-    """An entry as read. One without a payload (written by an older gateway, or by hand) gets an empty one,
-    which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
-    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(_PAYLOAD, b""), tries)
+def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int, lane: str = "") -> Delivery:
+    """An entry as read (from the common stream, or the version `lane`'s). One without a payload (written by an
+    older gateway, or by hand) gets an empty one, which fails to decode: that request alone is answered with an
+    error and acknowledged, not retried."""
+    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(_PAYLOAD, b""), tries, lane)
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:

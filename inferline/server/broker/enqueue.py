@@ -17,8 +17,9 @@ from inferline.server.broker import keys
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 
-# KEYS: keys.enqueue_keys (the request stream, its byte counter): one hash tag, one slot. ARGV: cap, how long (ms) to
-# keep entries, payload, the cap in bytes (0: none), then the envelope's values in protocol.ENVELOPE_FIELDS order.
+# KEYS: keys.enqueue_keys (the common request stream, its byte counter, the traffic split): one hash tag, one slot.
+# ARGV: cap, how long (ms) to keep entries, payload, the cap in bytes (0: none), then the envelope's values in
+# protocol.ENVELOPE_FIELDS order.
 # Returns the queue length before the add, or FULL_ENTRIES / FULL_BYTES when the queue is at that cap (nothing
 # written). The gateway's reply stream is not touched here (it hashes to another slot on a Cluster): its gateway
 # keeps it (replies.py), and a worker's reply makes it again if Redis lost it (consumer.py).
@@ -40,17 +41,30 @@ _ENVELOPE_ARGV = 5   # ARGV index of the envelope's first value; Enqueuer.enqueu
 
 
 def _xadd(fields: list[str], optional: list[tuple[int, str]]) -> str:
-    """Lua: the request entry's XADD with `fields` (name, value pairs), and each optional field only when its ARGV
-    (index, name) is not ''."""
+    """Lua: the request entry's XADD to `stream` with `fields` (name, value pairs), and each optional field only when
+    its ARGV (index, name) is not ''."""
     if not optional:
-        return f"redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', {', '.join(fields)})"
+        return f"redis.call('XADD', stream, 'MINID', string.format('%.0f', oldest), '*', {', '.join(fields)})"
     (i, name), rest = optional[0], optional[1:]
     present = _xadd([*fields, f"'{name}', ARGV[{i}]"], rest)
     return f"if ARGV[{i}] ~= '' then\n{present}\nelse\n{_xadd(fields, rest)}\nend"
 
 
+# The traffic split (keys.routing): absent outside a rollout, which then costs one HMGET of a missing key (measured
+# in bench/RESULTS.md against the script without it). During a rollout the request goes to a version's lane, the
+# common stream's name plus keys.LANE and the version (same hash tag, so the same slot as KEYS[1]); the counter n makes
+# the share exact over every 100 requests, whichever gateway sent them. The queue cap counts every stream of the
+# model (the common one and both lanes), as its byte counter does.
 _ENQUEUE = """
+local stream = KEYS[1]
+local route = redis.call('HMGET', KEYS[3], 'a', 'b', 'share')
 local n = redis.call('XLEN', KEYS[1])
+if route[1] then
+  local la = KEYS[1] .. '""" + keys.LANE + """' .. route[1]
+  local lb = KEYS[1] .. '""" + keys.LANE + """' .. route[2]
+  n = n + redis.call('XLEN', la) + redis.call('XLEN', lb)
+  if redis.call('HINCRBY', KEYS[3], 'n', 1) % 100 < tonumber(route[3]) then stream = lb else stream = la end
+end
 if n >= tonumber(ARGV[1]) then return """ + str(FULL_ENTRIES) + """ end
 local size = string.len(ARGV[3])
 if n == 0 then

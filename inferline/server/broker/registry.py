@@ -217,5 +217,15 @@ class Registry:
     async def status(self, model: str) -> ModelStatus:
         info = await self.info(model)
         workers = await self.live_workers(model)
-        depth: Any = await self.redis.xlen(keys.request_stream(model))
-        return ModelStatus(info, workers, int(depth))
+        return ModelStatus(info, workers, await self.depth(model))
+
+    async def depth(self, model: str) -> int:
+        """Requests on the model's streams (the common one, and a rollout's two lanes), queued or in a worker's
+        hands."""
+        lanes: list[Any] = await self.redis.hmget(keys.routing(model), ["a", "b"])  # type: ignore[misc]
+        streams = keys.model_streams(model, [v.decode() for v in lanes if v])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            found: list[int] = await pipe.execute()
+        return sum(found)

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from inferline.server.broker import keys
+from inferline.server.broker import fleet, keys
 from inferline.server.broker.cancels import publish_command
 from inferline.server.broker.client import BROKER_ERRORS, Redis
 from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer
@@ -59,6 +59,9 @@ class Dispatcher:
         self.tasks: list[asyncio.Task[None]] = []
         self.registry = registry
         self.live: dict[str, int] = {}          # model -> workers beating, as last seen (absent: not known yet)
+        # Models an operator scaled to zero replicas (keys.deployment): their requests wait in the queue for a
+        # replica (until their deadline) instead of a 503 for having no live worker.
+        self.parked: set[str] = set()
         self.asked: dict[str, float] = {}       # model -> when a request last asked Redis about it
         self.asking: dict[str, asyncio.Future[int]] = {}
         self.timings: dict[str, tuple[Any, Any]] = {}   # model -> its (queue wait, compute) histogram children
@@ -129,7 +132,7 @@ class Dispatcher:
         seen without one is asked about again here (one question shared by the requests that arrive meanwhile, and
         not again for RECHECK_DEAD_S after a "no"), so a worker that just came up is used at once. Unknown (Redis
         away, not watched yet) counts as yes: the enqueue then decides."""
-        if self.live.get(model, 1) > 0:
+        if self.live.get(model, 1) > 0 or model in self.parked:
             return True
         asking = self.asking.get(model)
         if asking is None:
@@ -173,6 +176,7 @@ class Dispatcher:
         finally:
             timer.cancel()
             self.waiters.pop(request_id, None)
+        self.answered_by(reply)
         self.observe(spec.name, reply)
         if not reply.ok:
             raise reply_error(reply)
@@ -194,8 +198,17 @@ class Dispatcher:
         finally:
             timer.cancel()
             self.waiters.pop(request_id, None)
+        self.answered_by(reply)
         self.observe(spec.name, reply)
         return request_id, reply
+
+    @staticmethod
+    def answered_by(reply: Reply) -> None:
+        """Name the version that answered on the request's record (the Edge's x-model-version header)."""
+        if reply.version:
+            record = records.current.get()
+            if record is not None:
+                record.version = reply.version
 
     async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
         """Queue one request and yield its replies as they come, the last one final. The first reply
@@ -219,6 +232,7 @@ class Dispatcher:
                 except TimeoutError:
                     raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
                                            f"{timeout:g} s") from None
+                self.answered_by(reply)   # the first reply, before any byte of the answer is sent
                 if reply.final or not reply.ok:
                     self.observe(spec.name, reply)
                 if not reply.ok:
@@ -274,6 +288,8 @@ class Dispatcher:
             try:
                 seen = await self.registry.serving(models)
                 self.live = {m: s.live_workers for m, s in seen.items()}
+                self.parked = {m for m, dep in (await fleet.deployments(self.redis, models)).items()
+                               if dep is not None and dep.total == 0}
                 errors.ok()
             except asyncio.CancelledError:
                 raise

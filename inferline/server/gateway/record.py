@@ -10,7 +10,7 @@ from contextvars import ContextVar
 
 class RequestRecord:
     __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens",
-                 "key_id")
+                 "key_id", "version")
 
     def __init__(self, request_id: str, traceparent: str = "") -> None:
         self.request_id = request_id
@@ -22,6 +22,7 @@ class RequestRecord:
         self.batch_size = 0
         self.tokens = 0
         self.key_id = ""                 # the API key that authenticated it ("" when none was needed)
+        self.version = ""                # the model version that answered: the Edge's x-model-version header
 
 
 current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)

@@ -4,7 +4,7 @@ and its docs; everything else derives from the entry:
 - the hot path (hot.py) serves the routes that have a bare-ASGI `hot` handler, matched here;
 - FastAPI's routes (the API document and every other request) are generated from the entries (`mount`);
 - the security layer asks `model_of` which model a request is for, before anything is read or queued, and
-  `admin_route` whether a request is for the management API (`scope = "admin"`): security.py requires the `admin`
+  `admin_route` whether a request is for the management API (`admin=True`): security.py requires the `admin`
   scope for it, audit.AdminGate refuses it from anywhere but loopback while no key exists and logs every call.
 
 Adding a route means adding one entry to ROUTES, below; the route modules hold handlers and docs, no paths."""
@@ -19,13 +19,14 @@ import orjson
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
-from inferline.server.auth.keys import SCOPE_ADMIN, SCOPE_INFER
+from inferline.server.auth.keys import SCOPE_ADMIN
 from inferline.server.config import Settings
 from inferline.server.gateway import record
 from inferline.server.gateway.routes import (
     admin,
     chat,
     classify,
+    fleet,
     forecast,
     generate,
     health,
@@ -79,11 +80,8 @@ class Route:
     model: ModelFrom = NO_MODEL
     tags: tuple[str, ...] = ()
     docs: Mapping[str, Any] = field(default_factory=dict)
-    scope: str = SCOPE_INFER    # the key scope a call needs: SCOPE_ADMIN for the management API
-
-    @property
-    def admin(self) -> bool:
-        return self.scope == SCOPE_ADMIN
+    admin: bool = False   # the management API: needs a key with the `admin` scope (security.py), loopback while no
+                          # key exists, and every call is logged (audit.py)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -212,7 +210,7 @@ def mount(app: FastAPI, gateway: Gateway, table: RouteTable) -> None:
         target = route.endpoint or route.hot
         assert target is not None, f"route {route.method} {route.path} has no handler"
         if route.admin:   # the document says which routes need the admin scope (tests/test_security.py reads it)
-            extra["x-inferline-scope"] = route.scope
+            extra["x-inferline-scope"] = SCOPE_ADMIN
         app.add_api_route(route.path, endpoint_for(gateway, route), methods=[route.method], tags=list(route.tags),
                           name=target.__name__, openapi_extra=extra or None, **docs)
 
@@ -268,18 +266,26 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/chat/completions", chat.chat_completions, model=IN_BODY, tags=OPENAI, docs=chat.DOCS),
     # the management API: the admin scope, loopback only while no key exists, every call logged (audit.py)
     Route("POST", "/v2/repository/index", repository.index, tags=REPOSITORY, docs=repository.INDEX_DOCS,
-          scope=SCOPE_ADMIN),
+          admin=True),
     Route("POST", "/v2/repository/models/{model}/load", repository.load, model=IN_PATH, tags=REPOSITORY,
-          docs=repository.LOAD_DOCS, scope=SCOPE_ADMIN),
+          docs=repository.LOAD_DOCS, admin=True),
     Route("POST", "/v2/repository/models/{model}/unload", repository.unload, model=IN_PATH, tags=REPOSITORY,
-          docs=repository.UNLOAD_DOCS, scope=SCOPE_ADMIN),
-    Route("GET", "/admin/deployments", admin.deployments, tags=ADMIN, docs=admin.DEPLOYMENTS_DOCS, scope=SCOPE_ADMIN),
+          docs=repository.UNLOAD_DOCS, admin=True),
+    Route("GET", "/admin/deployments", admin.deployments, tags=ADMIN, docs=admin.DEPLOYMENTS_DOCS, admin=True),
     Route("POST", "/admin/workers/{worker}/drain", admin.drain_worker, tags=ADMIN, docs=admin.DRAIN_DOCS,
-          scope=SCOPE_ADMIN),
+          admin=True),
     Route("GET", "/admin/models/{model}/dead-letters", admin.list_dead_letters, model=IN_PATH, tags=ADMIN,
-          docs=admin.DEAD_LETTERS_DOCS, scope=SCOPE_ADMIN),
+          docs=admin.DEAD_LETTERS_DOCS, admin=True),
     Route("POST", "/admin/models/{model}/dead-letters/replay", admin.replay_dead_letters, model=IN_PATH,
-          tags=ADMIN, docs=admin.REPLAY_DOCS, scope=SCOPE_ADMIN),
+          tags=ADMIN, docs=admin.REPLAY_DOCS, admin=True),
     Route("POST", "/admin/models/{model}/dead-letters/purge", admin.purge_dead_letters, model=IN_PATH, tags=ADMIN,
-          docs=admin.PURGE_DOCS, scope=SCOPE_ADMIN),
+          docs=admin.PURGE_DOCS, admin=True),
+    Route("POST", "/admin/models/{model}/rollout", fleet.start_rollout, model=IN_PATH, tags=ADMIN,
+          docs=fleet.ROLLOUT_DOCS, admin=True),
+    Route("GET", "/admin/models/{model}/rollout", fleet.rollout_status, model=IN_PATH, tags=ADMIN,
+          docs=fleet.STATUS_DOCS, admin=True),
+    Route("POST", "/admin/models/{model}/promote", fleet.promote, model=IN_PATH, tags=ADMIN, docs=fleet.PROMOTE_DOCS,
+          admin=True),
+    Route("POST", "/admin/models/{model}/scale", fleet.scale, model=IN_PATH, tags=ADMIN, docs=fleet.SCALE_DOCS,
+          admin=True),
 )

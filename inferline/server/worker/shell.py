@@ -269,6 +269,7 @@ class Shell:
                     log.warning("drain requested model=%s id=%s: draining as on SIGTERM", self._spec.name,
                                 self._worker_id)
                     self.on_drain_request()
+                await self._queue.watch_rollout()
                 landed = time.monotonic()
                 if landed - self._beat_landed > STEADY_GAP_S:
                     self._steady_since = landed

@@ -78,22 +78,25 @@ def served(gw: Gateway, request: Request) -> str:
 async def deployments(gw: Gateway, request: Request) -> Response:
     names = list(gw.settings.models)
     health = await broker(gw.registry.health(names))
-    desired = await broker(fleet.desired_replicas(gw.redis, names))
+    records = await broker(fleet.deployments(gw.redis, names))
     rows = []
     for name in names:
         drains = await broker(fleet.draining(gw.redis, name, [wid for wid, _ in health[name].workers]))
-        rows.append(deployment(gw, name, health[name], desired[name], drains))
+        record = records[name]
+        depth = await broker(gw.registry.depth(name))   # the common stream and a rollout's lanes
+        rows.append(deployment(gw, name, health[name], record.total if record is not None else None, drains, depth))
     return json_answer(build(wire.DeploymentList, {"deployments": rows}))
 
 
-def deployment(gw: Gateway, name: str, h: ModelHealth, desired: int | None, drains: set[str]) -> dict[str, Any]:
+def deployment(gw: Gateway, name: str, h: ModelHealth, desired: int | None, drains: set[str],
+               depth: int) -> dict[str, Any]:
     spec = gw.settings.models[name]
     workers = [{"id": wid, "live": True, "draining": wid in drains, "device": w.device, "version": w.version,
                 "pid": w.pid, "host": w.host, "batches": w.batches, "items": w.items, "started": w.started,
                 "beat": w.beat} for wid, w in h.workers]
     return {"name": name, "task": spec.task, "replicas": spec.replicas if desired is None else desired,
             "configured_replicas": spec.replicas, "live_replicas": len(workers),
-            "versions": sorted({w.version for _, w in h.workers}), "queue_depth": h.queue_depth,
+            "versions": sorted({w.version for _, w in h.workers}), "queue_depth": depth,
             "pending": h.pending, "oldest_pending_age_s": h.oldest_pending_age_s,
             "oldest_queued_age_s": h.oldest_queued_age_s, "dead_letters": h.dead_letter_length, "workers": workers}
 

@@ -62,12 +62,12 @@ async def index(gw: Gateway, request: Request) -> Response:
     body = await request.body()
     ask = parse_json(body, wire.RepositoryIndexRequest) if body.strip() else wire.RepositoryIndexRequest()
     names = list(gw.settings.models)
-    desired = await broker(fleet.desired_replicas(gw.redis, names))
+    records = await broker(fleet.deployments(gw.redis, names))
     rows: list[dict[str, Any]] = []
     for name in names:
         workers = await broker(gw.registry.live_workers(name))
-        run_time = desired[name]
-        wanted = run_time if run_time is not None else gw.settings.models[name].replicas
+        record = records[name]
+        wanted = record.total if record is not None else gw.settings.models[name].replicas
         if workers and wanted > 0:
             rows += [{"name": name, "version": v, "state": "READY", "reason": ""}
                      for v in sorted({w.version for w in workers})]
@@ -92,7 +92,9 @@ async def load(gw: Gateway, request: Request) -> Response:
     if ask.parameters:
         raise BadRequest(f"load parameters {sorted(ask.parameters)} are not supported: inferline loads {model} from "
                          "its configuration and model store", field="parameters")
-    await broker(fleet.set_replicas(gw.redis, model, gw.settings.models[model].replicas))
+    record = await broker(fleet.deployment(gw.redis, model))
+    version = record.version if record is not None else served_version(gw, model)
+    await broker(fleet.set_replicas(gw.redis, model, version, gw.settings.models[model].replicas))
     await wait_for(lambda n: n > 0, gw, model, LOAD_WAIT_S,
                    f"model {model}: load requested, but no replica is live after {LOAD_WAIT_S:g} s (the supervisor "
                    "of `inferline up` starts them; elsewhere start its workers)")
@@ -104,12 +106,22 @@ async def unload(gw: Gateway, request: Request) -> Response:
     body = await request.body()
     if body.strip():
         parse_json(body, wire.RepositoryUnloadRequest)   # unload_dependents: nothing depends on a model here
-    await broker(fleet.set_replicas(gw.redis, model, 0))
+    record = await broker(fleet.deployment(gw.redis, model))
+    versions = set(record.replicas) if record is not None else {served_version(gw, model)}
+    for version in versions:   # every version it runs, a rollout's two included
+        await broker(fleet.set_replicas(gw.redis, model, version, 0))
+    # the supervisor drains its workers once it reads that; workers run by hand or by Kubernetes drain on this flag
     for worker in await broker(gw.registry.live_workers_ids(model)):
         await broker(fleet.request_drain(gw.redis, model, worker))
     await wait_for(lambda n: n == 0, gw, model, UNLOAD_WAIT_S,
                    f"model {model}: unload requested, its workers are still draining after {UNLOAD_WAIT_S:g} s")
     return Response(b"", media_type="application/json")
+
+
+def served_version(gw: Gateway, model: str) -> str:
+    """The version a model without a deployment record (no supervisor wrote one) serves: the configuration's pinned
+    version, else "" (the supervisor's name for "whatever the configuration loads")."""
+    return gw.settings.models[model].version or ""
 
 
 async def wait_for(done: Any, gw: Gateway, model: str, bound_s: float, why: str) -> None:
