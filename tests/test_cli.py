@@ -120,8 +120,8 @@ def test_generate_streams_the_text(up: Up) -> None:
     assert re.search(r"\[(length|eos_token|stop_sequence), \d+ tokens\]", out.stderr)
 
 
-COLUMNS = ["MODEL", "VERSION", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS", "REQ/S", "TOK/S", "BATCH", "P50_MS",
-           "P99_MS"]
+COLUMNS = ["MODEL", "VERSION", "VERSIONS", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS", "REQ/S", "TOK/S", "BATCH",
+           "P50_MS", "P99_MS"]
 
 
 def top_rows(frame: str) -> dict[str, dict[str, str]]:

@@ -95,20 +95,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     with client_of(args) as client:
         models = client.models()
         metrics = scrape(client)
-    body = [[card.id, card.version or "-", versions_cell(getattr(card, "versions", None) or []), card.task or "-",
+    body = [[card.id, card.version or "-", top.versions_cell(getattr(card, "versions", None) or []), card.task or "-",
              f"{card.live_replicas}/{card.replicas}", ",".join(card.devices) or "-", str(card.queue_depth),
              top.ms(top.quantile(0.5, metrics.buckets.get(card.id, {})))] for card in models]
     print(top.table(["MODEL", "VERSION", "VERSIONS", "TASK", "LIVE", "DEVICE", "QUEUE", "P50_MS"], body))
     return 0
-
-
-def versions_cell(versions: list[Any]) -> str:
-    """Each version as VERSION:LIVE/WANTED@WEIGHT% ("1:2/2@80%,2:1/1@20%"); "-" when none is known."""
-    cells = []
-    for v in versions:
-        get = v.get if isinstance(v, dict) else (lambda k, _v=v: getattr(_v, k))
-        cells.append(f"{get('version')}:{get('live_replicas')}/{get('replicas')}@{get('weight')}%")
-    return ",".join(cells) or "-"
 
 
 def admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

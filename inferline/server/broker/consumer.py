@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from inferline.server.broker import fleet, keys, roundtrip
+from inferline.server.broker import deadletters, fleet, keys, roundtrip
 from inferline.server.broker.pipelined import Pipelined
 from inferline.server.broker.reads import streams_entries
 from inferline.server.errors import DeadLettered
@@ -327,20 +327,19 @@ class ModelQueue:
         await self.ensure_group()
 
     async def dead_letter(self, deliveries: Sequence[Delivery], reason: str) -> None:
-        """Move deliveries to the dead-letter stream, answer them (not to be retried), ack and delete."""
+        """Move deliveries to the dead-letter stream (their metadata, and their payload for a replay when small:
+        deadletters.py), answer them (not to be retried), ack and delete."""
         if not deliveries:
             return
-        dlq = keys.dead_letter_stream(self.model)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for d in deliveries:
-                pipe.xadd(dlq, {"id": d.request_id, "entry": d.entry_id, "tries": d.tries, "reason": reason,
-                                "op": d.envelope.op},   # metadata only: no payload outlives its request
-                          maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
-            pipe.hincrby(keys.stats(self.model), keys.STAT_DEAD_LETTERED, len(deliveries))
-            for lane in {d.lane for d in deliveries if d.lane}:   # a rollout's version counts its own dead letters
-                pipe.hincrby(keys.version_stats(self.model, lane), "dead_lettered",
-                             sum(1 for d in deliveries if d.lane == lane))
-            await pipe.execute()
+        rows = [(d.request_id, d.entry_id, d.tries, d.envelope.op, d.payload) for d in deliveries]
+        await self.redis.eval(deadletters.DEAD_LETTER, *deadletters.dead_letter_args(self.model, reason, rows))
+        lanes = {d.lane for d in deliveries if d.lane}
+        if lanes:   # a rollout's version counts its own dead letters
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lane in lanes:
+                    pipe.hincrby(keys.version_stats(self.model, lane), "dead_lettered",
+                                 sum(1 for d in deliveries if d.lane == lane))
+                await pipe.execute()
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
         await self.reply_and_ack([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries], deliveries)
 

@@ -7,7 +7,7 @@ workers to match. Every function raises redis errors (callers answer 503 or retr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,3 +211,31 @@ async def lead(redis: aioredis.Redis, model: str, owner: str, ttl_ms: int) -> bo
 def failure_limit(rate: float, window_requests: int) -> int:
     """Failures of the new version that trip the rollback at once: more than `rate` of the whole window."""
     return int(math.floor(rate * window_requests))
+
+
+# --- draining one worker (POST /admin/workers/{id}/drain) ---------------------------------------------------------
+async def request_drain(redis: aioredis.Redis, model: str, worker_id: str) -> None:
+    """Ask one worker of `model` to drain: it reads the flag with its next heartbeat (~1 s), takes nothing new,
+    answers what it holds and exits. The flag lapses after keys.DRAIN_FLAG_TTL_S."""
+    await redis.set(keys.drain(model, worker_id), 1, ex=keys.DRAIN_FLAG_TTL_S)
+
+
+async def draining(redis: aioredis.Redis, model: str, worker_ids: Sequence[str]) -> set[str]:
+    """The ones among worker_ids that were asked to drain (and may still be finishing). One round trip."""
+    if not worker_ids:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for wid in worker_ids:
+            pipe.exists(keys.drain(model, wid))
+        found: list[int] = await pipe.execute()
+    return {wid for wid, n in zip(worker_ids, found, strict=True) if n}
+
+
+async def owner(redis: aioredis.Redis, models: Sequence[str], worker_id: str) -> str | None:
+    """The model whose worker index holds `worker_id` (a worker seen within the index's horizon, about ten
+    heartbeat lifetimes), or None. One round trip for all models."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for model in models:
+            pipe.zscore(keys.workers_index(model), worker_id)
+        scores: list[Any] = await pipe.execute()
+    return next((m for m, score in zip(models, scores, strict=True) if score is not None), None)

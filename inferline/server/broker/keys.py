@@ -21,6 +21,11 @@ REPLY_STREAM_TTL_S = 120          # a gateway refreshes its reply stream; a dead
 HEARTBEAT_TTL_S = 5.0             # a worker silent this long is not live
 HEARTBEAT_EVERY_S = 1.0
 DEAD_LETTER_MAXLEN = 10_000
+# A dead letter keeps its request's payload (for a replay) when it is at most this big; the kept payloads are trimmed to
+# the newest DEAD_PAYLOAD_MAXLEN per model: at most 64 MiB of a model's payloads outlive their requests.
+DEAD_PAYLOAD_BYTES = 65_536
+DEAD_PAYLOAD_MAXLEN = 1_000
+DRAIN_FLAG_TTL_S = 60             # a drain request a worker never read (it died first) is gone after this
 CANCEL_MAXLEN = 10_000
 
 
@@ -67,6 +72,18 @@ def reply_stream(gateway_id: str) -> str:
 
 def dead_letter_stream(model: str) -> str:
     return f"{PREFIX}:dlq:{_model(model)}"
+
+
+def dead_payloads(model: str) -> str:
+    """Stream: the payloads (and ops) of the newest dead letters, each entry naming its dead-letter entry (`dl`):
+    what a replay re-enqueues (broker/deadletters.py). Trimmed to DEAD_PAYLOAD_MAXLEN; purged with its dead letters."""
+    return f"{PREFIX}:dlq:{_model(model)}:payloads"
+
+
+def drain(model: str, worker_id: str) -> str:
+    """String: "drain this worker" (POST /admin/workers/{id}/drain); the worker reads it with its heartbeat, then
+    drains as on SIGTERM. Expires after DRAIN_FLAG_TTL_S."""
+    return f"{PREFIX}:drain:{_model(model)}:{worker_id}"
 
 
 def cancel_stream(model: str) -> str:
@@ -180,8 +197,9 @@ def guard_keys(model: str, version: str) -> list[str]:
 
 
 def dead_letter_keys(model: str) -> list[str]:
-    """What a dead-lettering touches (consumer.py): the request and dead-letter streams, the model's stats."""
-    return [request_stream(model), dead_letter_stream(model), stats(model)]
+    """What a dead-lettering touches (consumer.py): the request and dead-letter streams, the kept payloads, the
+    model's stats."""
+    return [request_stream(model), dead_letter_stream(model), dead_payloads(model), stats(model)]
 
 
 def admit_keys(key_id: str) -> list[str]:

@@ -82,9 +82,10 @@ class Registry:
         await self.redis.set(keys.model_info(info.name), info.encode())
 
     async def beat(self, model: str, worker_id: str, status: WorkerStatus,
-                   stats: dict[str, float] | None = None, info: ModelInfo | None = None) -> None:
+                   stats: dict[str, float] | None = None, info: ModelInfo | None = None) -> bool:
         """Refresh the worker's heartbeat record and add `stats` (increments of the model's counters, by field)
-        to the model's stats hash, in one round trip. Raises redis errors: then nothing of `stats` was added
+        to the model's stats hash, in one round trip. Returns whether the worker was asked to drain
+        (broker/fleet.py request_drain). Raises redis errors: then nothing of `stats` was added
         unless the pipeline broke midway (a beat is retried with the same increments: at worst some count twice,
         never go backwards). With `info`, also put the model's metadata back if Redis lost it (a restart without
         persistence, FLUSHALL): gateways need it to route and document the model."""
@@ -100,7 +101,9 @@ class Registry:
             add_stats(pipe, model, stats or {})
             if info is not None:
                 pipe.set(keys.model_info(info.name), info.encode(), nx=True)
-            await pipe.execute()
+            pipe.exists(keys.drain(model, worker_id))
+            results: list[Any] = await pipe.execute()
+        return bool(results[-1])
 
     async def alive(self, model: str, worker_ids: Sequence[str]) -> set[str]:
         """The ones among worker_ids whose heartbeat has not lapsed."""
@@ -141,6 +144,10 @@ class Registry:
     async def live_workers(self, model: str) -> list[WorkerStatus]:
         """The records of a model's workers whose heartbeat has not expired."""
         return [w for _, w in await self._live(model)]
+
+    async def live_workers_ids(self, model: str) -> list[str]:
+        """The ids of a model's workers whose heartbeat has not expired."""
+        return [wid for wid, _ in await self._live(model)]
 
     async def _live(self, model: str) -> list[tuple[str, WorkerStatus]]:
         now_ms = int(time.time() * 1000)

@@ -185,6 +185,26 @@ class Dispatcher:
             raise reply_error(reply)
         return reply
 
+    async def replay(self, model: str, op: str, payload: bytes) -> tuple[str, Reply]:
+        """Queue an already encoded payload (a dead letter's, kept by the broker) as a new request, under a new id,
+        and await its first reply: (the new request id, the reply, ok or not). Raises InferlineError when it could
+        not be queued or no reply came within the model's timeout."""
+        spec = self.spec(model)
+        request_id = new_id()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        self.waiters[request_id] = future
+        timer = loop.call_later(spec.timeout_s, expire, future, request_id, model, spec.timeout_s)
+        try:
+            await self._enqueue(spec, request_id, op, payload)
+            reply = await future
+        finally:
+            timer.cancel()
+            self.waiters.pop(request_id, None)
+        self.answered_by(reply)
+        self.observe(spec.name, reply)
+        return request_id, reply
+
     @staticmethod
     def answered_by(reply: Reply) -> None:
         """Name the version that answered on the request's record (the Edge's x-model-version header)."""

@@ -120,6 +120,7 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
         shell.stop()
         watchdog.stop()
 
+    shell.on_drain_request = stop   # POST /admin/workers/{id}/drain: the same drain as SIGTERM
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
