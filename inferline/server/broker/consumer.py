@@ -47,10 +47,12 @@ return gone
 """
 
 
-# The rollout guard, sent with a new version's replies while its rollout's window is open (keys.routing `limit`):
-# counts the version's answers and failures, and the moment its failures pass the limit sets the split's share back
-# to 0 and says why, in the same step, so no further request goes to it (the requests already on its lane are still
-# answered by it). KEYS: keys.guard_keys. ARGV: version, answers, failures.
+# The rollout guard, sent with the replies of either version of a rollout (a worker learns it is in one from
+# keys.routing at start and with each heartbeat): counts the version's answers and failures, and for the new version
+# (`b`) while its window is open (`limit` set) the moment its failures pass the limit sets the split's share back to 0
+# and says why, in the same step, so no further request goes to it (the requests already on its lane are still
+# answered by it). One EVAL more per batch, during a rollout only. KEYS: keys.guard_keys. ARGV: version, answers,
+# failures.
 _GUARD = """
 local req = redis.call('HINCRBY', KEYS[1], 'requests', ARGV[2])
 local fail = redis.call('HINCRBY', KEYS[1], 'failures', ARGV[3])
@@ -103,7 +105,7 @@ class ModelQueue:
         self.streams = keys.model_streams(model, [version])
         self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
         self.pipelined = Pipelined(redis)              # replies and acks
-        self.guarded = False   # this version's rollout window is open: its answers are counted (watch_rollout)
+        self.guarded = False   # this version is in a rollout: its answers are counted (watch_rollout)
 
     async def ensure_group(self) -> None:
         """Create the streams and their consumer group if missing (idempotent, safe across replicas)."""
@@ -115,11 +117,12 @@ class ModelQueue:
                     raise
 
     async def watch_rollout(self) -> None:
-        """Whether this worker's version is the new one of a rollout whose window is open (its answers then go
-        through the guard). Called at start and with every heartbeat. Raises redis errors."""
+        """Whether this worker's version is one of a rollout's two (keys.routing): its answers and failures are then
+        counted for the rollout's status, and the new version's go through the guard. Called at start and with
+        every heartbeat. Raises redis errors."""
         if self.version:
-            b, limit = await self.redis.hmget(keys.routing(self.model), ["b", "limit"])  # type: ignore[misc]
-            self.guarded = b is not None and fleet.text(b) == self.version and limit is not None
+            lanes = await self.redis.hmget(keys.routing(self.model), ["a", "b"])  # type: ignore[misc]
+            self.guarded = self.version in {fleet.text(v) for v in lanes if v is not None}
 
     async def read(self, count: int, block_s: float | None) -> list[Delivery]:
         """New entries for this consumer, from any of its streams. block_s None: do not block."""

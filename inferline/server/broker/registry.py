@@ -161,36 +161,55 @@ class Registry:
             records: list[dict[bytes, bytes]] = await pipe.execute()
         return [(wid.decode(), WorkerStatus.from_fields(r)) for wid, r in zip(ids, records, strict=True) if r]
 
+    async def lanes(self, models: Sequence[str]) -> dict[str, list[str]]:
+        """Each model's request streams now: the common one, and a rollout's two version lanes (keys.routing)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in models:
+                pipe.hmget(keys.routing(name), ["a", "b"])
+            found: list[Any] = await pipe.execute()
+        return {name: keys.model_streams(name, [v.decode() for v in lanes if v])
+                for name, lanes in zip(models, found, strict=True)}
+
     async def health(self, models: Iterable[str]) -> dict[str, ModelHealth]:
-        """The broker's state of each model (queue, pending entries and their ages, dead letters, counters, live
-        workers): one pipelined round trip for all models, plus one per model that has live workers.
-        Raises redis errors."""
+        """The broker's state of each model (queue, pending entries and their ages over all its streams, dead
+        letters, counters, live workers): two pipelined round trips for all models, plus one per model that has
+        live workers. Raises redis errors."""
         names = list(models)
+        streams = await self.lanes(names)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.time()
             for name in names:
-                stream = keys.request_stream(name)
-                pipe.xlen(stream)
-                pipe.xpending(stream, keys.GROUP)
-                pipe.xrange(stream, count=1)
                 pipe.xlen(keys.dead_letter_stream(name))
                 pipe.hgetall(keys.stats(name))
+                for stream in streams[name]:
+                    pipe.xlen(stream)
+                    pipe.xpending(stream, keys.GROUP)
+                    pipe.xrange(stream, count=1)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         seconds, micros = results[0]
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, ModelHealth] = {}
-        for i, name in enumerate(names):
-            depth, pending, first, dead, stats = results[1 + 5 * i:6 + 5 * i]
-            for r in (depth, dead, stats):
+        at = 1
+        for name in names:
+            dead, stats = results[at:at + 2]
+            at += 2
+            for r in (dead, stats):
                 if isinstance(r, Exception):
                     raise r
-            health = ModelHealth(queue_depth=int(depth), dead_letter_length=int(dead),
-                                 stats={k.decode(): float(v) for k, v in stats.items()})
-            if isinstance(pending, dict) and pending.get("pending"):   # a missing group is an error: nothing pending
-                health.pending = int(pending["pending"])
-                health.oldest_pending_age_s = max(0, now_ms - entry_ms(pending["min"])) / 1000
-            if isinstance(first, list) and first:
-                health.oldest_queued_age_s = max(0, now_ms - entry_ms(first[0][0])) / 1000
+            health = ModelHealth(dead_letter_length=int(dead), stats={k.decode(): float(v) for k, v in stats.items()})
+            for _ in streams[name]:
+                depth, pending, first = results[at:at + 3]
+                at += 3
+                if isinstance(depth, Exception):
+                    raise depth
+                health.queue_depth += int(depth)
+                if isinstance(pending, dict) and pending.get("pending"):   # a missing group is an error: none
+                    health.pending += int(pending["pending"])
+                    health.oldest_pending_age_s = max(health.oldest_pending_age_s,
+                                                      max(0, now_ms - entry_ms(pending["min"])) / 1000)
+                if isinstance(first, list) and first:
+                    health.oldest_queued_age_s = max(health.oldest_queued_age_s,
+                                                     max(0, now_ms - entry_ms(first[0][0])) / 1000)
             health.workers = await self._live(name)
             out[name] = health
         return out
@@ -222,8 +241,7 @@ class Registry:
     async def depth(self, model: str) -> int:
         """Requests on the model's streams (the common one, and a rollout's two lanes), queued or in a worker's
         hands."""
-        lanes: list[Any] = await self.redis.hmget(keys.routing(model), ["a", "b"])  # type: ignore[misc]
-        streams = keys.model_streams(model, [v.decode() for v in lanes if v])
+        streams = (await self.lanes([model]))[model]
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xlen(stream)
