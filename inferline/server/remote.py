@@ -156,7 +156,7 @@ def wait_rollout(args: argparse.Namespace, state: dict[str, Any]) -> int:
         time.sleep(1.0)
         state = admin_call(args, "GET", f"/admin/models/{args.name}/rollout")
     print_rollout(state)
-    return 1 if state["state"] == "rolled_back" else 0
+    return 1 if state.get("automatic_rollback") else 0   # the new version failed: a script may stop here
 
 
 @admin_command
