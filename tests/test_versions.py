@@ -93,3 +93,15 @@ def test_a_worker_reads_its_lane_and_the_common_stream_and_acks_each_on_its_own(
     assert left == [0, 1, 0]             # each acknowledged and deleted on its own stream; v1's entry untouched
     reply = rdb.xrange(keys.reply_stream("g"))[-1][1]
     assert reply[b"v"] == b"2"           # the answer names its version (x-model-version)
+
+
+def test_a_model_without_store_versions_still_names_its_version(redis_url: str, rdb: redis.Redis) -> None:
+    async def main() -> None:
+        client = connect(redis_url)
+        queue = ModelQueue(client, "m", "w0", label="7")   # its class's own version; no lane
+        await queue.reply_and_ack([(keys.reply_stream("g"), Reply("r", b"{}"))], [])
+        await queue.close()
+        await client.aclose()
+
+    asyncio.run(main())
+    assert rdb.xrange(keys.reply_stream("g"))[-1][1][b"v"] == b"7"

@@ -95,11 +95,15 @@ class ModelQueue:
     """A worker's view of one model's request streams: the common one and, for a worker that knows its version, that
     version's lane (keys.request_stream), read together in one XREADGROUP; each entry is acknowledged on its own."""
 
-    def __init__(self, redis: aioredis.Redis, model: str, consumer: str, version: str = "") -> None:
+    def __init__(self, redis: aioredis.Redis, model: str, consumer: str, version: str = "", label: str = "") -> None:
+        """version: the store version whose lane this worker reads beside the common stream ("": none). label: the
+        version its answers name (x-model-version), default `version` (a model without store versions has a label,
+        its class's own version, and no lane)."""
         self.redis = redis
         self.model = model
         self.consumer = consumer
         self.version = version
+        self.label = label or version
         self.stream = keys.request_stream(model)
         self.lanes = ["", version] if version else [""]          # "" is the common stream
         self.streams = keys.model_streams(model, [version])
@@ -160,7 +164,7 @@ class ModelQueue:
         # for good: the enqueue script no longer makes it (it hashes to another slot than the request stream).
         # The pack names the version that answered (x-model-version): one field per send, not per reply.
         commands: list[Sequence[Any]] = []
-        version = ("v", self.version) if self.version else ()
+        version = ("v", self.label) if self.label else ()
         for reply_to, batch in by_gateway.items():
             commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch),
                              *version))

@@ -106,7 +106,7 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
     status = WorkerStatus(os.getpid(), socket.gethostname(), device, model.version, int(time.time()))
     # Its version's lane is read beside the common stream only for a store version (one a rollout can name).
     lane = model.version if model.artifact is not None and model.manifest else ""
-    queue = ModelQueue(redis, spec.name, worker_id, lane)
+    queue = ModelQueue(redis, spec.name, worker_id, lane, model.version)
     with contextlib.suppress(Exception):   # a new version's guard is on before its first answer
         await queue.watch_rollout()
     shell = Shell(spec, queue, registry, Cancels(redis, spec.name), worker_id, status, alive_file=settings.alive_file)
