@@ -225,11 +225,13 @@ def test_v2_repository_index_unload_and_load_with_tritonclient(cluster: Cluster)
     loading.start()
     wait_for(lambda: wanted(cluster, "echo") == {"": 1}, 30, "replicas wanted again")
     assert not loaded   # still waiting for a live replica
-    cluster.start_worker("echo")
+    again = cluster.start_worker("echo")
     loading.join(60)
     assert loaded == [None]
     assert client.is_model_ready("echo")
     assert client.get_model_repository_index()[0]["state"] == "READY"
+    client.unload_model("echo")   # a second time, now that a deployment record exists: no supervisor wrote it
+    assert again.wait(30) == 0
     with pytest.raises(tritonclient.InferenceServerException, match="not served"):
         client.unload_model("nope")
     bad = httpx.post(url + "/v2/repository/models/echo/load", json={"parameters": {"config": "{}"}}, timeout=30)
