@@ -99,6 +99,7 @@ def test_models_table_shows_the_live_models(up: Up) -> None:
     by_model = {row.split()[0]: row.split() for row in rows}
     assert set(by_model) == {"lstm", "cnn", "gpt2"}
     assert by_model["lstm"][3:7] == ["forecast", "1/1", "cpu", "0"] and by_model["lstm"][7] != "-"
+    assert by_model["lstm"][2] == f"{by_model['lstm'][1]}:1/1@100%"   # each version: live/wanted@share
 
 
 def test_predict_prints_the_answer(up: Up) -> None:

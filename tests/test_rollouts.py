@@ -6,6 +6,8 @@ the tests run in order, each leaving the model served by one version with no rol
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -207,6 +209,8 @@ def test_rollout_and_rollback_under_load_fail_no_request(fleet: Fleet) -> None:
         wait_for(lambda: sum(1 for a in load.answers if a[0] > done_at) >= 50, 30, "answers after the rollout")
     assert not load.failed(), load.failed()[:5]
     load.check_answers()
+    print(f"\nROW rollout 1 -> 2 under load: {len(load.answers)} requests, {len(load.failed())} failed; done "
+          f"{done_at - started:.1f} s after the POST")
     before = [a[2] for a in load.answers if a[0] < started]
     after = [a[2] for a in load.answers if a[0] > done_at]
     assert set(before) == {"1"} and set(after) == {"2"}, (set(before), set(after))
@@ -261,6 +265,8 @@ def test_a_version_that_fails_most_requests_rolls_back_by_itself(fleet: Fleet) -
         wait_for(lambda: sum(1 for a in load.answers if a[0] > back_at) >= 50, 30, "answers after the rollback")
     assert state["automatic_rollback"] and "failed" in state["reason"] and "5%" in state["reason"], state
     failed = load.failed()
+    print(f"\nROW automatic rollback (predict fails 9 in 10): {len(load.answers)} requests, {len(failed)} failed; "
+          f"rolled back: {state['reason']}")
     # The guard trips in the same Redis step as the failure that passes 5% of the 200-request window (10): what
     # fails beyond that was already on version 3's lane, at most one request per client and one batch.
     assert 0 < len(failed) <= 10 + 2 * CLIENTS, len(failed)
@@ -279,6 +285,8 @@ def test_a_version_that_cannot_load_gets_no_traffic_and_rolls_back(fleet: Fleet)
         state = fleet.settled("rolled_back")
     assert state["automatic_rollback"] and "cannot load: its weights are corrupt" in state["reason"], state
     assert not load.failed(), load.failed()[:5]
+    print(f"\nROW automatic rollback (setup raises): {len(load.answers)} requests, {len(load.failed())} failed; "
+          f"{(state['finished_ms'] - state['started_ms']) / 1000:.1f} s to rolled_back: {state['reason']}")
     assert {a[2] for a in load.answers} == {"2"}
     metrics = httpx.get(fleet.url + "/metrics", timeout=10).text
     assert 'inferline_automatic_rollbacks_total{model="echo"} 2.0' in metrics
@@ -306,5 +314,37 @@ def test_scale_up_down_to_zero_and_back_under_load(fleet: Fleet) -> None:
         wait_for(lambda: sum(1 for a in load.answers if a[0] > back_at) >= 50, 30, "answers after scaling back")
     assert not load.failed(), load.failed()[:5]   # the drained workers answered what they held; the parked ones too
     load.check_answers()
+    slowest = max(b[0] - a[0] for a, b in zip(load.answers, load.answers[1:], strict=False))
+    print(f"\nROW scale 1 -> 3 -> 0 -> 1 under load: {len(load.answers)} requests, {len(load.failed())} failed; "
+          f"longest gap between answers {slowest:.1f} s (the time at 0 replicas)")
     bad = fleet.admin("POST", "/admin/models/echo/scale", {"replicas": -1})
     assert bad.status_code == 422 and "replicas" in bad.text
+
+
+def readme_operate() -> list[str]:
+    """The curl lines of the README's Operate example, in order."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- operate-example[^>]*-->\s*```bash\n(.*?)```", text, re.S)
+    assert match, "README.md lost its Operate example"
+    return [line for line in match.group(1).splitlines() if line.startswith("curl ")]
+
+
+def test_the_readme_operate_examples_run(fleet: Fleet) -> None:
+    fleet.rollout("1")   # the example rolls version 2 out again
+    fleet.settled("done")
+    lines = readme_operate()
+    assert [line.split("/admin/models/echo/")[1].split()[0].strip("'") for line in lines] == \
+        ["rollout", "rollout", "promote", "scale"]
+    outputs = []
+    for line in lines[:3]:
+        run = subprocess.run(shlex.split(line.replace("http://localhost:8000", fleet.url)), capture_output=True,
+                             text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        outputs.append(json.loads(run.stdout))
+    assert outputs[0]["to_version"] == "2" and outputs[0]["canary_percent"] == 20
+    assert outputs[2]["canary_percent"] == 100
+    assert fleet.settled("done")["to_version"] == "2"
+    run = subprocess.run(shlex.split(lines[3].replace("http://localhost:8000", fleet.url)), capture_output=True,
+                         text=True, timeout=30)
+    assert run.returncode == 0 and json.loads(run.stdout)["replicas"] == 2, run.stdout + run.stderr
+    wait_for(lambda: fleet.versions()["2"]["live_replicas"] == 2, 60, "2 live replicas")

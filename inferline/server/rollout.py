@@ -123,8 +123,7 @@ class Controller:
                              failures, requests)
             elif state == "rolling":
                 await fleet.update_rollout(self.redis, model, {"state": "draining"})
-                await self.redis.hset(fleet.keys.deployment(model),  # type: ignore[misc]
-                                      mapping={"version": new, "previous": old})
+                await fleet.served(self.redis, model, new, old)
         elif state == "draining":
             await self.retire(model, r, old, live, "done")
         elif state == "rolling_back":
@@ -164,6 +163,8 @@ async def status(redis: Redis, registry: Registry, model: str) -> dict[str, Any]
     counts = await fleet.version_counts(redis, model, [old, new])
     live = Counter(w.version for w in await registry.live_workers(model))
     share = int(route.get("share", 0)) if route else (100 if r.get("state") == "done" else 0)
+    retiring = {"draining": old, "rolling_back": new}.get(r.get("state", ""))
+    retired = retiring is not None and await fleet.lane_depth(redis, model, retiring) == 0
     return {
         "model": model, "state": r.get("state", ""), "from_version": old, "to_version": new,
         "canary_percent": int(r.get("canary", 100)),
@@ -177,6 +178,7 @@ async def status(redis: Redis, registry: Registry, model: str) -> dict[str, Any]
                    "max_failure_rate": float(r.get("max_failure_rate", MAX_FAILURE_RATE)),
                    "closed": r.get("window") == "closed"},
         "automatic_rollback": r.get("automatic") == "1",
+        "retired_version_may_stop": retired,
         "reason": r.get("reason") or None,
         "started_ms": int(r.get("started_ms", 0)), "finished_ms": int(r["finished_ms"]) if "finished_ms" in r else None,
     }

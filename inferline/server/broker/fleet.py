@@ -64,6 +64,19 @@ async def deployments(redis: aioredis.Redis, models: Iterable[str]) -> dict[str,
     return {name: parse_deployment(raw) for name, raw in zip(names, found, strict=True)}
 
 
+async def watch(redis: aioredis.Redis, models: Iterable[str]) -> tuple[dict[str, Deployment | None], set[str]]:
+    """Every model's deployment record, and the models with a traffic split (in a rollout), in one round trip: what
+    a gateway's watcher reads every 0.5 s."""
+    names = list(models)
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(keys.deployment(name))
+            pipe.exists(keys.routing(name))
+        found: list[Any] = await pipe.execute()
+    return ({name: parse_deployment(found[2 * i]) for i, name in enumerate(names)},
+            {name for i, name in enumerate(names) if found[2 * i + 1]})
+
+
 async def init_deployment(redis: aioredis.Redis, model: str, version: str, replicas: int) -> None:
     """A supervisor starting from its configuration: this version, these replicas, nothing else (a rollout or
     scaling of an earlier run is forgotten, its split cleared: the configuration is the truth at start)."""
@@ -85,6 +98,13 @@ async def supervised(redis: aioredis.Redis, model: str) -> bool:
 async def set_replicas(redis: aioredis.Redis, model: str, version: str, replicas: int) -> None:
     """Want `replicas` workers of `version` (0 keeps its field: a model scaled to zero still names its version)."""
     await redis.hset(keys.deployment(model), REPLICAS + version, replicas)  # type: ignore[misc]
+
+
+async def served(redis: aioredis.Redis, model: str, version: str, previous: str) -> None:
+    """A rollout finished moving traffic: the deployment serves `version` now (when a supervisor keeps a record:
+    none is made here, under Kubernetes the operator's Deployments are the record)."""
+    if await redis.exists(keys.deployment(model)):
+        await redis.hset(keys.deployment(model), mapping={"version": version, "previous": previous})  # type: ignore[misc]
 
 
 async def drop_version(redis: aioredis.Redis, model: str, version: str) -> None:

@@ -62,6 +62,8 @@ class Dispatcher:
         # Models an operator scaled to zero replicas (keys.deployment): their requests wait in the queue for a
         # replica (until their deadline) instead of a 503 for having no live worker.
         self.parked: set[str] = set()
+        # Models in a rollout: their enqueues follow the split in Redis (broker/enqueue.py); the rest skip reading it.
+        self.split: set[str] = set()
         self.asked: dict[str, float] = {}       # model -> when a request last asked Redis about it
         self.asking: dict[str, asyncio.Future[int]] = {}
         self.timings: dict[str, tuple[Any, Any]] = {}   # model -> its (queue wait, compute) histogram children
@@ -115,7 +117,8 @@ class Dispatcher:
                             record.traceparent if record is not None else "")
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
-                                                timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes)
+                                                timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes,
+                                                spec.name in self.split)
         except BROKER_ERRORS as exc:
             self.metrics.rejected.labels(spec.name, "redis").inc()
             raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None
@@ -288,8 +291,8 @@ class Dispatcher:
             try:
                 seen = await self.registry.serving(models)
                 self.live = {m: s.live_workers for m, s in seen.items()}
-                self.parked = {m for m, dep in (await fleet.deployments(self.redis, models)).items()
-                               if dep is not None and dep.total == 0}
+                deployments, self.split = await fleet.watch(self.redis, models)
+                self.parked = {m for m, dep in deployments.items() if dep is not None and dep.total == 0}
                 errors.ok()
             except asyncio.CancelledError:
                 raise

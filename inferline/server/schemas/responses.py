@@ -145,6 +145,9 @@ class RolloutState(BaseModel):
     dead_lettered: dict[str, int]
     window: RolloutWindow
     automatic_rollback: bool
+    retired_version_may_stop: bool = Field(description="draining or rolling back: the version leaving gets no more "
+                                           "requests and its lane is answered; its workers may stop now (under "
+                                           "Kubernetes: scale its Deployment to 0)")
     reason: str | None
     started_ms: int
     finished_ms: int | None

@@ -25,7 +25,8 @@ STATE_EXAMPLE = {
     "weights": {"1": 80, "2": 20}, "live_replicas": {"1": 1, "2": 1}, "requests": {"1": 0, "2": 41},
     "failures": {"1": 0, "2": 0}, "dead_lettered": {"1": 0, "2": 0},
     "window": {"requests": 200, "seconds": 60.0, "max_failure_rate": 0.05, "closed": False},
-    "automatic_rollback": False, "reason": None, "started_ms": 1765000000000, "finished_ms": None}
+    "automatic_rollback": False, "retired_version_may_stop": False, "reason": None, "started_ms": 1765000000000,
+    "finished_ms": None}
 ROLLOUT_DOCS = dict(summary="Roll a model out to another store version (canary optional); 202 with its state",
                     status_code=202, openapi_extra=json_body(bodies.RolloutRequest, {"version": "2",
                                                                                    "canary_percent": 20}),
