@@ -84,6 +84,7 @@ def test_admin_needs_the_admin_scope_and_every_call_is_logged(cluster: Cluster) 
     assert all(" at=20" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_admin_is_loopback_only_while_no_key_exists(cluster: Cluster) -> None:
     """No key exists: a gateway on 0.0.0.0 refuses the admin API (403, the body says why) to a caller on the machine's
     own non-loopback address, under security.auth "auto" and "off" alike; a loopback caller may use it."""
@@ -107,6 +108,7 @@ def test_admin_is_loopback_only_while_no_key_exists(cluster: Cluster) -> None:
     logged(cluster, "gw-loopback", "who=loopback", "status=200")
 
 
+@pytest.mark.slow
 def test_drain_one_worker_answers_what_it_holds_then_exits(cluster: Cluster) -> None:
     cluster.spec("echo", runtime=ECHO, max_batch_size=1)
     first = cluster.start_worker("echo")
@@ -194,6 +196,7 @@ def wanted(cluster: Cluster, model: str) -> dict[str, int]:
     return record.replicas if record is not None else {}
 
 
+@pytest.mark.slow
 def test_v2_repository_index_unload_and_load_with_tritonclient(cluster: Cluster) -> None:
     """tritonclient.http as a Triton user calls it: the index lists the deployment READY with its version; unload
     drains its worker (a clean exit) and the index says UNAVAILABLE, why, and the wanted replicas are 0; load sets
@@ -225,11 +228,13 @@ def test_v2_repository_index_unload_and_load_with_tritonclient(cluster: Cluster)
     loading.start()
     wait_for(lambda: wanted(cluster, "echo") == {"": 1}, 30, "replicas wanted again")
     assert not loaded   # still waiting for a live replica
-    cluster.start_worker("echo")
+    again = cluster.start_worker("echo")
     loading.join(60)
     assert loaded == [None]
     assert client.is_model_ready("echo")
     assert client.get_model_repository_index()[0]["state"] == "READY"
+    client.unload_model("echo")   # a second time, now that a deployment record exists: no supervisor wrote it
+    assert again.wait(30) == 0
     with pytest.raises(tritonclient.InferenceServerException, match="not served"):
         client.unload_model("nope")
     bad = httpx.post(url + "/v2/repository/models/echo/load", json={"parameters": {"config": "{}"}}, timeout=30)

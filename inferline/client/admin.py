@@ -21,6 +21,7 @@ import orjson
 from inferline.client.calls import Answer, AsyncRunner, Call, Request, SyncRunner, endpoint
 from inferline.client.types import Result
 from inferline.server.schemas import admin as wire
+from inferline.server.schemas import responses as answers
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Result)
@@ -62,9 +63,13 @@ class RepositoryIndex(Result):
     models: list[wire.RepositoryModel]
 
 
-class AdminState(Result):
-    """The answer of a rollout, promote, rollout status or scale call: the deployment's state as the gateway reports
-    it (its fields are read as attributes or with `model_dump()`)."""
+class RolloutState(Result, answers.RolloutState):
+    """A model's current or last rollout: versions, weights, live replicas, requests and failures per version, and
+    why an automatic rollback happened (`reason`)."""
+
+
+class ScaleAnswer(Result, answers.ScaleAnswer):
+    pass
 
 
 def read(result: type[R]) -> Callable[[Answer], R]:
@@ -106,29 +111,30 @@ class AdminAPI:
         return Call(Request("POST", f"/admin/workers/{quote(worker_id, safe='')}/drain"), read(WorkerDrain), OK)
 
     @endpoint
-    def scale(self, model: str, replicas: int) -> Call[AdminState]:
+    def scale(self, model: str, replicas: int) -> Call[ScaleAnswer]:
         """Set a deployment's replicas at run time (0 allowed: requests then wait in the queue)."""
-        return Call(Request("POST", model_path(model) + "/scale", json={"replicas": replicas}), read(AdminState), OK)
+        return Call(Request("POST", model_path(model) + "/scale", json={"replicas": replicas}), read(ScaleAnswer), OK)
 
     # rollouts --------------------------------------------------------------------------------------------------
     @endpoint
-    def rollout(self, model: str, version: str, canary_percent: float | None = None) -> Call[AdminState]:
-        """Start serving `version`: all traffic once its workers are live, or `canary_percent` of it."""
+    def rollout(self, model: str, version: str, canary_percent: int | None = None) -> Call[RolloutState]:
+        """Start serving `version`: all traffic once its workers are live, or `canary_percent` of it (until
+        promote()); it rolls back by itself if the new version fails (rollout_status() says why)."""
         body: dict[str, Any] = {"version": version}
         if canary_percent is not None:
             body["canary_percent"] = canary_percent
-        return Call(Request("POST", model_path(model) + "/rollout", json=body), read(AdminState), OK)
+        return Call(Request("POST", model_path(model) + "/rollout", json=body), read(RolloutState), OK)
 
     @endpoint
-    def rollout_status(self, model: str) -> Call[AdminState]:
+    def rollout_status(self, model: str) -> Call[RolloutState]:
         """The rollout's state: versions, weights, live replicas, requests and failures per version, and why an
         automatic rollback happened."""
-        return Call(Request("GET", model_path(model) + "/rollout"), read(AdminState))
+        return Call(Request("GET", model_path(model) + "/rollout"), read(RolloutState))
 
     @endpoint
-    def promote(self, model: str) -> Call[AdminState]:
+    def promote(self, model: str) -> Call[RolloutState]:
         """Finish a canary: all traffic to the new version."""
-        return Call(Request("POST", model_path(model) + "/promote"), read(AdminState), OK)
+        return Call(Request("POST", model_path(model) + "/promote"), read(RolloutState), OK)
 
     # dead letters ----------------------------------------------------------------------------------------------
     @endpoint

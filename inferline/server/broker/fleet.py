@@ -89,6 +89,12 @@ async def init_deployment(redis: aioredis.Redis, model: str, version: str, repli
         await pipe.execute()
 
 
+async def supervised(redis: aioredis.Redis, model: str) -> bool:
+    """Whether a supervisor (`inferline up` / `serve`) runs the model's workers: it wrote the deployment record's
+    `version` at start (init_deployment); set_replicas alone never does."""
+    return bool(await redis.hexists(keys.deployment(model), "version"))  # type: ignore[misc]
+
+
 async def set_replicas(redis: aioredis.Redis, model: str, version: str, replicas: int) -> None:
     """Want `replicas` workers of `version` (0 keeps its field: a model scaled to zero still names its version)."""
     await redis.hset(keys.deployment(model), REPLICAS + version, replicas)  # type: ignore[misc]

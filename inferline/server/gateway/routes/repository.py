@@ -5,8 +5,9 @@ reason}`; `POST /v2/repository/models/{name}/load` and `/unload` answer 200 with
 
 The repository is this gateway's configuration: its deployments. The index lists one entry per version its live
 workers serve (READY), or one entry without a version when none is live (UNAVAILABLE, or UNLOADING while workers of an
-unloaded model still drain). Unload sets the deployment's wanted replicas to 0 (broker/fleet.py, which the supervisor
-of `inferline up` / `serve` reconciles) and asks every live worker to drain: each finishes what it holds and exits;
+unloaded model still drain). Unload sets the deployment's wanted replicas to 0 (broker/fleet.py): the supervisor of
+`inferline up` / `serve` drains the workers it runs; where no supervisor wrote a deployment record (workers run by
+hand or by Kubernetes) every live worker is also asked to drain by its flag. Each finishes what it holds and exits;
 the call answers once none is live (bounded by UNLOAD_WAIT_S). Load sets the wanted replicas back to the configured
 count and answers once one replica is live (bounded by LOAD_WAIT_S: the supervisor starts them; workers run by hand or
 by Kubernetes are started by whoever runs them). Requests sent while a model is unloaded wait in its queue until their
@@ -110,9 +111,11 @@ async def unload(gw: Gateway, request: Request) -> Response:
     versions = set(record.replicas) if record is not None else {served_version(gw, model)}
     for version in versions:   # every version it runs, a rollout's two included
         await broker(fleet.set_replicas(gw.redis, model, version, 0))
-    # the supervisor drains its workers once it reads that; workers run by hand or by Kubernetes drain on this flag
-    for worker in await broker(gw.registry.live_workers_ids(model)):
-        await broker(fleet.request_drain(gw.redis, model, worker))
+    if not await broker(fleet.supervised(gw.redis, model)):
+        # workers run by hand or by Kubernetes: each drains on its flag (a supervisor drains the ones it runs itself,
+        # and a flag would race it: a worker gone by itself is restarted)
+        for worker in await broker(gw.registry.live_workers_ids(model)):
+            await broker(fleet.request_drain(gw.redis, model, worker))
     await wait_for(lambda n: n == 0, gw, model, UNLOAD_WAIT_S,
                    f"model {model}: unload requested, its workers are still draining after {UNLOAD_WAIT_S:g} s")
     return Response(b"", media_type="application/json")
