@@ -343,6 +343,10 @@ def test_the_readme_operate_examples_run(fleet: Fleet) -> None:
         outputs.append(json.loads(run.stdout))
     assert outputs[0]["to_version"] == "2" and outputs[0]["canary_percent"] == 20
     assert outputs[2]["canary_percent"] == 100
+    with httpx.Client(timeout=20) as http:   # the example's default window: its first 200 answers (or 60 s)
+        wait_for(lambda: fleet.state()["state"] in ("rolling", "draining", "done"), 60, "promoted")
+        for i in range(200):
+            assert http.post(fleet.url + "/v1/models/echo/predict", json={"x": i}).status_code == 200
     assert fleet.settled("done")["to_version"] == "2"
     run = subprocess.run(shlex.split(lines[3].replace("http://localhost:8000", fleet.url)), capture_output=True,
                          text=True, timeout=30)
