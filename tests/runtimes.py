@@ -16,8 +16,9 @@ from inferline import InputError, Model, Tensor
 
 class EchoRow(BaseModel):
     """Any fields (echoed back), an optional FP32 vector `x` (v2), and switches: reject -> InputError; sleep_s -> the
-    batch sleeps; raise -> the model raises; kill -> the process dies mid-batch (a poison pill); where -> the answer
-    names the worker thread that ran the batch."""
+    batch sleeps; raise -> the model raises; kill -> the process dies mid-batch (a poison pill); kill_if_exists -> the
+    same while that file exists (a poison a test can cure); where -> the answer names the worker thread that ran the
+    batch."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -26,6 +27,7 @@ class EchoRow(BaseModel):
     sleep_s: float = Field(0.0, ge=0, le=60)
     fail: bool = Field(False, alias="raise")
     kill: bool = False
+    kill_if_exists: str | None = None
     where: bool = False
 
 
@@ -45,7 +47,7 @@ class Echo(Model):
         self.version = "1"
 
     def predict(self, batch: list[EchoRow]) -> list[EchoAnswer]:
-        if any(row.kill for row in batch):
+        if any(row.kill or (row.kill_if_exists and os.path.exists(row.kill_if_exists)) for row in batch):
             os._exit(17)
         if any(row.fail for row in batch):
             raise RuntimeError("poisoned item")
@@ -53,8 +55,8 @@ class Echo(Model):
             if row.reject:
                 raise InputError("`reject` was set", field="reject")
         time.sleep(max(row.sleep_s for row in batch))
-        return [EchoAnswer(y=None if row.x is None else row.x * 2, echo=row.model_dump(exclude={"x"}, by_alias=True,
-                                                                                  exclude_defaults=True),
+        return [EchoAnswer(y=None if row.x is None else row.x * 2,
+                           echo=row.model_dump(exclude={"x", "kill_if_exists"}, by_alias=True, exclude_defaults=True),
                            batch=len(batch), pid=os.getpid(),
                            thread=threading.current_thread().name if row.where else None) for row in batch]
 

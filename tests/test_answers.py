@@ -24,13 +24,16 @@ from inferline.server.gateway.routes import chat, generate, health, kserve, mode
 from inferline.server.gateway.routes.common import build, encode
 from inferline.server.gateway.routes.openai_shapes import error_chunk
 from inferline.server.protocol import ModelInfo, TokenEvent, WorkerStatus
+from inferline.server.schemas import admin as admin_wire
 from inferline.server.schemas import responses as wire
 from inferline.server.schemas.openai import ChatCompletionRequest, CompletionRequest
 from inferline.server.schemas.tgi import GenerateRequest
 
 # Routes whose 200 body is not one of the gateway's JSON models: text, an empty body, or each model's own type.
 NOT_A_WIRE_MODEL = {("GET", "/metrics"), ("GET", "/health"), ("POST", "/generate_stream"),
-                    ("POST", "/v1/models/{model}/predict")}
+                    ("POST", "/v1/models/{model}/predict"), ("POST", "/v2/repository/models/{model}/load"),
+                    ("POST", "/v2/repository/models/{model}/unload")}
+WIRE_MODULES = {wire.__name__, admin_wire.__name__}   # the answers, and the management API's (schemas/admin.py)
 PREFILL = [{"id": 464, "text": "The", "logprob": None}]
 TOP = [{"id": 318, "text": " is", "logprob": -1.25, "special": False},
        {"id": 257, "text": " a", "logprob": -2.5, "special": False}]
@@ -83,7 +86,7 @@ def test_every_json_route_names_its_response_model() -> None:
             continue
         model = ok["model"]
         models_ = getattr(model, "__args__", (model,))   # list[M] or M1 | M2
-        assert models_ and all(issubclass(m, BaseModel) and m.__module__ == wire.__name__ for m in models_), \
+        assert models_ and all(issubclass(m, BaseModel) and m.__module__ in WIRE_MODULES for m in models_), \
             route.path
 
 
@@ -192,14 +195,15 @@ def test_operations_and_v2_answers() -> None:
                      inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
                      outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, -1]}])
     worker = WorkerStatus(pid=1, host="h", device="cpu", version="1", started=0)
-    listed = models.model_list([("echo", ModelSpec(name="echo"), ModelStatus(info, [worker], 3)),
-                                ("gpt2", ModelSpec(name="gpt2", task="generate"), ModelStatus(None, [], 0))])
+    listed = models.model_list([("echo", ModelSpec(name="echo"), ModelStatus(info, [worker], 3), None, {}),
+                                ("gpt2", ModelSpec(name="gpt2", task="generate"), ModelStatus(None, [], 0), None, {})])
     card = {"object": "model", "created": 0, "owned_by": "inferline", "replicas": 1}
     assert sent(listed, wire.ModelList) == {"object": "list", "data": [
         {"id": "echo", **card, "version": "1", "live_replicas": 1, "devices": ["cpu"], "queue_depth": 3,
-         "kind": "batch", "task": None},
+         "kind": "batch", "task": None,
+         "versions": [{"version": "1", "replicas": 0, "live_replicas": 1, "weight": 100, "live": True}]},
         {"id": "gpt2", **card, "version": None, "live_replicas": 0, "devices": [], "queue_depth": 0, "kind": None,
-         "task": "generate"}]}
+         "task": "generate", "versions": []}]}
     ready = health.readiness_of({"echo": Serving(1, True), "gpt2": Serving(0, True)})
     assert sent(ready, wire.Readiness) == {"ready": True, "redis": "ok", "models": {
         "echo": {"ready": True, "live_workers": 1},
@@ -213,4 +217,4 @@ def test_operations_and_v2_answers() -> None:
     assert sent(kserve.metadata_of("echo", info), wire.V2Metadata) == {
         "name": "echo", "versions": ["1"], "platform": "inferline", "inputs": info.inputs, "outputs": info.outputs}
     assert sent(kserve.LIVE, wire.V2Live) == {"live": True}
-    assert sent(kserve.SERVER, wire.V2Server)["extensions"] == ["binary_tensor_data"]
+    assert sent(kserve.SERVER, wire.V2Server)["extensions"] == ["binary_tensor_data", "model_repository"]

@@ -95,10 +95,11 @@ def test_models_table_shows_the_live_models(up: Up) -> None:
     table = up.cli("models", "--url", up.url)   # --url beats INFERLINE_URL; both name the same gateway here
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.strip().splitlines()
-    assert header.split() == ["MODEL", "VERSION", "TASK", "LIVE", "DEVICE", "QUEUE", "P50_MS"]
+    assert header.split() == ["MODEL", "VERSION", "VERSIONS", "TASK", "LIVE", "DEVICE", "QUEUE", "P50_MS"]
     by_model = {row.split()[0]: row.split() for row in rows}
     assert set(by_model) == {"lstm", "cnn", "gpt2"}
-    assert by_model["lstm"][2:6] == ["forecast", "1/1", "cpu", "0"] and by_model["lstm"][6] != "-"
+    assert by_model["lstm"][3:7] == ["forecast", "1/1", "cpu", "0"] and by_model["lstm"][7] != "-"
+    assert by_model["lstm"][2] == f"{by_model['lstm'][1]}:1/1@100%"   # each version: live/wanted@share
 
 
 def test_predict_prints_the_answer(up: Up) -> None:
@@ -119,8 +120,8 @@ def test_generate_streams_the_text(up: Up) -> None:
     assert re.search(r"\[(length|eos_token|stop_sequence), \d+ tokens\]", out.stderr)
 
 
-COLUMNS = ["MODEL", "VERSION", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS", "REQ/S", "TOK/S", "BATCH", "P50_MS",
-           "P99_MS"]
+COLUMNS = ["MODEL", "VERSION", "VERSIONS", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS", "REQ/S", "TOK/S", "BATCH",
+           "P50_MS", "P99_MS"]
 
 
 def top_rows(frame: str) -> dict[str, dict[str, str]]:

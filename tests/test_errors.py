@@ -20,8 +20,9 @@ from inferline.server.gateway.errors import (
 from inferline.server.schemas.responses import OpenAIError, TaskError, V2Error
 
 # API.md's statuses, by error type. Written out here, not read from the table, so a changed status fails a test.
-STATUSES = {"validation": 422, "bad_request": 400, "not_found": 404, "method_not_allowed": 405, "too_large": 413,
-            "headers_too_large": 431, "auth": 401, "forbidden": 403, "rate_limited": 429, "cancelled": 499,
+STATUSES = {"validation": 422, "bad_request": 400, "not_found": 404, "conflict": 409, "method_not_allowed": 405,
+            "too_large": 413, "headers_too_large": 431, "auth": 401, "forbidden": 403, "rate_limited": 429,
+            "cancelled": 499,
             "overloaded": 503, "unavailable": 503, "timeout": 504, "request_timeout": 408, "dead_letter": 500,
             "generation": 500, "internal": 500}
 FAMILIES = {"tgi": ["/generate", "/generate_stream", "/", "/forecast", "/classify-image"],

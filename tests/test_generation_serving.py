@@ -71,6 +71,7 @@ def test_tgi_stream_adds_up_to_the_final_text(tgi: text_generation.Client, gpt2_
     body = {"inputs": prompt, "parameters": {"max_new_tokens": 24}}
     with httpx.Client(timeout=60) as client, client.stream("POST", gpt2_url + "/generate_stream", json=body) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["x-model-version"]   # a stream names its version too, in its headers
         raw = sse_events(resp)
     assert "[DONE]" not in raw and len(raw) == len(events)
     decoded = [json.loads(e) for e in raw]
@@ -250,8 +251,9 @@ def test_openai_stream_with_usage_adds_up(oai: openai.OpenAI, gpt2_url: str) -> 
     assert usage is not None and whole.usage is not None and usage.model_dump() == whole.usage.model_dump()
     body = {"model": "gpt2", "prompt": prompts[0], "max_tokens": 4, "temperature": 0, "stream": True}
     with httpx.Client(timeout=60) as client, client.stream("POST", gpt2_url + "/v1/completions", json=body) as resp:
+        version = resp.headers.get("x-model-version")
         raw = sse_events(resp)
-    assert raw[-1] == "[DONE]" and len(raw) == 5
+    assert raw[-1] == "[DONE]" and len(raw) == 5 and version
 
 
 def test_openai_stream_leaves_out_special_tokens(tgi: text_generation.Client, oai: openai.OpenAI) -> None:

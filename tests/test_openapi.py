@@ -241,6 +241,12 @@ def test_real_traffic_of_every_route_validates(spec: OpenAPI, deployment: Deploy
         exchange(spec, client, "POST", "/v2/models/echo/infer", 200, json=v2_json)
         exchange(spec, client, "POST", "/v2/models/echo/versions/1/infer", 200, json=v2_json)
         exchange(spec, client, "POST", "/v2/models/echo/infer", 200, content=binary, headers=binary_headers)
+        # the management API (loopback, no key: allowed), but for load and unload, which would stop this deployment
+        exchange(spec, client, "GET", "/admin/deployments", 200)
+        exchange(spec, client, "POST", "/v2/repository/index", 200, json={"ready": True})
+        exchange(spec, client, "GET", "/admin/models/echo/dead-letters", 200, params={"limit": 10})
+        exchange(spec, client, "POST", "/admin/models/echo/dead-letters/replay", 200, json={"ids": ["0-1"]})
+        exchange(spec, client, "POST", "/admin/models/echo/dead-letters/purge", 200, json={"ids": ["0-1"]})
 
 
 def test_real_errors_of_each_family_validate(spec: OpenAPI, deployment: Deployment) -> None:

@@ -24,7 +24,7 @@ EXEMPT = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metric
 
 
 def concrete(path: str) -> str:
-    return path.replace("{model}", "echo").replace("{version}", "1")
+    return path.replace("{model}", "echo").replace("{version}", "1").replace("{worker}", "w1")
 
 
 def assert_refused(r: httpx.Response, path: str) -> None:
@@ -285,11 +285,22 @@ def test_every_route_checks_the_model_of_a_restricted_key(cluster: Cluster) -> N
     admin, _ = create_key(cluster.redis_url, scopes={"admin"})
     schema = httpx.get(url + "/openapi.json", headers=bearer(admin)).json()
     routes = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
-    assert routes - MODEL_FREE - set(MODEL_ROUTES) == set(), "a route the test does not classify"
+    # the management API: marked in the document, refused to every key without the admin scope (test_admin.py
+    # calls each with one)
+    admin_routes = {(m.upper(), p) for p, ops in schema["paths"].items() for m, op in ops.items()
+                    if op.get("x-inferline-scope") == "admin"}
+    assert {("GET", "/admin/deployments"), ("POST", "/v2/repository/index")} <= admin_routes
+    assert routes - MODEL_FREE - set(MODEL_ROUTES) - admin_routes == set(), "a route the test does not classify"
     assert set(MODEL_ROUTES) <= routes
     other_only, _ = create_key(cluster.redis_url, models={"other"})
     wrong: list[tuple[str, str, str, int, str]] = []   # every route that answers otherwise, reported at once
     with httpx.Client(base_url=url, timeout=30) as client:
+        every_model, _ = create_key(cluster.redis_url)
+        for method, path in sorted(admin_routes):
+            for key in (other_only, every_model):
+                denied = client.request(method, concrete(path), json={}, headers=bearer(key))
+                if denied.status_code != 403 or "`admin` scope" not in denied.text:
+                    wrong.append(("infer key on an admin route", method, path, denied.status_code, denied.text[:120]))
         for (method, path), (model, request) in MODEL_ROUTES.items():
             target = path.replace("{model}", model).replace("{version}", "1")
             denied = client.request(method, target, **request, headers=bearer(other_only))

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import httpx
 from tqdm import tqdm
 
+from inferline.client.admin import Admin, AsyncAdmin
 from inferline.client.api import API
 from inferline.client.calls import (
     Answer,
@@ -77,6 +78,7 @@ class Client(API, SyncRunner):
                                                  limits=httpx.Limits(max_connections=64,
                                                                      max_keepalive_connections=64))
         self._http.base_url = httpx.URL(self.url)
+        self.admin = Admin(self._run)   # the management API (client/admin.py)
 
     def __enter__(self) -> Client:
         return self
@@ -165,6 +167,7 @@ class AsyncClient(API, AsyncRunner):
                                                       limits=httpx.Limits(max_connections=64,
                                                                           max_keepalive_connections=64))
         self._http.base_url = httpx.URL(self.url)
+        self.admin = AsyncAdmin(self._run)   # the management API (client/admin.py), awaited
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -230,7 +230,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from inferline.server.worker.main import main as worker_main
 
     return worker_main([*([args.model] if args.model else []), *(["--config", args.config] if args.config else []),
-                        "--replica", str(args.replica)])
+                        "--replica", str(args.replica), *(["--version", args.version] if args.version else [])])
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     wk = sub.add_parser("worker", parents=[common], help="run one replica of a model (needs REDIS_URL)")
     wk.add_argument("model")
     wk.add_argument("--replica", type=int, default=0)
+    wk.add_argument("--version", help="serve this store version (one worker Deployment per version under Kubernetes)")
     wk.set_defaults(func=cmd_worker)
     md = sub.add_parser("models", parents=[common], help="the served models as a table (version, replicas live, "
                         "device, queue depth, p50); `models build` builds the demo zoo")

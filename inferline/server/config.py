@@ -23,6 +23,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from inferline.server.schemas.fleet import VERSION_PATTERN
+
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:\d+|auto)$")
 # Task routes a deployment can be bound to: image and text classifiers, forecasters, and text generation (the TGI
 # routes /generate, /generate_stream and /). Generic routes (/v1/models/{name}/predict, /v2) serve every deployment.
@@ -44,6 +46,9 @@ class ModelSpec(BaseModel):
     model: str | None = Field(None, validation_alias=AliasChoices("model", "runtime"))
     task: str | None = None               # the task route bound to this deployment (TASKS), if any
     artifact: Path | None = None          # a store directory <store>/<name> or one version directory
+    # The store version served (a directory name under the artifact); None: the newest. A rollout serves another one
+    # beside it at run time (server/rollout.py); its workers get theirs with `inferline worker --version`.
+    version: str | None = Field(None, pattern=VERSION_PATTERN, max_length=32)
     replicas: int = Field(1, ge=0, le=64)
     device: str = "cpu"
     max_batch_size: int | None = Field(None, ge=1, le=4096)        # None: the Model class's own default

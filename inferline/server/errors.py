@@ -43,6 +43,12 @@ class NotFound(InferlineError):
     error_type = "not_found"
 
 
+class Conflict(InferlineError):
+    """The request cannot apply to the resource's state now (a rollout already in progress, nothing to promote)."""
+
+    error_type = "conflict"
+
+
 class MethodNotAllowed(InferlineError):
     error_type = "method_not_allowed"
 

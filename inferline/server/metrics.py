@@ -168,6 +168,8 @@ BROKER_COUNTERS = (
      "visibility timeout"),
     (keys.STAT_REDELIVERED, "inferline_redeliveries", "Reclaimed entries run again (the rest were dead-lettered)"),
     (keys.STAT_DEAD_LETTERED, "inferline_dead_letters", "Requests moved to the dead-letter stream"),
+    (keys.STAT_ROLLBACKS, "inferline_automatic_rollbacks", "Rollouts that rolled back by themselves (the new "
+     "version failed to load, or failed too often in its window)"),
 )
 # The worker registry's families (names, types, help, buckets), read once from a template.
 _WORKER_FAMILIES = list(WorkerMetrics("_").registry.collect())

@@ -147,6 +147,7 @@ class Reply:
     compute_ms: float = 0.0  # the worker's own time on it: the batch's model call, or a generation from admission
     batch_size: int = 0      # requests in the batch it ran in (dynamic batching); 0 when not run
     tokens: int = 0          # tokens generated (language models, on the final reply)
+    version: str = ""        # the model version that answered (its worker names it on the reply entry): x-model-version
 
     @property
     def ok(self) -> bool:
@@ -188,15 +189,16 @@ def pack_replies(replies: list[Reply]) -> bytes:
     return b"".join(parts)
 
 
-def unpack_replies(data: bytes) -> list[Reply]:
-    """Inverse of pack_replies (either header)."""
+def unpack_replies(data: bytes, version: str = "") -> list[Reply]:
+    """Inverse of pack_replies (either header); `version` is the answering worker's, named once on the entry."""
     out, pos = [], 0
     while pos < len(data):
         n_head, n_body = _FRAME.unpack_from(data, pos)
         pos += _FRAME.size
         head = orjson.loads(data[pos:pos + n_head])
         pos += n_head
-        out.append(Reply(head[0], data[pos:pos + n_body], *head[1:]))
+        # the header is 2 or 6 values after the id: never as far as `version`
+        out.append(Reply(head[0], data[pos:pos + n_body], *head[1:], version=version))  # type: ignore[misc]
         pos += n_body
     return out
 

@@ -95,10 +95,97 @@ def cmd_list(args: argparse.Namespace) -> int:
     with client_of(args) as client:
         models = client.models()
         metrics = scrape(client)
-    body = [[card.id, card.version or "-", card.task or "-", f"{card.live_replicas}/{card.replicas}",
-             ",".join(card.devices) or "-", str(card.queue_depth),
+    body = [[card.id, card.version or "-", top.versions_cell(getattr(card, "versions", None) or []), card.task or "-",
+             f"{card.live_replicas}/{card.replicas}", ",".join(card.devices) or "-", str(card.queue_depth),
              top.ms(top.quantile(0.5, metrics.buckets.get(card.id, {})))] for card in models]
-    print(top.table(["MODEL", "VERSION", "TASK", "LIVE", "DEVICE", "QUEUE", "P50_MS"], body))
+    print(top.table(["MODEL", "VERSION", "VERSIONS", "TASK", "LIVE", "DEVICE", "QUEUE", "P50_MS"], body))
+    return 0
+
+
+def admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One admin call to the gateway (the key from --api-key / INFERLINE_API_KEY). Raises APIError's kin through
+    `guarded` callers: a non-2xx answer prints its error line."""
+    with client_of(args) as client:
+        response = httpx.request(method, client.url + path, json=body, headers=client.options.headers,
+                                 timeout=args.timeout)
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text
+        raise AdminRefused(f"{method} {path}: {response.status_code} {message}")
+    found: dict[str, Any] = response.json()
+    return found
+
+
+class AdminRefused(Exception):
+    """The gateway refused an admin call (the message has its status and error)."""
+
+
+def print_rollout(state: dict[str, Any]) -> None:
+    weights = ", ".join(f"{v}: {w}%" for v, w in state["weights"].items())
+    print(f"{state['model']}: {state['from_version']} -> {state['to_version']} {state['state']} ({weights})"
+          + (f"; {state['reason']}" if state.get("reason") else ""))
+
+
+def admin_command(run: Any) -> Any:
+    def command(args: argparse.Namespace) -> int:
+        try:
+            code: int = run(args)
+            return code
+        except (AdminRefused, httpx.HTTPError) as exc:
+            print(f"inferline: {exc}", file=sys.stderr)
+            return 1
+    return command
+
+
+@admin_command
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """inferline rollout NAME VERSION [--canary P] [--wait]: start a rollout (POST /admin/models/NAME/rollout)."""
+    body: dict[str, Any] = {"version": args.version}
+    if args.canary is not None:
+        body["canary_percent"] = args.canary
+    state = admin_call(args, "POST", f"/admin/models/{args.name}/rollout", body)
+    print_rollout(state)
+    return wait_rollout(args, state) if args.wait else 0
+
+
+def wait_rollout(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    """Poll until the rollout settles (done, rolled back, or a canary waiting for promote)."""
+    while state["state"] not in ("done", "rolled_back", "abandoned", "canary"):
+        time.sleep(1.0)
+        state = admin_call(args, "GET", f"/admin/models/{args.name}/rollout")
+    print_rollout(state)
+    return 1 if state.get("automatic_rollback") else 0   # the new version failed: a script may stop here
+
+
+@admin_command
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """inferline rollback NAME: roll out the version served before (or back out of a rollout in progress)."""
+    state = admin_call(args, "GET", f"/admin/models/{args.name}/rollout")
+    back = state["from_version"]   # a finished rollout: the version before it; one in progress: backed out
+    if state["state"] in ("rolled_back", "abandoned"):
+        print(f"inferline: {args.name}'s last rollout is already {state['state']}; it serves "
+              f"{state['from_version']}", file=sys.stderr)
+        return 1
+    state = admin_call(args, "POST", f"/admin/models/{args.name}/rollout", {"version": back})
+    print_rollout(state)
+    return wait_rollout(args, state) if args.wait else 0
+
+
+@admin_command
+def cmd_promote(args: argparse.Namespace) -> int:
+    """inferline promote NAME: finish a canary."""
+    print_rollout(admin_call(args, "POST", f"/admin/models/{args.name}/promote"))
+    return 0
+
+
+@admin_command
+def cmd_scale(args: argparse.Namespace) -> int:
+    """inferline scale NAME N: set the replicas (the supervisor of `inferline up` / `serve` starts or drains)."""
+    answer = admin_call(args, "POST", f"/admin/models/{args.name}/scale", {"replicas": args.replicas})
+    print(f"{answer['model']}: {answer['replicas']} replica(s) wanted of version {answer['version'] or '-'} "
+          f"({answer['live_replicas']} live now)")
     return 0
 
 
@@ -202,6 +289,28 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     st = sub.add_parser("status", parents=[common], help="is `inferline up` running here, and ready")
     add_client_options(st)
     st.set_defaults(func=cmd_status)
+    ro = sub.add_parser("rollout", parents=[common], help="roll a model out to another store version (canary with "
+                        "--canary P); it rolls back by itself if the new version fails")
+    ro.add_argument("name")
+    ro.add_argument("version")
+    ro.add_argument("--canary", type=int, help="send only this percent of the requests to it until `promote`")
+    ro.add_argument("--wait", action="store_true", help="wait until it is done, rolled back or a canary")
+    add_client_options(ro)
+    ro.set_defaults(func=cmd_rollout)
+    rb = sub.add_parser("rollback", parents=[common], help="back to the version served before the last rollout")
+    rb.add_argument("name")
+    rb.add_argument("--wait", action="store_true", help="wait until it is done")
+    add_client_options(rb)
+    rb.set_defaults(func=cmd_rollback)
+    pm = sub.add_parser("promote", parents=[common], help="finish a canary: all traffic to the new version")
+    pm.add_argument("name")
+    add_client_options(pm)
+    pm.set_defaults(func=cmd_promote)
+    sc = sub.add_parser("scale", parents=[common], help="set a model's replicas at run time (0: requests wait)")
+    sc.add_argument("name")
+    sc.add_argument("replicas", type=int)
+    add_client_options(sc)
+    sc.set_defaults(func=cmd_scale)
     dn = sub.add_parser("down", parents=[common], help="stop the `inferline up` running here (drains first)")
     dn.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it to stop (default 60)")
     dn.set_defaults(func=cmd_down)

@@ -8,6 +8,8 @@ dies (PR_SET_PDEATHSIG)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -22,9 +24,12 @@ from typing import Any
 
 import httpx
 
+from inferline.server import store
 from inferline.server.auth import keyfile
-from inferline.server.broker import embedded
-from inferline.server.config import Settings
+from inferline.server.broker import embedded, fleet
+from inferline.server.broker.client import BROKER_ERRORS, connect
+from inferline.server.config import ModelSpec, Settings
+from inferline.server.logs import RepeatingError
 from inferline.server.worker.watchdog import EXIT_HUNG
 
 log = logging.getLogger("inferline.up")
@@ -33,6 +38,7 @@ DRAIN_S = 30.0
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0   # a process that ran this long has its backoff reset
 POLL_S = 1.0      # how often the start-up progress asks the gateway
+RECONCILE_S = 0.5   # how often the replicas wanted are read from Redis (keys.deployment)
 STATE_FILE = "up.json"   # in state_dir: the running `up` for `inferline status` and `inferline down`
 
 
@@ -92,6 +98,69 @@ class Progress:
             print(self.banner, flush=True)
 
 
+def configured_version(spec: ModelSpec) -> str:
+    """The store version a deployment serves at start: the pinned one, else the newest; "" for a model without store
+    versions (its workers load what the config names, and it cannot be rolled out)."""
+    if spec.version:
+        return spec.version
+    path = Path(spec.artifact) if spec.artifact is not None else None
+    if path is None:
+        return ""
+    if (path / store.MANIFEST).is_file():
+        return path.name
+    done = store.versions(path)
+    return done[-1].name if done else ""
+
+
+class FleetLink:
+    """The supervisor's Redis link (broker/fleet.py), on an event loop of its own driven from the supervisor's
+    loop: each call is bounded by broker.timeout_s."""
+
+    def __init__(self, redis_url: str, timeout_s: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.redis = connect(redis_url, timeout_s)
+        self.errors = RepeatingError(log, "reading the replicas wanted", BROKER_ERRORS)
+        self.started = False
+
+    def start(self, wanted: dict[str, dict[str, int]]) -> None:
+        """Write the configuration's deployments (the truth at start)."""
+        try:
+            for model, versions in wanted.items():
+                (version, n), = versions.items()
+                self.loop.run_until_complete(fleet.init_deployment(self.redis, model, version, n))
+            self.started = True
+        except BROKER_ERRORS as exc:
+            self.errors.failed(exc)
+
+    def wanted(self, last: dict[str, dict[str, int]]) -> dict[str, dict[str, int]] | None:
+        """The replicas wanted per model and version now; None when Redis cannot say. A record Redis lost (a restart
+        without persistence) is written again from `last`."""
+        if not self.started:
+            self.start(last)
+            if not self.started:
+                return None
+        try:
+            found = self.loop.run_until_complete(fleet.deployments(self.redis, last))
+            out: dict[str, dict[str, int]] = {}
+            for model, dep in found.items():
+                if dep is None:
+                    for version, n in last[model].items():
+                        self.loop.run_until_complete(fleet.set_replicas(self.redis, model, version, n))
+                    out[model] = last[model]
+                else:
+                    out[model] = dep.replicas
+            self.errors.ok()
+            return out
+        except BROKER_ERRORS as exc:
+            self.errors.failed(exc)
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.run_until_complete(self.redis.aclose())
+        self.loop.close()
+
+
 def _die_with_parent() -> None:
     """Children get SIGTERM if the supervisor itself is killed (Linux), so none is left behind."""
     try:
@@ -113,6 +182,12 @@ class Child:
     restarts: int = field(default=0)
     # Its own session: a Ctrl-C to the terminal's process group must not reach it (Redis outlives the drain).
     own_session: bool = False
+    # A worker's deployment: its model, version ("": the configured one of a model without store versions) and
+    # replica index; draining once it was sent SIGTERM to go (it is not restarted: it leaves the list when it exits).
+    model: str = ""
+    version: str = ""
+    replica: int = 0
+    draining: bool = False
 
     def start(self) -> None:
         out = self.log_path.open("ab")
@@ -151,11 +226,65 @@ class Supervisor:
             **env, "INFERLINE_GATEWAY__ACCESS_LOG_FILE": str((logs / "access.log").resolve())}
         self.children.append(Child("gateway", [py, "-m", "inferline.server.cli", "gateway"], gateway_env,
                                    logs / "gateway.log"))
+        self.env = env
+        self.logs = logs
+        # The replicas wanted of each model's versions, as last read from Redis (keys.deployment): the configuration
+        # at start; `inferline scale`, rollouts and the autoscaler change it there, and reconcile() follows.
+        self.served = {name: configured_version(spec) for name, spec in settings.models.items()}
+        self.wanted: dict[str, dict[str, int]] = {name: {self.served[name]: spec.replicas}
+                                                  for name, spec in settings.models.items()}
         for name, spec in settings.models.items():
             for i in range(spec.replicas):
-                self.children.append(Child(f"worker {name}#{i}", [py, "-m", "inferline.server.worker.main", name,
-                                                                  "--replica", str(i)], env,
-                                           logs / f"worker-{name}-{i}.log"))
+                self.children.append(self.worker(name, self.served[name], i))
+        self.fleet = FleetLink(redis_url, settings.broker.timeout_s)
+        self.reconciled_at = 0.0
+
+    def worker(self, model: str, version: str, replica: int) -> Child:
+        """A worker process of `version` of `model` (not started)."""
+        tag = f"{model}@{version}" if version else model
+        argv = [sys.executable, "-m", "inferline.server.worker.main", model, "--replica", str(replica)]
+        log_name = f"worker-{model}-{version + '-' if version else ''}{replica}.log"
+        return Child(f"worker {tag}#{replica}", [*argv, *(["--version", version] if version else [])], self.env,
+                     self.logs / log_name,
+                     model=model, version=version, replica=replica)
+
+    def reconcile(self) -> None:
+        """Start or drain workers so that each model runs the replicas of each version its deployment record wants
+        (polled every RECONCILE_S; Redis away: nothing changes). A drained worker gets SIGTERM: it finishes the
+        batch in hand, answers it and exits; it is not restarted."""
+        now = time.monotonic()
+        if now - self.reconciled_at < RECONCILE_S:
+            return
+        self.reconciled_at = now
+        wanted = self.fleet.wanted(self.wanted)
+        if wanted is None:
+            return
+        self.wanted = wanted
+        for model, versions in wanted.items():
+            running = [c for c in self.children if c.model == model and not c.draining]
+            for version, n in versions.items():
+                mine = sorted((c for c in running if c.version == version), key=lambda c: c.replica)
+                taken = {c.replica for c in self.children if c.model == model and c.version == version}
+                for i in (i for i in range(64) if i not in taken):
+                    if len(mine) >= n:
+                        break
+                    child = self.worker(model, version, i)
+                    child.start()
+                    self.children.append(child)
+                    mine.append(child)
+                    taken.add(i)
+                    log.info("started %s pid=%d (scale or rollout)", child.name, child.proc.pid if child.proc else -1)
+                for child in mine[n:]:
+                    self.drain(child)
+            for child in running:
+                if child.version not in versions:
+                    self.drain(child)
+
+    def drain(self, child: Child) -> None:
+        child.draining = True
+        if child.poll() is None and child.proc is not None:
+            child.proc.terminate()
+            log.info("draining %s pid=%d", child.name, child.proc.pid)
 
     def run(self) -> int:
         """Start everything and watch it until Ctrl-C/SIGTERM. Returns the exit code."""
@@ -181,14 +310,17 @@ class Supervisor:
               flush=True)
         progress = Progress(local, f"inferline is up: gateway {url} (docs /docs, metrics /metrics), "
                                    f"logs {logs}; `inferline status` and `inferline down` from this directory")
+        self.fleet.start(self.wanted)
         try:
             while not self.stopping:
                 self._watch()
+                self.reconcile()
                 progress.poll()
                 time.sleep(0.25)
             return self._shutdown()
         finally:
             (self.settings.state_dir / STATE_FILE).unlink(missing_ok=True)
+            self.fleet.close()
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -197,6 +329,11 @@ class Supervisor:
             if code is None:
                 if child.failures and now - child.started > STABLE_S:
                     child.failures = 0
+                continue
+            if child.draining:   # scaled down or retired by a rollout: gone for good
+                self.children.remove(child)
+                log.info("%s drained: exited with %s", child.name, code)
+                print(f"inferline: {child.name} drained (exit {code})", flush=True)
                 continue
             if child.restart_at == 0.0:
                 child.failures += 1

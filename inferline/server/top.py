@@ -1,5 +1,6 @@
 """`inferline top`: a per-model view of a running deployment, from what any client can read: /v1/models (version,
-replicas, devices, queue depth) and /metrics (the gateway's Prometheus text, labelled by model). Rates come from the
+each version's live and wanted replicas and share of the traffic during a rollout, replicas, devices, queue depth)
+and /metrics (the gateway's Prometheus text, labelled by model). Rates come from the
 difference of two scrapes: req/s from the requests counter, tokens/s from the generated-tokens counter, batch size
 from the batch-size histogram (items per batch), p50/p99 from the latency histogram's buckets. No web stack, no Redis:
 only the client and prometheus_client's text parser."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -78,6 +80,7 @@ def quantile(q: float, buckets: dict[float, float]) -> float | None:
 class Row:
     name: str
     version: str
+    versions: str               # each version's live/wanted replicas and traffic weight (versions_cell)
     kind: str
     live: str
     devices: str
@@ -109,10 +112,21 @@ def rows(cards: Iterable[ModelCard], now: Scrape, before: Scrape | None) -> list
             earlier = before.buckets.get(card.id, {})
             window = {le: count - earlier.get(le, 0.0) for le, count in now.buckets.get(card.id, {}).items()}
             p50, p99 = quantile(0.5, window), quantile(0.99, window)
-        out.append(Row(card.id, card.version or "-", card.kind or "-", f"{card.live_replicas}/{card.replicas}",
+        out.append(Row(card.id, card.version or "-", versions_cell(getattr(card, "versions", None) or []),
+                       card.kind or "-", f"{card.live_replicas}/{card.replicas}",
                        ",".join(card.devices) or "-", card.queue_depth, now.oldest_s.get(card.id), rate, tokens,
                        batch, p50, p99))
     return out
+
+
+def versions_cell(versions: list[Any]) -> str:
+    """Each version as VERSION:LIVE/WANTED@WEIGHT% ("1:2/2@80%,2:1/1@20%"); "-" when none is known. Entries of
+    /v1/models's `versions` (the rollout's broker state, as the gateway reads it), objects or dicts."""
+    cells = []
+    for v in versions:
+        get = v.get if isinstance(v, dict) else (lambda k, _v=v: getattr(_v, k))
+        cells.append(f"{get('version')}:{get('live_replicas')}/{get('replicas')}@{get('weight')}%")
+    return ",".join(cells) or "-"
 
 
 def ms(value: float | None) -> str:
@@ -132,8 +146,8 @@ def table(headers: list[str], body: list[list[str]]) -> str:
 
 def render(view: list[Row], url: str, interval_s: float) -> str:
     """The top frame: a header line, a blank line, the column names and one line per model."""
-    body = [[r.name, r.version, r.kind, r.live, r.devices, str(r.queue), ms(r.oldest_s), num(r.rate), num(r.tokens),
-             num(r.batch), ms(r.p50), ms(r.p99)] for r in view]
+    body = [[r.name, r.version, r.versions, r.kind, r.live, r.devices, str(r.queue), ms(r.oldest_s), num(r.rate),
+             num(r.tokens), num(r.batch), ms(r.p50), ms(r.p99)] for r in view]
     head = f"inferline top - {url} - every {interval_s:g} s (Ctrl-C quits)"
-    return head + "\n\n" + table(["MODEL", "VERSION", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS", "REQ/S",
-                                  "TOK/S", "BATCH", "P50_MS", "P99_MS"], body)
+    return head + "\n\n" + table(["MODEL", "VERSION", "VERSIONS", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS",
+                                  "REQ/S", "TOK/S", "BATCH", "P50_MS", "P99_MS"], body)

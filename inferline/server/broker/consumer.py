@@ -26,10 +26,10 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from inferline.server.broker import keys, nodes, roundtrip
+from inferline.server.broker import deadletters, fleet, keys, nodes, roundtrip
 from inferline.server.broker.client import Redis
 from inferline.server.broker.pipelined import MAX_UNANSWERED, Pipelined
-from inferline.server.broker.reads import stream_entries
+from inferline.server.broker.reads import streams_entries
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.errors import DeadLettered
 from inferline.server.protocol import PAYLOAD_FIELD, Envelope, Reply, pack_replies
@@ -78,6 +78,29 @@ class Durable:
 
 
 
+# The rollout guard, sent with the replies of either version of a rollout (a worker learns it is in one from
+# keys.routing at start and with each heartbeat): counts the version's answers and failures, and for the new version
+# (`b`) while its window is open (`limit` set) the moment its failures pass the limit sets the split's share back to 0
+# and says why, in the same step, so no further request goes to it (the requests already on its lane are still
+# answered by it). One EVAL more per batch, during a rollout only. KEYS: keys.guard_keys. ARGV: version, answers,
+# failures.
+_GUARD = """
+local req = redis.call('HINCRBY', KEYS[1], 'requests', ARGV[2])
+local fail = redis.call('HINCRBY', KEYS[1], 'failures', ARGV[3])
+if tonumber(ARGV[3]) > 0 then
+  local r = redis.call('HMGET', KEYS[2], 'b', 'limit', 'share')
+  if r[1] == ARGV[1] and r[2] and fail > tonumber(r[2]) and tonumber(r[3] or '0') > 0 then
+    redis.call('HSET', KEYS[2], 'share', 0, 'tripped', fail .. ' failed of its first ' .. req ..
+               ' answers, over the limit of ' .. r[2])
+  end
+end
+return fail
+"""
+# Answers that count against a version in a rollout: the worker's own failures, not the caller's (bad input, a
+# deadline passed in the queue, a caller gone).
+FAILURES = frozenset({"internal", "generation", "dead_letter"})
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One request as a worker received it."""
@@ -86,6 +109,7 @@ class Delivery:
     envelope: Envelope
     payload: bytes
     tries: int = 1
+    lane: str = ""   # the version whose lane it came from ("": the model's common stream)
 
     @property
     def request_id(self) -> str:
@@ -99,41 +123,65 @@ class Delivery:
 
 
 class ModelQueue:
-    """A worker's view of one model's request stream."""
+    """A worker's view of one model's request streams: the common one and, for a worker that knows its version, that
+    version's lane (keys.request_stream), read together in one XREADGROUP; each entry is acknowledged on its own."""
 
-    def __init__(self, redis: Redis, model: str, consumer: str, durable: Durable | None = None) -> None:
-        """durable: de-duplicate redelivered entries (module docstring); None: the default path, no extra command."""
+    def __init__(self, redis: Redis, model: str, consumer: str, version: str = "", label: str = "",
+                 durable: Durable | None = None) -> None:
+        """version: the store version whose lane this worker reads beside the common stream ("": none). label: the
+        version its answers name (x-model-version), default `version` (a model without store versions has a label,
+        its class's own version, and no lane). durable: de-duplicate redelivered entries (module docstring); None:
+        the default path, no extra command."""
         self.redis = redis
         self.model = model
         self.consumer = consumer
+        self.version = version
+        self.label = label or version
         self.durable = durable
         self.skipped = 0   # deliveries found answered already (durable mode), for tests and logs
         self.stream = keys.request_stream(model)
-        self.reads = roundtrip.HeldConnection(redis, self.stream)   # XREADGROUP
+        self.lanes = ["", version] if version else [""]          # "" is the common stream
+        self.streams = keys.model_streams(model, [version])
+        self.reads = roundtrip.HeldConnection(redis, self.stream)   # XREADGROUP (all lanes: one slot, one node)
         # Replies and acks: on one Redis one pipelined connection; on a Cluster the reply streams and the request
         # stream live on different nodes, so they go through a TickBatcher's per-node connections (`_send_routed`).
         self.pipelined = None if isinstance(redis, nodes.Cluster) else Pipelined(redis)
         self.batcher = (TickBatcher(redis, *((durable.min_replicas, durable.timeout_ms) if durable else ()))
                         if isinstance(redis, nodes.Cluster) else None)
         self.sending: set[asyncio.Future[list[Any]]] = set()   # a Cluster's sends not yet done
+        self.guarded = False   # this version is in a rollout: its answers are counted (watch_rollout)
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing (idempotent, safe across replicas)."""
-        try:
-            await self.redis.xgroup_create(self.stream, keys.GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the streams and their consumer group if missing (idempotent, safe across replicas)."""
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def watch_rollout(self) -> None:
+        """Whether this worker's version is one of a rollout's two (keys.routing): its answers and failures are then
+        counted for the rollout's status, and the new version's go through the guard. Called at start and with
+        every heartbeat. Raises redis errors."""
+        if self.version:
+            lanes = await self.redis.hmget(keys.routing(self.model), ["a", "b"])  # type: ignore[misc]
+            self.guarded = self.version in {fleet.text(v) for v in lanes if v is not None}
 
     async def read(self, count: int, block_s: float | None) -> list[Delivery]:
-        """New entries for this consumer. block_s None: do not block."""
+        """New entries for this consumer, from any of its streams. block_s None: do not block."""
         block = () if block_s is None else ("BLOCK", max(1, int(block_s * 1000)))
         [res] = await self.reads.run([("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count, *block,
-                                       "STREAMS", self.stream, ">")])
+                                       "STREAMS", *self.streams, *(">",) * len(self.streams))])
         if isinstance(res, ResponseError):
             await self._recreate_on_nogroup(res)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
-        return await self._unanswered([parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)])
+        if len(self.streams) == 1:
+            found = [parse_entry(eid, fields, 1) for _, entries in streams_entries(res) for eid, fields in entries]
+        else:
+            found = [parse_entry(eid, fields, 1, keys.lane_version(stream, self.model))
+                     for stream, entries in streams_entries(res) for eid, fields in entries]
+        return await self._unanswered(found)
 
     async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
         """send(), then wait until Redis ran it. Raises the connection's error or Redis's refusal."""
@@ -156,24 +204,36 @@ class ModelQueue:
         # One entry per gateway, however many replies. The XADD makes the stream if Redis lost it (a restart,
         # FLUSHALL, a Cluster failover that lost the last writes), and the EXPIRE bounds it if its gateway is gone
         # for good: the enqueue script no longer makes it (it hashes to another slot than the request stream).
+        # The pack names the version that answered (x-model-version): one field per send, not per reply.
         commands: list[Sequence[Any]] = []
+        version = ("v", self.label) if self.label else ()
         for reply_to, batch in by_gateway.items():
-            commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch)))
+            commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch),
+                             *version))
             commands.append(("EXPIRE", reply_to, keys.REPLY_STREAM_TTL_S))
-        pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
+        # The model's node: each lane's ack (each entry on its own stream), then the rollout's guard (a version in a
+        # rollout counts its answers and failures there): (script, its keys then argv), two keys each.
+        acks: list[tuple[str, list[Any]]] = []
+        for lane in dict.fromkeys(d.lane for d in deliveries):
+            pairs = [x for d in deliveries if d.lane == lane for x in (d.entry_id, len(d.payload))]
+            acks.append((_ACK, [*keys.ack_keys(self.model, lane), keys.GROUP, *pairs]))
+        if self.guarded:
+            final = [r for _, r in replies if r.final or not r.ok]
+            failed = sum(1 for r in final if r.error_type in FAILURES)
+            if final:
+                acks.append((_GUARD, [*keys.guard_keys(self.model, self.version), self.version, len(final), failed]))
         marks = [keys.answered(self.model), self.durable.keep_ms, *[d.entry_id for d in deliveries]] \
             if self.durable is not None and deliveries else []
         if self.pipelined is None:
-            return await self._send_routed(commands, pairs, marks)
-        if deliveries:
-            if self.durable is not None:   # the ids reach the replicas before the ack can (module docstring)
-                commands.append(("EVAL", _MARK, 1, *marks))
-                commands.append(("WAIT", self.durable.min_replicas, self.durable.timeout_ms))
-            commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model), keys.GROUP, *pairs))
+            return await self._send_routed(commands, acks, marks)
+        if marks:   # the ids reach the replicas before the ack can (module docstring)
+            commands.append(("EVAL", _MARK, 1, *marks))
+            commands.append(("WAIT", self.durable.min_replicas, self.durable.timeout_ms))  # type: ignore[union-attr]
+        commands += [("EVAL", script, 2, *args) for script, args in acks]
         await self.pipelined.wait_for_room()
         return self.pipelined.send(commands, refusal_fails=True)
 
-    async def _send_routed(self, commands: list[Sequence[Any]], pairs: list[Any],
+    async def _send_routed(self, commands: list[Sequence[Any]], acks: list[tuple[str, list[Any]]],
                            marks: list[Any]) -> asyncio.Future[list[Any]]:
         """send() on a Cluster: the replies are written at once, each to the node of its gateway's stream, and the
         ack only once they all ran (on another node, nothing would order it after them: an ack that landed first,
@@ -192,12 +252,12 @@ class ModelQueue:
         done: asyncio.Future[list[Any]] = loop.create_future()
         written = asyncio.gather(*(batcher.submit(None, command) for command in commands))
         home = router.node_of(self.stream)
-        if pairs and not marks and all(router.node_of(command[1]) == home for command in commands):
+        if acks and not marks and all(router.node_of(command[1]) == home for command in commands):
             # Every reply stream lives on the request stream's node: the batcher writes the tick's calls to one node
             # in the order submitted, on one connection, so the ack goes in the same write, after the replies (one
             # round trip, as on one Redis; waiting cost a second write per batch: +25-50 % of the worker's broker
             # CPU per request, bench/bench_broker_calls.py). Not in durable mode: its WAIT must come before the ack.
-            acked = batcher.submit(_ACK, [*keys.ack_keys(self.model), keys.GROUP, *pairs], 2)
+            acked = asyncio.gather(*(batcher.submit(script, args, 2) for script, args in acks))
             both = asyncio.gather(written, acked)
             both.add_done_callback(lambda both: _chain_both(both, done))
             self.sending.add(done)
@@ -209,10 +269,10 @@ class ModelQueue:
                 if not done.done():
                     done.set_exception(written.exception() or RuntimeError("send cancelled"))
                 return
-            if not pairs:
+            if not acks:
                 done.set_result(written.result())
                 return
-            acked = batcher.submit(_ACK, [*keys.ack_keys(self.model), keys.GROUP, *pairs], 2)
+            acked = asyncio.gather(*(batcher.submit(script, args, 2) for script, args in acks))
             acked.add_done_callback(lambda acked: _chain(acked, done, written.result()))
 
         def then_mark(written: asyncio.Future[list[Any]]) -> None:
@@ -245,22 +305,33 @@ class ModelQueue:
 
     async def reclaim(self, min_idle_ms: int, max_tries: int,
                       count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
-        """Take over entries left pending longer than min_idle_ms (their worker died or hung).
-        Returns (claimed, exhausted): exhausted ones were already delivered max_tries times and must be
-        dead-lettered, not run again."""
-        return await self._claim(min_idle_ms, max_tries, count, None)
+        """Take over entries left pending longer than min_idle_ms (their worker died or hung), on each of this
+        worker's streams (at most `count` from each). Returns (claimed, exhausted): exhausted ones were already
+        delivered max_tries times and must be dead-lettered, not run again."""
+        return await self._claim_all(min_idle_ms, max_tries, count, None)
 
     async def claim_from(self, consumer: str, min_idle_ms: int, max_tries: int,
                          count: int = 100) -> tuple[list[Delivery], list[Delivery]]:
         """Take over the entries of one consumer (a worker whose heartbeat lapsed), as reclaim() does. min_idle_ms
         is kept above zero on purpose: the first claimer resets the idle time, so two workers claiming the same dead
         consumer's entries at once never both get one."""
-        return await self._claim(min_idle_ms, max_tries, count, consumer)
+        return await self._claim_all(min_idle_ms, max_tries, count, consumer)
 
-    async def _claim(self, min_idle_ms: int, max_tries: int, count: int,
+    async def _claim_all(self, min_idle_ms: int, max_tries: int, count: int,
+                         consumer: str | None) -> tuple[list[Delivery], list[Delivery]]:
+        fresh: list[Delivery] = []
+        exhausted: list[Delivery] = []
+        for lane in self.lanes:
+            f, e = await self._claim(lane, min_idle_ms, max_tries, count, consumer)
+            fresh += f
+            exhausted += e
+        return fresh, exhausted
+
+    async def _claim(self, lane: str, min_idle_ms: int, max_tries: int, count: int,
                      consumer: str | None) -> tuple[list[Delivery], list[Delivery]]:
+        stream = keys.request_stream(self.model, lane)
         try:
-            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
+            pending: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=count,
                                                            idle=min_idle_ms, consumername=consumer)
         except ResponseError as exc:
             await self._recreate_on_nogroup(exc)
@@ -269,12 +340,12 @@ class ModelQueue:
             return [], []
         tries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
         # XCLAIM with the same min-idle: if another worker claimed one first, it is not returned twice.
-        claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
+        claimed: Any = await self.redis.xclaim(stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
         deleted = [eid for eid, fields in claimed if not fields]
         if deleted:   # entries deleted under the PEL (Redis 6.2 still lists them): clear them for good
-            await self.redis.xack(self.stream, keys.GROUP, *deleted)
+            await self.redis.xack(stream, keys.GROUP, *deleted)
         # XCLAIM counted this delivery: the tries are the old count + 1.
-        deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
+        deliveries = [parse_entry(eid, f, tries[eid] + 1, lane) for eid, f in claimed if f]
         deliveries = await self._unanswered(deliveries)
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
@@ -290,10 +361,17 @@ class ModelQueue:
         """Entries Redis delivered to this consumer that its worker does not hold: a blocking read that Redis answered
         but whose answer the worker never read (it stalled past the socket timeout, SIGSTOP or a long pause, and the
         read failed). Claimed again by this consumer, so their idle time restarts and their delivery count stays
-        what it was (they never ran). At most `count`. Call it only while no read of this consumer is in flight:
-        that read's entries would look orphaned too."""
+        what it was (they never ran). At most `count` per stream. Call it only while no read of this consumer is in
+        flight: that read's entries would look orphaned too."""
+        found: list[Delivery] = []
+        for lane in self.lanes:
+            found += await self._orphans(lane, held, count)
+        return found
+
+    async def _orphans(self, lane: str, held: Container[bytes], count: int) -> list[Delivery]:
+        stream = keys.request_stream(self.model, lane)
         try:
-            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
+            pending: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=count,
                                                            consumername=self.consumer)
         except ResponseError as exc:
             await self._recreate_on_nogroup(exc)
@@ -304,11 +382,11 @@ class ModelQueue:
                 by_tries.setdefault(int(p["times_delivered"]), []).append(p["message_id"])
         found: list[Delivery] = []
         for tries, ids in by_tries.items():
-            claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
-            found += await self._unanswered([parse_entry(eid, f, tries) for eid, f in claimed if f])
+            claimed: Any = await self.redis.xclaim(stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
+            found += await self._unanswered([parse_entry(eid, f, tries, lane) for eid, f in claimed if f])
             deleted = [eid for eid, f in claimed if not f]
             if deleted:   # entries deleted under the PEL: clear them for good
-                await self.redis.xack(self.stream, keys.GROUP, *deleted)
+                await self.redis.xack(stream, keys.GROUP, *deleted)
         return found
 
     async def _unanswered(self, deliveries: list[Delivery]) -> list[Delivery]:
@@ -327,43 +405,52 @@ class ModelQueue:
         return [d for d, score in zip(deliveries, scores, strict=True) if score is None]
 
     async def consumers(self) -> list[str]:
-        """The names of the group's consumers other than this one (worker ids)."""
-        try:
-            found: Any = await self.redis.xinfo_consumers(self.stream, keys.GROUP)
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
-            return []
-        names = [c["name"] for c in found]
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in names if n not in (self.consumer,
-                                                                                             self.consumer.encode())]
+        """The names of the consumers other than this one (worker ids) in the group of any of its streams."""
+        names: list[str] = []
+        for stream in self.streams:
+            try:
+                found: Any = await self.redis.xinfo_consumers(stream, keys.GROUP)
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
+                continue
+            for c in found:
+                n = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+                if n != self.consumer and n not in names:
+                    names.append(n)
+        return names
 
     async def remove_consumer(self, consumer: str) -> bool:
-        """Remove a dead worker's consumer from the group once nothing is pending on it (XGROUP DELCONSUMER would
-        drop what is). True when it was removed."""
-        try:
-            left: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=1,
-                                                        consumername=consumer)
-            if left:
-                return False
-            await self.redis.xgroup_delconsumer(self.stream, keys.GROUP, consumer)
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
-            return False
-        return True
+        """Remove a dead worker's consumer from the groups of this worker's streams once nothing is pending on it
+        there (XGROUP DELCONSUMER would drop what is). True when it was removed from all of them."""
+        removed = True
+        for stream in self.streams:
+            try:
+                left: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=1,
+                                                            consumername=consumer)
+                if left:
+                    removed = False
+                    continue
+                await self.redis.xgroup_delconsumer(stream, keys.GROUP, consumer)
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
+                removed = False
+        return removed
 
     async def refresh_claims(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of entries this worker still works on, so no other worker reclaims live work. Also
-        proves the group is there: Redis lost it (restart, FLUSHALL) -> it is recreated here, on the spot."""
-        try:
-            if deliveries:
-                await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, [d.entry_id for d in deliveries],
-                                        justid=True)
-            else:
-                groups: Any = await self.redis.xinfo_groups(self.stream)
-                if not any(g["name"] in (keys.GROUP, keys.GROUP.encode()) for g in groups):
-                    await self.ensure_group()   # the stream is back (an enqueue made it) but not its group
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
+        proves the groups are there: Redis lost one (restart, FLUSHALL) -> it is recreated here, on the spot."""
+        for lane in self.lanes:
+            stream = keys.request_stream(self.model, lane)
+            ids: list[Any] = [d.entry_id for d in deliveries if d.lane == lane]
+            try:
+                if ids:
+                    await self.redis.xclaim(stream, keys.GROUP, self.consumer, 0, ids, justid=True)
+                else:
+                    groups: Any = await self.redis.xinfo_groups(stream)
+                    if not any(g["name"] in (keys.GROUP, keys.GROUP.encode()) for g in groups):
+                        await self.ensure_group()   # the stream is back (an enqueue made it) but not its group
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
 
     async def _recreate_on_nogroup(self, exc: ResponseError) -> None:
         """Redis lost the stream or its group (a restart without persistence, FLUSHALL): make them again here, on
@@ -377,17 +464,19 @@ class ModelQueue:
         await self.ensure_group()
 
     async def dead_letter(self, deliveries: Sequence[Delivery], reason: str) -> None:
-        """Move deliveries to the dead-letter stream, answer them (not to be retried), ack and delete."""
+        """Move deliveries to the dead-letter stream (their metadata, and their payload for a replay when small:
+        deadletters.py), answer them (not to be retried), ack and delete."""
         if not deliveries:
             return
-        dlq = keys.dead_letter_stream(self.model)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for d in deliveries:
-                pipe.xadd(dlq, {"id": d.request_id, "entry": d.entry_id, "tries": d.tries, "reason": reason,
-                                "op": d.envelope.op},   # metadata only: no payload outlives its request
-                          maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
-            pipe.hincrby(keys.stats(self.model), keys.STAT_DEAD_LETTERED, len(deliveries))
-            await pipe.execute()
+        rows = [(d.request_id, d.entry_id, d.tries, d.envelope.op, d.payload) for d in deliveries]
+        await self.redis.eval(deadletters.DEAD_LETTER, *deadletters.dead_letter_args(self.model, reason, rows))
+        lanes = {d.lane for d in deliveries if d.lane}
+        if lanes:   # a rollout's version counts its own dead letters
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lane in lanes:
+                    pipe.hincrby(keys.version_stats(self.model, lane), "dead_lettered",
+                                 sum(1 for d in deliveries if d.lane == lane))
+                await pipe.execute()
         log.warning("dead-lettered model=%s n=%d reason=%s", self.model, len(deliveries), reason)
         await self.reply_and_ack([(d.envelope.reply_to, dead_letter_reply(d, reason)) for d in deliveries], deliveries)
 
@@ -404,7 +493,7 @@ def _chain_both(both: asyncio.Future[Any], done: asyncio.Future[list[Any]]) -> N
         done.set_exception(error)
     else:
         written, acked = both.result()
-        done.set_result([*written, acked])
+        done.set_result([*written, *acked])
 
 
 def _chain(acked: asyncio.Future[Any], done: asyncio.Future[list[Any]], written: list[Any]) -> None:
@@ -415,13 +504,14 @@ def _chain(acked: asyncio.Future[Any], done: asyncio.Future[list[Any]], written:
     elif (error := acked.exception()) is not None:
         done.set_exception(error)
     else:
-        done.set_result([*written, acked.result()])
+        done.set_result([*written, *acked.result()])
 
 
-def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:
-    """An entry as read. One without a payload (written by an older gateway, or by hand) gets an empty one,
-    which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
-    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(_PAYLOAD, b""), tries)
+def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int, lane: str = "") -> Delivery:
+    """An entry as read (from the common stream, or the version `lane`'s). One without a payload (written by an
+    older gateway, or by hand) gets an empty one, which fails to decode: that request alone is answered with an
+    error and acknowledged, not retried."""
+    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(_PAYLOAD, b""), tries, lane)
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:

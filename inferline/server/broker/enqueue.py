@@ -16,8 +16,9 @@ from inferline.server.broker.client import Redis
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 
-# KEYS: keys.enqueue_keys (the request stream, its byte counter): one hash tag, one slot. ARGV: cap, how long (ms) to
-# keep entries, payload, the cap in bytes (0: none), then the envelope's values in protocol.ENVELOPE_FIELDS order.
+# KEYS: keys.enqueue_keys (the common request stream, its byte counter, the traffic split): one hash tag, one slot.
+# ARGV: cap, how long (ms) to keep entries, payload, the cap in bytes (0: none), '1' to follow a rollout's split,
+# then the envelope's values in protocol.ENVELOPE_FIELDS order.
 # Returns the queue length before the add, or FULL_ENTRIES / FULL_BYTES when the queue is at that cap (nothing
 # written). The gateway's reply stream is not touched here (it hashes to another slot on a Cluster): its gateway
 # keeps it (replies.py), and a worker's reply makes it again if Redis lost it (consumer.py).
@@ -35,21 +36,40 @@ from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 # call cost 0.4 µs more a call in Redis). A request costs what it did: ten ARGV, one EVALSHA.
 FULL_ENTRIES = -1
 FULL_BYTES = -2
-_ENVELOPE_ARGV = 5   # ARGV index of the envelope's first value; Enqueuer.enqueue passes them in ENVELOPE_FIELDS order
+_ENVELOPE_ARGV = 6   # ARGV index of the envelope's first value; Enqueuer.enqueue passes them in ENVELOPE_FIELDS order
 
 
 def _xadd(fields: list[str], optional: list[tuple[int, str]]) -> str:
-    """Lua: the request entry's XADD with `fields` (name, value pairs), and each optional field only when its ARGV
-    (index, name) is not ''."""
+    """Lua: the request entry's XADD to `stream` with `fields` (name, value pairs), and each optional field only when
+    its ARGV (index, name) is not ''."""
     if not optional:
-        return f"redis.call('XADD', KEYS[1], 'MINID', string.format('%.0f', oldest), '*', {', '.join(fields)})"
+        return f"redis.call('XADD', stream, 'MINID', string.format('%.0f', oldest), '*', {', '.join(fields)})"
     (i, name), rest = optional[0], optional[1:]
     present = _xadd([*fields, f"'{name}', ARGV[{i}]"], rest)
     return f"if ARGV[{i}] ~= '' then\n{present}\nelse\n{_xadd(fields, rest)}\nend"
 
 
+# The traffic split (keys.routing) is read only when ARGV[5] is '1': the gateway passes it for a model it saw in a
+# rollout (its watcher looks every 0.5 s, gateway/dispatch.py), so the path without a rollout costs what it did before
+# the split (an HMGET of the missing key cost 1.0 µs more a call, 6.8 -> 7.8 µs of Redis CPU: bench/bench_rollout.py).
+# A gateway that has not seen a new rollout yet puts its requests on the common stream, which the old workers read,
+# for at most that 0.5 s: the new version's workers take seconds to start. During a rollout the request goes to a
+# version's lane, the
+# common stream's name plus keys.LANE and the version (same hash tag, so the same slot as KEYS[1]); the counter n makes
+# the share exact over every 100 requests, whichever gateway sent them. The queue cap counts every stream of the
+# model (the common one and both lanes), as its byte counter does.
 _ENQUEUE = """
+local stream = KEYS[1]
 local n = redis.call('XLEN', KEYS[1])
+if ARGV[5] == '1' then
+  local route = redis.call('HMGET', KEYS[3], 'a', 'b', 'share')
+  if route[1] then
+    local la = KEYS[1] .. '""" + keys.LANE + """' .. route[1]
+    local lb = KEYS[1] .. '""" + keys.LANE + """' .. route[2]
+    n = n + redis.call('XLEN', la) + redis.call('XLEN', lb)
+    if redis.call('HINCRBY', KEYS[3], 'n', 1) % 100 < tonumber(route[3]) then stream = lb else stream = la end
+  end
+end
 if n >= tonumber(ARGV[1]) then return """ + str(FULL_ENTRIES) + """ end
 local size = string.len(ARGV[3])
 if n == 0 then
@@ -76,14 +96,15 @@ class Enqueuer:
         self.batcher = batcher if batcher is not None else TickBatcher(redis)
 
     async def enqueue(self, model: str, envelope: Envelope, payload: bytes, cap: int, keep_ms: int,
-                      cap_bytes: int = 0) -> int:
+                      cap_bytes: int = 0, split: bool = False) -> int:
         """Queue one request, and drop the model's entries that arrived more than keep_ms ago (nobody waits
         for them any more). Returns the queue depth it found, or FULL_ENTRIES when the model's queue holds cap
         entries, FULL_BYTES when adding this payload would pass cap_bytes of queued payloads (when cap_bytes > 0).
+        split: the model may be in a rollout: follow its traffic split (keys.routing) when it has one.
         Raises redis errors (the caller answers 503), and ticks.NotReplicated when the batcher asks for replicas
         (durable enqueue) and too few had the entry in time: it is queued on the primary all the same."""
         depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model), replicated=True, args=[
-            cap, keep_ms, payload, cap_bytes,
+            cap, keep_ms, payload, cap_bytes, "1" if split else "",
             # in ENVELOPE_FIELDS order (test_ticks checks the entry against Envelope.fields()): read one by one,
             # as protocol.envelope_values would cost 70-95 ns more a request
             envelope.request_id, envelope.reply_to, envelope.deadline_ms, envelope.op, envelope.traceparent])

@@ -11,6 +11,8 @@ On one Redis the braces change nothing but the names (`inferline migrate-keys` r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 PREFIX = "inferline"
 GROUP = "workers"                 # the consumer group every replica of a model reads with
 
@@ -19,6 +21,11 @@ REPLY_STREAM_TTL_S = 120          # a gateway refreshes its reply stream; a dead
 HEARTBEAT_TTL_S = 5.0             # a worker silent this long is not live
 HEARTBEAT_EVERY_S = 1.0
 DEAD_LETTER_MAXLEN = 10_000
+# A dead letter keeps its request's payload (for a replay) when it is at most this big; the kept payloads are trimmed to
+# the newest DEAD_PAYLOAD_MAXLEN per model: at most 64 MiB of a model's payloads outlive their requests.
+DEAD_PAYLOAD_BYTES = 65_536
+DEAD_PAYLOAD_MAXLEN = 1_000
+DRAIN_FLAG_TTL_S = 60             # a drain request a worker never read (it died first) is gone after this
 CANCEL_MAXLEN = 10_000
 
 
@@ -30,8 +37,26 @@ def _key(key_id: str) -> str:
     return f"{{k:{key_id}}}"
 
 
-def request_stream(model: str) -> str:
-    return f"{PREFIX}:req:{_model(model)}"
+LANE = ":v="   # a version's request lane: the model's stream name plus this and the version (enqueue.py builds it)
+
+
+def request_stream(model: str, version: str = "") -> str:
+    """The model's common request stream (version ""), the only one outside a rollout, or a version's lane, which
+    the gateways fill during a rollout by the split in `routing` (enqueue.py) and only that version's workers read.
+    Every worker reads the common stream and its own version's lane."""
+    return f"{PREFIX}:req:{_model(model)}" + (f"{LANE}{version}" if version else "")
+
+
+def model_streams(model: str, versions: Iterable[str] = ()) -> list[str]:
+    """Every request stream of a model: the common one, then each version's lane. What reads a model's backlog
+    (metrics, `inferline top`, the rollout's drain) lists its streams here, never by retyping names."""
+    return [request_stream(model), *(request_stream(model, v) for v in versions if v)]
+
+
+def lane_version(stream: str | bytes, model: str) -> str:
+    """The version whose lane `stream` is ("" for the common stream)."""
+    name = stream.decode() if isinstance(stream, bytes) else stream
+    return name[len(request_stream(model)) + len(LANE):] if len(name) > len(request_stream(model)) else ""
 
 
 def queued_bytes(model: str) -> str:
@@ -47,6 +72,18 @@ def reply_stream(gateway_id: str) -> str:
 
 def dead_letter_stream(model: str) -> str:
     return f"{PREFIX}:dlq:{_model(model)}"
+
+
+def dead_payloads(model: str) -> str:
+    """Stream: the payloads (and ops) of the newest dead letters, each entry naming its dead-letter entry (`dl`):
+    what a replay re-enqueues (broker/deadletters.py). Trimmed to DEAD_PAYLOAD_MAXLEN; purged with its dead letters."""
+    return f"{PREFIX}:dlq:{_model(model)}:payloads"
+
+
+def drain(model: str, worker_id: str) -> str:
+    """String: "drain this worker" (POST /admin/workers/{id}/drain); the worker reads it with its heartbeat, then
+    drains as on SIGTERM. Expires after DRAIN_FLAG_TTL_S."""
+    return f"{PREFIX}:drain:{_model(model)}:{worker_id}"
 
 
 def cancel_stream(model: str) -> str:
@@ -74,6 +111,7 @@ def stats(model: str) -> str:
 STAT_RECLAIMED = "reclaimed"
 STAT_REDELIVERED = "redelivered"
 STAT_DEAD_LETTERED = "dead_lettered"
+STAT_ROLLBACKS = "rollbacks_automatic"   # rollouts the controller rolled back by itself (server/rollout.py)
 
 
 def answered(model: str) -> str:
@@ -87,6 +125,40 @@ def answered(model: str) -> str:
 def model_info(model: str) -> str:
     """JSON the workers publish at start: version, platform, kind, v2 inputs/outputs. Read by gateways."""
     return f"{PREFIX}:model:{_model(model)}"
+
+
+def routing(model: str) -> str:
+    """Hash: the traffic split of a rollout, read by the enqueue script (enqueue.py) in the stream's slot: `a` (the
+    old version), `b` (the new one), `share` (percent of requests to b, 0..100), `n` (the requests split so far: n
+    mod 100 < share goes to b, an exact share over every 100 requests of all gateways), and while the rollout's
+    window is open `limit` (failures of b that trip the automatic rollback, checked by b's workers: consumer.py)
+    and `tripped` (why it tripped). Absent outside a rollout: every request goes to the common stream."""
+    return f"{PREFIX}:route:{_model(model)}"
+
+
+def deployment(model: str) -> str:
+    """Hash: the run-time replicas wanted of a model: `r:VERSION` = replicas for each version that should run,
+    `version` (the one served outside a rollout), `previous` (the one before it, for `inferline rollback`). Written
+    by the admin API, the CLI, the rollout controller and the autoscaler (broker/fleet.py); the supervisor of
+    `inferline up` / `inferline serve` starts and drains workers to match it."""
+    return f"{PREFIX}:deploy:{_model(model)}"
+
+
+def rollout(model: str) -> str:
+    """Hash: the model's current or last rollout (broker/fleet.py: state, versions, canary share, window, why it
+    ended), written by the API and the rollout controller (server/rollout.py)."""
+    return f"{PREFIX}:rollout:{_model(model)}"
+
+
+def rollout_lock(model: str) -> str:
+    """String with a TTL: which gateway drives the model's rollout controller now (one at a time)."""
+    return f"{PREFIX}:rollout:{_model(model)}:lock"
+
+
+def version_stats(model: str, version: str) -> str:
+    """Hash: a version's counters since its rollout began: `requests`, `failures` (5xx-type answers: internal,
+    generation, dead letter; not client errors), `dead_lettered`, and `load_error` when a worker's setup failed."""
+    return f"{PREFIX}:vstats:{_model(model)}:{version}"
 
 
 # API keys (server/auth/keys.py). Workers' Redis ACL user is denied everything under inferline:auth:*.
@@ -117,18 +189,25 @@ def in_flight(key_id: str) -> str:
 # What must share one slot: each group is the keys one script or transaction touches together (the callers build
 # their key lists from these same functions). tests/test_key_layout.py computes every group's slots with CRC16.
 def enqueue_keys(model: str) -> list[str]:
-    """The enqueue script's KEYS (enqueue.py): the request stream and its byte counter."""
-    return [request_stream(model), queued_bytes(model)]
+    """The enqueue script's KEYS (enqueue.py): the common request stream, the model's byte counter and its traffic
+    split. The script adds to a version's lane, whose name it makes from the first key (LANE): same tag, same slot."""
+    return [request_stream(model), queued_bytes(model), routing(model)]
 
 
-def ack_keys(model: str) -> list[str]:
-    """The acknowledge script's KEYS (consumer.py)."""
-    return [request_stream(model), queued_bytes(model)]
+def ack_keys(model: str, version: str = "") -> list[str]:
+    """The acknowledge script's KEYS (consumer.py): the stream the entries are on, the model's byte counter."""
+    return [request_stream(model, version), queued_bytes(model)]
+
+
+def guard_keys(model: str, version: str) -> list[str]:
+    """The rollout guard's KEYS (consumer.py): the version's counters and the model's traffic split."""
+    return [version_stats(model, version), routing(model)]
 
 
 def dead_letter_keys(model: str) -> list[str]:
-    """What a dead-lettering touches (consumer.py): the request and dead-letter streams, the model's stats."""
-    return [request_stream(model), dead_letter_stream(model), stats(model)]
+    """What a dead-lettering touches (consumer.py): the request and dead-letter streams, the kept payloads, the
+    model's stats."""
+    return [request_stream(model), dead_letter_stream(model), dead_payloads(model), stats(model)]
 
 
 def admit_keys(key_id: str) -> list[str]:
@@ -141,4 +220,5 @@ def auth_index_keys() -> list[str]:
     return [API_KEY_INDEX, AUTH_MARKER]
 
 
-ATOMIC = {"enqueue": enqueue_keys, "ack": ack_keys, "dead_letter": dead_letter_keys, "admit": admit_keys}
+ATOMIC = {"enqueue": enqueue_keys, "ack": ack_keys, "ack_lane": lambda m: ack_keys(m, "2"),
+          "guard": lambda m: guard_keys(m, "2"), "dead_letter": dead_letter_keys, "admit": admit_keys}

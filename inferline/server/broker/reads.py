@@ -19,6 +19,23 @@ async def xread(conn: roundtrip.HeldConnection, stream: str, after: Any, count: 
     return stream_entries(res)
 
 
+def streams_entries(raw: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """(stream name, its (entry id, fields)) for each stream of a raw XREAD / XREADGROUP reply over several streams
+    (None when the block ran out); entries whose fields are gone are left out."""
+    if not raw:
+        return []
+    pairs = list(raw.items()) if isinstance(raw, dict) else [(s, e) for s, e in raw]
+    out = []
+    for stream, entries in pairs:
+        kept = []
+        for entry_id, flat in entries:
+            if flat:
+                it = iter(flat)
+                kept.append((entry_id, dict(zip(it, it, strict=True))))
+        out.append((stream, kept))
+    return out
+
+
 def stream_entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """(entry id, fields) of one stream from a raw XREAD / XREADGROUP reply (None when the block ran out). Entries
     whose fields are gone (deleted while pending) are left out."""

@@ -81,9 +81,10 @@ class Registry:
         await self.redis.set(keys.model_info(info.name), info.encode())
 
     async def beat(self, model: str, worker_id: str, status: WorkerStatus,
-                   stats: dict[str, float] | None = None, info: ModelInfo | None = None) -> None:
+                   stats: dict[str, float] | None = None, info: ModelInfo | None = None) -> bool:
         """Refresh the worker's heartbeat record and add `stats` (increments of the model's counters, by field)
-        to the model's stats hash, in one round trip. Raises redis errors: then nothing of `stats` was added
+        to the model's stats hash, in one round trip. Returns whether the worker was asked to drain
+        (broker/fleet.py request_drain). Raises redis errors: then nothing of `stats` was added
         unless the pipeline broke midway (a beat is retried with the same increments: at worst some count twice,
         never go backwards). With `info`, also put the model's metadata back if Redis lost it (a restart without
         persistence, FLUSHALL): gateways need it to route and document the model."""
@@ -99,7 +100,9 @@ class Registry:
             add_stats(pipe, model, stats or {})
             if info is not None:
                 pipe.set(keys.model_info(info.name), info.encode(), nx=True)
-            await pipe.execute()
+            pipe.exists(keys.drain(model, worker_id))
+            results: list[Any] = await pipe.execute()
+        return bool(results[-1])
 
     async def alive(self, model: str, worker_ids: Sequence[str]) -> set[str]:
         """The ones among worker_ids whose heartbeat has not lapsed."""
@@ -141,6 +144,10 @@ class Registry:
         """The records of a model's workers whose heartbeat has not expired."""
         return [w for _, w in await self._live(model)]
 
+    async def live_workers_ids(self, model: str) -> list[str]:
+        """The ids of a model's workers whose heartbeat has not expired."""
+        return [wid for wid, _ in await self._live(model)]
+
     async def _live(self, model: str) -> list[tuple[str, WorkerStatus]]:
         now_ms = int(time.time() * 1000)
         ids: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
@@ -153,37 +160,56 @@ class Registry:
             records: list[dict[bytes, bytes]] = await pipe.execute()
         return [(wid.decode(), WorkerStatus.from_fields(r)) for wid, r in zip(ids, records, strict=True) if r]
 
+    async def lanes(self, models: Sequence[str]) -> dict[str, list[str]]:
+        """Each model's request streams now: the common one, and a rollout's two version lanes (keys.routing)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in models:
+                pipe.hmget(keys.routing(name), ["a", "b"])
+            found: list[Any] = await pipe.execute()
+        return {name: keys.model_streams(name, [v.decode() for v in lanes if v])
+                for name, lanes in zip(models, found, strict=True)}
+
     async def health(self, models: Iterable[str]) -> dict[str, ModelHealth]:
-        """The broker's state of each model (queue, pending entries and their ages, dead letters, counters, live
-        workers): Redis's clock, then one pipelined round trip for all models, plus one per model that has live workers.
-        Raises redis errors."""
+        """The broker's state of each model (queue, pending entries and their ages over all its streams, dead
+        letters, counters, live workers): Redis's clock, the models' lanes, then one pipelined round trip for all
+        models, plus one per model that has live workers. Raises redis errors."""
         names = list(models)
         # TIME on its own: a Cluster's pipelines refuse keyless commands (any node's clock serves: entry ids are
         # made from the same clocks, kept in step by NTP).
         seconds, micros = await self.redis.time()
+        streams = await self.lanes(names)
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
-                stream = keys.request_stream(name)
-                pipe.xlen(stream)
-                pipe.xpending(stream, keys.GROUP)
-                pipe.xrange(stream, count=1)
                 pipe.xlen(keys.dead_letter_stream(name))
                 pipe.hgetall(keys.stats(name))
+                for stream in streams[name]:
+                    pipe.xlen(stream)
+                    pipe.xpending(stream, keys.GROUP)
+                    pipe.xrange(stream, count=1)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, ModelHealth] = {}
-        for i, name in enumerate(names):
-            depth, pending, first, dead, stats = results[5 * i:5 + 5 * i]
-            for r in (depth, dead, stats):
+        at = 0
+        for name in names:
+            dead, stats = results[at:at + 2]
+            at += 2
+            for r in (dead, stats):
                 if isinstance(r, Exception):
                     raise r
-            health = ModelHealth(queue_depth=int(depth), dead_letter_length=int(dead),
-                                 stats={k.decode(): float(v) for k, v in stats.items()})
-            if isinstance(pending, dict) and pending.get("pending"):   # a missing group is an error: nothing pending
-                health.pending = int(pending["pending"])
-                health.oldest_pending_age_s = max(0, now_ms - entry_ms(pending["min"])) / 1000
-            if isinstance(first, list) and first:
-                health.oldest_queued_age_s = max(0, now_ms - entry_ms(first[0][0])) / 1000
+            health = ModelHealth(dead_letter_length=int(dead), stats={k.decode(): float(v) for k, v in stats.items()})
+            for _ in streams[name]:
+                depth, pending, first = results[at:at + 3]
+                at += 3
+                if isinstance(depth, Exception):
+                    raise depth
+                health.queue_depth += int(depth)
+                if isinstance(pending, dict) and pending.get("pending"):   # a missing group is an error: none
+                    health.pending += int(pending["pending"])
+                    health.oldest_pending_age_s = max(health.oldest_pending_age_s,
+                                                      max(0, now_ms - entry_ms(pending["min"])) / 1000)
+                if isinstance(first, list) and first:
+                    health.oldest_queued_age_s = max(health.oldest_queued_age_s,
+                                                     max(0, now_ms - entry_ms(first[0][0])) / 1000)
             health.workers = await self._live(name)
             out[name] = health
         return out
@@ -210,5 +236,14 @@ class Registry:
     async def status(self, model: str) -> ModelStatus:
         info = await self.info(model)
         workers = await self.live_workers(model)
-        depth: Any = await self.redis.xlen(keys.request_stream(model))
-        return ModelStatus(info, workers, int(depth))
+        return ModelStatus(info, workers, await self.depth(model))
+
+    async def depth(self, model: str) -> int:
+        """Requests on the model's streams (the common one, and a rollout's two lanes), queued or in a worker's
+        hands."""
+        streams = (await self.lanes([model]))[model]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            found: list[int] = await pipe.execute()
+        return sum(found)

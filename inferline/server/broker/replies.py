@@ -44,7 +44,8 @@ class ReplyInbox:
         replies: list[Reply] = []
         for entry_id, fields in res:
             self.last = entry_id
-            replies += unpack_replies(fields.get(b"pack", b""))
+            version = fields.get(b"v")
+            replies += unpack_replies(fields.get(b"pack", b""), version.decode() if version else "")
         return replies
 
     async def trim(self) -> None:

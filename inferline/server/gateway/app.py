@@ -1,8 +1,9 @@
 """The gateway: create_app(settings) -> an ASGI app. Validates, queues on Redis, awaits replies.
 Never imports torch, tensorflow or any model code: those live in workers.
 
-The layers, outermost first: the Edge (request ids, limits, metrics, the access log), the security layer (keys,
-scopes, rate limits; absent with security.auth = off), the hot path (the table's inference routes as bare ASGI),
+The layers, outermost first: the Edge (request ids, limits, metrics, the access log), the admin gate (the management
+API's loopback rule and audit log; every other request passes), the security layer (keys, scopes, rate limits; absent
+with security.auth = off), the hot path (the table's inference routes as bare ASGI),
 then FastAPI (every route of the table, the API document and /docs). Each gets the one Gateway by its constructor."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from inferline import server
 from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.config import Settings
 from inferline.server.errors import InferlineError
+from inferline.server.gateway.audit import AdminGate
 from inferline.server.gateway.core import Gateway
 from inferline.server.gateway.edge import Edge
 from inferline.server.gateway.errors import from_validation, http_error, render
@@ -93,5 +95,6 @@ def create_app(settings: Settings) -> Any:
     guard: Security | None = None
     if auth_possible(settings):   # off: no layer at all, the hot path exactly as without keys
         inner = guard = Security(inner, gateway)
+    inner = AdminGate(inner, gateway.table, guard)
     return Edge(inner, settings.gateway.max_body_bytes, gateway.metrics, settings.gateway.retry_after_s,
                 max_headers=settings.gateway.max_headers, access_log=settings.gateway.access_log)

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from inferline.server.broker import keys
+from inferline.server.broker import fleet, keys
 from inferline.server.broker.cancels import publish_command
 from inferline.server.broker.client import BROKER_ERRORS, Redis
 from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer
@@ -62,6 +62,11 @@ class Dispatcher:
         self.tasks: list[asyncio.Task[None]] = []
         self.registry = registry
         self.live: dict[str, int] = {}          # model -> workers beating, as last seen (absent: not known yet)
+        # Models an operator scaled to zero replicas (keys.deployment): their requests wait in the queue for a
+        # replica (until their deadline) instead of a 503 for having no live worker.
+        self.parked: set[str] = set()
+        # Models in a rollout: their enqueues follow the split in Redis (broker/enqueue.py); the rest skip reading it.
+        self.split: set[str] = set()
         self.asked: dict[str, float] = {}       # model -> when a request last asked Redis about it
         self.asking: dict[str, asyncio.Future[int]] = {}
         self.timings: dict[str, tuple[Any, Any]] = {}   # model -> its (queue wait, compute) histogram children
@@ -115,7 +120,8 @@ class Dispatcher:
                             record.traceparent if record is not None else "")
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
-                                                timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes)
+                                                timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes,
+                                                spec.name in self.split)
         except NotReplicated as exc:
             # Queued on the primary but not (yet) on enough replicas: a failover now could lose it, so it is not
             # accepted. It may still be served (the client retries; a worker answers one delivery once).
@@ -138,7 +144,7 @@ class Dispatcher:
         seen without one is asked about again here (one question shared by the requests that arrive meanwhile, and
         not again for RECHECK_DEAD_S after a "no"), so a worker that just came up is used at once. Unknown (Redis
         away, not watched yet) counts as yes: the enqueue then decides."""
-        if self.live.get(model, 1) > 0:
+        if self.live.get(model, 1) > 0 or model in self.parked:
             return True
         asking = self.asking.get(model)
         if asking is None:
@@ -182,10 +188,39 @@ class Dispatcher:
         finally:
             timer.cancel()
             self.waiters.pop(request_id, None)
+        self.answered_by(reply)
         self.observe(spec.name, reply)
         if not reply.ok:
             raise reply_error(reply)
         return reply
+
+    async def replay(self, model: str, op: str, payload: bytes) -> tuple[str, Reply]:
+        """Queue an already encoded payload (a dead letter's, kept by the broker) as a new request, under a new id,
+        and await its first reply: (the new request id, the reply, ok or not). Raises InferlineError when it could
+        not be queued or no reply came within the model's timeout."""
+        spec = self.spec(model)
+        request_id = new_id()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        self.waiters[request_id] = future
+        timer = loop.call_later(spec.timeout_s, expire, future, request_id, model, spec.timeout_s)
+        try:
+            await self._enqueue(spec, request_id, op, payload)
+            reply = await future
+        finally:
+            timer.cancel()
+            self.waiters.pop(request_id, None)
+        self.answered_by(reply)
+        self.observe(spec.name, reply)
+        return request_id, reply
+
+    @staticmethod
+    def answered_by(reply: Reply) -> None:
+        """Name the version that answered on the request's record (the Edge's x-model-version header)."""
+        if reply.version:
+            record = records.current.get()
+            if record is not None:
+                record.version = reply.version
 
     async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
         """Queue one request and yield its replies as they come, the last one final. The first reply
@@ -209,6 +244,7 @@ class Dispatcher:
                 except TimeoutError:
                     raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
                                            f"{timeout:g} s") from None
+                self.answered_by(reply)   # the first reply, before any byte of the answer is sent
                 if reply.final or not reply.ok:
                     self.observe(spec.name, reply)
                 if not reply.ok:
@@ -264,6 +300,8 @@ class Dispatcher:
             try:
                 seen = await self.registry.serving(models)
                 self.live = {m: s.live_workers for m, s in seen.items()}
+                deployments, self.split = await fleet.watch(self.redis, models)
+                self.parked = {m for m, dep in deployments.items() if dep is not None and dep.total == 0}
                 errors.ok()
             except asyncio.CancelledError:
                 raise

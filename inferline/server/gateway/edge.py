@@ -69,6 +69,8 @@ class Edge:
                 status = message["status"]
                 started_response = True
                 message["headers"] = [*message.get("headers", []), id_header]
+                if record.version:   # the version whose worker answered (set by the dispatcher before the start)
+                    message["headers"].append((b"x-model-version", record.version.encode()))
             await send(message)
 
         async def send_error(err: InferlineError) -> None:

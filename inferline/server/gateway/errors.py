@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from inferline.server.errors import (
     BadRequest,
     Cancelled,
+    Conflict,
     DeadLettered,
     DeadlineExceeded,
     Forbidden,
@@ -46,6 +47,7 @@ TABLE: dict[type[InferlineError], Kind] = {
     ValidationFailed: Kind(422, "validation"),
     BadRequest: Kind(400, "validation"),
     NotFound: Kind(404, "not_found"),
+    Conflict: Kind(409, "conflict"),
     MethodNotAllowed: Kind(405, "validation"),
     PayloadTooLarge: Kind(413, "validation"),
     HeadersTooLarge: Kind(431, "validation"),

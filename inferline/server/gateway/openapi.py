@@ -35,6 +35,8 @@ STATUSES: dict[int, tuple[str, str, str, str | None]] = {
     403: ("forbidden", "The key lacks the scope or model this call needs", "this key may not use model gpt2",
           "model"),
     404: ("not_found", "No such model, version or route", "model 'nope' is not served here", "model"),
+    409: ("conflict", "The call does not fit the resource's state now (a rollout already in progress, nothing to "
+          "promote)", "model echo is already rolling out 1 -> 2 (canary)", "version"),
     413: ("too_large", "The body is larger than gateway.max_body_bytes", "body is 9000000 bytes; the limit is 8388608",
           "body"),
     422: ("validation", "A field fails validation; the message names the field, its bound and the value given",

@@ -1,5 +1,6 @@
 """What one request's log line, metrics and trace span need from the layers below the Edge. The Edge makes a record
-per request and sets `current`; the route (its label), the dispatcher (its model, the worker's timings) fill it in.
+per request and sets `current`; the route (its label), the dispatcher (its model, the worker's timings) and the
+security layer (the key) fill it in.
 Its own module, so that the dispatcher and the hot path write it without importing the Edge."""
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from contextvars import ContextVar
 
 
 class RequestRecord:
-    __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens")
+    __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens",
+                 "key_id", "version")
 
     def __init__(self, request_id: str, traceparent: str = "") -> None:
         self.request_id = request_id
@@ -19,6 +21,8 @@ class RequestRecord:
         self.compute_ms = 0.0
         self.batch_size = 0
         self.tokens = 0
+        self.key_id = ""                 # the API key that authenticated it ("" when none was needed)
+        self.version = ""                # the model version that answered: the Edge's x-model-version header
 
 
 current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)

@@ -51,6 +51,7 @@ from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.broker.ratelimit import ADMITTED, EXPIRED, LIMITED, Admission, Limits, RateLimiter
 from inferline.server.config import Settings
 from inferline.server.errors import Forbidden, RateLimited, Unauthorized, Unavailable
+from inferline.server.gateway import record as records
 from inferline.server.gateway.throttle import FailureThrottle
 from inferline.server.ids import new_id
 
@@ -135,6 +136,9 @@ class Security:
             await self.app(scope, receive, send)
             return
         key_id, stored = await self.authenticate(scope)
+        current = records.current.get()
+        if current is not None:
+            current.key_id = key_id   # the audit log's "who" (gateway/audit.py)
         slot = new_id()
         admission = await self.admit(key_id, stored, slot)
         try:
@@ -315,14 +319,18 @@ class Security:
         raise Unauthorized("invalid API key")   # revoked or replaced since this process verified it
 
     async def authorize(self, scope: Scope, receive: Receive, admission: Admission) -> Receive:
-        """Check the key's scopes and models for this route. Returns the receive to pass on (a replay when the
-        body had to be read for its model name). Raises Forbidden."""
+        """Check the key's scopes and models for this route: the admin routes (the table's Route.admin) and /metrics
+        need the `admin` scope, every other route `infer` and the model. Returns the receive to pass on (a replay when
+        the body had to be read for its model name). Raises Forbidden."""
         scopes = split(admission.scopes)
         if SCOPE_ADMIN in scopes:
             return receive
         path: str = scope["path"]
         if path == "/metrics":
             raise Forbidden("/metrics needs a key with the `admin` scope", field="scope")
+        if self.table.admin_route(scope["method"], path) is not None:
+            raise Forbidden(f"{scope['method']} {path} is part of the admin API: it needs a key with the "
+                            f"`{SCOPE_ADMIN}` scope (this key has {sorted(scopes)})", field="scope")
         if SCOPE_INFER not in scopes:
             raise Forbidden(f"this key has no `{SCOPE_INFER}` scope (it has {sorted(scopes)})", field="scope")
         model, receive = await self.table.model_of(scope["method"], path, receive)

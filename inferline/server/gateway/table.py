@@ -3,7 +3,9 @@ and its docs; everything else derives from the entry:
 
 - the hot path (hot.py) serves the routes that have a bare-ASGI `hot` handler, matched here;
 - FastAPI's routes (the API document and every other request) are generated from the entries (`mount`);
-- the security layer asks `model_of` which model a request is for, before anything is read or queued.
+- the security layer asks `model_of` which model a request is for, before anything is read or queued, and
+  `admin_route` whether a request is for the management API (`admin=True`): security.py requires the `admin`
+  scope for it, audit.AdminGate refuses it from anywhere but loopback while no key exists and logs every call.
 
 Adding a route means adding one entry to ROUTES, below; the route modules hold handlers and docs, no paths."""
 
@@ -17,11 +19,14 @@ import orjson
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
+from inferline.server.auth.keys import SCOPE_ADMIN
 from inferline.server.config import Settings
 from inferline.server.gateway import record
 from inferline.server.gateway.routes import (
+    admin,
     chat,
     classify,
+    fleet,
     forecast,
     generate,
     health,
@@ -29,6 +34,7 @@ from inferline.server.gateway.routes import (
     models,
     openai,
     predict,
+    repository,
     sentiment,
 )
 from inferline.server.gateway.routes.common import Handler, answer
@@ -74,6 +80,8 @@ class Route:
     model: ModelFrom = NO_MODEL
     tags: tuple[str, ...] = ()
     docs: Mapping[str, Any] = field(default_factory=dict)
+    admin: bool = False   # the management API: needs a key with the `admin` scope (security.py), loopback while no
+                          # key exists, and every call is logged (audit.py)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -99,6 +107,9 @@ class RouteTable:
                 continue
             pattern = tuple((None, p[1:-1]) if p.startswith("{") else (p, "") for p in parts)
             self.templated.setdefault((route.method, len(parts)), []).append((pattern, route))
+        # The fixed heads of the admin routes' paths (up to their first parameter): a request whose path starts with
+        # none of them is no admin call, known without a match (~0.1 µs; the layers in front of the hot path ask).
+        self.admin_heads = tuple(sorted({r.path.split("{", 1)[0] for r in self.routes if r.admin}))
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         """The route for a request and its path parameters, or None (FastAPI then answers 404 or 405)."""
@@ -118,6 +129,13 @@ class RouteTable:
             else:
                 return route, values
         return None
+
+    def admin_route(self, method: str, path: str) -> Route | None:
+        """The admin route a request is for, or None (any other route, or none)."""
+        if not self.admin_heads or not path.startswith(self.admin_heads):
+            return None
+        found = self.match("GET" if method == "HEAD" else method, path)
+        return found[0] if found is not None and found[0].admin else None
 
     def deployment(self, task: str) -> str | None:
         """The deployment the configuration binds to `task`, or None (the route then answers 404)."""
@@ -145,20 +163,27 @@ class RouteTable:
 async def field_of_body(name: str, receive: Receive) -> tuple[str | None, Receive]:
     """A string field of a JSON body, and a receive that replays the body. The body is bounded by the Edge's
     max_body_bytes. Not JSON, or no such string field: None (the route answers 400 or 422; nothing is queued)."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None, receive
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    body = b"".join(chunks)
+    body, replay = await read_body(receive)
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         parsed = None
     value = parsed.get(name) if isinstance(parsed, dict) else None
+    return (value if isinstance(value, str) else None), replay
+
+
+async def read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """The whole body (bounded by the Edge's max_body_bytes) and a receive that replays it to the next layer. A
+    disconnect before the body's end: what came, and the original receive (the next layer reads the disconnect)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"".join(chunks)
     replayed = False
 
     async def replay() -> Message:
@@ -168,7 +193,7 @@ async def field_of_body(name: str, receive: Receive) -> tuple[str | None, Receiv
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
-    return (value if isinstance(value, str) else None), replay
+    return body, replay
 
 
 def path_parameters(route: Route) -> list[dict[str, Any]]:
@@ -184,6 +209,8 @@ def mount(app: FastAPI, gateway: Gateway, table: RouteTable) -> None:
             extra["parameters"] = [*path_parameters(route), *extra.get("parameters", [])]
         target = route.endpoint or route.hot
         assert target is not None, f"route {route.method} {route.path} has no handler"
+        if route.admin:   # the document says which routes need the admin scope (tests/test_security.py reads it)
+            extra["x-inferline-scope"] = SCOPE_ADMIN
         app.add_api_route(route.path, endpoint_for(gateway, route), methods=[route.method], tags=list(route.tags),
                           name=target.__name__, openapi_extra=extra or None, **docs)
 
@@ -202,6 +229,7 @@ def endpoint_for(gateway: Gateway, route: Route) -> Callable[[Request], Awaitabl
 
 OPS, MODELS, TASKS = ("operations",), ("models",), ("tasks",)
 V2, TGI, OPENAI = ("open inference protocol",), ("text generation (TGI)",), ("text generation (OpenAI)",)
+ADMIN, REPOSITORY = ("admin",), ("open inference protocol: model repository",)
 GENERATE = for_task(generate.TASK)
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", health.healthz, tags=OPS, docs=health.HEALTHZ_DOCS),
@@ -236,4 +264,28 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/health", generate.health, model=GENERATE, tags=TGI, docs=generate.HEALTH_DOCS),
     Route("POST", "/v1/completions", openai.completions, model=IN_BODY, tags=OPENAI, docs=openai.DOCS),
     Route("POST", "/v1/chat/completions", chat.chat_completions, model=IN_BODY, tags=OPENAI, docs=chat.DOCS),
+    # the management API: the admin scope, loopback only while no key exists, every call logged (audit.py)
+    Route("POST", "/v2/repository/index", repository.index, tags=REPOSITORY, docs=repository.INDEX_DOCS,
+          admin=True),
+    Route("POST", "/v2/repository/models/{model}/load", repository.load, model=IN_PATH, tags=REPOSITORY,
+          docs=repository.LOAD_DOCS, admin=True),
+    Route("POST", "/v2/repository/models/{model}/unload", repository.unload, model=IN_PATH, tags=REPOSITORY,
+          docs=repository.UNLOAD_DOCS, admin=True),
+    Route("GET", "/admin/deployments", admin.deployments, tags=ADMIN, docs=admin.DEPLOYMENTS_DOCS, admin=True),
+    Route("POST", "/admin/workers/{worker}/drain", admin.drain_worker, tags=ADMIN, docs=admin.DRAIN_DOCS,
+          admin=True),
+    Route("GET", "/admin/models/{model}/dead-letters", admin.list_dead_letters, model=IN_PATH, tags=ADMIN,
+          docs=admin.DEAD_LETTERS_DOCS, admin=True),
+    Route("POST", "/admin/models/{model}/dead-letters/replay", admin.replay_dead_letters, model=IN_PATH,
+          tags=ADMIN, docs=admin.REPLAY_DOCS, admin=True),
+    Route("POST", "/admin/models/{model}/dead-letters/purge", admin.purge_dead_letters, model=IN_PATH, tags=ADMIN,
+          docs=admin.PURGE_DOCS, admin=True),
+    Route("POST", "/admin/models/{model}/rollout", fleet.start_rollout, model=IN_PATH, tags=ADMIN,
+          docs=fleet.ROLLOUT_DOCS, admin=True),
+    Route("GET", "/admin/models/{model}/rollout", fleet.rollout_status, model=IN_PATH, tags=ADMIN,
+          docs=fleet.STATUS_DOCS, admin=True),
+    Route("POST", "/admin/models/{model}/promote", fleet.promote, model=IN_PATH, tags=ADMIN, docs=fleet.PROMOTE_DOCS,
+          admin=True),
+    Route("POST", "/admin/models/{model}/scale", fleet.scale, model=IN_PATH, tags=ADMIN, docs=fleet.SCALE_DOCS,
+          admin=True),
 )

@@ -121,6 +121,55 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class RolloutWindow(BaseModel):
+    requests: int
+    seconds: float
+    max_failure_rate: float
+    closed: bool = Field(description="the window ended within the threshold: the guard is off")
+
+
+class RolloutState(BaseModel):
+    """A model's current or last rollout. States: starting (the new version's workers start; no traffic to it),
+    canary, rolling (all traffic to it; its window open), draining (old workers finish and exit), done;
+    rolling_back, rolled_back (`reason` says why; `automatic_rollback` when it rolled back by itself)."""
+
+    model: str
+    state: str
+    from_version: str
+    to_version: str
+    canary_percent: int
+    weights: dict[str, int] = Field(description="percent of the requests each version gets now")
+    live_replicas: dict[str, int]
+    requests: dict[str, int] = Field(description="answers per version since the rollout began")
+    failures: dict[str, int] = Field(description="5xx-type failures and dead letters per version")
+    dead_lettered: dict[str, int]
+    window: RolloutWindow
+    automatic_rollback: bool
+    retired_version_may_stop: bool = Field(description="draining or rolling back: the version leaving gets no more "
+                                           "requests and its lane is answered; its workers may stop now (under "
+                                           "Kubernetes: scale its Deployment to 0)")
+    reason: str | None
+    started_ms: int
+    finished_ms: int | None
+
+
+class ScaleAnswer(BaseModel):
+    model: str
+    version: str
+    replicas: int
+    live_replicas: int
+
+
+class VersionEntry(BaseModel):
+    """One version of a deployment in /v1/models."""
+
+    version: str
+    replicas: int = Field(description="workers wanted of it (the supervisor's target)")
+    live_replicas: int
+    weight: int = Field(description="percent of the requests it gets now")
+    live: bool
+
+
 class ModelEntry(BaseModel):
     id: str
     object: Literal["model"]
@@ -133,6 +182,8 @@ class ModelEntry(BaseModel):
     queue_depth: int
     kind: str | None
     task: str | None
+    versions: list[VersionEntry] = Field(default_factory=list, description="each version running or wanted, live "
+                                         "or not, with its replicas and share of the traffic")
 
 
 class ModelList(BaseModel):

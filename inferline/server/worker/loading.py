@@ -49,8 +49,13 @@ def model_class(spec: ModelSpec) -> tuple[type[Model], Path | None, dict[str, An
     manifest: dict[str, Any] = {}
     path = Path(spec.artifact) if spec.artifact is not None else None
     if path is not None and ((path / store.MANIFEST).is_file() or store.versions(path)):
-        version_dir = store.resolve(path)       # a store build: its newest version, and its manifest
+        try:                                    # a store build: its pinned or newest version, and its manifest
+            version_dir = store.resolve(path, spec.version)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"models.{spec.name}: {exc}") from None
         manifest = store.read_manifest(version_dir)
+        # the version is the store directory's name: what a deployment pins and a rollout names (its Redis lane)
+        manifest = {**manifest, "version": version_dir.name}
     elif path is not None and path.exists():
         version_dir = path                      # any other directory or file the model reads itself
     target = spec.model or manifest.get("runtime")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from inferline.server import logs, tracing
+from inferline.server.broker import fleet
 from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import connect
 from inferline.server.broker.consumer import Durable, ModelQueue
@@ -89,18 +91,31 @@ def scheduler_for(shell: Shell, spec: ModelSpec, model: Model, device: str,
 
 async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int) -> None:
     device = devices.resolve(spec.device, replica)
-    model = load_model(spec, device)
-    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     redis = connect(redis_url, settings.broker.timeout_s, health_check_interval=30, cluster=settings.broker.cluster)
+    try:
+        model = load_model(spec, device)
+    except Exception as exc:
+        # A rollout's controller reads why its new version cannot serve (server/rollout.py): the status says so.
+        if spec.version:
+            with contextlib.suppress(Exception):
+                await fleet.report_load_error(redis, spec.name, spec.version, f"{type(exc).__name__}: {exc}")
+        await redis.aclose()
+        raise
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     registry = Registry(redis)
     status = WorkerStatus(os.getpid(), socket.gethostname(), device, model.version, int(time.time()))
+    # Its version's lane is read beside the common stream only for a store version (one a rollout can name).
+    lane = model.version if model.artifact is not None and model.manifest else ""
     broker = settings.broker
     durable = (Durable(broker.min_replicas_ack, broker.replica_ack_timeout_ms, int(spec.timeout_s * 1000))
                if broker.min_replicas_ack else None)
-    shell = Shell(spec, ModelQueue(redis, spec.name, worker_id, durable), registry, Cancels(redis, spec.name),
-                  worker_id, status, alive_file=settings.alive_file)
+    queue = ModelQueue(redis, spec.name, worker_id, lane, model.version, durable)
+    with contextlib.suppress(Exception):   # a new version's guard is on before its first answer
+        await queue.watch_rollout()
+    shell = Shell(spec, queue, registry, Cancels(redis, spec.name), worker_id, status, alive_file=settings.alive_file)
     watchdog = Watchdog(spec.name, spec.predict_timeout_s,
-                        farewell(redis_url, settings.broker.timeout_s, spec.name, worker_id, settings.broker.cluster))
+                        farewell(redis_url, settings.broker.timeout_s, spec.name, worker_id, lane,
+                                 settings.broker.cluster))
     scheduler, info = scheduler_for(shell, spec, model, device, watchdog)
     shell.info = info
     await registry.publish(info)
@@ -109,6 +124,7 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
         shell.stop()
         watchdog.stop()
 
+    shell.on_drain_request = stop   # POST /admin/workers/{id}/drain: the same drain as SIGTERM
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
@@ -142,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="config file (default: INFERLINE_CONFIG or ./inferline.toml)")
     parser.add_argument("--replica", type=int, default=int(os.environ.get("INFERLINE_REPLICA", "0")),
                         help="replica index, for device=auto round-robin")
+    parser.add_argument("--version", help="serve this store version (a rollout's), not the configured one")
     args = parser.parse_args(argv)
     try:
         logs.configure()
@@ -156,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.model or args.model not in settings.models:
                 raise ConfigError(f"model {args.model!r} is not in the config; configured: {sorted(settings.models)}")
             spec = settings.models[args.model]
+        if args.version:
+            spec = spec.model_copy(update={"version": args.version})
         if not settings.redis_url:
             raise ConfigError("REDIS_URL is not set: a worker needs the Redis its gateway uses")
         limit_threads(spec.threads)

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,6 +103,9 @@ class Shell:
         self._worker_id = worker_id
         self._status = status
         self._stopping = asyncio.Event()
+        # What a drain request (read with the heartbeat) calls: worker/main.py sets its SIGTERM handler, which also
+        # bounds the drain (the watchdog); stop() alone by default.
+        self.on_drain_request: Callable[[], None] = self.stop
         # Handed to the scheduler and not yet answered: kept claimed, and found by cancels. Keyed by entry id, not
         # request id: a caller may reuse its id (x-request-id) while its first request is still held, and each
         # entry must stay claimed until it is itself answered.
@@ -264,8 +267,13 @@ class Shell:
             try:
                 stats = self._metrics.pending()
                 self._metrics.sample_process(self._status)
-                await self._registry.beat(self._spec.name, self._worker_id, self._status, stats, self.info)
+                drain = await self._registry.beat(self._spec.name, self._worker_id, self._status, stats, self.info)
                 self._metrics.commit(stats)
+                if drain and not self.stopping:
+                    log.warning("drain requested model=%s id=%s: draining as on SIGTERM", self._spec.name,
+                                self._worker_id)
+                    self.on_drain_request()
+                await self._queue.watch_rollout()
                 landed = time.monotonic()
                 if landed - self._beat_landed > STEADY_GAP_S:
                     self._steady_since = landed

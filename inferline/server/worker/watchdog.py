@@ -58,14 +58,15 @@ def hung_reply(delivery: Delivery, model: str, timeout_s: float) -> Reply:
         "worker replaced"))
 
 
-def farewell(redis_url: str, broker_timeout_s: float, model: str, worker_id: str, cluster: bool = False) -> LastWords:
+def farewell(redis_url: str, broker_timeout_s: float, model: str, worker_id: str, version: str = "",
+             cluster: bool = False) -> LastWords:
     """The last words of worker `worker_id` of `model`: its own Redis client (the worker's belongs to an event loop
     that may be blocked), the answers sent and acknowledged, its heartbeat record removed."""
     async def last_words(answers: list[tuple[Delivery, Reply]]) -> None:
         redis = connect(redis_url, broker_timeout_s, cluster=cluster)
         try:
             if answers:
-                await ModelQueue(redis, model, worker_id).reply_and_ack(
+                await ModelQueue(redis, model, worker_id, version).reply_and_ack(
                     [(d.envelope.reply_to, r) for d, r in answers], [d for d, _ in answers])
             await Registry(redis).remove(model, worker_id)
         finally:

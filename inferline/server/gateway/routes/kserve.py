@@ -43,7 +43,8 @@ MODEL_READY = doc(wire.V2ModelReady, {"name": "echo", "ready": True}, family="ks
 
 
 SERVER_DOCS = dict(summary="Server metadata", **doc(wire.V2Server, {
-    "name": "inferline", "version": "0.1.0", "extensions": ["binary_tensor_data"]}, family="kserve", errors=()))
+    "name": "inferline", "version": "0.1.0", "extensions": ["binary_tensor_data", "model_repository"]},
+    family="kserve", errors=()))
 LIVE_DOCS = doc(wire.V2Live, {"live": True}, family="kserve", errors=())
 READY_DOCS = doc(wire.V2Ready, {"ready": True}, family="kserve", errors=(), more=NOT_READY)
 INFER_DOCS = dict(summary="Run inference (JSON or binary tensors)", openapi_extra=INFER_BODY, **INFER_ANSWER)
@@ -51,7 +52,7 @@ VERSION_INFER_DOCS = dict(summary="Run inference on a named version", openapi_ex
 
 
 SERVER = build(wire.V2Server, {"name": "inferline", "version": server.__version__,
-                                "extensions": ["binary_tensor_data"]})
+                                "extensions": ["binary_tensor_data", "model_repository"]})
 LIVE = build(wire.V2Live, {"live": True})
 
 
