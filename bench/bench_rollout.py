@@ -184,7 +184,7 @@ def script_bench(args: argparse.Namespace) -> None:
         results: dict[str, list[float]] = {"before the split": [], "now, no rollout": [], "now, during a rollout": []}
         for _ in range(args.rounds):
             results["before the split"].append(run(old_sha, old_keys, False, old_argv))
-            results["now, no rollout"].append(run(new_sha, keys.enqueue_keys(model), False,
+            results["now, no rollout"].append(run(new_sha, keys.enqueue_keys(model, False), False,
                                                   [*old_argv[:4], "", *envelope]))
             results["now, during a rollout"].append(run(new_sha, keys.enqueue_keys(model), True,
                                                         [*old_argv[:4], "1", *envelope]))

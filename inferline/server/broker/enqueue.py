@@ -16,7 +16,8 @@ from inferline.server.broker.client import Redis
 from inferline.server.broker.ticks import TickBatcher
 from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 
-# KEYS: keys.enqueue_keys (the common request stream, its byte counter, the traffic split): one hash tag, one slot.
+# KEYS: keys.enqueue_keys (the common request stream, its byte counter, the traffic split when ARGV[5] is '1'): one
+# hash tag, one slot.
 # ARGV: cap, how long (ms) to keep entries, payload, the cap in bytes (0: none), '1' to follow a rollout's split,
 # then the envelope's values in protocol.ENVELOPE_FIELDS order.
 # Returns the queue length before the add, or FULL_ENTRIES / FULL_BYTES when the queue is at that cap (nothing
@@ -103,7 +104,7 @@ class Enqueuer:
         split: the model may be in a rollout: follow its traffic split (keys.routing) when it has one.
         Raises redis errors (the caller answers 503), and ticks.NotReplicated when the batcher asks for replicas
         (durable enqueue) and too few had the entry in time: it is queued on the primary all the same."""
-        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model), replicated=True, args=[
+        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model, split), replicated=True, args=[
             cap, keep_ms, payload, cap_bytes, "1" if split else "",
             # in ENVELOPE_FIELDS order (test_ticks checks the entry against Envelope.fields()): read one by one,
             # as protocol.envelope_values would cost 70-95 ns more a request

@@ -188,10 +188,12 @@ def in_flight(key_id: str) -> str:
 
 # What must share one slot: each group is the keys one script or transaction touches together (the callers build
 # their key lists from these same functions). tests/test_key_layout.py computes every group's slots with CRC16.
-def enqueue_keys(model: str) -> list[str]:
-    """The enqueue script's KEYS (enqueue.py): the common request stream, the model's byte counter and its traffic
-    split. The script adds to a version's lane, whose name it makes from the first key (LANE): same tag, same slot."""
-    return [request_stream(model), queued_bytes(model), routing(model)]
+def enqueue_keys(model: str, split: bool = True) -> list[str]:
+    """The enqueue script's KEYS (enqueue.py): the common request stream, the model's byte counter and, when the
+    gateway follows a rollout (`split`), its traffic split. The script adds to a version's lane, whose name it makes
+    from the first key (LANE): same tag, same slot. The split's key is named only when it is read: on a Cluster a
+    slot being moved answers a script naming a key that exists on neither side with TRYAGAIN until the move ends."""
+    return [request_stream(model), queued_bytes(model), *([routing(model)] if split else [])]
 
 
 def ack_keys(model: str, version: str = "") -> list[str]:
