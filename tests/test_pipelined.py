@@ -19,6 +19,7 @@ from inferline.server.broker.pipelined import Pipelined
 from inferline.server.broker.reads import xread
 from inferline.server.broker.roundtrip import HeldConnection
 from inferline.server.protocol import Envelope
+from tests.conftest import wait_for
 
 
 def test_sends_are_answered_in_order_without_waiting_for_each_other(redis_url: str, rdb: redis.Redis) -> None:
@@ -108,6 +109,12 @@ def test_a_reader_holds_one_connection_and_replaces_it_when_broken_or_cut_off(re
             await asyncio.sleep(0.2)
             blocked.cancel()   # cut off mid-read: its late reply must not answer the next round trip
             await asyncio.gather(blocked, return_exceptions=True)
+            # Redis sees the close when it next reads that socket: an RPUSH sent sooner (another connection, the same
+            # event-loop turn of Redis) was served to the blocked BLPOP first, which then wrote "late" to a dead socket
+            # (LLEN 0 under load). So push once Redis has dropped the client, within 3 s: a connection not closed on
+            # cancel stays open (nothing reads it any more) and fails here.
+            await asyncio.to_thread(wait_for, lambda: all(c["id"] != str(ids[-1]) for c in rdb.client_list()),
+                                    3, "the cut connection closed")
             await asyncio.to_thread(rdb.rpush, "nothing-here", "late")
             after_cut = (await held.run([("LLEN", "nothing-here")]))[0]
             return ids, both, after_cut

@@ -15,7 +15,6 @@ ignored by the gateway, a second ack does nothing); after a timeout nothing is s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferline.server.broker.roundtrip import give_back, pack, read_replies, write
+from inferline.server.tasks import cancel_and_wait
 
 MAX_UNANSWERED = 64   # sends written and not yet answered; a sender past it waits (Redis slower than the model)
 
@@ -77,10 +77,8 @@ class Pipelined:
             await asyncio.wait([self.unanswered[-1].future])
 
     async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.reader
+        if self.reader is not None:   # cancelled again while it goes on: a cancel can be dropped (tasks.py)
+            await cancel_and_wait([self.reader])
         self._fail(RedisConnectionError("the pipelined connection was closed"))
         await self._drop()
 

@@ -36,6 +36,7 @@ from inferline.server.ids import new_id
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import GatewayMetrics
 from inferline.server.protocol import Cancel, Envelope, Reply, encode_payload, now_ms
+from inferline.server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,9 @@ class Dispatcher:
                       asyncio.create_task(self._watch_workers())]
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        """End the background loops (within tasks.STOP_WITHIN_S even when a cancel is dropped, see tasks.py), then
+        delete the reply stream."""
+        await cancel_and_wait(self.tasks)
         await self.inbox.delete()
         await self.batcher.close()
 
