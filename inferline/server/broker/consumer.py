@@ -286,18 +286,24 @@ class ModelQueue:
                 await pipe.execute()
         return fresh, exhausted
 
-    async def orphans(self, held: Container[bytes], count: int) -> list[Delivery]:
+    async def orphans(self, held: Container[bytes], count: int,
+                      after: bytes | None = None) -> tuple[list[Delivery], bytes | None]:
         """Entries Redis delivered to this consumer that its worker does not hold: a blocking read that Redis answered
         but whose answer the worker never read (it stalled past the socket timeout, SIGSTOP or a long pause, and the
-        read failed). Claimed again by this consumer, so their idle time restarts and their delivery count stays
-        what it was (they never ran). At most `count`. Call it only while no read of this consumer is in flight:
-        that read's entries would look orphaned too."""
+        read failed), or a send that failed (after a failover the promoted replica has the entry pending here).
+        Claimed again by this consumer, so their idle time restarts and their delivery count stays what it was (they
+        never ran). Looks at one page of `count` pending entries, those after the id `after` (None: from the start);
+        returns (what it claimed, the id to go on after, or None once the pending list was read to its end). The
+        page, not what was claimed, says whether there is more: held entries are skipped, and in durable mode the
+        answered ones are acknowledged, not returned, so a page can yield nothing while more wait behind it. Call it
+        only while no read of this consumer is in flight: that read's entries would look orphaned too."""
         try:
-            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
-                                                           consumername=self.consumer)
+            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP,
+                                                           min="-" if after is None else b"(" + after, max="+",
+                                                           count=count, consumername=self.consumer)
         except ResponseError as exc:
             await self._recreate_on_nogroup(exc)
-            return []
+            return [], None
         by_tries: dict[int, list[Any]] = {}   # one XCLAIM per delivery count, to keep each entry's (usually one)
         for p in pending:
             if p["message_id"] not in held:
@@ -309,7 +315,7 @@ class ModelQueue:
             deleted = [eid for eid, f in claimed if not f]
             if deleted:   # entries deleted under the PEL: clear them for good
                 await self.redis.xack(self.stream, keys.GROUP, *deleted)
-        return found
+        return found, (pending[-1]["message_id"] if len(pending) == count else None)
 
     async def _unanswered(self, deliveries: list[Delivery]) -> list[Delivery]:
         """In durable mode, the deliveries not answered already; the answered ones (a failover lost their ack) are
