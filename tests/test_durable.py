@@ -13,7 +13,7 @@ import redis
 
 from inferline.server.broker import keys
 from inferline.server.broker.client import connect
-from inferline.server.broker.consumer import Durable, ModelQueue
+from inferline.server.broker.consumer import Durable, ModelQueue, OrphanPosition
 from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.broker.ticks import NotReplicated, TickBatcher
 from inferline.server.config import BrokerSettings
@@ -151,3 +151,49 @@ def test_answered_ids_are_trimmed_to_the_models_timeout(redis_url: str, rdb: red
 
     rdb.delete(keys.request_stream(MODEL), keys.answered(MODEL))
     assert asyncio.run(run()) == 1   # the first id was older than keep_ms when the second was recorded
+
+
+def test_orphans_are_looked_for_page_by_page_past_held_and_answered_ones(redis_url: str, rdb: redis.Redis) -> None:
+    """What a failover leaves pending on a live worker's consumer: entries it still holds, entries it answered (their
+    ids recorded, their acks lost) and one it never got the answer of. A page of `count` that yields nothing (all
+    held or answered) still says the list goes on, and the next page, after its last id, finds the orphan."""
+    stream = keys.request_stream(MODEL)
+
+    async def run() -> tuple[list[list[str]], list[bool]]:
+        client = connect(redis_url)
+        queue = ModelQueue(client, MODEL, "A", durable=DURABLE)
+        enqueuer = Enqueuer(client)
+        try:
+            await queue.ensure_group()
+            for i in range(5):
+                await enqueuer.enqueue(MODEL, envelope(i), b"x", 100, 60_000)
+            taken = await queue.read(10, None)
+            answered = taken[2:4]
+            entries: Any = await client.xrange(stream)
+            await queue.reply_and_ack([(d.envelope.reply_to, Reply(d.request_id, b"{}")) for d in answered],
+                                      answered)
+            # the promoted replica: all five back, all pending on A (its read replicated, the acks not)
+            await restore(client, entries)
+            await client.xreadgroup(keys.GROUP, "A", {stream: ">"}, count=10)
+            held = {d.entry_id for d in taken[:2]}
+            pages, more = [], []
+            after: OrphanPosition = None
+            for _ in range(4):
+                found, after = await queue.orphans(held, 2, after)
+                pages.append([d.request_id for d in found])
+                more.append(after is not None)
+                if after is None:
+                    break
+            return pages, more
+        finally:
+            await queue.close()
+            await enqueuer.batcher.close()
+            await client.aclose()
+
+    rdb.delete(stream, keys.answered(MODEL))
+    pages, more = asyncio.run(run())
+    # page 1: r0, r1 held; page 2: r2, r3 answered (acknowledged here, not handed out); page 3: r4, the orphan
+    assert pages == [[], [], ["r4"]], pages
+    assert more == [True, True, False]
+    pending: Any = rdb.xpending(stream, keys.GROUP)
+    assert pending["pending"] == 3   # r0, r1 (held) and r4 (claimed again); r2, r3 acknowledged

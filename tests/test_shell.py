@@ -16,6 +16,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -29,6 +30,7 @@ from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.broker.registry import Registry
 from inferline.server.config import ModelSpec
 from inferline.server.protocol import Cancel, Envelope, Reply, WorkerStatus, now_ms, unpack_replies
+from inferline.server.worker.batcher import collect
 from inferline.server.worker.shell import Shell
 
 MODEL = "shelltest"
@@ -281,3 +283,39 @@ def test_a_stopping_shell_takes_over_nothing_and_leaves_unanswered_work_pending(
             assert await Registry(h.client).alive(MODEL, [ME]) == set()   # its heartbeat is gone at once
 
     asyncio.run(run())
+
+
+def test_a_batch_whose_later_read_fails_keeps_what_it_took(tmp_path: Path) -> None:
+    """Dynamic batching reads a batch in several takes; Redis dies (kill -9) after the first. What the first took is
+    held, so it must come back as the batch to run and answer: dropped with the error, it stayed claimed by this live
+    worker and was never run (lost under a failover). The error comes back at the next read."""
+    from tests.faults import PrivateRedis
+
+    private = PrivateRedis(tmp_path / "redis")
+    private.start()
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with serving(private.tcp_url) as h:
+            for rid in ("a", "b"):
+                await h.enqueue(rid)
+
+            async def take(count: int, block_s: float | None) -> list[Delivery]:
+                got = await h.shell.take(count, block_s)
+                if got:
+                    private.kill()   # between the batch's first read and the next
+                return got
+
+            batch = await collect(take, 8, 1.0, busy=True)
+            try:
+                await h.shell.take(8, None)
+                again = "read"
+            except Exception as exc:  # noqa: BLE001 - whichever connection error the client raises
+                again = type(exc).__name__
+            return [d.request_id for d in batch], [again]
+
+    try:
+        taken, again = asyncio.run(run())
+    finally:
+        private.stop()
+    assert taken == ["a", "b"]
+    assert again != ["read"]

@@ -101,6 +101,9 @@ return fail
 FAILURES = frozenset({"internal", "generation", "dead_letter"})
 
 
+OrphanPosition = tuple[int, bytes | None] | None   # (index of the stream in ModelQueue.lanes, last id seen there)
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One request as a worker received it."""
@@ -126,7 +129,7 @@ class ModelQueue:
     """A worker's view of one model's request streams: the common one and, for a worker that knows its version, that
     version's lane (keys.request_stream), read together in one XREADGROUP; each entry is acknowledged on its own."""
 
-    def __init__(self, redis: Redis, model: str, consumer: str, version: str = "", label: str = "",
+    def __init__(self, redis: Redis, model: str, consumer: str, version: str = "", label: str = "", *,
                  durable: Durable | None = None) -> None:
         """version: the store version whose lane this worker reads beside the common stream ("": none). label: the
         version its answers name (x-model-version), default `version` (a model without store versions has a label,
@@ -357,25 +360,28 @@ class ModelQueue:
                 await pipe.execute()
         return fresh, exhausted
 
-    async def orphans(self, held: Container[bytes], count: int) -> list[Delivery]:
+    async def orphans(self, held: Container[bytes], count: int,
+                      after: OrphanPosition = None) -> tuple[list[Delivery], OrphanPosition]:
         """Entries Redis delivered to this consumer that its worker does not hold: a blocking read that Redis answered
         but whose answer the worker never read (it stalled past the socket timeout, SIGSTOP or a long pause, and the
-        read failed). Claimed again by this consumer, so their idle time restarts and their delivery count stays
-        what it was (they never ran). At most `count` per stream. Call it only while no read of this consumer is in
-        flight: that read's entries would look orphaned too."""
-        found: list[Delivery] = []
-        for lane in self.lanes:
-            found += await self._orphans(lane, held, count)
-        return found
-
-    async def _orphans(self, lane: str, held: Container[bytes], count: int) -> list[Delivery]:
+        read failed), or a send that failed (after a failover the promoted replica has the entry pending here).
+        Claimed again by this consumer, so their idle time restarts and their delivery count stays what it was (they
+        never ran). Looks at one page of `count` pending entries of one of its streams, from the position `after`
+        (None: the first stream's start); returns (what it claimed, the position to go on from, or None once every
+        stream's pending list was read to its end). The page, not what was claimed, says whether there is more: held
+        entries are skipped, and in durable mode the answered ones are acknowledged, not returned, so a page can
+        yield nothing while more wait behind it. Call it only while no read of this consumer is in flight: that
+        read's entries would look orphaned too."""
+        index, last = after if after is not None else (0, None)
+        lane = self.lanes[index]
         stream = keys.request_stream(self.model, lane)
         try:
-            pending: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=count,
-                                                           consumername=self.consumer)
+            pending: Any = await self.redis.xpending_range(stream, keys.GROUP,
+                                                           min="-" if last is None else b"(" + last, max="+",
+                                                           count=count, consumername=self.consumer)
         except ResponseError as exc:
             await self._recreate_on_nogroup(exc)
-            return []
+            return [], None
         by_tries: dict[int, list[Any]] = {}   # one XCLAIM per delivery count, to keep each entry's (usually one)
         for p in pending:
             if p["message_id"] not in held:
@@ -387,7 +393,9 @@ class ModelQueue:
             deleted = [eid for eid, f in claimed if not f]
             if deleted:   # entries deleted under the PEL: clear them for good
                 await self.redis.xack(stream, keys.GROUP, *deleted)
-        return found
+        if len(pending) == count:
+            return found, (index, pending[-1]["message_id"])
+        return found, ((index + 1, None) if index + 1 < len(self.lanes) else None)
 
     async def _unanswered(self, deliveries: list[Delivery]) -> list[Delivery]:
         """In durable mode, the deliveries not answered already; the answered ones (a failover lost their ack) are

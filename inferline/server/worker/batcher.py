@@ -24,13 +24,21 @@ async def collect(take: Take, max_size: int, max_delay_s: float, busy: bool,
 
     The window is timed here, with short non-blocking reads, not with a short BLOCK: Redis checks blocked
     clients' timeouts only as often as its `hz` (10/s by default), so a 5 ms BLOCK that nothing ends
-    could return after 100 ms (measured: ~100 ms per request for the first requests after a burst)."""
+    could return after 100 ms (measured: ~100 ms per request for the first requests after a burst).
+
+    A read that fails after the first one ends the batch with what was taken: those deliveries are held (the shell
+    keeps them claimed until they are answered), so dropping them with the error would leave them pending forever,
+    claimed by a live worker that never runs them (a primary killed under load lost 1-4 accepted requests a run
+    that way). The error comes back at the next read."""
     batch = await take(max_size, idle_block_s)
     if not busy or not batch:
         return batch
     window_ends = time.monotonic() + max_delay_s
     while len(batch) < max_size:
-        more = await take(max_size - len(batch), None)
+        try:
+            more = await take(max_size - len(batch), None)
+        except Exception:   # noqa: BLE001 - see above: what was taken must be run; the next read raises again
+            break
         batch += more
         left = window_ends - time.monotonic()
         if left <= 0:

@@ -109,7 +109,7 @@ async def run(spec: ModelSpec, settings: Settings, redis_url: str, replica: int)
     broker = settings.broker
     durable = (Durable(broker.min_replicas_ack, broker.replica_ack_timeout_ms, int(spec.timeout_s * 1000))
                if broker.min_replicas_ack else None)
-    queue = ModelQueue(redis, spec.name, worker_id, lane, model.version, durable)
+    queue = ModelQueue(redis, spec.name, worker_id, lane, model.version, durable=durable)
     with contextlib.suppress(Exception):   # a new version's guard is on before its first answer
         await queue.watch_rollout()
     shell = Shell(spec, queue, registry, Cancels(redis, spec.name), worker_id, status, alive_file=settings.alive_file)

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from inferline.server.broker import keys
 from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import BROKER_ERRORS
-from inferline.server.broker.consumer import Delivery, ModelQueue
+from inferline.server.broker.consumer import Delivery, ModelQueue, OrphanPosition
 from inferline.server.broker.registry import Registry
 from inferline.server.config import ModelSpec
 from inferline.server.errors import Cancelled, DeadlineExceeded
@@ -122,6 +122,7 @@ class Shell:
         # A read failed (its socket timed out, the connection broke): Redis may have delivered entries all the same,
         # which nothing here holds. The next take() claims them back first (ModelQueue.orphans).
         self._lost_read = False
+        self._orphans_after: OrphanPosition = None   # where the next look for them goes on (None: from the start)
         # ids cancelled before this worker held them -> when (ms), oldest first. A caller may reuse an id (its own
         # x-request-id): only a request queued before the cancel is dropped.
         self._cancelled: dict[str, int] = {}
@@ -148,11 +149,21 @@ class Shell:
         Each is held from here until answered. Raises what ModelQueue.read raises; what Redis handed out to a read
         that failed (a worker stalled past the socket timeout while Redis answered it: SIGSTOP, a long pause) is
         claimed back and returned by the next take(), before it reads anything new, instead of waiting in the
-        group's pending list for the visibility timeout. Reads are one at a time (HeldConnection), so no read is in
-        flight while the orphans are looked for."""
+        group's pending list for the visibility timeout; so is what a failed send left pending (after a failover the
+        promoted replica may have it pending here). They are looked for one page of `count` pending entries per
+        take(), page after page until the list's end, however many of them this worker holds or durable mode finds
+        answered already. Reads are one at a time (HeldConnection), so no read is in flight while the orphans are
+        looked for."""
         if self._lost_read:
-            found = await self._queue.orphans(self._held, count)
-            self._lost_read = len(found) == count   # there may be more
+            # Cleared while looking: a send that fails meanwhile sets it again, and the next look starts over.
+            after, self._lost_read, self._orphans_after = self._orphans_after, False, None
+            try:
+                found, more = await self._queue.orphans(self._held, count, after)
+            except BaseException:
+                self._lost_read = True
+                raise
+            if more is not None and not self._lost_read:   # the pending list goes on: the next take() looks on
+                self._lost_read, self._orphans_after = True, more
             if found:
                 log.warning("recovered model=%s n=%d: delivered to a read that failed", self._spec.name, len(found))
                 for d in found:
@@ -161,7 +172,7 @@ class Shell:
         try:
             got = await self._queue.read(count, block_s)
         except BaseException:
-            self._lost_read = True
+            self._lost_read, self._orphans_after = True, None
             raise
         held = self._held
         for d in got:   # the dict insert the scheduler used to do itself: no extra cost per request
@@ -251,7 +262,7 @@ class Shell:
             # Its entries stay pending on this consumer, held by nobody here: the next take() claims them back (sent
             # again, or acknowledged unrun when durable mode finds them answered), rather than leaving them to the
             # visibility timeout. Measured: a primary killed under load left 4 of 658 requests unanswered for 10 s.
-            self._lost_read = True
+            self._lost_read, self._orphans_after = True, None   # they may be anywhere in the pending list
 
     async def flush(self) -> None:
         """Wait until everything sent is in Redis (or failed)."""
