@@ -126,6 +126,25 @@ def test_a_v2_datatype_other_than_declared_is_refused_naming_tensor_and_both(ser
     assert "pixels" in message and "INT32" in message and "FP32" in message
 
 
+def test_a_tensor_only_row_checked_per_column_still_names_a_bad_row(served: str) -> None:
+    """TinyCNN's row holds only a Tensor: a v2 request's rows are checked per column, not validated one by one. A
+    non-finite value anywhere in the batch still fails that request with the per-row validation's 422."""
+    model, digit = tiny_cnn()
+    images = np.random.default_rng(1).random((4, 28, 28), dtype=np.float32)
+    client = triton.InferenceServerClient(served.removeprefix("http://"))
+    tensor = triton.InferInput("pixels", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    got = client.infer("tinycnn", [tensor])
+    assert got.as_numpy("label").tolist() == [g.label for g in model.predict([digit(pixels=x) for x in images])]
+    images[2, 5, 7] = np.inf
+    tensor.set_data_from_numpy(images, binary_data=True)
+    with pytest.raises(triton.InferenceServerException) as refused:
+        client.infer("tinycnn", [tensor])
+    client.close()
+    assert refused.value.status() == "422" and "finite" in str(refused.value.message()), refused.value
+    assert "pixels" in str(refused.value.message())
+
+
 # The transformer zoo model, written only against the contract -------------------------------------------------------
 
 @pytest.fixture(scope="module")

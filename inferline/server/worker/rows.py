@@ -22,7 +22,7 @@ from inferline.server.errors import InferlineError, InputError, MalformedInput, 
 from inferline.server.limits import MAX_ROWS, MAX_SERIES, MAX_TEXT_CHARS
 from inferline.server.model import Model, signature
 from inferline.server.protocol import OP_PREDICT, OP_V2, decode_payload, dumps
-from inferline.server.tensors import DTYPES, TensorSpec, datatype_of
+from inferline.server.tensors import DTYPES, TensorSpec, TensorType, datatype_of
 from inferline.server.worker import v2codec
 
 ONE, MANY, V2 = "one", "many", "v2"
@@ -57,6 +57,8 @@ class RowCodec:
         # the names a row's field may be sent under, as a v2 parameter: its own, or its alias (`raise` for `fail`)
         self.field_names: set[str] | None = None if self.request is None else (
             set(fields) | {f.alias for f in fields.values() if f.alias})
+        # Tensor fields and nothing else: a v2 request's rows are checked per column (see _tensor_rows)
+        self.tensor_only = _tensor_only(self.request)
 
     # decoding --------------------------------------------------------------------------------------------------
     def decode(self, d: Delivery) -> Item:
@@ -132,6 +134,10 @@ class RowCodec:
             first = next(iter(columns))
             raise InputError(f"input `{first}` has {n} rows (its first dimension); at most {MAX_ROWS} (MAX_ROWS) "
                              "per request", field=first)
+        rows = self._tensor_rows(columns, n) if self.tensor_only and not shared else None
+        if rows is not None:
+            request_id = request.get("id")
+            return Item(d, rows, V2, request_id if isinstance(request_id, str) else None, outputs)
         rows = []
         for i in range(n):
             row = {**shared, **{k: self._cell(k, c[i]) for k, c in columns.items()}}
@@ -144,6 +150,21 @@ class RowCodec:
                 raise
         request_id = request.get("id")
         return Item(d, rows, V2, request_id if isinstance(request_id, str) else None, outputs)
+
+    def _tensor_rows(self, columns: dict[str, np.ndarray], n: int) -> list[Any] | None:
+        """The rows of a request whose type holds only Tensor fields, every one of them sent: one check per column
+        (its datatype and shape were checked by _batch_major, exactly as Tensor's validator would per row; what is
+        left is finiteness) and rows built without validation. None when a column fails the check or a field is
+        not sent: the per-row path then validates and names the row's problem as it always has. Measured on the
+        no-op model's 784-float row: model_validate ~10 µs a row against ~1 µs to build one here."""
+        assert self.request is not None
+        if len(columns) != len(self.request.model_fields):
+            return None
+        for column in columns.values():
+            if column.dtype.kind in "fc" and not np.isfinite(column).all():
+                return None
+        cls = self.request
+        return [_built(cls, {k: c[i] for k, c in columns.items()}) for i in range(n)]
 
     def _cell(self, name: str, value: Any) -> Any:
         """One row's slice of a tensor column as its field wants it: a scalar (text decoded), a list, or the array
@@ -207,6 +228,34 @@ class RowCodec:
             if array.dtype.kind in "fc" and not np.isfinite(array).all():
                 raise self.nonfinite(name)
         return v2codec.encode_response(self.name, self.model.version, item.v2_id, arrays, names)
+
+
+def _tensor_only(request: type[BaseModel] | None) -> bool:
+    """True when every field of the request type is a plain Tensor field and the type adds no validation of its
+    own (validators, private attributes, extra fields, aliases): its rows are then checked per column."""
+    if request is None or not request.model_fields:
+        return False
+    decorators = request.__pydantic_decorators__
+    if (decorators.validators or decorators.field_validators or decorators.root_validators
+            or decorators.model_validators or request.__private_attributes__
+            or request.model_config.get("extra") == "allow"):
+        return False
+    for info in request.model_fields.values():
+        if info.alias or info.annotation is not np.ndarray or len(info.metadata) != 1 \
+                or not isinstance(info.metadata[0], TensorType):
+            return False
+    return True
+
+
+def _built(cls: type[BaseModel], values: dict[str, Any]) -> BaseModel:
+    """An instance of a request type from values already checked (what model_construct does, for the case
+    _tensor_only admits, at a fraction of its cost)."""
+    row = cls.__new__(cls)
+    object.__setattr__(row, "__dict__", values)
+    object.__setattr__(row, "__pydantic_fields_set__", set(values))
+    object.__setattr__(row, "__pydantic_extra__", None)
+    object.__setattr__(row, "__pydantic_private__", None)
+    return row
 
 
 def _batch_major(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
