@@ -103,6 +103,11 @@ def test_gateway_and_worker_over_tls_with_their_own_acl_users(tls_redis: tuple[i
         assert httpx.post(base + "/v2/models/echo/infer", json=v2_body(1)).status_code == 401
         ready = httpx.get(base + "/readyz", timeout=10)
         assert ready.status_code == 200, ready.text
+        # the gateway user reads the broker's health (streams, pending, dead letters, stats) and the worker user
+        # adds its counters: /metrics shows Redis up and the worker's served requests (folded at its heartbeat)
+        wait_for(lambda: "inferline_served_requests_total{model=\"echo\"} 3.0" in
+                 httpx.get(base + "/metrics", timeout=10).text, 15, "the worker's counters on /metrics")
+        assert "inferline_redis_up 1.0" in httpx.get(base + "/metrics", timeout=10).text
 
         key_record = keys.api_key(key[3:19])
         worker = cluster.client

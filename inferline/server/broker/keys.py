@@ -30,8 +30,30 @@ def _key(key_id: str) -> str:
     return f"{{k:{key_id}}}"
 
 
-def request_stream(model: str) -> str:
-    return f"{PREFIX}:req:{_model(model)}"
+PRIORITIES = ("high", "normal", "low")   # the request lanes' names, highest first
+# The lanes that exist today: every request is on the "normal" lane (the model's common stream). Priority lanes add
+# "high" and "low" here, and everything that reads a backlog through model_streams() follows.
+PRIORITY_LANES: tuple[str, ...] = ("normal",)
+
+
+def request_stream(model: str, version: str = "", priority: str = "normal") -> str:
+    """A model's request stream: the common one (version "", priority "normal"), a version's lane during a rollout
+    (`:v=VERSION`), a priority lane (`:p=PRIORITY`). All in the model's hash tag (one slot per model)."""
+    name = f"{PREFIX}:req:{_model(model)}"
+    if version:
+        name += f":v={version}"
+    if priority != "normal":
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}")
+        name += f":p={priority}"
+    return name
+
+
+def model_streams(model: str, versions: tuple[str, ...] = ("",)) -> list[str]:
+    """Every request stream of a model that a worker may read: each version's lanes (the common stream's first),
+    highest priority first. What reads a model's backlog (metrics, the autoscaler, KEDA's manifests, `inferline
+    top`) lists its streams here and never spells a name itself."""
+    return [request_stream(model, version, priority) for version in versions for priority in PRIORITY_LANES]
 
 
 def queued_bytes(model: str) -> str:

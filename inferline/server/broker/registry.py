@@ -50,8 +50,10 @@ class Serving:
 class ModelHealth:
     """One model as Redis says it is now: what /metrics exports of the broker (server/metrics.py)."""
 
-    queue_depth: int = 0
-    pending: int = 0
+    queue_depth: int = 0                  # entries on the model's streams: waiting + pending
+    pending: int = 0                      # delivered to a worker, not yet answered (in flight)
+    waiting: int = 0                      # not yet delivered to any worker
+    oldest_waiting_age_s: float = 0.0     # the oldest entry not yet delivered
     oldest_pending_age_s: float = 0.0     # the oldest entry delivered to a worker and not yet answered
     oldest_queued_age_s: float = 0.0      # the oldest entry on the stream, delivered or not
     dead_letter_length: int = 0
@@ -62,6 +64,20 @@ class ModelHealth:
 def add_stats(pipe: Any, model: str, stats: dict[str, float]) -> None:
     for name, delta in stats.items():
         pipe.hincrbyfloat(keys.stats(model), name, delta)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _group(groups: Any) -> dict[str, Any] | None:
+    """The workers' group among XINFO GROUPS' answer, or None (no stream, no group, or an error)."""
+    if isinstance(groups, Exception):
+        return None
+    for g in groups:
+        if g["name"] in (keys.GROUP, keys.GROUP.encode()):
+            return dict(g)
+    return None
 
 
 def entry_ms(entry_id: Any) -> int:
@@ -155,37 +171,72 @@ class Registry:
         return [(wid.decode(), WorkerStatus.from_fields(r)) for wid, r in zip(ids, records, strict=True) if r]
 
     async def health(self, models: Iterable[str]) -> dict[str, ModelHealth]:
-        """The broker's state of each model (queue, pending entries and their ages, dead letters, counters, live
-        workers): one pipelined round trip for all models, plus one per model that has live workers.
+        """The broker's state of each model over all its streams (keys.model_streams): length, waiting and in flight
+        (XINFO GROUPS' pending; waiting = length - pending, since answered entries are deleted), the ages of the
+        oldest entry, the oldest pending one (XPENDING's summary) and the oldest waiting one (the first entry after
+        the group's last-delivered id: XINFO GROUPS' `lag` would say how many, but it is Redis 7 only), dead letters,
+        counters, live workers. Two pipelined round trips for all models, plus one per model with live workers.
         Raises redis errors."""
         names = list(models)
+        streams = {name: keys.model_streams(name) for name in names}
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.time()
             for name in names:
-                stream = keys.request_stream(name)
-                pipe.xlen(stream)
-                pipe.xpending(stream, keys.GROUP)
-                pipe.xrange(stream, count=1)
+                for stream in streams[name]:
+                    pipe.xlen(stream)
+                    pipe.xinfo_groups(stream)
+                    pipe.xpending(stream, keys.GROUP)
+                    pipe.xrange(stream, count=1)
                 pipe.xlen(keys.dead_letter_stream(name))
                 pipe.hgetall(keys.stats(name))
             results: list[Any] = await pipe.execute(raise_on_error=False)
         seconds, micros = results[0]
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, ModelHealth] = {}
-        for i, name in enumerate(names):
-            depth, pending, first, dead, stats = results[1 + 5 * i:6 + 5 * i]
-            for r in (depth, dead, stats):
+        after: list[tuple[str, str, Any]] = []   # (model, stream, last-delivered id) of streams with waiting entries
+        i = 1
+        for name in names:
+            health = ModelHealth()
+            for stream in streams[name]:
+                depth, groups, pending, first = results[i:i + 4]
+                i += 4
+                if isinstance(depth, Exception):
+                    raise depth
+                group = _group(groups)   # a missing stream or group is an error here: nothing delivered yet
+                in_flight = int(group["pending"]) if group else 0
+                health.queue_depth += int(depth)
+                health.pending += in_flight
+                health.waiting += max(0, int(depth) - in_flight)
+                if isinstance(pending, dict) and pending.get("pending"):
+                    health.oldest_pending_age_s = max(health.oldest_pending_age_s,
+                                                      max(0, now_ms - entry_ms(pending["min"])) / 1000)
+                if isinstance(first, list) and first:
+                    age = max(0, now_ms - entry_ms(first[0][0])) / 1000
+                    health.oldest_queued_age_s = max(health.oldest_queued_age_s, age)
+                    if int(depth) > in_flight:
+                        if group is None:   # no group: every entry waits, the first is the oldest
+                            health.oldest_waiting_age_s = max(health.oldest_waiting_age_s, age)
+                        else:
+                            after.append((name, stream, group["last-delivered-id"]))
+            dead, stats = results[i:i + 2]
+            i += 2
+            for r in (dead, stats):
                 if isinstance(r, Exception):
                     raise r
-            health = ModelHealth(queue_depth=int(depth), dead_letter_length=int(dead),
-                                 stats={k.decode(): float(v) for k, v in stats.items()})
-            if isinstance(pending, dict) and pending.get("pending"):   # a missing group is an error: nothing pending
-                health.pending = int(pending["pending"])
-                health.oldest_pending_age_s = max(0, now_ms - entry_ms(pending["min"])) / 1000
-            if isinstance(first, list) and first:
-                health.oldest_queued_age_s = max(0, now_ms - entry_ms(first[0][0])) / 1000
-            health.workers = await self._live(name)
+            health.dead_letter_length = int(dead)
+            health.stats = {k.decode(): float(v) for k, v in stats.items()}
             out[name] = health
+        if after:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _, stream, last_id in after:
+                    pipe.xrange(stream, min=b"(" + _bytes(last_id), count=1)
+                firsts: list[Any] = await pipe.execute(raise_on_error=False)
+            for (name, _, _), found in zip(after, firsts, strict=True):
+                if isinstance(found, list) and found:
+                    age = max(0, now_ms - entry_ms(found[0][0])) / 1000
+                    out[name].oldest_waiting_age_s = max(out[name].oldest_waiting_age_s, age)
+        for name in names:
+            out[name].workers = await self._live(name)
         return out
 
     async def serving(self, models: Sequence[str]) -> dict[str, Serving]:
@@ -202,9 +253,7 @@ class Registry:
             live, groups = results[2 * i], results[2 * i + 1]
             if isinstance(live, Exception):
                 raise live
-            group = not isinstance(groups, Exception) and any(g["name"] in (keys.GROUP, keys.GROUP.encode())
-                                                             for g in groups)
-            out[model] = Serving(int(live), group)
+            out[model] = Serving(int(live), _group(groups) is not None)
         return out
 
     async def status(self, model: str) -> ModelStatus:
