@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from inferline.server.broker import keys
@@ -101,7 +101,9 @@ class Dispatcher:
     async def _enqueue(self, spec: ModelSpec, request_id: str, op: str, payload: bytes) -> None:
         # Every request to a model has the model's timeout, so every entry older than that (and a grace) is
         # one nobody waits for: the enqueue trims those.
-        if not await self.has_worker(spec.name):
+        # A deployment that scales to zero (autoscale.min_replicas = 0) takes requests with no worker: the request
+        # waits on the stream, where the backlog wakes a worker (the autoscaler, or KEDA), within its deadline.
+        if spec.autoscale.min_replicas > 0 and not await self.has_worker(spec.name):
             self.metrics.rejected.labels(spec.name, "no_worker").inc()
             raise Unavailable(f"model {spec.name} has no live worker; retry later")
         timeout_ms = int(spec.timeout_s * 1000)
@@ -123,6 +125,13 @@ class Dispatcher:
         if depth < 0:
             self.metrics.rejected.labels(spec.name, "queue_full").inc()
             raise Overloaded(f"model {spec.name} has {spec.queue_cap} requests queued (its queue_cap); retry later")
+
+    def starting(self, model: str) -> str:
+        """What a deadline's message adds when the model had no live worker (a deployment scaled to zero whose
+        worker was still starting), from what the watcher saw last; else nothing."""
+        if self.live.get(model, 1) > 0:
+            return ""
+        return ": the model was starting (no live worker yet; it had scaled to zero), retry later"
 
     async def has_worker(self, model: str) -> bool:
         """Whether some worker of the model beats, from what the watcher saw (no round trip on the hot path). A model
@@ -162,7 +171,7 @@ class Dispatcher:
         future: asyncio.Future[Reply] = loop.create_future()
         self.waiters[request_id] = future
         # A timer rather than asyncio.timeout(): it showed up in profiles of the hot path.
-        timer = loop.call_later(timeout, expire, future, request_id, model, timeout)
+        timer = loop.call_later(timeout, expire, future, request_id, model, timeout, self.starting)
         try:
             payload = encode_payload(params, blob)
             if isinstance(blob, bytearray):
@@ -199,7 +208,7 @@ class Dispatcher:
                     reply = await asyncio.wait_for(inbox.get(), max(left, 0.001))
                 except TimeoutError:
                     raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
-                                           f"{timeout:g} s") from None
+                                           f"{timeout:g} s{self.starting(model)}") from None
                 if reply.final or not reply.ok:
                     self.observe(spec.name, reply)
                 if not reply.ok:
@@ -282,11 +291,12 @@ class Dispatcher:
                 errors.failed(exc)
 
 
-def expire(future: asyncio.Future[Reply], request_id: str, model: str, timeout: float) -> None:
+def expire(future: asyncio.Future[Reply], request_id: str, model: str, timeout: float,
+           why: Callable[[str], str]) -> None:
     """The deadline's error, made only when it passes (most requests are answered first)."""
     if not future.done():
         future.set_exception(DeadlineExceeded(f"request {request_id} to model {model} was not answered within "
-                                              f"{timeout:g} s"))
+                                              f"{timeout:g} s{why(model)}"))
 
 
 def reply_error(reply: Reply) -> InferlineError:
