@@ -57,7 +57,9 @@ def test_tracker_measures_drain_rate_over_busy_time_and_busy_replicas_over_wall_
 
 
 def test_model_streams_lists_the_common_stream_and_its_lanes() -> None:
-    assert keys.model_streams("cnn") == [keys.request_stream("cnn")] == ["inferline:req:{m:cnn}"]
+    assert keys.model_streams("cnn") == ["inferline:req:{m:cnn}:p=high", "inferline:req:{m:cnn}",
+                                         "inferline:req:{m:cnn}:p=low"]
+    assert keys.request_stream("cnn") == keys.request_stream("cnn", priority="normal") == "inferline:req:{m:cnn}"
     assert keys.request_stream("cnn", version="2", priority="high") == "inferline:req:{m:cnn}:v=2:p=high"
     with pytest.raises(ValueError, match="priority"):
         keys.request_stream("cnn", priority="urgent")

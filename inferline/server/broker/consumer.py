@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 from inferline.server.broker import keys, roundtrip
 from inferline.server.broker.pipelined import Pipelined
-from inferline.server.broker.reads import stream_entries
+from inferline.server.broker.reads import stream_entries, streams_entries
 from inferline.server.errors import DeadLettered
 from inferline.server.protocol import PAYLOAD_FIELD, Envelope, Reply, pack_replies
 
@@ -55,6 +55,7 @@ class Delivery:
     envelope: Envelope
     payload: bytes
     tries: int = 1
+    lane: str = "normal"   # the priority lane (keys.PRIORITY_LANES) whose stream it came from
 
     @property
     def request_id(self) -> str:
@@ -68,33 +69,70 @@ class Delivery:
 
 
 class ModelQueue:
-    """A worker's view of one model's request stream."""
+    """A worker's view of one model's request streams: its priority lanes (keys.PRIORITY_LANES), one consumer group
+    on each, read highest first.
+
+    Priority, and its bound on waiting: a read takes from the lanes in order (high, normal, low) until it has `count`
+    entries, so a batch is filled from the highest lanes; every LOWER_FIRST_EVERY-th read takes from the lowest lane
+    first. So while higher lanes keep every batch full, a `low` request at the head of its lane is taken within
+    LOWER_FIRST_EVERY reads of one worker (4 batches, or 4 admissions of a generation worker), never starved; behind
+    other `low` requests it waits for those too, at a quarter of the worker's batches at least."""
+
+    LOWER_FIRST_EVERY = 4
 
     def __init__(self, redis: aioredis.Redis, model: str, consumer: str) -> None:
         self.redis = redis
         self.model = model
         self.consumer = consumer
-        self.stream = keys.request_stream(model)
+        self.stream = keys.request_stream(model)   # the common ("normal") lane
+        self.lanes = {lane: keys.request_stream(model, priority=lane) for lane in keys.PRIORITY_LANES}
+        self._lane_of = {name.encode(): lane for lane, name in self.lanes.items()}
         self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
         self.pipelined = Pipelined(redis)              # replies and acks
+        self._reads = 0
+        # Entries a blocking read over all lanes brought beyond `count` (several lanes filled at once): handed out
+        # first by the next read. At most (lanes - 1) x count.
+        self._spare: list[Delivery] = []
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing (idempotent, safe across replicas)."""
-        try:
-            await self.redis.xgroup_create(self.stream, keys.GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create each lane's stream and its consumer group if missing (idempotent, safe across replicas)."""
+        for stream in self.lanes.values():
+            try:
+                await self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def read(self, count: int, block_s: float | None) -> list[Delivery]:
-        """New entries for this consumer. block_s None: do not block."""
+        """Up to `count` new entries for this consumer, from the lanes in priority order (class docstring), waiting
+        up to block_s for the first when every lane is empty. block_s None: do not block."""
+        got, self._spare = self._spare[:count], self._spare[count:]
+        self._reads += 1
+        order = list(self.lanes)
+        if self._reads % self.LOWER_FIRST_EVERY == 0:
+            order.reverse()
+        for lane in order:
+            if len(got) >= count:
+                return got
+            got += await self._read([lane], count - len(got), None)
+        if got or block_s is None:
+            return got
+        got = await self._read(list(self.lanes), count, block_s)
+        got.sort(key=lambda d: keys.PRIORITY_LANES.index(d.lane))
+        got, self._spare = got[:count], got[count:]
+        return got
+
+    async def _read(self, lanes: list[str], count: int, block_s: float | None) -> list[Delivery]:
         block = () if block_s is None else ("BLOCK", max(1, int(block_s * 1000)))
         [res] = await self.reads.run([("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count, *block,
-                                       "STREAMS", self.stream, ">")])
+                                       "STREAMS", *(self.lanes[lane] for lane in lanes), *(">" for _ in lanes))])
         if isinstance(res, ResponseError):
             await self._recreate_on_nogroup(res)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
-        return [parse_entry(eid, fields, 1) for eid, fields in stream_entries(res)]
+        if len(lanes) == 1:
+            return [parse_entry(eid, fields, 1, lanes[0]) for eid, fields in stream_entries(res)]
+        return [parse_entry(eid, fields, 1, self._lane_of[name]) for name, entries in streams_entries(res)
+                for eid, fields in entries]
 
     async def reply_and_ack(self, replies: Sequence[tuple[str, Reply]], deliveries: Sequence[Delivery]) -> None:
         """send(), then wait until Redis ran it. Raises the connection's error or Redis's refusal."""
@@ -121,9 +159,12 @@ class ModelQueue:
         for reply_to, batch in by_gateway.items():
             commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", "pack", pack_replies(batch)))
             commands.append(("EXPIRE", reply_to, keys.REPLY_STREAM_TTL_S))
-        if deliveries:
-            pairs = [x for d in deliveries for x in (d.entry_id, len(d.payload))]
-            commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model), keys.GROUP, *pairs))
+        by_lane: dict[str, list[Delivery]] = {}
+        for d in deliveries:
+            by_lane.setdefault(d.lane, []).append(d)
+        for lane, done in by_lane.items():
+            pairs = [x for d in done for x in (d.entry_id, len(d.payload))]
+            commands.append(("EVAL", _ACK, 2, *keys.ack_keys(self.model, lane), keys.GROUP, *pairs))
         await self.pipelined.wait_for_room()
         return self.pipelined.send(commands, refusal_fails=True)
 
@@ -153,22 +194,24 @@ class ModelQueue:
 
     async def _claim(self, min_idle_ms: int, max_tries: int, count: int,
                      consumer: str | None) -> tuple[list[Delivery], list[Delivery]]:
-        try:
-            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
-                                                           idle=min_idle_ms, consumername=consumer)
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
-            return [], []
-        if not pending:
-            return [], []
-        tries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
-        # XCLAIM with the same min-idle: if another worker claimed one first, it is not returned twice.
-        claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
-        deleted = [eid for eid, fields in claimed if not fields]
-        if deleted:   # entries deleted under the PEL (Redis 6.2 still lists them): clear them for good
-            await self.redis.xack(self.stream, keys.GROUP, *deleted)
-        # XCLAIM counted this delivery: the tries are the old count + 1.
-        deliveries = [parse_entry(eid, f, tries[eid] + 1) for eid, f in claimed if f]
+        deliveries: list[Delivery] = []
+        for lane, stream in self.lanes.items():
+            try:
+                pending: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=count,
+                                                               idle=min_idle_ms, consumername=consumer)
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
+                continue
+            if not pending:
+                continue
+            tries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+            # XCLAIM with the same min-idle: if another worker claimed one first, it is not returned twice.
+            claimed: Any = await self.redis.xclaim(stream, keys.GROUP, self.consumer, min_idle_ms, list(tries))
+            deleted = [eid for eid, fields in claimed if not fields]
+            if deleted:   # entries deleted under the PEL (Redis 6.2 still lists them): clear them for good
+                await self.redis.xack(stream, keys.GROUP, *deleted)
+            # XCLAIM counted this delivery: the tries are the old count + 1.
+            deliveries += [parse_entry(eid, f, tries[eid] + 1, lane) for eid, f in claimed if f]
         fresh = [d for d in deliveries if d.tries <= max_tries]
         exhausted = [d for d in deliveries if d.tries > max_tries]
         if deliveries:   # counted now, in Redis: the worker that claimed them may die on the next one
@@ -185,45 +228,55 @@ class ModelQueue:
         read failed). Claimed again by this consumer, so their idle time restarts and their delivery count stays
         what it was (they never ran). At most `count`. Call it only while no read of this consumer is in flight:
         that read's entries would look orphaned too."""
-        try:
-            pending: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=count,
-                                                           consumername=self.consumer)
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
-            return []
-        by_tries: dict[int, list[Any]] = {}   # one XCLAIM per delivery count, to keep each entry's (usually one)
-        for p in pending:
-            if p["message_id"] not in held:
-                by_tries.setdefault(int(p["times_delivered"]), []).append(p["message_id"])
+        spare = {d.entry_id for d in self._spare}   # read, not yet handed out: not orphans
         found: list[Delivery] = []
-        for tries, ids in by_tries.items():
-            claimed: Any = await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
-            found += [parse_entry(eid, f, tries) for eid, f in claimed if f]
-            deleted = [eid for eid, f in claimed if not f]
-            if deleted:   # entries deleted under the PEL: clear them for good
-                await self.redis.xack(self.stream, keys.GROUP, *deleted)
+        for lane, stream in self.lanes.items():
+            if len(found) >= count:
+                break
+            try:
+                pending: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+",
+                                                               count=count - len(found), consumername=self.consumer)
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
+                continue
+            by_tries: dict[int, list[Any]] = {}   # one XCLAIM per delivery count, to keep each entry's (usually one)
+            for p in pending:
+                if p["message_id"] not in held and p["message_id"] not in spare:
+                    by_tries.setdefault(int(p["times_delivered"]), []).append(p["message_id"])
+            for tries, ids in by_tries.items():
+                claimed: Any = await self.redis.xclaim(stream, keys.GROUP, self.consumer, 0, ids, retrycount=tries)
+                found += [parse_entry(eid, f, tries, lane) for eid, f in claimed if f]
+                deleted = [eid for eid, f in claimed if not f]
+                if deleted:   # entries deleted under the PEL: clear them for good
+                    await self.redis.xack(stream, keys.GROUP, *deleted)
         return found
 
     async def consumers(self) -> list[str]:
-        """The names of the group's consumers other than this one (worker ids)."""
-        try:
-            found: Any = await self.redis.xinfo_consumers(self.stream, keys.GROUP)
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
-            return []
-        names = [c["name"] for c in found]
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in names if n not in (self.consumer,
-                                                                                             self.consumer.encode())]
+        """The names of the groups' consumers other than this one (worker ids), over all lanes."""
+        names: list[str] = []
+        for stream in self.lanes.values():
+            try:
+                found: Any = await self.redis.xinfo_consumers(stream, keys.GROUP)
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
+                continue
+            for c in found:
+                name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+                if name != self.consumer and name not in names:
+                    names.append(name)
+        return names
 
     async def remove_consumer(self, consumer: str) -> bool:
         """Remove a dead worker's consumer from the group once nothing is pending on it (XGROUP DELCONSUMER would
-        drop what is). True when it was removed."""
+        drop what is), from every lane. True when it was removed from all."""
         try:
-            left: Any = await self.redis.xpending_range(self.stream, keys.GROUP, min="-", max="+", count=1,
-                                                        consumername=consumer)
-            if left:
-                return False
-            await self.redis.xgroup_delconsumer(self.stream, keys.GROUP, consumer)
+            for stream in self.lanes.values():
+                left: Any = await self.redis.xpending_range(stream, keys.GROUP, min="-", max="+", count=1,
+                                                            consumername=consumer)
+                if left:
+                    return False
+            for stream in self.lanes.values():
+                await self.redis.xgroup_delconsumer(stream, keys.GROUP, consumer)
         except ResponseError as exc:
             await self._recreate_on_nogroup(exc)
             return False
@@ -232,16 +285,19 @@ class ModelQueue:
     async def refresh_claims(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of entries this worker still works on, so no other worker reclaims live work. Also
         proves the group is there: Redis lost it (restart, FLUSHALL) -> it is recreated here, on the spot."""
-        try:
-            if deliveries:
-                await self.redis.xclaim(self.stream, keys.GROUP, self.consumer, 0, [d.entry_id for d in deliveries],
-                                        justid=True)
-            else:
-                groups: Any = await self.redis.xinfo_groups(self.stream)
-                if not any(g["name"] in (keys.GROUP, keys.GROUP.encode()) for g in groups):
-                    await self.ensure_group()   # the stream is back (an enqueue made it) but not its group
-        except ResponseError as exc:
-            await self._recreate_on_nogroup(exc)
+        by_lane: dict[str, list[Any]] = {}
+        for d in deliveries:
+            by_lane.setdefault(d.lane, []).append(d.entry_id)
+        for lane, stream in self.lanes.items():
+            try:
+                if lane in by_lane:
+                    await self.redis.xclaim(stream, keys.GROUP, self.consumer, 0, by_lane[lane], justid=True)
+                else:
+                    groups: Any = await self.redis.xinfo_groups(stream)
+                    if not any(g["name"] in (keys.GROUP, keys.GROUP.encode()) for g in groups):
+                        await self.ensure_group()   # the stream is back (an enqueue made it) but not its group
+            except ResponseError as exc:
+                await self._recreate_on_nogroup(exc)
 
     async def _recreate_on_nogroup(self, exc: ResponseError) -> None:
         """Redis lost the stream or its group (a restart without persistence, FLUSHALL): make them again here, on
@@ -270,10 +326,10 @@ class ModelQueue:
 _PAYLOAD = PAYLOAD_FIELD.encode()
 
 
-def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int) -> Delivery:
-    """An entry as read. One without a payload (written by an older gateway, or by hand) gets an empty one,
-    which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
-    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(_PAYLOAD, b""), tries)
+def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int, lane: str = "normal") -> Delivery:
+    """An entry as read from `lane`. One without a payload (written by an older gateway, or by hand) gets an empty
+    one, which fails to decode: that request alone is answered with an error and acknowledged, not retried."""
+    return Delivery(entry_id, Envelope.from_fields(fields), fields.get(_PAYLOAD, b""), tries, lane)
 
 
 def dead_letter_reply(delivery: Delivery, reason: str) -> Reply:

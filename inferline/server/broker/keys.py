@@ -31,9 +31,7 @@ def _key(key_id: str) -> str:
 
 
 PRIORITIES = ("high", "normal", "low")   # the request lanes' names, highest first
-# The lanes that exist today: every request is on the "normal" lane (the model's common stream). Priority lanes add
-# "high" and "low" here, and everything that reads a backlog through model_streams() follows.
-PRIORITY_LANES: tuple[str, ...] = ("normal",)
+PRIORITY_LANES: tuple[str, ...] = PRIORITIES   # the lanes workers read, in the order they prefer them
 
 
 def request_stream(model: str, version: str = "", priority: str = "normal") -> str:
@@ -56,11 +54,11 @@ def model_streams(model: str, versions: tuple[str, ...] = ("",)) -> list[str]:
     return [request_stream(model, version, priority) for version in versions for priority in PRIORITY_LANES]
 
 
-def queued_bytes(model: str) -> str:
-    """Counter: the payload bytes of the entries on the model's request stream, kept exact by the scripts that add
-    (enqueue.py) and delete (consumer.py) them. Spelt as the stream's name plus a suffix, so it hashes to the
+def queued_bytes(model: str, priority: str = "normal") -> str:
+    """Counter: the payload bytes of the entries on one of the model's request lanes, kept exact by the scripts that
+    add (enqueue.py) and delete (consumer.py) them. Spelt as the stream's name plus a suffix, so it hashes to the
     stream's slot whatever hash tag the stream's name carries (both are touched by one script)."""
-    return f"{request_stream(model)}:bytes"
+    return f"{request_stream(model, priority=priority)}:bytes"
 
 
 def reply_stream(gateway_id: str) -> str:
@@ -131,13 +129,15 @@ def in_flight(key_id: str) -> str:
 # What must share one slot: each group is the keys one script or transaction touches together (the callers build
 # their key lists from these same functions). tests/test_key_layout.py computes every group's slots with CRC16.
 def enqueue_keys(model: str) -> list[str]:
-    """The enqueue script's KEYS (enqueue.py): the request stream and its byte counter."""
-    return [request_stream(model), queued_bytes(model)]
+    """The enqueue script's KEYS (enqueue.py): every priority lane's stream (PRIORITY_LANES order), then their byte
+    counters (the queue cap counts all lanes)."""
+    return [request_stream(model, priority=p) for p in PRIORITY_LANES] + [queued_bytes(model, p)
+                                                                          for p in PRIORITY_LANES]
 
 
-def ack_keys(model: str) -> list[str]:
-    """The acknowledge script's KEYS (consumer.py)."""
-    return [request_stream(model), queued_bytes(model)]
+def ack_keys(model: str, priority: str = "normal") -> list[str]:
+    """The acknowledge script's KEYS (consumer.py): one lane's stream and its byte counter."""
+    return [request_stream(model, priority=priority), queued_bytes(model, priority)]
 
 
 def dead_letter_keys(model: str) -> list[str]:

@@ -19,6 +19,19 @@ async def xread(conn: roundtrip.HeldConnection, stream: str, after: Any, count: 
     return stream_entries(res)
 
 
+def streams_entries(raw: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """(stream name, its entries as stream_entries gives them) of each stream of a raw XREADGROUP reply over several
+    streams (None when the block ran out)."""
+    if not raw:
+        return []
+    pairs = raw.items() if isinstance(raw, dict) else [(name, entries) for name, entries in raw]
+    out = []
+    for name, entries in pairs:
+        found = [(eid, dict(zip(it, it, strict=True))) for eid, flat in entries if flat for it in [iter(flat)]]
+        out.append((name if isinstance(name, bytes) else str(name).encode(), found))
+    return out
+
+
 def stream_entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """(entry id, fields) of one stream from a raw XREAD / XREADGROUP reply (None when the block ran out). Entries
     whose fields are gone (deleted while pending) are left out."""

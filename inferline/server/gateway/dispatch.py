@@ -19,10 +19,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from inferline.server import priority
 from inferline.server.broker import keys
 from inferline.server.broker.cancels import publish_command
 from inferline.server.broker.client import BROKER_ERRORS, Redis
-from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer
+from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer, lane_cap
 from inferline.server.broker.registry import Registry
 from inferline.server.broker.replies import ReplyInbox
 from inferline.server.broker.ticks import TickBatcher
@@ -108,13 +109,15 @@ class Dispatcher:
             raise Unavailable(f"model {spec.name} has no live worker; retry later")
         timeout_ms = int(spec.timeout_s * 1000)
         record = records.current.get()
+        lane = priority.DEFAULT
         if record is not None:
             record.model = spec.name
+            lane = record.priority = priority.clamp(record.asked or priority.DEFAULT, record.max_priority)
         envelope = Envelope(request_id, self.reply_stream, now_ms() + timeout_ms, op,
                             record.traceparent if record is not None else "")
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
-                                                timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes)
+                                                timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes, lane)
         except BROKER_ERRORS as exc:
             self.metrics.rejected.labels(spec.name, "redis").inc()
             raise Unavailable(f"the queue is unreachable: {type(exc).__name__}") from None
@@ -124,7 +127,8 @@ class Dispatcher:
                              f"its queue_cap_bytes of {spec.queue_cap_bytes}; retry later")
         if depth < 0:
             self.metrics.rejected.labels(spec.name, "queue_full").inc()
-            raise Overloaded(f"model {spec.name} has {spec.queue_cap} requests queued (its queue_cap); retry later")
+            raise Overloaded(f"model {spec.name} has {lane_cap(spec.queue_cap, lane)} requests queued (what its "
+                             f"queue_cap of {spec.queue_cap} admits at priority {lane}); retry later")
 
     def starting(self, model: str) -> str:
         """What a deadline's message adds when the model had no live worker (a deployment scaled to zero whose

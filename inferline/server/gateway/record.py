@@ -8,7 +8,8 @@ from contextvars import ContextVar
 
 
 class RequestRecord:
-    __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens")
+    __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens",
+                 "asked", "max_priority", "priority")
 
     def __init__(self, request_id: str, traceparent: str = "") -> None:
         self.request_id = request_id
@@ -19,6 +20,9 @@ class RequestRecord:
         self.compute_ms = 0.0
         self.batch_size = 0
         self.tokens = 0
+        self.asked = ""                  # the priority the caller asked for (x-priority, or a body field); "": none
+        self.max_priority = "high"       # the API key's maximum (security layer); "high" without keys
+        self.priority = ""               # the lane the request was queued on (dispatcher): the x-priority answered
 
 
 current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)

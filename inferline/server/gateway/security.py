@@ -51,6 +51,7 @@ from inferline.server.broker.client import BROKER_ERRORS
 from inferline.server.broker.ratelimit import ADMITTED, EXPIRED, LIMITED, Admission, Limits, RateLimiter
 from inferline.server.config import Settings
 from inferline.server.errors import Forbidden, RateLimited, Unauthorized, Unavailable
+from inferline.server.gateway import record as records
 from inferline.server.gateway.throttle import FailureThrottle
 from inferline.server.ids import new_id
 
@@ -140,6 +141,9 @@ class Security:
         try:
             receive = await self.authorize(scope, receive, admission)
             extra = rate_headers(admission)
+            current = records.current.get()
+            if current is not None and admission.max_priority:   # the key's ceiling, read in the same round trip
+                current.max_priority = admission.max_priority
 
             async def send_with_limits(message: Message) -> None:
                 if message["type"] == "http.response.start":
