@@ -90,9 +90,10 @@ class ModelQueue:
         self.reads = roundtrip.HeldConnection(redis)   # XREADGROUP
         self.pipelined = Pipelined(redis)              # replies and acks
         self._reads = 0
-        # Entries a blocking read over all lanes brought beyond `count` (several lanes filled at once): handed out
-        # first by the next read. At most (lanes - 1) x count.
+        # Entries a blocking read over all lanes brought beyond `count` (several lanes filled at once): merged into
+        # the next read, highest lanes first. At most (lanes - 1) x count.
         self._spare: list[Delivery] = []
+        self._backlog = False
 
     async def ensure_group(self) -> None:
         """Create each lane's stream and its consumer group if missing (idempotent, safe across replicas)."""
@@ -105,21 +106,26 @@ class ModelQueue:
 
     async def read(self, count: int, block_s: float | None) -> list[Delivery]:
         """Up to `count` new entries for this consumer, from the lanes in priority order (class docstring), waiting
-        up to block_s for the first when every lane is empty. block_s None: do not block."""
-        got, self._spare = self._spare[:count], self._spare[count:]
+        up to block_s for the first when every lane is empty. block_s None: do not block.
+
+        While there is a backlog (the last read filled its batch) each lane is read in turn; otherwise one blocking
+        read over all lanes (it answers at once with what is there, highest lanes first): a lone request costs one
+        read, as before lanes (three non-blocking reads ahead of it cost the worker ~+100 µs a request at c=1)."""
+        got, self._spare = self._spare, []
         self._reads += 1
-        order = list(self.lanes)
-        if self._reads % self.LOWER_FIRST_EVERY == 0:
-            order.reverse()
-        for lane in order:
-            if len(got) >= count:
-                return got
-            got += await self._read([lane], count - len(got), None)
-        if got or block_s is None:
-            return got
-        got = await self._read(list(self.lanes), count, block_s)
-        got.sort(key=lambda d: keys.PRIORITY_LANES.index(d.lane))
+        if self._backlog or got or block_s is None:
+            order = list(self.lanes)
+            if self._reads % self.LOWER_FIRST_EVERY == 0:
+                order.reverse()
+            for lane in order:
+                if len(got) >= count:
+                    break
+                got += await self._read([lane], count - len(got), None)
+        if not got and block_s is not None:
+            got = await self._read(list(self.lanes), count, block_s)
+        got.sort(key=lambda d: _RANK[d.lane])
         got, self._spare = got[:count], got[count:]
+        self._backlog = len(got) >= count
         return got
 
     async def _read(self, lanes: list[str], count: int, block_s: float | None) -> list[Delivery]:
@@ -324,6 +330,7 @@ class ModelQueue:
 
 
 _PAYLOAD = PAYLOAD_FIELD.encode()
+_RANK = {lane: i for i, lane in enumerate(keys.PRIORITY_LANES)}
 
 
 def parse_entry(entry_id: bytes, fields: dict[bytes, bytes], tries: int, lane: str = "normal") -> Delivery:
