@@ -59,6 +59,16 @@ class AutoscaleSpec(BaseModel):
         return self
 
 
+class CacheSpec(BaseModel):
+    """A deployment's response cache (broker/cache.py), for a model whose answer depends only on its request: answers
+    kept ttl_s, all of the model's together at most max_bytes (the oldest evicted first)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_s: float = Field(300.0, gt=0, le=7 * 86_400)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024**4)
+
+
 class ModelSpec(BaseModel):
     """One deployment: which model, where it runs and how it batches."""
 
@@ -89,6 +99,7 @@ class ModelSpec(BaseModel):
     predict_timeout_s: float = Field(30.0, ge=0.1, le=3600)
     options: dict[str, Any] = Field(default_factory=dict)      # runtime-specific knobs (e.g. a hub id for gpt2)
     autoscale: AutoscaleSpec = Field(default_factory=AutoscaleSpec)
+    cache: CacheSpec | None = None        # None: no response cache (the default)
 
     @field_validator("device")
     @classmethod

@@ -84,6 +84,8 @@ class GatewayMetrics:
                                      registry=r)
         self.rejected = Counter("inferline_rejected", "Requests refused before queueing", ["model", "reason"],
                                 registry=r)
+        self.cache = Counter("inferline_cache_requests", "Requests that asked a model's response cache, by result "
+                             "(hit: answered from it without queueing; miss)", ["model", "result"], registry=r)
         self.configured = Gauge("inferline_configured_replicas", "Replicas the gateway's config asks for",
                                 ["model"], registry=r)
         for model, replicas in models.items():
@@ -222,6 +224,8 @@ class BrokerCollector(Collector):
                  "delivered (0 when none)", lambda h: h.oldest_queued_age_s),
                 ("inferline_dead_letter_length", "Entries on the model's dead-letter stream",
                  lambda h: h.dead_letter_length),
+                ("inferline_cache_bytes", "Bytes of the model's cached answers (0 without a cache)",
+                 lambda h: h.cache_bytes),
                 ("inferline_live_workers", "Workers with a live heartbeat", lambda h: len(h.workers)),
                 ("inferline_running_sequences", "Sequences being generated, over live workers",
                  lambda h: sum(w.active for _, w in h.workers)))

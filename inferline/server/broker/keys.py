@@ -96,6 +96,28 @@ STAT_REDELIVERED = "redelivered"
 STAT_DEAD_LETTERED = "dead_lettered"
 
 
+def cache_entry(model: str, version: str, digest: str) -> str:
+    """String with a TTL: one cached answer of the model's `version` to the request whose hash is `digest`
+    (broker/cache.py). The version is in the name: a new version never reads another's entries."""
+    return f"{PREFIX}:cache:{_model(model)}:e:{version}:{digest}"
+
+
+def cache_index(model: str) -> str:
+    """Sorted set: the model's cached entries (their keys), scored by when they expire (epoch ms): the eviction order
+    (every entry of a model has the same TTL, so the soonest to expire is the oldest)."""
+    return f"{PREFIX}:cache:{_model(model)}:index"
+
+
+def cache_sizes(model: str) -> str:
+    """Hash: each cached entry's key -> its size in bytes, to count it off when it expires or is evicted."""
+    return f"{PREFIX}:cache:{_model(model)}:sizes"
+
+
+def cache_bytes(model: str) -> str:
+    """Counter: the bytes of the model's cached entries, kept at most its cache.max_bytes by the store script."""
+    return f"{PREFIX}:cache:{_model(model)}:bytes"
+
+
 def model_info(model: str) -> str:
     """JSON the workers publish at start: version, platform, kind, v2 inputs/outputs. Read by gateways."""
     return f"{PREFIX}:model:{_model(model)}"
@@ -145,6 +167,11 @@ def dead_letter_keys(model: str) -> list[str]:
     return [request_stream(model), dead_letter_stream(model), stats(model)]
 
 
+def cache_keys(model: str, version: str, digest: str) -> list[str]:
+    """The cache store script's KEYS (cache.py): the entry, the index, the sizes, the byte counter."""
+    return [cache_entry(model, version, digest), cache_index(model), cache_sizes(model), cache_bytes(model)]
+
+
 def admit_keys(key_id: str) -> list[str]:
     """The admission script's KEYS (ratelimit.py): the key's record, bucket and in-flight slots."""
     return [api_key(key_id), rate_bucket(key_id), in_flight(key_id)]
@@ -155,4 +182,5 @@ def auth_index_keys() -> list[str]:
     return [API_KEY_INDEX, AUTH_MARKER]
 
 
-ATOMIC = {"enqueue": enqueue_keys, "ack": ack_keys, "dead_letter": dead_letter_keys, "admit": admit_keys}
+ATOMIC = {"cache": lambda m: cache_keys(m, "1", "d"), "enqueue": enqueue_keys, "ack": ack_keys,
+          "dead_letter": dead_letter_keys, "admit": admit_keys}

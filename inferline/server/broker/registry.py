@@ -57,6 +57,7 @@ class ModelHealth:
     oldest_pending_age_s: float = 0.0     # the oldest entry delivered to a worker and not yet answered
     oldest_queued_age_s: float = 0.0      # the oldest entry on the stream, delivered or not
     dead_letter_length: int = 0
+    cache_bytes: int = 0                  # the response cache's bytes (broker/cache.py)
     workers: list[tuple[str, WorkerStatus]] = field(default_factory=list)   # (worker id, heartbeat) of live ones
     stats: dict[str, float] = field(default_factory=dict)                   # the model's counters (keys.stats)
 
@@ -189,6 +190,7 @@ class Registry:
                     pipe.xrange(stream, count=1)
                 pipe.xlen(keys.dead_letter_stream(name))
                 pipe.hgetall(keys.stats(name))
+                pipe.get(keys.cache_bytes(name))
             results: list[Any] = await pipe.execute(raise_on_error=False)
         seconds, micros = results[0]
         now_ms = int(seconds) * 1000 + int(micros) // 1000
@@ -218,8 +220,9 @@ class Registry:
                             health.oldest_waiting_age_s = max(health.oldest_waiting_age_s, age)
                         else:
                             after.append((name, stream, group["last-delivered-id"]))
-            dead, stats = results[i:i + 2]
-            i += 2
+            dead, stats, cached = results[i:i + 3]
+            i += 3
+            health.cache_bytes = int(cached) if isinstance(cached, bytes | str | int) else 0
             for r in (dead, stats):
                 if isinstance(r, Exception):
                     raise r

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 
 from inferline.server import priority
 from inferline.server.broker import keys
+from inferline.server.broker.cache import ResponseCache
 from inferline.server.broker.cancels import publish_command
 from inferline.server.broker.client import BROKER_ERRORS, Redis
 from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer, lane_cap
@@ -34,9 +36,12 @@ from inferline.server.gateway.record import sane_id
 from inferline.server.ids import new_id
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import GatewayMetrics
-from inferline.server.protocol import Cancel, Envelope, Reply, encode_payload, now_ms
+from inferline.server.protocol import OP_PREDICT, OP_V2, Cancel, Envelope, Reply, encode_payload, now_ms
 
 log = logging.getLogger(__name__)
+# What a deployment's response cache keeps: the one-answer ops of models whose answer is their request's alone (the
+# deployment's opt-in says so). Generation is streamed through stream() and not cached.
+CACHED_OPS = frozenset({OP_PREDICT, OP_V2})
 
 TRIM_EVERY_S = 0.2
 WATCH_EVERY_S = 0.5       # how often the gateway learns which models have live workers
@@ -56,6 +61,7 @@ class Dispatcher:
         self.reply_stream = self.inbox.stream
         self.batcher = batcher if batcher is not None else TickBatcher(redis)
         self.enqueuer = Enqueuer(redis, self.batcher)
+        self.cache = ResponseCache(self.batcher)
         self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.registry = registry
@@ -176,10 +182,15 @@ class Dispatcher:
         self.waiters[request_id] = future
         # A timer rather than asyncio.timeout(): it showed up in profiles of the hot path.
         timer = loop.call_later(timeout, expire, future, request_id, model, timeout, self.starting)
+        cached: tuple[str, str] | None = None   # (version, request hash) when the model's cache was asked and missed
         try:
             payload = encode_payload(params, blob)
             if isinstance(blob, bytearray):
                 del blob[:]   # every frame that holds it now holds an empty buffer
+            if spec.cache is not None and op in CACHED_OPS:   # the only cost on the hot path without a cache
+                hit, cached = await self._look_up(spec, op, payload)
+                if hit is not None:
+                    return Reply(request_id, hit)
             await self._enqueue(spec, request_id, op, payload)
             del payload
             reply = await future
@@ -189,7 +200,29 @@ class Dispatcher:
         self.observe(spec.name, reply)
         if not reply.ok:
             raise reply_error(reply)
+        if cached is not None and spec.cache is not None:
+            with contextlib.suppress(*BROKER_ERRORS):   # a cache that cannot keep it only costs the next request
+                await self.cache.put(spec.name, *cached, reply.body, spec.cache.ttl_s, spec.cache.max_bytes)
         return reply
+
+    async def _look_up(self, spec: ModelSpec, op: str, payload: bytes) -> tuple[bytes | None, tuple[str, str] | None]:
+        """(the cached answer or None, (version, request hash) to keep the answer under, or None when it cannot be
+        kept: no version published yet, Redis away). The version is the one the model's workers published (read
+        at most INFO_TTL_S ago): answers are kept and found per version."""
+        record = records.current.get()
+        try:
+            info = await self.registry.info(spec.name)
+            if info is None:
+                return None, None
+            digest = hashlib.sha256(op.encode() + b"\0" + payload).hexdigest()[:40]
+            hit = await self.cache.get(spec.name, info.version, digest)
+        except BROKER_ERRORS:
+            return None, None
+        self.metrics.cache.labels(spec.name, "miss" if hit is None else "hit").inc()
+        if record is not None:
+            record.model = spec.name
+            record.cache = "miss" if hit is None else "hit"
+        return hit, (None if hit is not None else (info.version, digest))
 
     async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
         """Queue one request and yield its replies as they come, the last one final. The first reply

@@ -74,6 +74,8 @@ class Edge:
                 message["headers"] = [*message.get("headers", []), id_header]
                 if record.priority:   # the lane it was queued on, after the key's clamp
                     message["headers"].append((b"x-priority", record.priority.encode()))
+                if record.cache:
+                    message["headers"].append((b"x-cache", record.cache.encode()))
             await send(message)
 
         async def send_error(err: InferlineError) -> None:
