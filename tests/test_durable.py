@@ -82,8 +82,8 @@ def test_an_entry_answered_before_a_failover_is_acknowledged_not_run_again(redis
 
     async def run() -> tuple[list[str], list[str], int, list[str]]:
         client = connect(redis_url)
-        a = ModelQueue(client, MODEL, "A", DURABLE)
-        b = ModelQueue(client, MODEL, "B", DURABLE)
+        a = ModelQueue(client, MODEL, "A", durable=DURABLE)
+        b = ModelQueue(client, MODEL, "B", durable=DURABLE)
         plain = ModelQueue(client, MODEL, "C")
         enqueuer = Enqueuer(client)
         try:
@@ -134,7 +134,7 @@ async def restore(client: Any, entries: list[Any]) -> None:
 def test_answered_ids_are_trimmed_to_the_models_timeout(redis_url: str, rdb: redis.Redis) -> None:
     async def run() -> int:
         client = connect(redis_url)
-        queue = ModelQueue(client, MODEL, "A", Durable(0, 100, keep_ms=50))
+        queue = ModelQueue(client, MODEL, "A", durable=Durable(0, 100, keep_ms=50))
         enqueuer = Enqueuer(client)
         try:
             await queue.ensure_group()

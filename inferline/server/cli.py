@@ -139,7 +139,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 try:
                     key, record = new_key(args.name or "", set(args.scope or ["infer"]),
                                           set(args.model or [ALL_MODELS]), parse_duration(args.ttl),
-                                          args.rate, args.burst, args.concurrency)
+                                          args.rate, args.burst, args.concurrency, args.max_priority)
                 except BadKey as exc:
                     raise ConfigError(str(exc)) from None
                 if durable is not None:
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--rate", type=float, default=0.0, help="requests/s (token refill); default: security.rate_per_s")
     kc.add_argument("--burst", type=int, default=0, help="bucket size; default: security.burst")
     kc.add_argument("--concurrency", type=int, default=0, help="requests in flight; default: security.concurrency")
+    kc.add_argument("--max-priority", choices=["high", "normal", "low"], default="high",
+                    help="the highest x-priority its requests get (higher is clamped to it); default: high")
     ks_sub.add_parser("list", parents=[common], help="list keys (ids, scopes, models, expiry, limits; never secrets)")
     kr = ks_sub.add_parser("revoke", parents=[common], help="revoke a key now, on every gateway")
     kr.add_argument("key_id", help="the key's id (or the whole key)")
