@@ -61,6 +61,7 @@ def test_the_split_is_exact_over_every_100_requests_and_stays_in_the_models_slot
         await send(10, split=False)                 # a gateway that has not seen the rollout: the common stream
         await send(300, split=True)
         await send(100, split=True, priority="high")   # the split first, then the priority lane of that version
+        assert await fleet.lane_depth(client, "m", "2") == 60 + 20   # a version's lane counts its priority lanes
         await enqueuer.batcher.close()
         await client.aclose()
         return common, rdb.xlen(keys.request_stream("m")), rdb.xlen(keys.request_stream("m", "1")), \

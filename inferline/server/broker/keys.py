@@ -63,7 +63,12 @@ def model_streams(model: str, versions: Iterable[str] = ()) -> list[str]:
     """Every request stream of a model: the common stream's priority lanes (highest first), then each version's.
     What reads a model's backlog (metrics, the autoscaler, KEDA's manifests, `inferline top`, the rollout's drain)
     lists its streams here, never by retyping names."""
-    return [request_stream(model, v, p) for v in ("", *(v for v in versions if v)) for p in PRIORITY_LANES]
+    return [s for v in ("", *(v for v in versions if v)) for s in lane_streams(model, v)]
+
+
+def lane_streams(model: str, version: str = "") -> list[str]:
+    """One version's streams (version "": the common stream's): its priority lanes, highest first."""
+    return [request_stream(model, version, p) for p in PRIORITY_LANES]
 
 
 def lane_of(stream: str | bytes, model: str) -> tuple[str, str]:
