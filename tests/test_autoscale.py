@@ -88,3 +88,15 @@ def test_policy_never_passes_the_machines_ceiling_and_wakes_from_zero_at_once() 
     assert zero.step(desired=1, current=0, now=0) == 1                # a waiting request: no up delay from zero
     assert zero.step(desired=0, current=1, now=1) is None
     assert zero.step(desired=0, current=1, now=6) == 0                # idle for the down delay: back to zero
+
+
+def test_serve_autoscale_writes_the_deployments_table() -> None:
+    from inferline.server.cli import autoscale_table
+    from inferline.server.config import ConfigError
+
+    table = tomllib.loads("[models.m]\n" + autoscale_table("0:2"))["models"]["m"]["autoscale"]
+    spec = AutoscaleSpec.model_validate(table)
+    assert (spec.enabled, spec.min_replicas, spec.max_replicas) == (True, 0, 2)
+    assert autoscale_table(None) == ""   # off by default
+    with pytest.raises(ConfigError, match="MIN:MAX"):
+        autoscale_table("2")

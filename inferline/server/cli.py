@@ -44,11 +44,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = {"model": target, "replicas": args.replicas, "device": args.device, "artifact": args.artifact,
              "task": args.task}
     config.write_text(f"state_dir = {json.dumps(str(state))}\n[gateway]\nport = {args.port}\n[models.{name}]\n"
-                      + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items() if v is not None))
+                      + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items() if v is not None)
+                      + autoscale_table(args.autoscale))
     os.environ["INFERLINE_CONFIG"] = str(config)
     print(f"inferline: serving {target} as model {name!r}: POST /v1/models/{name}/predict, /v2/models/{name}/infer",
           flush=True)
     return supervise(Settings.load(config))
+
+
+def autoscale_table(bounds: str | None) -> str:
+    """serve --autoscale MIN:MAX as the deployment's autoscale line ("" without it: the autoscaler stays off)."""
+    if not bounds:
+        return ""
+    low, sep, high = bounds.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ConfigError(f"serve --autoscale {bounds!r}: expected MIN:MAX replicas, e.g. 0:2")
+    return f"autoscale = {{ enabled = true, min_replicas = {int(low)}, max_replicas = {int(high)} }}\n"
 
 
 def supervise(settings: Settings) -> int:
@@ -271,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--name", help="the model's name in routes (default: the class name, lowercased)")
     sv.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--autoscale", metavar="MIN:MAX",
+                    help="let the autoscaler move the replicas between MIN and MAX (0: scale to zero when idle)")
     sv.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     sv.add_argument("--artifact", help="a directory the model's setup reads (self.artifact)")
     sv.add_argument("--task", help="also bind a task route to it, e.g. classify-image")
