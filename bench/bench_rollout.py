@@ -150,21 +150,29 @@ def serving_bench(args: argparse.Namespace) -> None:
             proc.kill()
 
 
+def _script_at(commit: str) -> str:
+    """The enqueue script of an earlier commit (its enqueue.py run in a namespace of its own)."""
+    source = subprocess.run(["git", "show", f"{commit}:inferline/server/broker/enqueue.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    namespace: dict[str, Any] = {"__name__": f"enqueue_{commit}"}
+    exec(compile(source, f"enqueue_{commit}.py", "exec"), namespace)
+    return str(namespace["_ENQUEUE"])
+
+
 def script_bench(args: argparse.Namespace) -> None:
-    """Redis CPU per enqueue call: the script before the split (git show a410736), and now, without and with a
-    rollout's split in place."""
-    old_source = subprocess.run(["git", "show", "a410736:inferline/server/broker/enqueue.py"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout
-    namespace: dict[str, Any] = {"__name__": "old_enqueue"}
-    exec(compile(old_source, "old_enqueue.py", "exec"), namespace)
+    """Redis CPU per enqueue call: the script before the split (a410736), with the split before priority lanes
+    (e8c3a47), and now (the split and priority lanes), without and with a rollout's split in place."""
     from inferline.server.broker import enqueue
 
     with tempfile.TemporaryDirectory() as tmp, embedded.redis_server(Path(tmp)) as url:
         client = redis.Redis.from_url(url)
-        old_sha, new_sha = client.script_load(namespace["_ENQUEUE"]), client.script_load(enqueue._ENQUEUE)
+        old_sha, split_sha = client.script_load(_script_at("a410736")), client.script_load(_script_at("e8c3a47"))
+        new_sha = client.script_load(enqueue._ENQUEUE)
         model = "bench"
         envelope = ["r1", keys.reply_stream("g"), 2**40, "task", ""]
         old_argv = [10_000_000, 90_000, b"x" * 200, 0, *envelope]
+        # before priority lanes: the split's key beside the stream's and the counter's
+        split_keys = [keys.request_stream(model), keys.queued_bytes(model), keys.routing(model)]
 
         def run(sha: str, script_keys: list[str], split: bool, argv: list[Any]) -> float:
             client.delete(*keys.model_streams(model, ["1", "2"]), keys.routing(model))
@@ -181,13 +189,18 @@ def script_bench(args: argparse.Namespace) -> None:
             return float(stats["usec_per_call"])
 
         old_keys = [keys.request_stream(model), keys.queued_bytes(model)]
-        results: dict[str, list[float]] = {"before the split": [], "now, no rollout": [], "now, during a rollout": []}
+        lanes = enqueue._KEY_OF
+        results: dict[str, list[float]] = {"before the split": [], "split, before lanes": [], "now, no rollout": [],
+                                           "now, no rollout, high": [], "now, during a rollout": []}
         for _ in range(args.rounds):
             results["before the split"].append(run(old_sha, old_keys, False, old_argv))
-            results["now, no rollout"].append(run(new_sha, keys.enqueue_keys(model, False), False,
-                                                  [*old_argv[:4], "", *envelope]))
+            results["split, before lanes"].append(run(split_sha, split_keys, False, [*old_argv[:4], "", *envelope]))
+            results["now, no rollout"].append(run(new_sha, keys.enqueue_keys(model), False,
+                                                  [*old_argv[:4], "", lanes["normal"], *envelope]))
+            results["now, no rollout, high"].append(run(new_sha, keys.enqueue_keys(model), False,
+                                                        [*old_argv[:4], "", lanes["high"], *envelope]))
             results["now, during a rollout"].append(run(new_sha, keys.enqueue_keys(model), True,
-                                                        [*old_argv[:4], "1", *envelope]))
+                                                        [*old_argv[:4], "1", lanes["normal"], *envelope]))
         print(f"enqueue script, Redis CPU per call (usec_per_call), {args.rounds} alternating rounds of {args.calls}:")
         for name, values in results.items():
             print(f"  {name:<24} median {statistics.median(values):5.2f} µs  (min {min(values):.2f}, "

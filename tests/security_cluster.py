@@ -4,7 +4,6 @@ and API keys created through the same key store the CLI uses."""
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import subprocess
 import sys
@@ -16,13 +15,13 @@ import httpx
 from inferline.server.auth.keys import ApiKey, new_key
 from inferline.server.broker import embedded, keystore
 from inferline.server.broker.client import connect
-from tests.conftest import ROOT, Cluster, child_env, wait_for
+from tests.conftest import ROOT, Cluster, child_env, toml_value, wait_for
 
 ECHO = "tests.runtimes:Echo"
 
 
 def toml_lines(section: str, values: dict[str, Any]) -> list[str]:
-    return [f"[{section}]", *(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in values.items())]
+    return [f"[{section}]", *(f"{k} = {toml_value(v)}" for k, v in values.items())]   # tables inline
 
 
 def start_gateway(cluster: Cluster, name: str = "gw", security: dict[str, Any] | None = None,

@@ -121,7 +121,7 @@ def test_generate_streams_the_text(up: Up) -> None:
 
 
 COLUMNS = ["MODEL", "VERSION", "VERSIONS", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS", "REQ/S", "TOK/S", "BATCH",
-           "P50_MS", "P99_MS"]
+           "P50_MS", "P99_MS", "WAITING", "INFLIGHT", "WAIT_MS", "DRAIN/S", "WANT"]
 
 
 def top_rows(frame: str) -> dict[str, dict[str, str]]:
@@ -165,6 +165,7 @@ def test_top_in_a_terminal_shows_each_model(up: Up) -> None:
     assert {"lstm", "cnn", "gpt2"} <= set(rows), frame
     assert rows["gpt2"]["KIND"] == "generation" and rows["lstm"]["LIVE"] == "1/1"
     assert rows["lstm"]["P50_MS"] != "-" and float(rows["lstm"]["BATCH"]) >= 1, frame
+    assert rows["lstm"]["WAITING"] != "-" and int(rows["lstm"]["WANT"]) >= 1, frame   # the backlog columns
 
 
 def test_down_stops_it(up: Up) -> None:

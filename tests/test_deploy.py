@@ -98,7 +98,8 @@ def exported_metrics() -> dict[str, set[str]]:
     metrics.latency.labels("m", "/r").observe(0.1)
     for histogram in (metrics.queue_wait, metrics.compute, metrics.ttft, metrics.tpot):
         histogram.labels("m").observe(0.1)
-    metrics.broker.update({"m": ModelHealth(workers=[("w-1", WorkerStatus(1, "h", "cpu", "1", 0))])})
+    metrics.broker.update({"m": ModelHealth(workers=[("w-1", WorkerStatus(1, "h", "cpu", "1", 0))],
+                                            stats={"inferline_served_requests_total": 1.0})})
     names: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         for sample in family.samples:
@@ -136,7 +137,10 @@ def test_registry_lists_the_metrics_the_deploy_files_rely_on() -> None:
                  "inferline_dead_letter_length", "inferline_live_workers", "inferline_live_replicas",
                  "inferline_configured_replicas", "inferline_redis_up", "inferline_build_info",
                  "inferline_worker_resident_memory_bytes", "inferline_worker_cpu_seconds_total",
-                 "inferline_worker_device_memory_bytes", "inferline_rejected_total", "process_cpu_seconds_total"):
+                 "inferline_worker_device_memory_bytes", "inferline_rejected_total", "process_cpu_seconds_total",
+                 "inferline_waiting_requests", "inferline_in_flight_requests", "inferline_oldest_waiting_age_seconds",
+                 "inferline_drain_rate", "inferline_busy_replicas", "inferline_desired_replicas",
+                 "inferline_served_requests_total", "inferline_busy_seconds_total"):
         assert name in names, (name, sorted(names))
     assert names["inferline_requests_total"] == {"model", "route", "status"}
     assert names["inferline_live_replicas"] == {"model", "device"}
@@ -171,7 +175,9 @@ def test_dashboard_covers_requests_latency_queues_workers_and_batches() -> None:
                    "inferline_batch_size_bucket", "inferline_queue_depth", "inferline_oldest_pending_age_seconds",
                    "inferline_live_replicas", "inferline_redeliveries_total", "inferline_dead_letters_total",
                    "inferline_generated_tokens_total", "inferline_time_to_first_token_seconds_bucket",
-                   "inferline_time_per_output_token_seconds_bucket", 'status=~"5.."', "inferline_rejected_total"):
+                   "inferline_time_per_output_token_seconds_bucket", 'status=~"5.."', "inferline_rejected_total",
+                   "inferline_waiting_requests", "inferline_in_flight_requests", "inferline_oldest_waiting_age_seconds",
+                   "inferline_drain_rate", "inferline_desired_replicas", "inferline_busy_replicas"):
         assert needle in exprs, needle
 
 
@@ -350,7 +356,8 @@ def test_grafana_provisioning_and_dashboard_structure() -> None:
 
 API_VERSIONS = {"Namespace": "v1", "ConfigMap": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
                 "Deployment": "apps/v1", "Job": "batch/v1", "ServiceAccount": "v1",
-                "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1"}
+                "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1",
+                "ScaledObject": "keda.sh/v1alpha1", "TriggerAuthentication": "keda.sh/v1alpha1"}
 
 
 def test_k8s_documents_are_well_formed() -> None:

@@ -92,7 +92,7 @@ def test_gateway_and_worker_over_tls_with_their_own_acl_users(tls_redis: tuple[i
     # the worker presents a client certificate (optional here); the gateway verifies the server only
     cluster = Cluster(url("inferline-worker", "WORKER_PASSWORD", port, certs, client_cert=True), tmp_path)
     try:
-        cluster.spec("echo", runtime=ECHO)
+        cluster.spec("echo", runtime=ECHO, cache={"ttl_s": 60, "max_bytes": 1 << 20})   # its script as the gateway
         cluster.start_worker("echo")
         gateway_url = f"rediss://inferline-gateway:{PASSWORDS['GATEWAY_PASSWORD']}@127.0.0.1:{port}/0"
         base = start_gateway(cluster, security={"auth": "required"}, redis_url=gateway_url,
@@ -100,9 +100,16 @@ def test_gateway_and_worker_over_tls_with_their_own_acl_users(tls_redis: tuple[i
         for i in range(3):
             r = httpx.post(base + "/v2/models/echo/infer", json=v2_body(i), headers=bearer(key), timeout=30)
             assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2.0 * i], r.text
+        again = httpx.post(base + "/v2/models/echo/infer", json=v2_body(0), headers=bearer(key), timeout=30)
+        assert again.status_code == 200 and again.headers["x-cache"] == "hit", again.headers
         assert httpx.post(base + "/v2/models/echo/infer", json=v2_body(1)).status_code == 401
         ready = httpx.get(base + "/readyz", timeout=10)
         assert ready.status_code == 200, ready.text
+        # the gateway user reads the broker's health (streams, pending, dead letters, stats) and the worker user
+        # adds its counters: /metrics shows Redis up and the worker's served requests (folded at its heartbeat)
+        wait_for(lambda: "inferline_served_requests_total{model=\"echo\"} 3.0" in
+                 httpx.get(base + "/metrics", timeout=10).text, 15, "the worker's counters on /metrics")
+        assert "inferline_redis_up 1.0" in httpx.get(base + "/metrics", timeout=10).text
 
         key_record = keys.api_key(key[3:19])
         worker = cluster.client

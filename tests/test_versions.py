@@ -49,10 +49,10 @@ def test_the_split_is_exact_over_every_100_requests_and_stays_in_the_models_slot
         client = connect(redis_url)
         enqueuer = Enqueuer(client)
 
-        async def send(n: int, split: bool) -> None:
+        async def send(n: int, split: bool, priority: str = "normal") -> None:
             for i in range(n):
                 await enqueuer.enqueue("m", Envelope(f"r{i}", keys.reply_stream("g"), now_ms() + 60_000, "v2"), b"{}",
-                                       cap=10_000, keep_ms=60_000, split=split)
+                                       cap=10_000, keep_ms=60_000, split=split, priority=priority)
 
         await send(10, split=True)                  # no split stored: the common stream
         common = rdb.xlen(keys.request_stream("m"))
@@ -60,14 +60,19 @@ def test_the_split_is_exact_over_every_100_requests_and_stays_in_the_models_slot
         await fleet.set_share(client, "m", 20)
         await send(10, split=False)                 # a gateway that has not seen the rollout: the common stream
         await send(300, split=True)
+        await send(100, split=True, priority="high")   # the split first, then the priority lane of that version
+        assert await fleet.lane_depth(client, "m", "2") == 60 + 20   # a version's lane counts its priority lanes
         await enqueuer.batcher.close()
         await client.aclose()
         return common, rdb.xlen(keys.request_stream("m")), rdb.xlen(keys.request_stream("m", "1")), \
-            rdb.xlen(keys.request_stream("m", "2"))
+            rdb.xlen(keys.request_stream("m", "2")), rdb.xlen(keys.request_stream("m", "1", "high")), \
+            rdb.xlen(keys.request_stream("m", "2", "high"))
 
-    common_before, common, old, new = asyncio.run(main())
+    common_before, common, old, new, old_high, new_high = asyncio.run(main())
     assert (common_before, common) == (10, 20)
     assert (old, new) == (240, 60)   # 20 of every 100, whichever gateway sent them
+    assert (old_high, new_high) == (80, 20)
+    assert keys.request_stream("m", "2", "high") == "inferline:req:{m:m}:v=2:p=high"
 
 
 def test_a_worker_reads_its_lane_and_the_common_stream_and_acks_each_on_its_own(redis_url: str,
@@ -77,20 +82,22 @@ def test_a_worker_reads_its_lane_and_the_common_stream_and_acks_each_on_its_own(
         v2 = ModelQueue(client, "m", "w2", "2")
         await v2.ensure_group()
         await ModelQueue(client, "m", "w1", "1").ensure_group()
-        for stream, rid in ((keys.request_stream("m"), "c"), (keys.request_stream("m", "2"), "l2"),
-                            (keys.request_stream("m", "1"), "l1")):
+        for stream, rid in ((keys.request_stream("m", priority="low"), "low"), (keys.request_stream("m"), "c"),
+                            (keys.request_stream("m", "2"), "l2"), (keys.request_stream("m", "1"), "l1"),
+                            (keys.request_stream("m", "2", "high"), "h2")):
             envelope = Envelope(rid, keys.reply_stream("g"), now_ms() + 60_000, "v2")
             rdb.xadd(stream, {**envelope.fields(), PAYLOAD_FIELD: b"{}"})
         got = await v2.read(10, 0.1)
         await v2.reply_and_ack([(d.envelope.reply_to, Reply(d.request_id, b"{}")) for d in got], got)
         await v2.close()
         await client.aclose()
-        return sorted(f"{d.request_id}@{d.lane}" for d in got), \
+        return [f"{d.request_id}@{d.lane}:{d.priority}" for d in got], \
             [rdb.xlen(s) for s in keys.model_streams("m", ["1", "2"])]
 
     read, left = asyncio.run(main())
-    assert read == ["c@", "l2@2"]        # never version 1's lane
-    assert left == [0, 1, 0]             # each acknowledged and deleted on its own stream; v1's entry untouched
+    # never version 1's lane; the highest priority first, whichever of its two streams
+    assert read == ["h2@2:high", "c@:normal", "l2@2:normal", "low@:low"]
+    assert left == [0, 0, 0, 0, 1, 0, 0, 0, 0]   # each acked and deleted on its own stream; v1's entry untouched
     reply = rdb.xrange(keys.reply_stream("g"))[-1][1]
     assert reply[b"v"] == b"2"           # the answer names its version (x-model-version)
 

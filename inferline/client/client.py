@@ -39,19 +39,26 @@ DEFAULT_RETRIES = Retries()
 # A connection that could not be made sent nothing: safe to try again. Any later transport failure may have
 # reached the server, so it is raised, not retried.
 RETRYABLE_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout)
+PRIORITIES = ("high", "normal", "low")   # the x-priority values (the client needs only the core install: no server)
 
 
 class Options:
     """What both clients take: url (default INFERLINE_URL, else http://127.0.0.1:8000), api_key (default
-    INFERLINE_API_KEY), timeout in seconds for each try, retries (a Retries, or an int: how many), extra headers."""
+    INFERLINE_API_KEY), timeout in seconds for each try, retries (a Retries, or an int: how many), extra headers,
+    and the priority of every request ("high" | "normal" | "low", sent as x-priority; None: the server's default,
+    normal; the key's maximum clamps it and the answer's x-priority header says the one applied)."""
 
     def __init__(self, url: str | None, api_key: str | None, timeout: float, retries: Retries | int,
-                 headers: Mapping[str, str] | None) -> None:
+                 headers: Mapping[str, str] | None, priority: str | None = None) -> None:
         self.url = (url or os.environ.get("INFERLINE_URL") or DEFAULT_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("INFERLINE_API_KEY")
         self.headers = {"user-agent": "inferline-client", **(headers or {})}
         if key:
             self.headers["authorization"] = f"Bearer {key}"
+        if priority is not None:
+            if priority not in PRIORITIES:
+                raise ValueError(f"priority must be one of {', '.join(PRIORITIES)} (given {priority!r})")
+            self.headers["x-priority"] = priority
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self.retries = retries if isinstance(retries, Retries) else Retries(max_retries=retries)
 
@@ -71,8 +78,8 @@ class Client(API, SyncRunner):
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
                  retries: Retries | int = DEFAULT_RETRIES, headers: Mapping[str, str] | None = None,
-                 http_client: httpx.Client | None = None) -> None:
-        self.options = Options(url, api_key, timeout, retries, headers)
+                 http_client: httpx.Client | None = None, priority: str | None = None) -> None:
+        self.options = Options(url, api_key, timeout, retries, headers, priority)
         self.url = self.options.url
         self._http = http_client or httpx.Client(timeout=self.options.timeout,
                                                  limits=httpx.Limits(max_connections=64,
@@ -160,8 +167,8 @@ class AsyncClient(API, AsyncRunner):
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
                  retries: Retries | int = DEFAULT_RETRIES, headers: Mapping[str, str] | None = None,
-                 http_client: httpx.AsyncClient | None = None) -> None:
-        self.options = Options(url, api_key, timeout, retries, headers)
+                 http_client: httpx.AsyncClient | None = None, priority: str | None = None) -> None:
+        self.options = Options(url, api_key, timeout, retries, headers, priority)
         self.url = self.options.url
         self._http = http_client or httpx.AsyncClient(timeout=self.options.timeout,
                                                       limits=httpx.Limits(max_connections=64,

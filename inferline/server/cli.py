@@ -44,11 +44,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = {"model": target, "replicas": args.replicas, "device": args.device, "artifact": args.artifact,
              "task": args.task}
     config.write_text(f"state_dir = {json.dumps(str(state))}\n[gateway]\nport = {args.port}\n[models.{name}]\n"
-                      + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items() if v is not None))
+                      + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items() if v is not None)
+                      + autoscale_table(args.autoscale))
     os.environ["INFERLINE_CONFIG"] = str(config)
     print(f"inferline: serving {target} as model {name!r}: POST /v1/models/{name}/predict, /v2/models/{name}/infer",
           flush=True)
     return supervise(Settings.load(config))
+
+
+def autoscale_table(bounds: str | None) -> str:
+    """serve --autoscale MIN:MAX as the deployment's autoscale line ("" without it: the autoscaler stays off)."""
+    if not bounds:
+        return ""
+    low, sep, high = bounds.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ConfigError(f"serve --autoscale {bounds!r}: expected MIN:MAX replicas, e.g. 0:2")
+    return f"autoscale = {{ enabled = true, min_replicas = {int(low)}, max_replicas = {int(high)} }}\n"
 
 
 def supervise(settings: Settings) -> int:
@@ -139,7 +150,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 try:
                     key, record = new_key(args.name or "", set(args.scope or ["infer"]),
                                           set(args.model or [ALL_MODELS]), parse_duration(args.ttl),
-                                          args.rate, args.burst, args.concurrency)
+                                          args.rate, args.burst, args.concurrency, args.max_priority)
                 except BadKey as exc:
                     raise ConfigError(str(exc)) from None
                 if durable is not None:
@@ -271,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--name", help="the model's name in routes (default: the class name, lowercased)")
     sv.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--autoscale", metavar="MIN:MAX",
+                    help="let the autoscaler move the replicas between MIN and MAX (0: scale to zero when idle)")
     sv.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     sv.add_argument("--artifact", help="a directory the model's setup reads (self.artifact)")
     sv.add_argument("--task", help="also bind a task route to it, e.g. classify-image")
@@ -292,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--rate", type=float, default=0.0, help="requests/s (token refill); default: security.rate_per_s")
     kc.add_argument("--burst", type=int, default=0, help="bucket size; default: security.burst")
     kc.add_argument("--concurrency", type=int, default=0, help="requests in flight; default: security.concurrency")
+    kc.add_argument("--max-priority", choices=["high", "normal", "low"], default="high",
+                    help="the highest x-priority its requests get (higher is clamped to it); default: high")
     ks_sub.add_parser("list", parents=[common], help="list keys (ids, scopes, models, expiry, limits; never secrets)")
     kr = ks_sub.add_parser("revoke", parents=[common], help="revoke a key now, on every gateway")
     kr.add_argument("key_id", help="the key's id (or the whole key)")

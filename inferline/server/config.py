@@ -36,6 +36,41 @@ class ConfigError(Exception):
     """A configuration that cannot run; the message names the key."""
 
 
+class AutoscaleSpec(BaseModel):
+    """A deployment's replica bounds and how eagerly the backlog moves it between them (server/backlog.py computes
+    the replicas wanted; the supervisor of `inferline up`/`serve` acts on it only when `enabled`). The bounds also
+    clamp the desired-replicas gauge that /metrics exports whether or not the autoscaler runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    min_replicas: int = Field(1, ge=0, le=64)          # 0: scale to zero when idle
+    max_replicas: int = Field(4, ge=1, le=64)
+    # How long a request may wait on the stream before more replicas are wanted: the backlog is drained in this long.
+    target_queue_s: float = Field(2.0, gt=0, le=3600)
+    up_delay_s: float = Field(5.0, ge=0, le=3600)      # the backlog asks for more this long before replicas are added
+    # ... and for fewer this long before any is drained: longer, so a model load (seconds to minutes) is not repeated
+    # on every dip in the traffic.
+    down_delay_s: float = Field(60.0, ge=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscale.min_replicas ({self.min_replicas}) must not exceed autoscale.max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
+class CacheSpec(BaseModel):
+    """A deployment's response cache (broker/cache.py), for a model whose answer depends only on its request: answers
+    kept ttl_s, all of the model's together at most max_bytes (the oldest evicted first)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_s: float = Field(300.0, gt=0, le=7 * 86_400)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=1024**4)
+
+
 class ModelSpec(BaseModel):
     """One deployment: which model, where it runs and how it batches."""
 
@@ -68,6 +103,8 @@ class ModelSpec(BaseModel):
     # batch (ms to seconds here, a first call's warm-up included) and at most an hour.
     predict_timeout_s: float = Field(30.0, ge=0.1, le=3600)
     options: dict[str, Any] = Field(default_factory=dict)      # runtime-specific knobs (e.g. a hub id for gpt2)
+    autoscale: AutoscaleSpec = Field(default_factory=AutoscaleSpec)
+    cache: CacheSpec | None = None        # None: no response cache (the default)
 
     @field_validator("device")
     @classmethod

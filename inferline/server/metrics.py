@@ -39,8 +39,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from inferline import server as service
+from inferline.server.backlog import Backlog, BacklogTracker, Bounds
 from inferline.server.broker import keys
 from inferline.server.broker.registry import ModelHealth
+from inferline.server.config import AutoscaleSpec
 from inferline.server.protocol import WorkerStatus
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -53,9 +55,10 @@ REJECT_REASONS = ("queue_full", "queue_bytes", "redis", "not_replicated")   # qu
 class GatewayMetrics:
     """The gateway's registry: its own per-request metrics, process and build info, and the broker's health."""
 
-    def __init__(self, models: dict[str, int] | None = None) -> None:
+    def __init__(self, models: dict[str, int] | None = None, bounds: dict[str, Bounds] | None = None) -> None:
         """models: {configured model: its configured replicas}; their series start at 0, so a healthy system's
-        panels read 0 rather than "No data"."""
+        panels read 0 rather than "No data". bounds: {model: its autoscale bounds} for the desired-replicas gauge
+        (config.AutoscaleSpec's defaults for a model not named)."""
         models = models or {}
         self.registry = CollectorRegistry()
         self.registry.register(PROCESS_COLLECTOR)
@@ -82,6 +85,8 @@ class GatewayMetrics:
                                      registry=r)
         self.rejected = Counter("inferline_rejected", "Requests refused before queueing", ["model", "reason"],
                                 registry=r)
+        self.cache = Counter("inferline_cache_requests", "Requests that asked a model's response cache, by result "
+                             "(hit: answered from it without queueing; miss)", ["model", "result"], registry=r)
         self.configured = Gauge("inferline_configured_replicas", "Replicas the gateway's config asks for",
                                 ["model"], registry=r)
         for model, replicas in models.items():
@@ -90,7 +95,7 @@ class GatewayMetrics:
             self.prompt_tokens.labels(model)
             for reason in REJECT_REASONS:
                 self.rejected.labels(model, reason)
-        self.broker = BrokerCollector()
+        self.broker = BrokerCollector(bounds or {})
         self.registry.register(self.broker)
 
 
@@ -106,6 +111,12 @@ class WorkerMetrics:
         self.batch_size = Histogram("inferline_batch_size", "Requests per batch (dynamic batching) or sequences per "
                                     "decoding step (continuous batching); its sum is the items served",
                                     ["model"], buckets=BATCH_BUCKETS, registry=self.registry).labels(model)
+        # The drain rate (server/backlog.py): requests answered per second a replica spends running the model. Busy
+        # time, not wall time, so a replica's capacity reads the same at light load as when saturated.
+        self.served = Counter("inferline_served_requests", "Requests answered by the model's workers (a generation "
+                              "counts once, when it finishes)", ["model"], registry=self.registry).labels(model)
+        self.busy = Counter("inferline_busy_seconds", "Time the model's workers spent in model calls (batches, "
+                            "decoding steps)", ["model"], registry=self.registry).labels(model)
         self.sent: dict[str, float] = {}
 
     def pending(self) -> dict[str, float]:
@@ -171,6 +182,7 @@ BROKER_COUNTERS = (
     (keys.STAT_ROLLBACKS, "inferline_automatic_rollbacks", "Rollouts that rolled back by themselves (the new "
      "version failed to load, or failed too often in its window)"),
 )
+DEFAULT_BOUNDS = AutoscaleSpec()
 # The worker registry's families (names, types, help, buckets), read once from a template.
 _WORKER_FAMILIES = list(WorkerMetrics("_").registry.collect())
 
@@ -178,13 +190,19 @@ _WORKER_FAMILIES = list(WorkerMetrics("_").registry.collect())
 class BrokerCollector(Collector):
     """Exports the last snapshot the /metrics route read from Redis, and nothing of it while Redis is away."""
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: dict[str, Bounds] | None = None) -> None:
         self.up = False
         self.models: dict[str, ModelHealth] = {}
+        self.backlogs: dict[str, Backlog] = {}
         self.read_at = 0.0
+        self.bounds = bounds or {}
+        self.tracker = BacklogTracker()
 
     def update(self, models: dict[str, ModelHealth]) -> None:
         self.up, self.models, self.read_at = True, models, time.time()
+        at = time.monotonic()
+        self.backlogs = {model: self.tracker.update(model, health, at, self.bounds.get(model, DEFAULT_BOUNDS))
+                         for model, health in models.items()}
 
     def unreachable(self) -> None:
         self.up, self.models = False, {}
@@ -209,6 +227,8 @@ class BrokerCollector(Collector):
                  "delivered (0 when none)", lambda h: h.oldest_queued_age_s),
                 ("inferline_dead_letter_length", "Entries on the model's dead-letter stream",
                  lambda h: h.dead_letter_length),
+                ("inferline_cache_bytes", "Bytes of the model's cached answers (0 without a cache)",
+                 lambda h: h.cache_bytes),
                 ("inferline_live_workers", "Workers with a live heartbeat", lambda h: len(h.workers)),
                 ("inferline_running_sequences", "Sequences being generated, over live workers",
                  lambda h: sum(w.active for _, w in h.workers)))
@@ -216,6 +236,24 @@ class BrokerCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=["model"])
             for model, health in self.models.items():
                 family.add_metric([model], value(health))
+            yield family
+        backlog_rows = (
+            ("inferline_waiting_requests", "Requests on the model's streams not yet delivered to any worker",
+             lambda b: b.waiting),
+            ("inferline_in_flight_requests", "Requests delivered to a worker and not yet answered",
+             lambda b: b.in_flight),
+            ("inferline_oldest_waiting_age_seconds", "Age of the oldest request not yet delivered (0 when none)",
+             lambda b: b.oldest_waiting_age_s),
+            ("inferline_drain_rate", "Requests a replica answers per second of model time (measured; 0 before any "
+             "request ran)", lambda b: b.drain_rate or 0.0),
+            ("inferline_busy_replicas", "Replicas the present traffic keeps busy (seconds of model calls per second)",
+             lambda b: b.busy_replicas),
+            ("inferline_desired_replicas", "Replicas the backlog asks for: ceil(busy + waiting / (drain rate x "
+             "target_queue_s)) within the deployment's autoscale bounds", lambda b: b.desired))
+        for name, doc, pick in backlog_rows:
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for model, backlog in self.backlogs.items():
+                family.add_metric([model], pick(backlog))
             yield family
         by_device = GaugeMetricFamily("inferline_live_replicas", "Live workers by device", labels=["model", "device"])
         for model, health in self.models.items():
@@ -265,3 +303,8 @@ class BrokerCollector(Collector):
 def configured_replicas(models: Iterable[Any]) -> dict[str, int]:
     """{name: replicas} of ModelSpecs."""
     return {spec.name: spec.replicas for spec in models}
+
+
+def autoscale_bounds(models: Iterable[Any]) -> dict[str, Bounds]:
+    """{name: autoscale spec} of ModelSpecs."""
+    return {spec.name: spec.autoscale for spec in models}

@@ -30,6 +30,7 @@ from inferline.server.broker import embedded, fleet
 from inferline.server.broker.client import BROKER_ERRORS, connect
 from inferline.server.config import ModelSpec, Settings
 from inferline.server.logs import RepeatingError
+from inferline.server.scaling import Autoscaler
 from inferline.server.worker.watchdog import EXIT_HUNG
 
 log = logging.getLogger("inferline.up")
@@ -116,11 +117,24 @@ class FleetLink:
     """The supervisor's Redis link (broker/fleet.py), on an event loop of its own driven from the supervisor's
     loop: each call is bounded by broker.timeout_s."""
 
-    def __init__(self, redis_url: str, timeout_s: float) -> None:
+    def __init__(self, redis_url: str, timeout_s: float, specs: dict[str, ModelSpec] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.redis = connect(redis_url, timeout_s)
         self.errors = RepeatingError(log, "reading the replicas wanted", BROKER_ERRORS)
         self.started = False
+        # The autoscaler (off unless a deployment's autoscale.enabled): writes the replicas wanted, never a process.
+        self.autoscaler = Autoscaler(self.redis, specs or {})
+        self.autoscale_errors = RepeatingError(log, "autoscaling", BROKER_ERRORS)
+
+    def autoscale(self, now: float) -> None:
+        """One autoscaler tick when one is due (every TICK_S); reconcile() then acts on what it wrote."""
+        if not self.started or not self.autoscaler.due(now):
+            return
+        try:
+            self.loop.run_until_complete(self.autoscaler.tick(now))
+            self.autoscale_errors.ok()
+        except BROKER_ERRORS as exc:
+            self.autoscale_errors.failed(exc)
 
     def start(self, wanted: dict[str, dict[str, int]]) -> None:
         """Write the configuration's deployments (the truth at start)."""
@@ -236,7 +250,7 @@ class Supervisor:
         for name, spec in settings.models.items():
             for i in range(spec.replicas):
                 self.children.append(self.worker(name, self.served[name], i))
-        self.fleet = FleetLink(redis_url, settings.broker.timeout_s)
+        self.fleet = FleetLink(redis_url, settings.broker.timeout_s, settings.models)
         self.reconciled_at = 0.0
 
     def worker(self, model: str, version: str, replica: int) -> Child:
@@ -314,6 +328,7 @@ class Supervisor:
         try:
             while not self.stopping:
                 self._watch()
+                self.fleet.autoscale(time.monotonic())
                 self.reconcile()
                 progress.poll()
                 time.sleep(0.25)

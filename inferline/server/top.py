@@ -27,7 +27,13 @@ class Scrape:
     batch_items: dict[str, float] = field(default_factory=dict)
     batches: dict[str, float] = field(default_factory=dict)
     oldest_s: dict[str, float] = field(default_factory=dict)
+    gauges: dict[str, dict[str, float]] = field(default_factory=dict)      # BACKLOG gauge -> model -> value
     buckets: dict[str, dict[float, float]] = field(default_factory=dict)   # model -> le -> cumulative count
+
+
+# The backlog gauges (server/backlog.py, exported by the gateway) shown as they are.
+BACKLOG = ("inferline_waiting_requests", "inferline_in_flight_requests", "inferline_oldest_waiting_age_seconds",
+           "inferline_drain_rate", "inferline_desired_replicas")
 
 
 def _add(into: dict[str, float], model: str, value: float) -> None:
@@ -52,6 +58,8 @@ def parse(text: str, at: float) -> Scrape:
                 _add(scrape.batches, model, sample.value)
             elif name == "inferline_oldest_pending_age_seconds":
                 scrape.oldest_s[model] = sample.value
+            elif name in BACKLOG:
+                scrape.gauges.setdefault(name, {})[model] = sample.value
             elif name == "inferline_request_seconds_bucket":   # summed over the model's routes
                 buckets = scrape.buckets.setdefault(model, {})
                 le = float(sample.labels["le"])
@@ -91,6 +99,11 @@ class Row:
     batch: float | None         # items per batch
     p50: float | None
     p99: float | None
+    waiting: float | None = None
+    in_flight: float | None = None
+    oldest_wait_s: float | None = None
+    drain: float | None = None      # requests/s per busy replica
+    desired: float | None = None
 
 
 def delta(now: dict[str, float], before: dict[str, float], model: str) -> float:
@@ -115,7 +128,7 @@ def rows(cards: Iterable[ModelCard], now: Scrape, before: Scrape | None) -> list
         out.append(Row(card.id, card.version or "-", versions_cell(getattr(card, "versions", None) or []),
                        card.kind or "-", f"{card.live_replicas}/{card.replicas}",
                        ",".join(card.devices) or "-", card.queue_depth, now.oldest_s.get(card.id), rate, tokens,
-                       batch, p50, p99))
+                       batch, p50, p99, *(now.gauges.get(g, {}).get(card.id) for g in BACKLOG)))
     return out
 
 
@@ -147,7 +160,9 @@ def table(headers: list[str], body: list[list[str]]) -> str:
 def render(view: list[Row], url: str, interval_s: float) -> str:
     """The top frame: a header line, a blank line, the column names and one line per model."""
     body = [[r.name, r.version, r.versions, r.kind, r.live, r.devices, str(r.queue), ms(r.oldest_s), num(r.rate),
-             num(r.tokens), num(r.batch), ms(r.p50), ms(r.p99)] for r in view]
+             num(r.tokens), num(r.batch), ms(r.p50), ms(r.p99), num(r.waiting, 0), num(r.in_flight, 0),
+             ms(r.oldest_wait_s), num(r.drain), num(r.desired, 0)] for r in view]
     head = f"inferline top - {url} - every {interval_s:g} s (Ctrl-C quits)"
     return head + "\n\n" + table(["MODEL", "VERSION", "VERSIONS", "KIND", "LIVE", "DEVICE", "QUEUE", "OLDEST_MS",
-                                  "REQ/S", "TOK/S", "BATCH", "P50_MS", "P99_MS"], body)
+                                  "REQ/S", "TOK/S", "BATCH", "P50_MS", "P99_MS", "WAITING", "INFLIGHT", "WAIT_MS",
+                                  "DRAIN/S", "WANT"], body)

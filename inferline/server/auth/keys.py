@@ -19,6 +19,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from inferline.server.broker.keys import PRIORITIES
+
 PREFIX = "il"
 SCOPE_INFER = "infer"     # inference routes and model metadata, for the models in `models`
 SCOPE_ADMIN = "admin"     # everything, every model, /metrics when it is not public
@@ -48,6 +50,7 @@ class ApiKey:
     rate_per_s: float = 0.0
     burst: int = 0
     concurrency: int = 0
+    max_priority: str = "high"        # the highest priority lane its requests may ask for (higher is clamped)
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at > 0 and (now if now is not None else time.time()) >= self.expires_at
@@ -60,7 +63,7 @@ class ApiKey:
         return {"hash": self.secret_hash, "name": self.name, "scopes": ",".join(sorted(self.scopes)),
                 "models": ",".join(sorted(self.models)), "expires_at": repr(self.expires_at),
                 "created_at": repr(self.created_at), "rate": repr(self.rate_per_s), "burst": str(self.burst),
-                "concurrency": str(self.concurrency)}
+                "concurrency": str(self.concurrency), "max_priority": self.max_priority}
 
     @classmethod
     def from_fields(cls, key_id: str, fields: dict[str, str]) -> ApiKey:
@@ -71,7 +74,8 @@ class ApiKey:
                    scopes=split(fields.get("scopes", SCOPE_INFER)), models=split(fields.get("models", ALL_MODELS)),
                    expires_at=float(fields.get("expires_at") or 0), created_at=float(fields.get("created_at") or 0),
                    rate_per_s=float(fields.get("rate") or 0), burst=int(fields.get("burst") or 0),
-                   concurrency=int(fields.get("concurrency") or 0))
+                   concurrency=int(fields.get("concurrency") or 0),
+                   max_priority=fields.get("max_priority") or "high")
 
 
 def split(value: str) -> frozenset[str]:
@@ -108,7 +112,7 @@ def verify_secret(secret: str, stored: str) -> bool:
 
 def new_key(name: str = "", scopes: set[str] | frozenset[str] | None = None,
             models: set[str] | frozenset[str] | None = None, ttl_s: float = 0.0, rate_per_s: float = 0.0,
-            burst: int = 0, concurrency: int = 0) -> tuple[str, ApiKey]:
+            burst: int = 0, concurrency: int = 0, max_priority: str = "high") -> tuple[str, ApiKey]:
     """A fresh key: (the full key to hand to the caller once, the record to store).
     Raises BadKey for an unknown scope or a bad limit."""
     scopes = frozenset(scopes or {SCOPE_INFER})
@@ -116,6 +120,8 @@ def new_key(name: str = "", scopes: set[str] | frozenset[str] | None = None,
         raise BadKey(f"unknown scope(s) {sorted(scopes - SCOPES)}; known: {sorted(SCOPES)}")
     if rate_per_s < 0 or burst < 0 or concurrency < 0 or ttl_s < 0:
         raise BadKey("rate, burst, concurrency and ttl must be >= 0")
+    if max_priority not in PRIORITIES:
+        raise BadKey(f"max priority must be one of {', '.join(PRIORITIES)} (given {max_priority!r})")
     for model in models or ():
         if model != ALL_MODELS and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", model):
             raise BadKey(f"bad model name {model!r}")
@@ -124,7 +130,8 @@ def new_key(name: str = "", scopes: set[str] | frozenset[str] | None = None,
     now = time.time()
     record = ApiKey(key_id=key_id, secret_hash=hash_secret(secret), name=name, scopes=scopes,
                     models=frozenset(models or {ALL_MODELS}), expires_at=now + ttl_s if ttl_s else 0.0,
-                    created_at=now, rate_per_s=rate_per_s, burst=burst, concurrency=concurrency)
+                    created_at=now, rate_per_s=rate_per_s, burst=burst, concurrency=concurrency,
+                    max_priority=max_priority)
     return f"{PREFIX}_{key_id}_{secret}", record
 
 

@@ -193,8 +193,13 @@ async def version_counts(redis: Redis, model: str, versions: Iterable[str]) -> d
 
 
 async def lane_depth(redis: Redis, model: str, version: str) -> int:
-    """Entries on a version's lane, queued or in a worker's hands (answered ones are deleted at once)."""
-    return int(await redis.xlen(keys.request_stream(model, version)))
+    """Entries on a version's lane (all its priority lanes), queued or in a worker's hands (answered ones are deleted
+    at once)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in keys.lane_streams(model, version):
+            pipe.xlen(stream)
+        found: list[int] = await pipe.execute()
+    return sum(int(n) for n in found)
 
 
 async def count_rollback(redis: Redis, model: str) -> None:

@@ -37,32 +37,60 @@ def _key(key_id: str) -> str:
     return f"{{k:{key_id}}}"
 
 
-LANE = ":v="   # a version's request lane: the model's stream name plus this and the version (enqueue.py builds it)
+LANE = ":v="       # a version's request lane: the model's stream name plus this and the version
+PRIORITY = ":p="   # a priority lane: the (version's) stream name plus this and the priority, unless normal
+PRIORITIES = ("high", "normal", "low")   # the request lanes' names, highest first
+PRIORITY_LANES: tuple[str, ...] = PRIORITIES   # the lanes workers read, in the order they prefer them
 
 
-def request_stream(model: str, version: str = "") -> str:
-    """The model's common request stream (version ""), the only one outside a rollout, or a version's lane, which
-    the gateways fill during a rollout by the split in `routing` (enqueue.py) and only that version's workers read.
-    Every worker reads the common stream and its own version's lane."""
-    return f"{PREFIX}:req:{_model(model)}" + (f"{LANE}{version}" if version else "")
+def request_stream(model: str, version: str = "", priority: str = "normal") -> str:
+    """A model's request stream: `inferline:req:{m:NAME}` + (`:v=VERSION`) + (`:p=PRIORITY` unless normal). Version
+    "" is the common stream, the only one outside a rollout; during a rollout the gateways fill the two versions'
+    lanes by the split in `routing` (enqueue.py), and only that version's workers read a lane. Every worker reads the
+    common stream and its own version's, each in its priority lanes, highest first (consumer.py). All in the model's
+    hash tag (one slot per model); the enqueue script builds the same names (enqueue.py)."""
+    name = f"{PREFIX}:req:{_model(model)}"
+    if version:
+        name += f"{LANE}{version}"
+    if priority != "normal":
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {list(PRIORITIES)}, got {priority!r}")
+        name += f"{PRIORITY}{priority}"
+    return name
 
 
 def model_streams(model: str, versions: Iterable[str] = ()) -> list[str]:
-    """Every request stream of a model: the common one, then each version's lane. What reads a model's backlog
-    (metrics, `inferline top`, the rollout's drain) lists its streams here, never by retyping names."""
-    return [request_stream(model), *(request_stream(model, v) for v in versions if v)]
+    """Every request stream of a model: the common stream's priority lanes (highest first), then each version's.
+    What reads a model's backlog (metrics, the autoscaler, KEDA's manifests, `inferline top`, the rollout's drain)
+    lists its streams here, never by retyping names."""
+    return [s for v in ("", *(v for v in versions if v)) for s in lane_streams(model, v)]
+
+
+def lane_streams(model: str, version: str = "") -> list[str]:
+    """One version's streams (version "": the common stream's): its priority lanes, highest first."""
+    return [request_stream(model, version, p) for p in PRIORITY_LANES]
+
+
+def lane_of(stream: str | bytes, model: str) -> tuple[str, str]:
+    """The (version, priority) of one of the model's request streams (version "" for the common stream)."""
+    name = stream.decode() if isinstance(stream, bytes) else stream
+    rest = name[len(request_stream(model)):]
+    priority = "normal"
+    if PRIORITY in rest:
+        rest, priority = rest.rsplit(PRIORITY, 1)
+    return (rest[len(LANE):] if rest.startswith(LANE) else ""), priority
 
 
 def lane_version(stream: str | bytes, model: str) -> str:
     """The version whose lane `stream` is ("" for the common stream)."""
-    name = stream.decode() if isinstance(stream, bytes) else stream
-    return name[len(request_stream(model)) + len(LANE):] if len(name) > len(request_stream(model)) else ""
+    return lane_of(stream, model)[0]
 
 
 def queued_bytes(model: str) -> str:
-    """Counter: the payload bytes of the entries on the model's request stream, kept exact by the scripts that add
-    (enqueue.py) and delete (consumer.py) them. Spelt as the stream's name plus a suffix, so it hashes to the
-    stream's slot whatever hash tag the stream's name carries (both are touched by one script)."""
+    """Counter: the payload bytes of the entries on all of the model's request streams (every version's and priority
+    lane), kept exact by the scripts that add (enqueue.py) and delete (consumer.py) them. Spelt as the common stream's
+    name plus a suffix, so it hashes to the stream's slot whatever hash tag the stream's name carries (both are
+    touched by one script)."""
     return f"{request_stream(model)}:bytes"
 
 
@@ -120,6 +148,28 @@ def answered(model: str) -> str:
     acknowledgement of an answered entry and deliver it again: a worker that finds it here acknowledges it without
     running it (consumer.py)."""
     return f"{PREFIX}:answered:{_model(model)}"
+
+
+def cache_entry(model: str, version: str, digest: str) -> str:
+    """String with a TTL: one cached answer of the model's `version` to the request whose hash is `digest`
+    (broker/cache.py). The version is in the name: a new version never reads another's entries."""
+    return f"{PREFIX}:cache:{_model(model)}:e:{version}:{digest}"
+
+
+def cache_index(model: str) -> str:
+    """Sorted set: the model's cached entries (their keys), scored by when they expire (epoch ms): the eviction order
+    (every entry of a model has the same TTL, so the soonest to expire is the oldest)."""
+    return f"{PREFIX}:cache:{_model(model)}:index"
+
+
+def cache_sizes(model: str) -> str:
+    """Hash: each cached entry's key -> its size in bytes, to count it off when it expires or is evicted."""
+    return f"{PREFIX}:cache:{_model(model)}:sizes"
+
+
+def cache_bytes(model: str) -> str:
+    """Counter: the bytes of the model's cached entries, kept at most its cache.max_bytes by the store script."""
+    return f"{PREFIX}:cache:{_model(model)}:bytes"
 
 
 def model_info(model: str) -> str:
@@ -188,17 +238,18 @@ def in_flight(key_id: str) -> str:
 
 # What must share one slot: each group is the keys one script or transaction touches together (the callers build
 # their key lists from these same functions). tests/test_key_layout.py computes every group's slots with CRC16.
-def enqueue_keys(model: str, split: bool = True) -> list[str]:
-    """The enqueue script's KEYS (enqueue.py): the common request stream, the model's byte counter and, when the
-    gateway follows a rollout (`split`), its traffic split. The script adds to a version's lane, whose name it makes
-    from the first key (LANE): same tag, same slot. The split's key is named only when it is read: on a Cluster a
-    slot being moved answers a script naming a key that exists on neither side with TRYAGAIN until the move ends."""
-    return [request_stream(model), queued_bytes(model), *([routing(model)] if split else [])]
+def enqueue_keys(model: str) -> list[str]:
+    """The enqueue script's KEYS (enqueue.py): the common request stream, the model's byte counter, its traffic
+    split, then the common stream's other priority lanes (PRIORITY_LANES order, normal left out). Declared, as a
+    Cluster checks a script's keys while their slot migrates. During a rollout the script adds to a version's lane
+    (and its priority lane), whose name it makes from the first key (LANE, PRIORITY): same tag, same slot."""
+    return [request_stream(model), queued_bytes(model), routing(model),
+            *(request_stream(model, priority=p) for p in PRIORITY_LANES if p != "normal")]
 
 
-def ack_keys(model: str, version: str = "") -> list[str]:
+def ack_keys(model: str, version: str = "", priority: str = "normal") -> list[str]:
     """The acknowledge script's KEYS (consumer.py): the stream the entries are on, the model's byte counter."""
-    return [request_stream(model, version), queued_bytes(model)]
+    return [request_stream(model, version, priority), queued_bytes(model)]
 
 
 def guard_keys(model: str, version: str) -> list[str]:
@@ -212,6 +263,11 @@ def dead_letter_keys(model: str) -> list[str]:
     return [request_stream(model), dead_letter_stream(model), dead_payloads(model), stats(model)]
 
 
+def cache_keys(model: str, version: str, digest: str) -> list[str]:
+    """The cache store script's KEYS (cache.py): the entry, the index, the sizes, the byte counter."""
+    return [cache_entry(model, version, digest), cache_index(model), cache_sizes(model), cache_bytes(model)]
+
+
 def admit_keys(key_id: str) -> list[str]:
     """The admission script's KEYS (ratelimit.py): the key's record, bucket and in-flight slots."""
     return [api_key(key_id), rate_bucket(key_id), in_flight(key_id)]
@@ -222,5 +278,6 @@ def auth_index_keys() -> list[str]:
     return [API_KEY_INDEX, AUTH_MARKER]
 
 
-ATOMIC = {"enqueue": enqueue_keys, "ack": ack_keys, "ack_lane": lambda m: ack_keys(m, "2"),
-          "guard": lambda m: guard_keys(m, "2"), "dead_letter": dead_letter_keys, "admit": admit_keys}
+ATOMIC = {"cache": lambda m: cache_keys(m, "1", "d"), "enqueue": enqueue_keys, "ack": ack_keys,
+          "ack_lane": lambda m: ack_keys(m, "2", "high"), "guard": lambda m: guard_keys(m, "2"),
+          "dead_letter": dead_letter_keys, "admit": admit_keys}

@@ -20,15 +20,17 @@ UNKNOWN, EXPIRED, ADMITTED, LIMITED = 0, 1, 2, 3
 
 # KEYS: keys.admit_keys (record, bucket, in-flight set: one hash tag, one slot).
 # ARGV: expected hash, default rate/s, burst, concurrency, slot id, lease ms.
-# Returns {code, scopes, models, burst, remaining, retry_ms, reason, slot_taken, rate, concurrency cap}.
+# Returns {code, scopes, models, burst, remaining, retry_ms, reason, slot_taken, rate, concurrency cap, max priority}.
 _ADMIT = """
-local rec = redis.call('HMGET', KEYS[1], 'hash', 'scopes', 'models', 'expires_at', 'rate', 'burst', 'concurrency')
-if (not rec[1]) or rec[1] ~= ARGV[1] then return {0, '', '', 0, 0, 0, '', 0, '0', 0} end
+local rec = redis.call('HMGET', KEYS[1], 'hash', 'scopes', 'models', 'expires_at', 'rate', 'burst', 'concurrency',
+                      'max_priority')
+if (not rec[1]) or rec[1] ~= ARGV[1] then return {0, '', '', 0, 0, 0, '', 0, '0', 0, ''} end
+local maxp = rec[8] or ''
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local scopes, models = rec[2] or '', rec[3] or ''
 local exp = tonumber(rec[4] or '0') or 0
-if exp > 0 and now >= exp * 1000 then return {1, scopes, models, 0, 0, 0, 'expired', 0, '0', 0} end
+if exp > 0 and now >= exp * 1000 then return {1, scopes, models, 0, 0, 0, 'expired', 0, '0', 0, maxp} end
 local rate = tonumber(rec[5] or '0') or 0
 if rate <= 0 then rate = tonumber(ARGV[2]) end
 local burst = tonumber(rec[6] or '0') or 0
@@ -41,14 +43,14 @@ if rate > 0 then
   if b[1] then tokens = math.min(burst, tonumber(b[1]) + math.max(0, now - tonumber(b[2])) * rate / 1000) end
   if tokens < 1 then
     return {3, scopes, models, burst, 0, math.ceil((1 - tokens) * 1000 / rate), 'rate', 0,
-            tostring(rate), cap}
+            tostring(rate), cap, maxp}
   end
 end
 local slot = 0
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZCARD', KEYS[3]) >= cap then
-    return {3, scopes, models, burst, math.floor(tokens), 1000, 'concurrency', 0, tostring(rate), cap}
+    return {3, scopes, models, burst, math.floor(tokens), 1000, 'concurrency', 0, tostring(rate), cap, maxp}
   end
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[5])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]))
@@ -59,7 +61,7 @@ if rate > 0 then
   redis.call('HSET', KEYS[2], 'tokens', string.format('%.6f', tokens), 'ts', string.format('%.0f', now))
   redis.call('PEXPIRE', KEYS[2], math.ceil(burst * 1000 / rate) + 1000)
 end
-return {2, scopes, models, burst, math.floor(tokens), 0, '', slot, tostring(rate), cap}
+return {2, scopes, models, burst, math.floor(tokens), 0, '', slot, tostring(rate), cap, maxp}
 """
 
 
@@ -85,6 +87,7 @@ class Admission:
     slot_taken: bool = False  # release() it when the request ends
     rate_per_s: float = 0.0   # the key's effective limits, for headers and messages
     concurrency: int = 0
+    max_priority: str = ""   # the key's highest priority lane ("": none set, any)
 
 
 class RateLimiter:
@@ -102,9 +105,9 @@ class RateLimiter:
         res: Any = await self.batcher.script(
             _ADMIT, keys.admit_keys(key_id),
             [expected_hash, repr(lim.rate_per_s), lim.burst, lim.concurrency, slot_id, lim.lease_ms])
-        code, scopes, models, limit, remaining, retry_ms, reason, slot, rate, cap = res
+        code, scopes, models, limit, remaining, retry_ms, reason, slot, rate, cap, maxp = res
         return Admission(int(code), text(scopes), text(models), int(limit), int(remaining), int(retry_ms),
-                         text(reason), bool(slot), float(text(rate)), int(cap))
+                         text(reason), bool(slot), float(text(rate)), int(cap), text(maxp))
 
     async def release(self, key_id: str, slot_id: str) -> None:
         """Give back a concurrency slot taken by admit()."""

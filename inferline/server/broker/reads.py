@@ -20,19 +20,15 @@ async def xread(conn: roundtrip.HeldConnection, stream: str, after: Any, count: 
 
 
 def streams_entries(raw: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
-    """(stream name, its (entry id, fields)) for each stream of a raw XREAD / XREADGROUP reply over several streams
-    (None when the block ran out); entries whose fields are gone are left out."""
+    """(stream name, its entries as stream_entries gives them) of each stream of a raw XREADGROUP reply over several
+    streams (None when the block ran out)."""
     if not raw:
         return []
-    pairs = list(raw.items()) if isinstance(raw, dict) else [(s, e) for s, e in raw]
+    pairs = raw.items() if isinstance(raw, dict) else [(name, entries) for name, entries in raw]
     out = []
-    for stream, entries in pairs:
-        kept = []
-        for entry_id, flat in entries:
-            if flat:
-                it = iter(flat)
-                kept.append((entry_id, dict(zip(it, it, strict=True))))
-        out.append((stream, kept))
+    for name, entries in pairs:
+        found = [(eid, dict(zip(it, it, strict=True))) for eid, flat in entries if flat for it in [iter(flat)]]
+        out.append((name if isinstance(name, bytes) else str(name).encode(), found))
     return out
 
 

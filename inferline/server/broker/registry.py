@@ -49,11 +49,14 @@ class Serving:
 class ModelHealth:
     """One model as Redis says it is now: what /metrics exports of the broker (server/metrics.py)."""
 
-    queue_depth: int = 0
-    pending: int = 0
+    queue_depth: int = 0                  # entries on the model's streams: waiting + pending
+    pending: int = 0                      # delivered to a worker, not yet answered (in flight)
+    waiting: int = 0                      # not yet delivered to any worker
+    oldest_waiting_age_s: float = 0.0     # the oldest entry not yet delivered
     oldest_pending_age_s: float = 0.0     # the oldest entry delivered to a worker and not yet answered
     oldest_queued_age_s: float = 0.0      # the oldest entry on the stream, delivered or not
     dead_letter_length: int = 0
+    cache_bytes: int = 0                  # the response cache's bytes (broker/cache.py)
     workers: list[tuple[str, WorkerStatus]] = field(default_factory=list)   # (worker id, heartbeat) of live ones
     stats: dict[str, float] = field(default_factory=dict)                   # the model's counters (keys.stats)
 
@@ -61,6 +64,20 @@ class ModelHealth:
 def add_stats(pipe: Any, model: str, stats: dict[str, float]) -> None:
     for name, delta in stats.items():
         pipe.hincrbyfloat(keys.stats(model), name, delta)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _group(groups: Any) -> dict[str, Any] | None:
+    """The workers' group among XINFO GROUPS' answer, or None (no stream, no group, or an error)."""
+    if isinstance(groups, Exception):
+        return None
+    for g in groups:
+        if g["name"] in (keys.GROUP, keys.GROUP.encode()):
+            return dict(g)
+    return None
 
 
 def entry_ms(entry_id: Any) -> int:
@@ -170,9 +187,12 @@ class Registry:
                 for name, lanes in zip(models, found, strict=True)}
 
     async def health(self, models: Iterable[str]) -> dict[str, ModelHealth]:
-        """The broker's state of each model (queue, pending entries and their ages over all its streams, dead
-        letters, counters, live workers): Redis's clock, the models' lanes, then one pipelined round trip for all
-        models, plus one per model that has live workers. Raises redis errors."""
+        """The broker's state of each model over all its streams (keys.model_streams, a rollout's lanes included):
+        length, waiting and in flight (XINFO GROUPS' pending; waiting = length - pending, since answered entries are
+        deleted), the ages of the oldest entry, the oldest pending one (XPENDING's summary) and the oldest waiting
+        one (the first entry after the group's last-delivered id: XINFO GROUPS' `lag` would say how many, but it is
+        Redis 7 only), dead letters, counters, live workers. Redis's clock, the models' lanes, then two pipelined
+        round trips for all models, plus one per model with live workers. Raises redis errors."""
         names = list(models)
         # TIME on its own: a Cluster's pipelines refuse keyless commands (any node's clock serves: entry ids are
         # made from the same clocks, kept in step by NTP).
@@ -180,38 +200,62 @@ class Registry:
         streams = await self.lanes(names)
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.xlen(keys.dead_letter_stream(name))
-                pipe.hgetall(keys.stats(name))
                 for stream in streams[name]:
                     pipe.xlen(stream)
+                    pipe.xinfo_groups(stream)
                     pipe.xpending(stream, keys.GROUP)
                     pipe.xrange(stream, count=1)
+                pipe.xlen(keys.dead_letter_stream(name))
+                pipe.hgetall(keys.stats(name))
+                pipe.get(keys.cache_bytes(name))
             results: list[Any] = await pipe.execute(raise_on_error=False)
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         out: dict[str, ModelHealth] = {}
-        at = 0
+        after: list[tuple[str, str, Any]] = []   # (model, stream, last-delivered id) of streams with waiting entries
+        i = 0
         for name in names:
-            dead, stats = results[at:at + 2]
-            at += 2
-            for r in (dead, stats):
-                if isinstance(r, Exception):
-                    raise r
-            health = ModelHealth(dead_letter_length=int(dead), stats={k.decode(): float(v) for k, v in stats.items()})
-            for _ in streams[name]:
-                depth, pending, first = results[at:at + 3]
-                at += 3
+            health = ModelHealth()
+            for stream in streams[name]:
+                depth, groups, pending, first = results[i:i + 4]
+                i += 4
                 if isinstance(depth, Exception):
                     raise depth
+                group = _group(groups)   # a missing stream or group is an error here: nothing delivered yet
+                in_flight = int(group["pending"]) if group else 0
                 health.queue_depth += int(depth)
-                if isinstance(pending, dict) and pending.get("pending"):   # a missing group is an error: none
-                    health.pending += int(pending["pending"])
+                health.pending += in_flight
+                health.waiting += max(0, int(depth) - in_flight)
+                if isinstance(pending, dict) and pending.get("pending"):
                     health.oldest_pending_age_s = max(health.oldest_pending_age_s,
                                                       max(0, now_ms - entry_ms(pending["min"])) / 1000)
                 if isinstance(first, list) and first:
-                    health.oldest_queued_age_s = max(health.oldest_queued_age_s,
-                                                     max(0, now_ms - entry_ms(first[0][0])) / 1000)
-            health.workers = await self._live(name)
+                    age = max(0, now_ms - entry_ms(first[0][0])) / 1000
+                    health.oldest_queued_age_s = max(health.oldest_queued_age_s, age)
+                    if int(depth) > in_flight:
+                        if group is None:   # no group: every entry waits, the first is the oldest
+                            health.oldest_waiting_age_s = max(health.oldest_waiting_age_s, age)
+                        else:
+                            after.append((name, stream, group["last-delivered-id"]))
+            dead, stats, cached = results[i:i + 3]
+            i += 3
+            health.cache_bytes = int(cached) if isinstance(cached, bytes | str | int) else 0
+            for r in (dead, stats):
+                if isinstance(r, Exception):
+                    raise r
+            health.dead_letter_length = int(dead)
+            health.stats = {k.decode(): float(v) for k, v in stats.items()}
             out[name] = health
+        if after:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _, stream, last_id in after:
+                    pipe.xrange(stream, min=b"(" + _bytes(last_id), count=1)
+                firsts: list[Any] = await pipe.execute(raise_on_error=False)
+            for (name, _, _), found in zip(after, firsts, strict=True):
+                if isinstance(found, list) and found:
+                    age = max(0, now_ms - entry_ms(found[0][0])) / 1000
+                    out[name].oldest_waiting_age_s = max(out[name].oldest_waiting_age_s, age)
+        for name in names:
+            out[name].workers = await self._live(name)
         return out
 
     async def serving(self, models: Sequence[str]) -> dict[str, Serving]:
@@ -228,9 +272,7 @@ class Registry:
             live, groups = results[2 * i], results[2 * i + 1]
             if isinstance(live, Exception):
                 raise live
-            group = not isinstance(groups, Exception) and any(g["name"] in (keys.GROUP, keys.GROUP.encode())
-                                                             for g in groups)
-            out[model] = Serving(int(live), group)
+            out[model] = Serving(int(live), _group(groups) is not None)
         return out
 
     async def status(self, model: str) -> ModelStatus:

@@ -223,7 +223,11 @@ class TickBatcher:
         kind, slot, node = hop
         self.router.redirects[kind] += 1
         if kind == "TRYAGAIN":
+            # A call whose keys are half-migrated goes source -> ASK -> target -> TRYAGAIN -> source again for as long
+            # as the migration lasts (a key it names that exists nowhere, e.g. the split outside a rollout, keeps the
+            # target answering TRYAGAIN): those ASKs are one wait, bounded by TRYAGAIN_TRIES, not new redirects.
             call.waits += 1
+            call.redirects = 0
             return call.waits <= nodes.TRYAGAIN_TRIES
         call.redirects += 1
         if call.redirects > nodes.MAX_REDIRECTS:

@@ -31,7 +31,7 @@ from inferline.server.gateway.openapi import mount_docs, with_models
 from inferline.server.gateway.record import request_id
 from inferline.server.gateway.security import Security, auth_possible
 from inferline.server.gateway.table import mount
-from inferline.server.metrics import GatewayMetrics, configured_replicas
+from inferline.server.metrics import GatewayMetrics, autoscale_bounds, configured_replicas
 from inferline.server.protocol import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> Any:
     """The full gateway app (FastAPI for the API surface and docs) wrapped in the Edge layer. Raises ValueError
     without settings.redis_url."""
-    gateway = Gateway(settings, GatewayMetrics(configured_replicas(settings.models.values())))
+    gateway = Gateway(settings, GatewayMetrics(configured_replicas(settings.models.values()),
+                                                autoscale_bounds(settings.models.values())))
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from inferline.server import priority
 from inferline.server.broker import fleet, keys
+from inferline.server.broker.cache import ResponseCache
 from inferline.server.broker.cancels import publish_command
 from inferline.server.broker.client import BROKER_ERRORS, Redis
-from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer
+from inferline.server.broker.enqueue import FULL_BYTES, Enqueuer, lane_cap
 from inferline.server.broker.registry import Registry
 from inferline.server.broker.replies import ReplyInbox
 from inferline.server.broker.ticks import NotReplicated, TickBatcher
@@ -35,10 +38,13 @@ from inferline.server.gateway.record import sane_id
 from inferline.server.ids import new_id
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import GatewayMetrics
-from inferline.server.protocol import Cancel, Envelope, Reply, encode_payload, now_ms
+from inferline.server.protocol import OP_PREDICT, OP_V2, Cancel, Envelope, Reply, encode_payload, now_ms
 from inferline.server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+# What a deployment's response cache keeps: the one-answer ops of models whose answer is their request's alone (the
+# deployment's opt-in says so). Generation is streamed through stream() and not cached.
+CACHED_OPS = frozenset({OP_PREDICT, OP_V2})
 
 TRIM_EVERY_S = 0.2
 WATCH_EVERY_S = 0.5       # how often the gateway learns which models have live workers
@@ -59,6 +65,7 @@ class Dispatcher:
         self.batcher = batcher if batcher is not None else TickBatcher(
             redis, settings.broker.min_replicas_ack, settings.broker.replica_ack_timeout_ms)
         self.enqueuer = Enqueuer(redis, self.batcher)
+        self.cache = ResponseCache(self.batcher)
         self.waiters: dict[str, asyncio.Future[Reply] | asyncio.Queue[Reply]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.registry = registry
@@ -108,19 +115,23 @@ class Dispatcher:
     async def _enqueue(self, spec: ModelSpec, request_id: str, op: str, payload: bytes) -> None:
         # Every request to a model has the model's timeout, so every entry older than that (and a grace) is
         # one nobody waits for: the enqueue trims those.
-        if not await self.has_worker(spec.name):
+        # A deployment that scales to zero (autoscale.min_replicas = 0) takes requests with no worker: the request
+        # waits on the stream, where the backlog wakes a worker (the autoscaler, or KEDA), within its deadline.
+        if spec.autoscale.min_replicas > 0 and not await self.has_worker(spec.name):
             self.metrics.rejected.labels(spec.name, "no_worker").inc()
             raise Unavailable(f"model {spec.name} has no live worker; retry later")
         timeout_ms = int(spec.timeout_s * 1000)
         record = records.current.get()
+        lane = priority.DEFAULT
         if record is not None:
             record.model = spec.name
+            lane = record.priority = priority.clamp(record.asked or priority.DEFAULT, record.max_priority)
         envelope = Envelope(request_id, self.reply_stream, now_ms() + timeout_ms, op,
                             record.traceparent if record is not None else "")
         try:
             depth = await self.enqueuer.enqueue(spec.name, envelope, payload, spec.queue_cap,
                                                 timeout_ms + keys.UNANSWERED_GRACE_MS, spec.queue_cap_bytes,
-                                                spec.name in self.split)
+                                                spec.name in self.split, lane)
         except NotReplicated as exc:
             # Queued on the primary but not (yet) on enough replicas: a failover now could lose it, so it is not
             # accepted. It may still be served (the client retries; a worker answers one delivery once).
@@ -136,7 +147,15 @@ class Dispatcher:
                              f"its queue_cap_bytes of {spec.queue_cap_bytes}; retry later")
         if depth < 0:
             self.metrics.rejected.labels(spec.name, "queue_full").inc()
-            raise Overloaded(f"model {spec.name} has {spec.queue_cap} requests queued (its queue_cap); retry later")
+            raise Overloaded(f"model {spec.name} has {lane_cap(spec.queue_cap, lane)} requests queued (what its "
+                             f"queue_cap of {spec.queue_cap} admits at priority {lane}); retry later")
+
+    def starting(self, model: str) -> str:
+        """What a deadline's message adds when the model had no live worker (a deployment scaled to zero whose
+        worker was still starting), from what the watcher saw last; else nothing."""
+        if self.live.get(model, 1) > 0:
+            return ""
+        return ": the model was starting (no live worker yet; it had scaled to zero), retry later"
 
     async def has_worker(self, model: str) -> bool:
         """Whether some worker of the model beats, from what the watcher saw (no round trip on the hot path). A model
@@ -176,11 +195,16 @@ class Dispatcher:
         future: asyncio.Future[Reply] = loop.create_future()
         self.waiters[request_id] = future
         # A timer rather than asyncio.timeout(): it showed up in profiles of the hot path.
-        timer = loop.call_later(timeout, expire, future, request_id, model, timeout)
+        timer = loop.call_later(timeout, expire, future, request_id, model, timeout, self.starting)
+        cached: tuple[str, str] | None = None   # (version, request hash) when the model's cache was asked and missed
         try:
             payload = encode_payload(params, blob)
             if isinstance(blob, bytearray):
                 del blob[:]   # every frame that holds it now holds an empty buffer
+            if spec.cache is not None and op in CACHED_OPS:   # the only cost on the hot path without a cache
+                hit, cached = await self._look_up(spec, op, payload)
+                if hit is not None:
+                    return Reply(request_id, hit)
             await self._enqueue(spec, request_id, op, payload)
             del payload
             reply = await future
@@ -191,6 +215,9 @@ class Dispatcher:
         self.observe(spec.name, reply)
         if not reply.ok:
             raise reply_error(reply)
+        if cached is not None and spec.cache is not None:
+            with contextlib.suppress(*BROKER_ERRORS):   # a cache that cannot keep it only costs the next request
+                await self.cache.put(spec.name, *cached, reply.body, spec.cache.ttl_s, spec.cache.max_bytes)
         return reply
 
     async def replay(self, model: str, op: str, payload: bytes) -> tuple[str, Reply]:
@@ -202,7 +229,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self.waiters[request_id] = future
-        timer = loop.call_later(spec.timeout_s, expire, future, request_id, model, spec.timeout_s)
+        timer = loop.call_later(spec.timeout_s, expire, future, request_id, model, spec.timeout_s, self.starting)
         try:
             await self._enqueue(spec, request_id, op, payload)
             reply = await future
@@ -220,6 +247,25 @@ class Dispatcher:
             record = records.current.get()
             if record is not None:
                 record.version = reply.version
+
+    async def _look_up(self, spec: ModelSpec, op: str, payload: bytes) -> tuple[bytes | None, tuple[str, str] | None]:
+        """(the cached answer or None, (version, request hash) to keep the answer under, or None when it cannot be
+        kept: no version published yet, Redis away). The version is the one the model's workers published (read
+        at most INFO_TTL_S ago): answers are kept and found per version."""
+        record = records.current.get()
+        try:
+            info = await self.registry.info(spec.name)
+            if info is None:
+                return None, None
+            digest = hashlib.sha256(op.encode() + b"\0" + payload).hexdigest()[:40]
+            hit = await self.cache.get(spec.name, info.version, digest)
+        except BROKER_ERRORS:
+            return None, None
+        self.metrics.cache.labels(spec.name, "miss" if hit is None else "hit").inc()
+        if record is not None:
+            record.model = spec.name
+            record.cache = "miss" if hit is None else "hit"
+        return hit, (None if hit is not None else (info.version, digest))
 
     async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
         """Queue one request and yield its replies as they come, the last one final. The first reply
@@ -242,7 +288,7 @@ class Dispatcher:
                     reply = await asyncio.wait_for(inbox.get(), max(left, 0.001))
                 except TimeoutError:
                     raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
-                                           f"{timeout:g} s") from None
+                                           f"{timeout:g} s{self.starting(model)}") from None
                 self.answered_by(reply)   # the first reply, before any byte of the answer is sent
                 if reply.final or not reply.ok:
                     self.observe(spec.name, reply)
@@ -328,11 +374,12 @@ class Dispatcher:
                 errors.failed(exc)
 
 
-def expire(future: asyncio.Future[Reply], request_id: str, model: str, timeout: float) -> None:
+def expire(future: asyncio.Future[Reply], request_id: str, model: str, timeout: float,
+           why: Callable[[str], str]) -> None:
     """The deadline's error, made only when it passes (most requests are answered first)."""
     if not future.done():
         future.set_exception(DeadlineExceeded(f"request {request_id} to model {model} was not answered within "
-                                              f"{timeout:g} s"))
+                                              f"{timeout:g} s{why(model)}"))
 
 
 def reply_error(reply: Reply) -> InferlineError:

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inferline.server import tracing
+from inferline.server import priority, tracing
 from inferline.server.errors import HeadersTooLarge, InferlineError, PayloadTooLarge
 from inferline.server.gateway.errors import render
 from inferline.server.gateway.memory import Reclaimer
@@ -43,6 +43,7 @@ class Edge:
         started = time.perf_counter()
         wanted = ""
         incoming_trace = ""
+        asked = ""
         length = -1
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -51,6 +52,8 @@ class Edge:
                 length = int(value) if value.isdigit() else -1
             elif name == b"traceparent":
                 incoming_trace = value.decode("latin-1")
+            elif name == b"x-priority":
+                asked = value.decode("latin-1")
         request_id = wanted if sane_id(wanted) else new_id()
         span: Any = None
         if tracing.ENABLED:
@@ -71,6 +74,10 @@ class Edge:
                 message["headers"] = [*message.get("headers", []), id_header]
                 if record.version:   # the version whose worker answered (set by the dispatcher before the start)
                     message["headers"].append((b"x-model-version", record.version.encode()))
+                if record.priority:   # the lane it was queued on, after the key's clamp
+                    message["headers"].append((b"x-priority", record.priority.encode()))
+                if record.cache:
+                    message["headers"].append((b"x-cache", record.cache.encode()))
             await send(message)
 
         async def send_error(err: InferlineError) -> None:
@@ -94,6 +101,8 @@ class Edge:
             return message
 
         try:
+            if asked:
+                record.asked = priority.parse(asked)   # ValidationFailed: 422 below
             if len(scope["headers"]) > self.max_headers:   # the connection layer refuses these first; kept for h11
                 await send_error(HeadersTooLarge(f"request has {len(scope['headers'])} headers; the limit is "
                                                  f"{self.max_headers} (gateway.max_headers)", field="headers"))

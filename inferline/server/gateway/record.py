@@ -10,7 +10,7 @@ from contextvars import ContextVar
 
 class RequestRecord:
     __slots__ = ("request_id", "traceparent", "route", "model", "queued_ms", "compute_ms", "batch_size", "tokens",
-                 "key_id", "version")
+                 "key_id", "version", "asked", "max_priority", "priority", "cache")
 
     def __init__(self, request_id: str, traceparent: str = "") -> None:
         self.request_id = request_id
@@ -23,6 +23,10 @@ class RequestRecord:
         self.tokens = 0
         self.key_id = ""                 # the API key that authenticated it ("" when none was needed)
         self.version = ""                # the model version that answered: the Edge's x-model-version header
+        self.asked = ""                  # the priority the caller asked for (x-priority, or a body field); "": none
+        self.max_priority = "high"       # the API key's maximum (security layer); "high" without keys
+        self.priority = ""               # the lane the request was queued on (dispatcher): the x-priority answered
+        self.cache = ""                  # "hit" | "miss" where the model's response cache was asked: x-cache
 
 
 current: ContextVar[RequestRecord | None] = ContextVar("inferline_request", default=None)

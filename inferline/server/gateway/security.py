@@ -144,6 +144,9 @@ class Security:
         try:
             receive = await self.authorize(scope, receive, admission)
             extra = rate_headers(admission)
+            current = records.current.get()
+            if current is not None and admission.max_priority:   # the key's ceiling, read in the same round trip
+                current.max_priority = admission.max_priority
 
             async def send_with_limits(message: Message) -> None:
                 if message["type"] == "http.response.start":

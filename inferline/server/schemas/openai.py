@@ -64,6 +64,10 @@ class OpenAIRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
+    # vLLM's scheduling priority (lower is served first; 0 the default), or high/normal/low: the request's lane,
+    # as the x-priority header sets it on every route (server/priority.py).
+    priority: int | str | None = None
+
     @field_validator("temperature", check_fields=False)
     @classmethod
     def _temperature(cls, value: float | None) -> float | None:

@@ -196,6 +196,7 @@ class DynamicBatching:
             if record:
                 self.traffic.record(n)
             self.shell.record_batch(n)
+            self.shell.record_work(n, took)
             if tracing.ENABLED:
                 tracing.record_batch(self.shell.name, [(d.request_id, d.envelope.traceparent, r.queued_ms)
                                                        for d, r in zip(live, timed, strict=True)],

@@ -185,7 +185,8 @@ class ContinuousBatching:
             else:
                 with self.watchdog.watching(list(self.running.values())):
                     events = await self.model_thread.run(self.engine.step)
-            self.inline = self.on_cpu and time.perf_counter() - started < INLINE_STEP_UNDER_S
+            took = time.perf_counter() - started
+            self.inline = self.on_cpu and took < INLINE_STEP_UNDER_S
         except Exception:   # noqa: BLE001 - the engine dropped its running batch: fail those, keep serving
             lost = [d for rid, d in self.running.items() if not self.engine.has_request(rid)]
             await self._finish([(d, Reply.error(d.request_id, GenerationFailed(
@@ -216,6 +217,7 @@ class ContinuousBatching:
                 del self.running[event.request_id]
         if finished:
             self.freed.set()
+        self.shell.record_work(len(finished), took)
         await self.shell.answer(answers, finished)
 
     def timed(self, d: Delivery, reply: Reply, tokens: int) -> Reply:

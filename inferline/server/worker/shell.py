@@ -223,6 +223,13 @@ class Shell:
         self._status.record_batch(size)
         self._metrics.batch_size.observe(size)
 
+    def record_work(self, served: int, busy_s: float) -> None:
+        """Count `served` requests answered and `busy_s` seconds in model calls (the drain rate's two halves)."""
+        if served:
+            self._metrics.served.inc(served)
+        if busy_s > 0:
+            self._metrics.busy.inc(busy_s)
+
     def record_running(self, count: int) -> None:
         """The sequences a generation worker has in flight now, as its heartbeat reports them."""
         self._status.active = count

@@ -12,7 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from inferline.server import priority
 from inferline.server.errors import BadRequest, ValidationFailed
+from inferline.server.gateway import record as records
 from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.errors import from_validation
 from inferline.server.gateway.record import request_id
@@ -25,6 +27,14 @@ Model = TypeVar("Model", bound=BaseModel)
 Body = bytes | bytearray
 # (dispatcher, request id, body, headers, path params, query string) -> the 200 response's JSON body.
 Handler = Callable[[Dispatcher, str, Body, Mapping[str, str], dict[str, str], str], Awaitable[bytes]]
+
+
+def ask_priority(value: int | str | None) -> None:
+    """A generation body's `priority` (vLLM's integer, or high/normal/low) as the request's priority, in place of
+    its x-priority header; the key's maximum still clamps it (the dispatcher). Raises ValidationFailed."""
+    record = records.current.get()
+    if value is not None and record is not None:
+        record.asked = priority.from_body(value)
 
 
 def parse_json(body: Body, model: type[Model]) -> Model:

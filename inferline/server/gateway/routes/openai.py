@@ -28,7 +28,7 @@ from inferline.server.gateway.generation import (
 )
 from inferline.server.gateway.openapi import doc
 from inferline.server.gateway.record import request_id
-from inferline.server.gateway.routes.common import build, json_answer, json_body, parse_json
+from inferline.server.gateway.routes.common import ask_priority, build, json_answer, json_body, parse_json
 from inferline.server.gateway.routes.openai_shapes import FINISH, error_chunk, finite, renamed, token_name, usage
 from inferline.server.gateway.routes.sse import DONE, SSE_HEADERS, sse
 from inferline.server.protocol import TokenEvent
@@ -90,6 +90,7 @@ DOCS = dict(
 
 async def completions(gw: Gateway, request: Request) -> Response:
     req = parse_json(await request.body(), CompletionRequest)
+    ask_priority(req.priority)
     d = gw.dispatcher
     d.spec(req.model)   # 404 names the served models
     base = request_id()
