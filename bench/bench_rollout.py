@@ -195,9 +195,9 @@ def script_bench(args: argparse.Namespace) -> None:
         for _ in range(args.rounds):
             results["before the split"].append(run(old_sha, old_keys, False, old_argv))
             results["split, before lanes"].append(run(split_sha, split_keys, False, [*old_argv[:4], "", *envelope]))
-            results["now, no rollout"].append(run(new_sha, keys.enqueue_keys(model), False,
+            results["now, no rollout"].append(run(new_sha, keys.enqueue_keys(model, False), False,
                                                   [*old_argv[:4], "", lanes["normal"], *envelope]))
-            results["now, no rollout, high"].append(run(new_sha, keys.enqueue_keys(model), False,
+            results["now, no rollout, high"].append(run(new_sha, keys.enqueue_keys(model, False), False,
                                                         [*old_argv[:4], "", lanes["high"], *envelope]))
             results["now, during a rollout"].append(run(new_sha, keys.enqueue_keys(model), True,
                                                         [*old_argv[:4], "1", lanes["normal"], *envelope]))

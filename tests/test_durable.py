@@ -193,7 +193,8 @@ def test_orphans_are_looked_for_page_by_page_past_held_and_answered_ones(redis_u
     rdb.delete(stream, keys.answered(MODEL))
     pages, more = asyncio.run(run())
     # page 1: r0, r1 held; page 2: r2, r3 answered (acknowledged here, not handed out); page 3: r4, the orphan
-    assert pages == [[], [], ["r4"]], pages
-    assert more == [True, True, False]
+    # then, at most, one more look at the model's last lane (low), which holds nothing
+    assert pages[:3] == [[], [], ["r4"]] and not any(pages[3:]), pages
+    assert all(more[:2]) and not more[-1], more
     pending: Any = rdb.xpending(stream, keys.GROUP)
     assert pending["pending"] == 3   # r0, r1 (held) and r4 (claimed again); r2, r3 acknowledged

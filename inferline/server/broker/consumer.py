@@ -416,7 +416,19 @@ class ModelQueue:
         only while no read of this consumer is in flight: that read's entries would look orphaned too."""
         index, last = after if after is not None else (0, None)
         lanes = list(self.by_lane)
-        lane = lanes[index]
+        while True:   # a stream whose pending list ends short of a page: on to the next one in the same call
+            found, last = await self._orphan_page(lanes[index], last, held, count)
+            if last is not None:
+                return found, (index, last)
+            if index + 1 == len(lanes):
+                return found, None
+            index += 1
+            if found:
+                return found, (index, None)
+
+    async def _orphan_page(self, lane: tuple[str, str], last: bytes | None, held: Container[bytes],
+                           count: int) -> tuple[list[Delivery], bytes | None]:
+        """One page of orphans() on one stream: what it claimed, and the last id seen when the page was full."""
         stream = self.by_lane[lane]
         spare = {d.entry_id for d in self._spare}   # read, not yet handed out: not orphans
         try:
@@ -437,9 +449,7 @@ class ModelQueue:
             deleted = [eid for eid, f in claimed if not f]
             if deleted:   # entries deleted under the PEL: clear them for good
                 await self.redis.xack(stream, keys.GROUP, *deleted)
-        if len(pending) == count:
-            return found, (index, pending[-1]["message_id"])
-        return found, ((index + 1, None) if index + 1 < len(lanes) else None)
+        return found, (pending[-1]["message_id"] if len(pending) == count else None)
 
     async def _unanswered(self, deliveries: list[Delivery]) -> list[Delivery]:
         """In durable mode, the deliveries not answered already; the answered ones (a failover lost their ack) are

@@ -46,8 +46,10 @@ LANE_SHARE = {"high": 1.25, "normal": 1.0, "low": 0.5}
 # The priority lanes' suffixes on a stream's name (keys.request_stream): what the script appends.
 _SUFFIX = {p: keys.request_stream("m", priority=p)[len(keys.request_stream("m")):] for p in keys.PRIORITY_LANES}
 _OTHERS = [p for p in keys.PRIORITY_LANES if p != "normal"]
-# Each priority's stream among keys.enqueue_keys (1-based, Lua's): normal first, the others after the split's key.
-_KEY_OF = {"normal": 1, **{p: 4 + i for i, p in enumerate(_OTHERS)}}
+# Each priority's stream among keys.enqueue_keys (1-based, Lua's): normal first, the others after the byte counter,
+# then the split's key (named only when the gateway follows a rollout).
+_KEY_OF = {"normal": 1, **{p: 3 + i for i, p in enumerate(_OTHERS)}}
+_SPLIT_KEY = 3 + len(_OTHERS)
 _OTHER_KEYS = [_KEY_OF[p] for p in _OTHERS]
 _SUFFIXES = ", ".join(f"[{k}] = '{_SUFFIX[p]}'" for p, k in _KEY_OF.items())   # Lua: a KEYS index -> its suffix
 
@@ -85,12 +87,13 @@ end
 local stream = KEYS[tonumber(ARGV[6])]
 local n = """ + " + ".join(f"redis.call('XLEN', KEYS[{i}])" for i in (1, *_OTHER_KEYS)) + """
 if ARGV[5] == '1' then
-  local route = redis.call('HMGET', KEYS[3], 'a', 'b', 'share')
+  local route = redis.call('HMGET', KEYS[""" + str(_SPLIT_KEY) + """], 'a', 'b', 'share')
   if route[1] then
     local la = KEYS[1] .. '""" + keys.LANE + """' .. route[1]
     local lb = KEYS[1] .. '""" + keys.LANE + """' .. route[2]
     n = n + queued(la) + queued(lb)
-    if redis.call('HINCRBY', KEYS[3], 'n', 1) % 100 < tonumber(route[3]) then stream = lb else stream = la end
+    local n_split = redis.call('HINCRBY', KEYS[""" + str(_SPLIT_KEY) + """], 'n', 1)
+    if n_split % 100 < tonumber(route[3]) then stream = lb else stream = la end
     stream = stream .. ({""" + _SUFFIXES + """})[tonumber(ARGV[6])]
   end
 end
@@ -130,7 +133,7 @@ class Enqueuer:
         Raises redis errors (the caller answers 503), KeyError for an unknown priority, and ticks.NotReplicated when
         the batcher asks for replicas (durable enqueue) and too few had the entry in time: it is queued on the primary
         all the same."""
-        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model), replicated=True, args=[
+        depth = await self.batcher.script(_ENQUEUE, keys.enqueue_keys(model, split), replicated=True, args=[
             lane_cap(cap, priority), keep_ms, payload, lane_cap(cap_bytes, priority) if cap_bytes else 0,
             "1" if split else "", _KEY_OF[priority],
             # in ENVELOPE_FIELDS order (test_ticks checks the entry against Envelope.fields()): read one by one,

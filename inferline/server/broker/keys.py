@@ -238,13 +238,17 @@ def in_flight(key_id: str) -> str:
 
 # What must share one slot: each group is the keys one script or transaction touches together (the callers build
 # their key lists from these same functions). tests/test_key_layout.py computes every group's slots with CRC16.
-def enqueue_keys(model: str) -> list[str]:
-    """The enqueue script's KEYS (enqueue.py): the common request stream, the model's byte counter, its traffic
-    split, then the common stream's other priority lanes (PRIORITY_LANES order, normal left out). Declared, as a
-    Cluster checks a script's keys while their slot migrates. During a rollout the script adds to a version's lane
-    (and its priority lane), whose name it makes from the first key (LANE, PRIORITY): same tag, same slot."""
-    return [request_stream(model), queued_bytes(model), routing(model),
-            *(request_stream(model, priority=p) for p in PRIORITY_LANES if p != "normal")]
+def enqueue_keys(model: str, split: bool = True) -> list[str]:
+    """The enqueue script's KEYS (enqueue.py): the common request stream, the model's byte counter, the common
+    stream's other priority lanes (PRIORITY_LANES order, normal left out), then, when the gateway follows a rollout
+    (`split`), its traffic split. During a rollout the script adds to a version's lane (and its priority lane), whose
+    name it makes from the first key (LANE, PRIORITY): same tag, same slot. Every key named exists while a worker
+    serves the model (its consumer group is on each lane) but the split, which exists only during a rollout: it is
+    named only then, as a Cluster answers a script naming a key that is on neither side of a slot being moved with
+    TRYAGAIN until the move ends."""
+    return [request_stream(model), queued_bytes(model),
+            *(request_stream(model, priority=p) for p in PRIORITY_LANES if p != "normal"),
+            *([routing(model)] if split else [])]
 
 
 def ack_keys(model: str, version: str = "", priority: str = "normal") -> list[str]:

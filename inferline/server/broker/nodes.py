@@ -31,8 +31,11 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
-TRYAGAIN_TRIES = 40
-TRYAGAIN_WAIT_S = 0.025     # 40 x 25 ms: a reshard's MIGRATE batch of 10 keys takes a few ms
+TRYAGAIN_TRIES = 200
+# 200 x 25 ms = 5 s: a script's keys (up to 5 of a model's) stay half-migrated until the reshard has moved them all;
+# redis-cli moves 10 keys in a few ms, a slow reshard (test_cluster_serving: one key each 0.3 s) takes seconds. The
+# request still ends at its own deadline.
+TRYAGAIN_WAIT_S = 0.025
 REFRESH_EVERY_S = 0.2
 
 
