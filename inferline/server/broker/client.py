@@ -71,15 +71,20 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, pool_size: int | Non
         return _via_sentinel(url, options)
     if not url.startswith("unix:"):
         options.setdefault("socket_keepalive", True)
+    _tls(url, options)
+    if pool_size is not None:
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=pool_size, timeout=timeout_s, **options)
+        return aioredis.Redis.from_pool(pool)   # the client owns the pool: aclose() closes it
+    return aioredis.Redis.from_url(url, **options)
+
+
+def _tls(url: str, options: dict[str, Any]) -> None:
+    """For a rediss:// URL: the REDIS_*_FILE certificates the URL's query does not name, and a verified server."""
     if url.startswith("rediss:"):
         for option, env in TLS_ENV.items():
             if os.environ.get(env) and f"{option}=" not in url:
                 options.setdefault(option, os.environ[env])
         options.setdefault("ssl_cert_reqs", "required")
-    if pool_size is not None:
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=pool_size, timeout=timeout_s, **options)
-        return aioredis.Redis.from_pool(pool)   # the client owns the pool: aclose() closes it
-    return aioredis.Redis.from_url(url, **options)
 
 
 def _cluster(url: str, timeout_s: float, pool_size: int | None, options: dict[str, Any]) -> Cluster:
@@ -91,11 +96,7 @@ def _cluster(url: str, timeout_s: float, pool_size: int | None, options: dict[st
     cluster_options = dict(options)
     cluster_options.setdefault("socket_timeout", timeout_s)
     cluster_options.setdefault("socket_connect_timeout", timeout_s)
-    if url.startswith("rediss:"):
-        for option, env in TLS_ENV.items():
-            if os.environ.get(env) and f"{option}=" not in url:
-                cluster_options.setdefault(option, os.environ[env])
-        cluster_options.setdefault("ssl_cert_reqs", "required")
+    _tls(url, cluster_options)
     if pool_size is not None:
         cluster_options["max_connections"] = pool_size
     # One try more on a broken connection, at once; never after a timeout (see above). Redirects are followed apart
