@@ -31,6 +31,7 @@ from inferline.server.broker.registry import ModelHealth
 from inferline.server.config import Settings
 from inferline.server.metrics import GatewayMetrics
 from inferline.server.protocol import WorkerStatus
+from tests.redis_cluster import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -647,7 +648,7 @@ def test_deploy_redis_start_script_runs_a_tls_redis_with_those_users(tmp_path: P
     run_tool("sh", str(REDIS_DIR / "make-tls.sh"), str(tls))
     assert stat.S_IMODE((tls / "tls.key").stat().st_mode) == 0o600
     passwords = {who: secrets.token_hex(32) for who in USERS}
-    port = free_port()
+    port, = free_ports(1)   # a cluster node also binds port + 10000 (its bus): both must be free, and under 65536
     env = {"PATH": f"{Path(server).parent}:{os.environ['PATH']}", "REDIS_TLS_DIR": str(tls),
            "REDIS_TLS_PORT": str(port), "REDIS_ACL_FILE": str(tmp_path / "users.acl"),
            **{f"REDIS_{who.upper()}_PASSWORD": pw for who, pw in passwords.items()}}
