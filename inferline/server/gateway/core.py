@@ -5,7 +5,6 @@ lifespan only starts and stops it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 
 from inferline.server.broker.client import connect
@@ -15,6 +14,7 @@ from inferline.server.gateway.dispatch import Dispatcher
 from inferline.server.gateway.table import ROUTES, RouteTable
 from inferline.server.metrics import GatewayMetrics
 from inferline.server.rollout import Controller
+from inferline.server.tasks import cancel_and_wait
 
 # The client pool's bound. A command that finds every connection in use waits for one (up to broker.timeout_s, then
 # 503) rather than opening more: the hot path holds two (the reply reader's and the tick batcher's), and the rest
@@ -52,8 +52,6 @@ class Gateway:
 
     async def stop(self) -> None:
         if self.controller_task is not None:
-            self.controller_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.controller_task
+            await cancel_and_wait([self.controller_task])
         await self.dispatcher.stop()
         await self.redis.aclose()

@@ -37,6 +37,7 @@ from inferline.server.generation.params import SamplingParams
 from inferline.server.logs import RepeatingError
 from inferline.server.model import LanguageModel
 from inferline.server.protocol import OP_GENERATE, OP_TOKENIZE, OP_V2, Reply, TokenEvent, TokenSpan, decode_payload
+from inferline.server.tasks import cancel_and_wait
 from inferline.server.tensors import datatype_of
 from inferline.server.worker import v2codec
 from inferline.server.worker.model_thread import ModelThread
@@ -92,9 +93,7 @@ class ContinuousBatching:
                     await self.step()
                 await self._expire()
         finally:
-            intake.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await intake
+            await cancel_and_wait([intake])
 
     async def cancel(self, request_id: str) -> bool:
         d = self.running.get(request_id)

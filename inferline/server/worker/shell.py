@@ -44,6 +44,7 @@ from inferline.server.errors import Cancelled, DeadlineExceeded
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import WorkerMetrics
 from inferline.server.protocol import ModelInfo, Reply, WorkerStatus, now_ms
+from inferline.server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,7 @@ class Shell:
             await scheduler.run()
         finally:
             await self.flush()
-            for task in upkeep:
-                task.cancel()
-            for task in upkeep:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(upkeep)
             with contextlib.suppress(Exception):
                 await self._registry.add_stats(self._spec.name, self._metrics.pending())   # the last beat's worth
             with contextlib.suppress(Exception):
