@@ -5,8 +5,11 @@ different prompt or parameter is a miss; a new version never serves the old one'
 
 from __future__ import annotations
 
+import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -14,12 +17,27 @@ import pytest
 import redis
 
 from inferline.server.broker import keys
+from inferline.server.config import CacheSpec
 from inferline.server.protocol import ModelInfo
-from tests.conftest import Cluster, wait_for
+from tests.conftest import ROOT, Cluster, wait_for
 from tests.test_generation_serving import sse_events
 from tests.test_observability import scrape, total
 
 BOUND = 16 * 1024   # bytes for all of gpt2's entries: a 6-token generation's events are ~1.5 KiB
+
+
+def readme_block(marker: str) -> str:
+    """The code block under the README's `<!-- marker -->` line."""
+    match = re.search(rf"<!-- {marker} -->\n```\w*\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert match, f"README.md lost its {marker} example"
+    return match.group(1)
+
+
+def readme_cache() -> dict[str, Any]:
+    """The README's cache table, as written (a valid CacheSpec)."""
+    (table,) = tomllib.loads(readme_block("readme-cache"))["models"].values()
+    CacheSpec.model_validate(table["cache"])
+    return dict(table["cache"])
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +46,7 @@ def cached_gpt2(redis_url: str, quick_gpt2: Path, tmp_path_factory: pytest.TempP
         client.flushdb()
     cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation-cache"))
     cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=8, timeout_s=60,
-                 cache={"ttl_s": 60, "max_bytes": BOUND})
+                 cache={**readme_cache(), "max_bytes": BOUND})
     cluster.start_gateway()
     cluster.start_worker("gpt2")
     yield cluster
@@ -49,6 +67,14 @@ def streamed(url: str, path: str, body: dict[str, object]) -> tuple[httpx.Header
 
 def tgi_body(prompt: str, **parameters: object) -> dict[str, object]:
     return {"inputs": prompt, "parameters": {"max_new_tokens": 6, "details": True, **parameters}}
+
+
+@pytest.mark.slow
+def test_the_readme_example_is_a_miss_then_a_hit(cached_gpt2: Cluster) -> None:
+    (body,) = re.findall(r"-d '(.*?)'", readme_block("readme-cache: curl"))
+    answers = [httpx.post(cached_gpt2.url + "/generate", content=body, timeout=60) for _ in range(2)]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert [r.headers["x-cache"] for r in answers] == ["miss", "hit"] and answers[0].content == answers[1].content
 
 
 @pytest.mark.slow

@@ -150,5 +150,6 @@ def test_only_greedy_or_seeded_requests_are_reproducible() -> None:
     assert reproducible(ChatCompletionRequest.model_validate({**chat, "temperature": 0}).to_params())
     assert not reproducible(ChatCompletionRequest.model_validate(chat).to_params())   # OpenAI samples by default
     assert reproducible(ChatCompletionRequest.model_validate({**chat, "seed": 1}).to_params(1))
-    assert reproducible(CompletionRequest.model_validate({"model": "m", "prompt": "a", "temperature": 0}).to_params("a"))
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": "a", "temperature": 0})
+    assert reproducible(completion.to_params("a"))
     assert not reproducible({"inputs": "a", "do_sample": "maybe"})   # refused by the type: never kept
