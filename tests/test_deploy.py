@@ -356,7 +356,7 @@ def test_grafana_provisioning_and_dashboard_structure() -> None:
 # --- kubernetes ------------------------------------------------------------------------------------------------
 
 API_VERSIONS = {"Namespace": "v1", "ConfigMap": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
-                "Deployment": "apps/v1", "Job": "batch/v1", "ServiceAccount": "v1",
+                "Deployment": "apps/v1", "StatefulSet": "apps/v1", "Job": "batch/v1", "ServiceAccount": "v1",
                 "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1",
                 "ScaledObject": "keda.sh/v1alpha1", "TriggerAuthentication": "keda.sh/v1alpha1"}
 
