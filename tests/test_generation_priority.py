@@ -6,6 +6,7 @@ backlog that was queued before them; and every `low` request is still answered (
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from inferline.server.broker import keys
-from tests.conftest import Cluster, wait_for
+from tests.conftest import ROOT, Cluster, wait_for
 
 SLOTS = 2          # the worker's max_batch_size: two sequences at a time
 LOW, HIGH = 20, 4
@@ -68,3 +69,45 @@ def test_high_is_admitted_ahead_of_a_low_backlog_and_low_is_all_answered(gpt2_tw
     # queued before them, most of which are answered after the last high one (in FIFO order all would be before).
     last_high = max(i for i, lane in enumerate(order) if lane == "high")
     assert order[last_high + 1:].count("low") >= LOW // 2, order
+
+
+@pytest.mark.slow
+def test_the_openai_priority_field_and_the_sdks_priority_choose_the_lane(gpt2_two_slots: Cluster) -> None:
+    """vLLM's `priority` body field (an integer: below 0 high, above 0 low; or the name) on both OpenAI generation
+    routes, and the SDK's `priority=`: the answer's x-priority names the lane the request was queued on."""
+    from inferline.client import Client
+
+    url = gpt2_two_slots.url
+    completion = {"model": "gpt2", "prompt": "The module", "max_tokens": 2}
+    chat = {"model": "gpt2", "max_tokens": 2, "messages": [{"role": "user", "content": "The module"}]}
+    for path, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+        for asked, lane in ((-1, "high"), (0, "normal"), (5, "low"), ("high", "high")):
+            r = httpx.post(url + path, json={**body, "priority": asked}, timeout=60)
+            assert r.status_code == 200 and r.headers["x-priority"] == lane, (path, asked, r.text)
+        bad = httpx.post(url + path, json={**body, "priority": "urgent"}, timeout=60)
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "priority", bad.text
+
+    seen: list[str] = []
+    hooks = {"response": [lambda response: seen.append(response.headers.get("x-priority", ""))]}
+    with Client(url, priority="low", http_client=httpx.Client(event_hooks=hooks)) as sdk:
+        assert sdk.generate("The module", 2).generated_text is not None
+    assert seen == ["low"]
+    with pytest.raises(ValueError, match="priority"):
+        Client(url, priority="urgent")
+
+
+@pytest.mark.slow
+def test_the_readme_priority_examples_answer_on_the_lane_they_say(gpt2_two_slots: Cluster) -> None:
+    match = re.search(r"<!-- readme-priority: curl -->\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert match, "README.md lost its priority example"
+    lines = match.group(1).splitlines()
+    commands = [(i, line) for i, line in enumerate(lines) if line.startswith("curl ")]
+    assert len(commands) == 2
+    for i, line in commands:
+        path = re.search(r"localhost:8000(/\S*)", line)
+        body = re.search(r"-d '(.*?)'", line)
+        assert path and body
+        headers = dict(h.split(": ", 1) for h in re.findall(r"-H '(.*?)'", line))
+        r = httpx.post(gpt2_two_slots.url + path.group(1), content=body.group(1), headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        assert lines[i + 1] == f"# x-priority: {r.headers['x-priority']}"
