@@ -142,11 +142,15 @@ def test_a_new_version_is_not_served_old_entries_and_the_byte_bound_holds(cached
     body = tgi_body("The default value is")
     post(url, "/generate", body)
     assert post(url, "/generate", body).headers["x-cache"] == "hit"
-    info = ModelInfo.decode(client.get(keys.model_info("gpt2")))
+    raw = client.get(keys.model_info("gpt2"))
+    info = ModelInfo.decode(raw)
     info.version = info.version + "-next"
     client.set(keys.model_info("gpt2"), info.encode())
     wait_for(lambda: post(url, "/generate", body).headers["x-cache"] == "miss", 10, "the new version misses")
-    assert post(url, "/generate", body).headers["x-cache"] == "hit"   # kept under the new version
+    # the worker that answered is still the old version: its tokens are not kept under the new version's key
+    assert post(url, "/generate", body).headers["x-cache"] == "miss"
+    client.set(keys.model_info("gpt2"), raw)
+    wait_for(lambda: post(url, "/generate", body).headers["x-cache"] == "hit", 10, "the old version's entry again")
 
     for i in range(16):   # ~1.5 KiB each: 16 of them pass the 16 KiB bound
         post(url, "/generate", tgi_body(f"Keyword arguments number {i} are"))

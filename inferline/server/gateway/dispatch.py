@@ -217,7 +217,7 @@ class Dispatcher:
         if not reply.ok:
             raise reply_error(reply)
         if cached is not None:
-            await self.keep(spec, cached, reply.body)
+            await self.keep(spec, cached, reply.body, reply.version)
         return reply
 
     async def replay(self, model: str, op: str, payload: bytes) -> tuple[str, Reply]:
@@ -273,10 +273,12 @@ class Dispatcher:
                 record.version = info.version
         return hit, (None if hit is not None else (info.version, digest))
 
-    async def keep(self, spec: ModelSpec, key: tuple[str, str], answer: bytes) -> None:
-        """Keep an answer under the key look_up() gave, within the deployment's TTL and byte bound. A cache that
-        cannot keep it (Redis away) only costs the next request a miss: nothing is raised."""
-        if spec.cache is not None:
+    async def keep(self, spec: ModelSpec, key: tuple[str, str], answer: bytes, answered_by: str) -> None:
+        """Keep an answer under the key look_up() gave, within the deployment's TTL and byte bound, unless another
+        version than the key's gave it (`answered_by`, the reply's; a rollout's other version, or a new one that
+        started meanwhile): a version never serves another's answers. A cache that cannot keep it (Redis away) only
+        costs the next request a miss: nothing is raised."""
+        if spec.cache is not None and (not answered_by or answered_by == key[0]):
             with contextlib.suppress(*BROKER_ERRORS):
                 await self.cache.put(spec.name, *key, answer, spec.cache.ttl_s, spec.cache.max_bytes)
 

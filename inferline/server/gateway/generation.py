@@ -105,7 +105,7 @@ async def token_events(d: Dispatcher, model: str, params: dict[str, Any],
                 if expected > 1:
                     d.metrics.tpot.labels(model).observe((last - first) / (expected - 1))
                 if kept is not None and key is not None:
-                    await d.keep(spec, key, TokenEvent.encode_all(kept))
+                    await d.keep(spec, key, TokenEvent.encode_all(kept), reply.version)
             yield event
     finally:
         if expected:   # the tokens the caller was sent, whether or not it stayed to the end
