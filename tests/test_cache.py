@@ -35,11 +35,15 @@ def test_cache_hits_misses_versions_and_its_byte_bound(cluster: Cluster) -> None
     assert "x-cache" not in post("plain", 1).headers and "x-cache" not in post("plain", 1).headers   # off: not asked
 
     # a new version of the model (what its workers publish at start): the old answers are not served
-    info = ModelInfo.decode(cluster.client.get(keys.model_info("echo")))
+    raw = cluster.client.get(keys.model_info("echo"))
+    info = ModelInfo.decode(raw)
     info.version = info.version + "-next"
     cluster.client.set(keys.model_info("echo"), info.encode())
     wait_for(lambda: post("echo", 1).headers["x-cache"] == "miss", 10, "the new version's first answer is a miss")
-    assert post("echo", 1).headers["x-cache"] == "hit"   # and is kept under the new version
+    # ... and the old version's worker that answered it does not leave its answer under the new version's key
+    assert post("echo", 1).headers["x-cache"] == "miss"
+    cluster.client.set(keys.model_info("echo"), raw)   # the old version again: its entries are there still
+    wait_for(lambda: post("echo", 1).headers["x-cache"] == "hit", 10, "the old version's entry is served again")
 
     for i in range(40):   # each answer ~150 bytes: 40 of them need ~6 KiB, the bound is 1 KiB
         post("tiny", 100 + i)

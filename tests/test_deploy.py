@@ -26,7 +26,6 @@ import redis
 import yaml
 
 from inferline.server.broker import keys
-from inferline.server.broker.embedded import free_port
 from inferline.server.broker.registry import ModelHealth
 from inferline.server.config import Settings
 from inferline.server.metrics import GatewayMetrics
@@ -356,7 +355,7 @@ def test_grafana_provisioning_and_dashboard_structure() -> None:
 # --- kubernetes ------------------------------------------------------------------------------------------------
 
 API_VERSIONS = {"Namespace": "v1", "ConfigMap": "v1", "Service": "v1", "PersistentVolumeClaim": "v1",
-                "Deployment": "apps/v1", "Job": "batch/v1", "ServiceAccount": "v1",
+                "Deployment": "apps/v1", "StatefulSet": "apps/v1", "Job": "batch/v1", "ServiceAccount": "v1",
                 "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1",
                 "ScaledObject": "keda.sh/v1alpha1", "TriggerAuthentication": "keda.sh/v1alpha1"}
 
@@ -860,7 +859,7 @@ def test_deploy_redis_start_script_runs_a_cluster_node(tmp_path: Path) -> None:
     tls = tmp_path / "tls"
     run_tool("sh", str(REDIS_DIR / "make-tls.sh"), str(tls))
     passwords = {who: secrets.token_hex(32) for who in (*USERS, "cluster")}
-    port = free_port()
+    port, = free_ports(1)   # a cluster node also binds port + 10000 (its bus): both must be free, and under 65536
     env = {"PATH": f"{Path(server).parent}:{os.environ['PATH']}", "REDIS_TLS_DIR": str(tls),
            "REDIS_TLS_PORT": str(port), "REDIS_ACL_FILE": str(tmp_path / "users.acl"), "REDIS_CLUSTER": "yes",
            "REDIS_CLUSTER_DIR": str(tmp_path), **{f"REDIS_{who.upper()}_PASSWORD": pw for who, pw in passwords.items()}}

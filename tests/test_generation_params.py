@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from inferline.server.generation.params import MIN_TEMPERATURE, SamplingParams
+from inferline.server.generation.params import MIN_TEMPERATURE, SamplingParams, reproducible
 from inferline.server.generation.stopping import StopChecker, Verdict
 from inferline.server.schemas.openai import ChatCompletionRequest, CompletionRequest
 from inferline.server.schemas.tgi import GenerateRequest
@@ -137,3 +137,19 @@ def test_held_back_text_is_released_when_the_request_ends(eos: bool) -> None:
     verdicts = feed(checker, [("ab", False), ("<sp>", True), ("cx", False)], eos_after=eos)
     assert [v.text for v in verdicts] == ["ab", "", "c", "x"] if eos else ["ab", "", "cx"]
     assert verdicts[-1].finish_reason == ("eos_token" if eos else "length") and checker.text == "abcx"
+
+
+def test_only_greedy_or_seeded_requests_are_reproducible() -> None:
+    """What the response cache may keep: the worker's flat dict, prompt keys and all, as the routes build it."""
+    tgi = GenerateRequest.model_validate
+    assert reproducible(tgi({"inputs": "a"}).parameters.to_params("a"))
+    assert reproducible(tgi({"inputs": "a", "parameters": {"do_sample": True, "seed": 3}}).parameters.to_params("a"))
+    assert not reproducible(tgi({"inputs": "a", "parameters": {"do_sample": True}}).parameters.to_params("a"))
+    assert not reproducible(tgi({"inputs": "a", "parameters": {"top_k": 5}}).parameters.to_params("a"))
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert reproducible(ChatCompletionRequest.model_validate({**chat, "temperature": 0}).to_params())
+    assert not reproducible(ChatCompletionRequest.model_validate(chat).to_params())   # OpenAI samples by default
+    assert reproducible(ChatCompletionRequest.model_validate({**chat, "seed": 1}).to_params(1))
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": "a", "temperature": 0})
+    assert reproducible(completion.to_params("a"))
+    assert not reproducible({"inputs": "a", "do_sample": "maybe"})   # refused by the type: never kept

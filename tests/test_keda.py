@@ -1,4 +1,5 @@
-"""KEDA on Kubernetes, checked offline (deploy/k8s/autoscaling.yaml): one ScaledObject per worker Deployment, its
+"""KEDA on Kubernetes, checked offline (deploy/k8s/autoscaling.yaml, and deploy/k8s-redis-sentinel's
+redis-sentinel-streams variant of it): one ScaledObject per worker Deployment, its
 trigger on exactly the streams the broker writes (keys.model_streams) at exactly the Redis the workers reach (the
 host and port of their REDIS_URL, which the redis Service serves and the TLS certificate names), with the bounds of
 the deployment's [models.NAME.autoscale] in the gateway's config, and only the fields KEDA documents for the trigger
@@ -145,3 +146,37 @@ def test_kustomize_renders_the_scaled_objects() -> None:
     assert kinds.count("ScaledObject") == len(docs_of("ScaledObject")) >= 4
     assert kinds.count("TriggerAuthentication") == 1
     assert "autoscaling.yaml" in load_yaml(K8S / "kustomization.yaml")[0]["resources"]
+
+
+def test_the_sentinel_variant_scales_on_the_same_streams_through_the_sentinels() -> None:
+    """deploy/k8s-redis-sentinel, rendered: each ScaledObject's triggers are KEDA's redis-sentinel-streams on exactly
+    the broker's streams, at exactly the sentinels and master name of the worker's REDIS_URL (parsed by the broker's
+    own parser), with only the fields KEDA documents; the TriggerAuthentication adds the sentinels' password from
+    the Secret the workers read it from."""
+    from inferline.server.broker.client import parse_sentinel_url
+    from tests.test_deploy_sentinel import by_kind, rendered_overlay
+
+    kinds = by_kind(rendered_overlay())
+    (auth,) = kinds["TriggerAuthentication"].values()
+    params = {p["parameter"]: p for p in auth["spec"].get("secretTargetRef", []) + auth["spec"].get("env", [])}
+    assert set(params) <= AUTH_PARAMETERS and {"username", "password", "tls", "ca", "sentinelPassword"} <= set(params)
+    assert set(kinds["ScaledObject"]) == set(docs_of("ScaledObject"))
+    for obj in kinds["ScaledObject"].values():
+        target = kinds["Deployment"][obj["spec"]["scaleTargetRef"]["name"]]
+        model = target["metadata"]["labels"]["inferline.dev/model"]
+        env = env_of(worker_container(target))
+        addresses, master, _, user, _ = parse_sentinel_url(env["REDIS_URL"]["value"].replace("$(REDIS_PASSWORD)", "p"))
+        assert user == env[params["username"]["name"]]["value"]
+        secret = env["REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        wanted = params["sentinelPassword"]
+        assert (wanted["name"], wanted["key"]) == (secret["name"], secret["key"])
+        triggers = obj["spec"]["triggers"]
+        assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(keys.model_streams(model))
+        for trigger in triggers:
+            meta = trigger["metadata"]
+            assert trigger["type"] == "redis-sentinel-streams"
+            assert set(meta) <= TRIGGER_FIELDS[trigger["type"]], set(meta) - TRIGGER_FIELDS[trigger["type"]]
+            assert meta["addresses"] == ",".join(f"{host}:{port}" for host, port in addresses)
+            assert meta["sentinelMaster"] == master
+            assert "consumerGroup" not in meta and int(meta["streamLength"]) > 0 and "enableTLS" not in meta
+            assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]

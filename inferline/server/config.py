@@ -62,8 +62,9 @@ class AutoscaleSpec(BaseModel):
 
 
 class CacheSpec(BaseModel):
-    """A deployment's response cache (broker/cache.py), for a model whose answer depends only on its request: answers
-    kept ttl_s, all of the model's together at most max_bytes (the oldest evicted first)."""
+    """A deployment's response cache (broker/cache.py), for a model whose answer depends only on its request, and for
+    a language model's greedy or seeded generations (gateway/generation.py): answers kept ttl_s, all of the model's
+    together at most max_bytes (the oldest evicted first)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -230,6 +230,15 @@ class TokenEvent:
     def decode(cls, body: bytes) -> TokenEvent:
         return cls(**orjson.loads(body))
 
+    @staticmethod
+    def encode_all(events: list[TokenEvent]) -> bytes:
+        """A whole generation's events as one value (what the response cache keeps)."""
+        return dumps(events)
+
+    @classmethod
+    def decode_all(cls, body: bytes) -> list[TokenEvent]:
+        return [cls(**event) for event in orjson.loads(body)]
+
 
 @dataclass(frozen=True, slots=True)
 class TokenSpan:

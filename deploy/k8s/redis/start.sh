@@ -12,12 +12,19 @@
 #                        more ACL user, inferline-cluster (REDIS_CLUSTER_PASSWORD, 32+ characters), that replicas and
 #                        the create job log in as: cluster and replication commands only, no key.
 #   REDIS_ANNOUNCE_HOSTNAME  the node's stable DNS name (a StatefulSet pod's), announced instead of its IP
+#   REDIS_SENTINEL=yes   a data node watched by Redis Sentinel (deploy/k8s-redis-sentinel): replication over TLS, and
+#                        one more ACL user, inferline-sentinel (REDIS_SENTINEL_PASSWORD, 32+ characters), that the
+#                        sentinels monitor and reconfigure the nodes as and replicas log in to their primary as (the
+#                        commands Redis's Sentinel documentation lists for it, and replication's; no key). With
+#                        REDIS_REPLICA_OF=HOST the node starts as a replica of HOST (same port); the sentinels move
+#                        it after a failover.
 set -eu
 here=$(dirname "$0")
 tls=${REDIS_TLS_DIR:-/tls}
 acl=${REDIS_ACL_FILE:-/data/users.acl}
 who_all="GATEWAY WORKER ADMIN"
 [ "${REDIS_CLUSTER:-}" = yes ] && who_all="$who_all CLUSTER"
+[ "${REDIS_SENTINEL:-}" = yes ] && who_all="$who_all SENTINEL"
 for who in $who_all; do
   eval "password=\${REDIS_${who}_PASSWORD:-}"
   case "$password" in
@@ -39,6 +46,16 @@ if [ "${REDIS_CLUSTER:-}" = yes ]; then
     --tls-replication yes --masteruser inferline-cluster --masterauth ${REDIS_CLUSTER_PASSWORD} --dir $data"
   if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
     cluster="$cluster --cluster-announce-hostname $REDIS_ANNOUNCE_HOSTNAME --cluster-preferred-endpoint-type hostname"
+  fi
+fi
+if [ "${REDIS_SENTINEL:-}" = yes ]; then
+  echo "user inferline-sentinel on >${REDIS_SENTINEL_PASSWORD} resetkeys allchannels -@all +ping +auth +hello +info +role +multi +exec +slaveof +replicaof +config|rewrite +config|get +publish +subscribe +client|setname +client|kill +script|kill +psync +sync +replconf" >> "$acl"
+  cluster="--tls-replication yes --masteruser inferline-sentinel --masterauth ${REDIS_SENTINEL_PASSWORD}"
+  if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
+    cluster="$cluster --replica-announce-ip $REDIS_ANNOUNCE_HOSTNAME"
+  fi
+  if [ -n "${REDIS_REPLICA_OF:-}" ]; then
+    cluster="$cluster --replicaof $REDIS_REPLICA_OF ${REDIS_TLS_PORT:-6379}"
   fi
 fi
 # protected-mode no: every client must log in as an ACL user anyway, and in a container Redis listens on all

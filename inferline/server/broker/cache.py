@@ -1,5 +1,7 @@
 """The response cache (opt-in per deployment: `[models.NAME] cache = {ttl_s, max_bytes}`): a model's answers kept in
-Redis under the model, the version that answered and a hash of the request, with a TTL and a byte bound.
+Redis under the model, the version that answered and a hash of the request, with a TTL and a byte bound. One cache
+for both kinds of answer: a one-answer op's reply body, and a reproducible generation's token events
+(TokenEvent.encode_all); the gateway's Dispatcher.look_up / keep decide what is asked and kept.
 
 The bound is exact and enforced in the one script that stores (Redis 6.2 command set): each entry's size is kept in
 a hash and their total in a counter; entries that expired are counted off first, then the oldest are evicted until

@@ -9,7 +9,9 @@ password go in the URL: rediss://USER:PASSWORD@host:port/0 (SECURITY.md lists th
 Sentinel: redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB] asks the sentinels where the
 primary of MASTER_NAME is, and asks again whenever a connection to it breaks, so a failover is followed: calls
 caught in the switch fail (our loops retry them, requests get 503 or their deadline) and the next ones reach the
-promoted replica. The password, if any, is the data nodes' (the sentinels are asked without one).
+promoted replica. The user and password are the data nodes'; the sentinels are asked with REDIS_SENTINEL_PASSWORD
+when it is set (their `requirepass`), else without one. rediss+sentinel:// is the same over TLS, to the sentinels
+and the data nodes alike, with the certificates of REDIS_*_FILE as for rediss:// (deploy/k8s-redis-sentinel).
 
 Cluster (cluster=True, `[broker] cluster`): the URL names any node of a Redis Cluster (redis:// or rediss://, with
 its user and password); the client discovers the others. It is redis-py's RedisCluster for ordinary commands and
@@ -43,7 +45,7 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 Redis = aioredis.Redis | Cluster   # what connect() returns: a client of one Redis, or of a Cluster
 
 TLS_ENV = {"ssl_ca_certs": "REDIS_CA_FILE", "ssl_certfile": "REDIS_CERT_FILE", "ssl_keyfile": "REDIS_KEY_FILE"}
-SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 MAX_BLOCK_S = 1.0           # the longest BLOCK of any read: timeout_s must outlast it
 DEFAULT_TIMEOUT_S = 2.0
 
@@ -65,7 +67,7 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, pool_size: int | Non
     options.setdefault("socket_timeout", timeout_s)
     options.setdefault("socket_connect_timeout", timeout_s)
     options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
-    if url.startswith(SENTINEL_SCHEME):
+    if url.startswith(SENTINEL_SCHEMES):
         if pool_size is not None:
             options.setdefault("max_connections", pool_size)
         return _via_sentinel(url, options)
@@ -79,8 +81,9 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, pool_size: int | Non
 
 
 def _tls(url: str, options: dict[str, Any]) -> None:
-    """For a rediss:// URL: the REDIS_*_FILE certificates the URL's query does not name, and a verified server."""
-    if url.startswith("rediss:"):
+    """For a rediss:// (or rediss+sentinel://) URL: the REDIS_*_FILE certificates the URL's query does not name, and
+    a verified server."""
+    if url.startswith("rediss:") or url.startswith("rediss+"):
         for option, env in TLS_ENV.items():
             if os.environ.get(env) and f"{option}=" not in url:
                 options.setdefault(option, os.environ[env])
@@ -139,6 +142,14 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str |
 def _via_sentinel(url: str, options: dict[str, Any]) -> aioredis.Redis:
     addresses, master, db, user, password = parse_sentinel_url(url)
     timeouts = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout", "retry")}
-    sentinel = Sentinel(addresses, sentinel_kwargs=timeouts, **timeouts)
+    tls: dict[str, Any] = {}
+    _tls(url, tls)
+    if tls:
+        tls["ssl"] = True
+        options.update(tls)
+    asked = {**timeouts, **tls}
+    if os.environ.get("REDIS_SENTINEL_PASSWORD"):
+        asked["password"] = os.environ["REDIS_SENTINEL_PASSWORD"]
+    sentinel = Sentinel(addresses, sentinel_kwargs=asked, **timeouts)
     options = {k: v for k, v in options.items() if k not in timeouts}
     return sentinel.master_for(master, db=db, username=user, password=password, **timeouts, **options)

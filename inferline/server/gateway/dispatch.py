@@ -38,12 +38,13 @@ from inferline.server.gateway.record import sane_id
 from inferline.server.ids import new_id
 from inferline.server.logs import RepeatingError
 from inferline.server.metrics import GatewayMetrics
-from inferline.server.protocol import OP_PREDICT, OP_V2, Cancel, Envelope, Reply, encode_payload, now_ms
+from inferline.server.protocol import OP_GENERATE, OP_PREDICT, OP_V2, Cancel, Envelope, Reply, encode_payload, now_ms
 from inferline.server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 # What a deployment's response cache keeps: the one-answer ops of models whose answer is their request's alone (the
-# deployment's opt-in says so). Generation is streamed through stream() and not cached.
+# deployment's opt-in says so), here; and generation requests that are greedy or seeded, as their token events
+# (gateway/generation.py). A generation model's one-answer ops are not kept: their parameters may sample.
 CACHED_OPS = frozenset({OP_PREDICT, OP_V2})
 
 TRIM_EVERY_S = 0.2
@@ -202,7 +203,7 @@ class Dispatcher:
             if isinstance(blob, bytearray):
                 del blob[:]   # every frame that holds it now holds an empty buffer
             if spec.cache is not None and op in CACHED_OPS:   # the only cost on the hot path without a cache
-                hit, cached = await self._look_up(spec, op, payload)
+                hit, cached = await self.look_up(spec, op, payload)
                 if hit is not None:
                     return Reply(request_id, hit)
             await self._enqueue(spec, request_id, op, payload)
@@ -215,9 +216,8 @@ class Dispatcher:
         self.observe(spec.name, reply)
         if not reply.ok:
             raise reply_error(reply)
-        if cached is not None and spec.cache is not None:
-            with contextlib.suppress(*BROKER_ERRORS):   # a cache that cannot keep it only costs the next request
-                await self.cache.put(spec.name, *cached, reply.body, spec.cache.ttl_s, spec.cache.max_bytes)
+        if cached is not None:
+            await self.keep(spec, cached, reply.body, reply.version)
         return reply
 
     async def replay(self, model: str, op: str, payload: bytes) -> tuple[str, Reply]:
@@ -248,24 +248,39 @@ class Dispatcher:
             if record is not None:
                 record.version = reply.version
 
-    async def _look_up(self, spec: ModelSpec, op: str, payload: bytes) -> tuple[bytes | None, tuple[str, str] | None]:
-        """(the cached answer or None, (version, request hash) to keep the answer under, or None when it cannot be
-        kept: no version published yet, Redis away). The version is the one the model's workers published (read
-        at most INFO_TTL_S ago): answers are kept and found per version."""
+    async def look_up(self, spec: ModelSpec, op: str, request: bytes) -> tuple[bytes | None, tuple[str, str] | None]:
+        """Ask the model's response cache (spec.cache must be set) for the answer to `request`: the canonical bytes
+        of everything that changes the answer (a one-answer op's payload; a generation's parameters, keys sorted).
+        Returns (the cached answer or None, (version, request hash) to keep the answer under with keep(), or None
+        when it cannot be kept: no version published yet, Redis away, an op this model's kind does not cache). The
+        version is the one the model's workers published (read at most INFO_TTL_S ago): answers are kept and found
+        per version, and a hit names it (x-model-version). Sets the request's x-cache: "hit" only when every look-up
+        of the request hit (an OpenAI request's choices are one each)."""
         record = records.current.get()
         try:
             info = await self.registry.info(spec.name)
-            if info is None:
+            if info is None or (info.kind == "generation") != (op == OP_GENERATE):
                 return None, None
-            digest = hashlib.sha256(op.encode() + b"\0" + payload).hexdigest()[:40]
+            digest = hashlib.sha256(op.encode() + b"\0" + request).hexdigest()[:40]
             hit = await self.cache.get(spec.name, info.version, digest)
         except BROKER_ERRORS:
             return None, None
         self.metrics.cache.labels(spec.name, "miss" if hit is None else "hit").inc()
         if record is not None:
             record.model = spec.name
-            record.cache = "miss" if hit is None else "hit"
+            record.cache = "miss" if hit is None or record.cache == "miss" else "hit"
+            if hit is not None:
+                record.version = info.version
         return hit, (None if hit is not None else (info.version, digest))
+
+    async def keep(self, spec: ModelSpec, key: tuple[str, str], answer: bytes, answered_by: str) -> None:
+        """Keep an answer under the key look_up() gave, within the deployment's TTL and byte bound, unless another
+        version than the key's gave it (`answered_by`, the reply's; a rollout's other version, or a new one that
+        started meanwhile): a version never serves another's answers. A cache that cannot keep it (Redis away) only
+        costs the next request a miss: nothing is raised."""
+        if spec.cache is not None and (not answered_by or answered_by == key[0]):
+            with contextlib.suppress(*BROKER_ERRORS):
+                await self.cache.put(spec.name, *key, answer, spec.cache.ttl_s, spec.cache.max_bytes)
 
     async def stream(self, model: str, op: str, params: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
         """Queue one request and yield its replies as they come, the last one final. The first reply

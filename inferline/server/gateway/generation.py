@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
+
 from inferline.server.errors import InferlineError
 from inferline.server.gateway.dispatch import Dispatcher
+from inferline.server.generation.params import reproducible
 from inferline.server.protocol import OP_GENERATE, TokenEvent
 
 _cancelling: set[asyncio.Task[None]] = set()
@@ -60,8 +64,25 @@ async def token_events(d: Dispatcher, model: str, params: dict[str, Any],
                        rid: str) -> AsyncGenerator[TokenEvent, None]:
     """The token events of one request in order, each once; the last has `finish_reason`. Errors before the
     first token raise as InferlineErrors (so routes can still answer with a status). If the consumer stops
-    early (client gone), the workers are told to drop the sequence."""
+    early (client gone), the workers are told to drop the sequence.
+
+    With the deployment's response cache on, a reproducible request (greedy, or seeded: generation/params.py) is
+    looked up first under the hash of `params`, which hold everything that changes its tokens (the prompt or
+    messages and every sampling field; not the request id, stream flag, priority or how the route renders the
+    answer). A hit replays the kept events at once, without queueing: a streaming request gets the same events,
+    in one burst. A miss keeps its events once the last arrives, before it is handed on (so the next request finds
+    them); a failed or abandoned generation is not kept."""
     rid = d.new_request_id(rid)   # a client reusing one x-request-id must not share a reply waiter
+    spec = d.spec(model)
+    kept: list[TokenEvent] | None = None
+    key: tuple[str, str] | None = None
+    if spec.cache is not None and reproducible(params):
+        hit, key = await d.look_up(spec, OP_GENERATE, orjson.dumps(params, option=orjson.OPT_SORT_KEYS))
+        if hit is not None:
+            for event in TokenEvent.decode_all(hit):
+                yield dataclasses.replace(event, request_id=rid)
+            return
+        kept = [] if key is not None else None
     expected = 0
     finished = False
     started = time.perf_counter()
@@ -77,10 +98,14 @@ async def token_events(d: Dispatcher, model: str, params: dict[str, Any],
                 d.metrics.ttft.labels(model).observe(first - started)
             expected = event.index + 1
             finished = event.finish_reason is not None
+            if kept is not None:
+                kept.append(event)
             if finished:
                 d.metrics.prompt_tokens.labels(model).inc(event.prompt_tokens)
                 if expected > 1:
                     d.metrics.tpot.labels(model).observe((last - first) / (expected - 1))
+                if kept is not None and key is not None:
+                    await d.keep(spec, key, TokenEvent.encode_all(kept), reply.version)
             yield event
     finally:
         if expected:   # the tokens the caller was sent, whether or not it stayed to the end

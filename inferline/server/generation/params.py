@@ -18,9 +18,10 @@ Unknown keys are refused: a misspelt field must not silently fall back to its de
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_NEW_TOKENS = 4096
 MIN_TEMPERATURE = 1e-2
@@ -92,3 +93,19 @@ class SamplingParams(BaseModel):
     def has_penalties(self) -> bool:
         return ((self.repetition_penalty is not None and self.repetition_penalty != 1.0)
                 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether the tokens follow from the request alone: greedy, or sampled from a given seed (each request owns
+        its generator, engine.py). Only these are kept by a response cache."""
+        return not self.sampling or self.seed is not None
+
+
+def reproducible(params: Mapping[str, Any]) -> bool:
+    """SamplingParams.reproducible for the flat dict that crosses Redis (its other keys, the prompt's, are ignored).
+    A dict the type refuses is not (its worker refuses it too)."""
+    try:
+        return SamplingParams.model_validate({k: v for k, v in params.items()
+                                              if k in SamplingParams.model_fields}).reproducible
+    except ValidationError:
+        return False

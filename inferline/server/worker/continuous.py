@@ -6,6 +6,12 @@ runs one engine step at a time (decoding steps on a CPU on the loop's own thread
 each token to its caller. A request stays pending in the consumer group for its whole generation; the shell keeps it
 claimed, so no other worker steals live work, and a dead worker's requests are reclaimed and restarted elsewhere
 (the gateway skips the token indexes it already has).
+
+Priority: intake reads only as many requests as the engine has free slots (max_batch_size less running and waiting),
+through the shell's ModelQueue, which takes the highest lanes first and every 4th read `low` first
+(broker/consumer.py); the rest wait on their lanes in Redis. So a free slot goes to `high` before `normal` and `low`,
+with the batch workers' bound against starvation: a `low` request at the head of its lane is admitted within 4
+admissions (tests/test_generation_priority.py).
 """
 
 from __future__ import annotations
