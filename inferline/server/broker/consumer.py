@@ -19,6 +19,7 @@ replicated") with the same x-request-id makes a new entry, which must run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 # A gateway's reply stream is trimmed to about this many entries by the workers' XADDs (one entry per gateway per
 # send): a gateway that stopped reading cannot grow it without bound.
 REPLY_MAXLEN = 100_000
+
+# On a Cluster, the ack of a send whose replies went to another node waits until they ran (module docstring of
+# `_send_routed`), then rides the next read's round trip (the read's node is the request stream's) rather than costing
+# a round trip of its own: under load the next read comes within a batch. Past this wait it goes on its own; the bound
+# on how long an answered entry stays pending before it is acknowledged.
+ACK_WAIT_S = 0.01
 
 
 # Acknowledge and delete answered entries, and count their payload bytes off the model's queued-bytes counter (the
@@ -172,6 +179,11 @@ class ModelQueue:
         # the next read, highest lanes first. At most (lanes - 1) x count.
         self._spare: list[Delivery] = []
         self._backlog = False
+        # A Cluster's acks whose replies ran on another node (`_send_routed`): they go in the next read's round trip
+        # (the read's connection is the request stream's node), or on their own after ACK_WAIT_S. Each: (the acks,
+        # the send's future, the replies' results). At most MAX_UNANSWERED (the sends in flight).
+        self._due: list[tuple[list[tuple[str, list[Any]]], asyncio.Future[list[Any]], list[Any]]] = []
+        self._due_timer: asyncio.TimerHandle | None = None
 
     async def ensure_group(self) -> None:
         """Create the streams and their consumer group if missing (idempotent, safe across replicas)."""
@@ -218,8 +230,12 @@ class ModelQueue:
     async def _read(self, priorities: list[str], count: int, block_s: float | None) -> list[Delivery]:
         streams = [self.by_lane[(v, p)] for p in priorities for v in self.lanes]
         block = () if block_s is None else ("BLOCK", max(1, int(block_s * 1000)))
-        [res] = await self.reads.run([("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count, *block,
-                                       "STREAMS", *streams, *(">",) * len(streams))])
+        read = ("XREADGROUP", "GROUP", keys.GROUP, self.consumer, "COUNT", count, *block,
+                "STREAMS", *streams, *(">",) * len(streams))
+        if self._due:   # a Cluster's acks that wait for a read: written before it, on its connection
+            res = await self._read_and_ack(read)
+        else:
+            [res] = await self.reads.run([read])
         if isinstance(res, ResponseError):
             await self._recreate_on_nogroup(res)   # the stream was deleted under us (e.g. FLUSHALL): start over
             return []
@@ -282,7 +298,9 @@ class ModelQueue:
                            marks: list[Any]) -> asyncio.Future[list[Any]]:
         """send() on a Cluster: the replies are written at once, each to the node of its gateway's stream, and the
         ack only once they all ran (on another node, nothing would order it after them: an ack that landed first,
-        then a reply lost with its node, would lose the request). The future: done when the ack ran, failed with
+        then a reply lost with its node, would lose the request); it is then written before the next read, on the
+        read's connection (to the request stream's node), or on its own after ACK_WAIT_S. The future: done when the
+        ack ran, failed with
         the first refusal or connection error (then nothing is acked: the entries are redelivered). At most
         MAX_UNANSWERED sends in flight; past that it waits for one to end. Durable mode: the answered ids (`marks`,
         the mark script's KEYS and ARGV) go to the model's node after the replies ran, with its WAIT (the batcher's
@@ -317,8 +335,9 @@ class ModelQueue:
             if not acks:
                 done.set_result(written.result())
                 return
-            acked = asyncio.gather(*(batcher.submit(script, args, 2) for script, args in acks))
-            acked.add_done_callback(lambda acked: _chain(acked, done, written.result()))
+            self._due.append((acks, done, written.result()))
+            if self._due_timer is None:
+                self._due_timer = loop.call_later(ACK_WAIT_S, self._ack_due)
 
         def then_mark(written: asyncio.Future[list[Any]]) -> None:
             if written.cancelled() or written.exception() is not None:
@@ -332,8 +351,49 @@ class ModelQueue:
         done.add_done_callback(self.sending.discard)
         return done
 
+    async def _read_and_ack(self, read: tuple[Any, ...]) -> Any:
+        """The acks due, then `read`, in one round trip on the read's connection: the read's raw reply. Each send is
+        done with its acks' replies, or failed with the first refusal or the connection's error (then its entries
+        stay pending on this consumer: the worker claims them back, worker/shell.py)."""
+        due = self._take_due()
+        commands = [("EVAL", script, 2, *args) for acks, _, _ in due for script, args in acks]
+        try:
+            *acked, res = await self.reads.run([*commands, read])
+        except BaseException as exc:
+            for _, done, _ in due:
+                if not done.done():
+                    done.set_exception(exc if isinstance(exc, Exception) else RuntimeError("send cancelled"))
+            raise
+        at = 0
+        for acks, done, written in due:
+            mine, at = acked[at:at + len(acks)], at + len(acks)
+            refused = next((r for r in mine if isinstance(r, Exception)), None)
+            if done.done():
+                continue
+            if refused is not None:
+                done.set_exception(refused)
+            else:
+                done.set_result([*written, *mine])
+        return res
+
+    def _take_due(self) -> list[tuple[list[tuple[str, list[Any]]], asyncio.Future[list[Any]], list[Any]]]:
+        due, self._due = self._due, []
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
+        return due
+
+    def _ack_due(self) -> None:
+        """Send the acks due on their own (no read came within ACK_WAIT_S, or the pending list is to be read)."""
+        assert self.batcher is not None
+        for acks, done, written in self._take_due():
+            acked = asyncio.gather(*(self.batcher.submit(script, args, 2) for script, args in acks))
+            acked.add_done_callback(functools.partial(_chain, done=done, written=written))
+
     async def drain(self) -> None:
         """Wait until everything sent is run by Redis, or failed."""
+        if self._due:
+            self._ack_due()
         if self.pipelined is not None:
             await self.pipelined.drain()
         elif self.sending:
@@ -414,6 +474,8 @@ class ModelQueue:
         there is more: held entries (and those read but not handed out yet) are skipped, and in durable mode the
         answered ones are acknowledged, not returned, so a page can yield nothing while more wait behind it. Call it
         only while no read of this consumer is in flight: that read's entries would look orphaned too."""
+        if self._due:   # answered entries whose acks wait for a read are not orphans: ack them first
+            await self.drain()
         index, last = after if after is not None else (0, None)
         lanes = list(self.by_lane)
         while True:   # a stream whose pending list ends short of a page: on to the next one in the same call

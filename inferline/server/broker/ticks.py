@@ -131,10 +131,14 @@ class TickBatcher:
         if self.router is None:
             assert self.line is not None
             return [(self.line, batch)]
+        node_of = self.router.node_of
+        where = [call.ask or node_of(call.args[0] if call.script is not None or len(call.args) < 2 else call.args[1])
+                 for call in batch]
+        first = where[0] if where else ""
+        if first and where.count(first) == len(where):   # the usual tick: one node (one model, one gateway)
+            return [(self._line(first), batch)]
         by_node: dict[str, list[_Call]] = {}
-        for call in batch:
-            node = call.ask or self.router.node_of(call.args[0] if call.script is not None or len(call.args) < 2
-                                                   else call.args[1])
+        for call, node in zip(batch, where, strict=True):
             if not node:   # no primary serves the slot (a failover under way): fail now, look again
                 call.future.set_exception(ClusterDownError("the key's slot is not served by any node"))
                 self.router.refresh_soon()
@@ -192,7 +196,9 @@ class TickBatcher:
         for call, result in zip(batch, results, strict=True):
             if call.future.done():
                 continue
-            if short is not None and call.replicated and not isinstance(result, Exception):
+            if short is None and not isinstance(result, Exception):   # the usual answer: no refusal to look at
+                call.future.set_result(result)
+            elif short is not None and call.replicated and not isinstance(result, Exception):
                 call.future.set_exception(short)
             elif isinstance(result, NoScriptError) and call.script is not None:
                 self.shas.pop(call.script, None)
