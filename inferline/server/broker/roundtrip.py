@@ -81,7 +81,7 @@ class HeldConnection:
         after the client's Retry (a broken connection is reconnected and the commands written again, once). On a
         Cluster a MOVED is followed (the slot map read again), an ASK answered on the node named, a TRYAGAIN
         waited out, each as bounded as nodes.py says, and only the refused commands are sent again (the others ran:
-        a worker's acks go in its read's round trip, consumer.py); past the bound the refusal is the reply."""
+        a worker's acks go in its read's round trip, sender.py); past the bound the refusal is the reply."""
         if self.router is None:
             return await self._run(commands)
         router = self.router
