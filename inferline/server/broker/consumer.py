@@ -67,8 +67,10 @@ class ModelQueue:
         return self.sender.skipped
 
     async def ensure_group(self) -> None:
-        """Create the streams and their consumer group if missing (idempotent, safe across replicas)."""
+        """Create the streams and their consumer group if missing (idempotent, safe across replicas), and learn
+        whether the server acknowledges and deletes in one command (Sender.detect)."""
         await self.lanes.ensure_group()
+        await self.sender.detect()
 
     async def watch_rollout(self) -> None:
         """Sender.watch_rollout: whether this worker's version is in a rollout (its answers are counted)."""

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from inferline.server.broker import fleet, keys, nodes, roundtrip
 from inferline.server.broker.client import Redis
 from inferline.server.broker.delivery import Delivery
@@ -55,6 +57,20 @@ local gone = 0
 for i = 2, #ARGV, 2 do
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
   if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then gone = gone + tonumber(ARGV[i + 1]) end
+end
+if gone > 0 and redis.call('DECRBY', KEYS[2], gone) < 0 then redis.call('SET', KEYS[2], 0) end
+return gone
+"""
+
+# The same with Redis 8.2's XACKDEL (acknowledge and delete, one command for all the ids), where the server has it
+# (`Sender.detect`): its answer per id is 1 when the entry was deleted, so the bytes are counted off as above.
+_ACKDEL = """
+local ids = {}
+for i = 2, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+local done = redis.call('XACKDEL', KEYS[1], ARGV[1], 'IDS', #ids, unpack(ids))
+local gone = 0
+for j = 1, #done do
+  if done[j] == 1 then gone = gone + tonumber(ARGV[2 * j + 1]) end
 end
 if gone > 0 and redis.call('DECRBY', KEYS[2], gone) < 0 then redis.call('SET', KEYS[2], 0) end
 return gone
@@ -128,11 +144,26 @@ class Sender:
                         if isinstance(redis, nodes.Cluster) else None)
         self.sending: set[asyncio.Future[list[Any]]] = set()   # a Cluster's sends not yet done
         self.guarded = False   # this version is in a rollout: its answers are counted (watch_rollout)
+        self.ack_script = _ACK   # _ACKDEL once `detect` found XACKDEL
+        self._detected = False
         # A Cluster's acks whose replies ran on another node (`_send_routed`): they go in the next read's round trip
         # (the read's connection is the request stream's node: `ack_with`), or on their own after ACK_WAIT_S. Each:
         # (the acks, the send's future, the replies' results). At most MAX_UNANSWERED (the sends in flight).
         self._due: list[tuple[list[tuple[str, list[Any]]], asyncio.Future[list[Any]], list[Any]]] = []
         self._due_timer: asyncio.TimerHandle | None = None
+
+    async def detect(self) -> None:
+        """Use XACKDEL for the acks where the server has it (Redis 8.2+), asked once: an XACKDEL of no entry on the
+        request stream (it acknowledges and deletes nothing; a server without it refuses it). Until asked, and
+        where it is refused, XACK + XDEL. Called by ModelQueue.ensure_group, after the group exists."""
+        if self._detected:
+            return
+        try:
+            await self.redis.execute_command("XACKDEL", self.stream, keys.GROUP, "IDS", 1, "0-1")
+            self.ack_script = _ACKDEL
+        except ResponseError:   # unknown command (before Redis 8.2, Valkey 8), or denied by an ACL
+            self.ack_script = _ACK
+        self._detected = True
 
     @property
     def due(self) -> bool:
@@ -181,7 +212,7 @@ class Sender:
         acks: list[tuple[str, list[Any]]] = []
         for lane in dict.fromkeys((d.lane, d.priority) for d in deliveries):
             pairs = [x for d in deliveries if (d.lane, d.priority) == lane for x in (d.entry_id, len(d.payload))]
-            acks.append((_ACK, [*keys.ack_keys(self.model, *lane), keys.GROUP, *pairs]))
+            acks.append((self.ack_script, [*keys.ack_keys(self.model, *lane), keys.GROUP, *pairs]))
         if self.guarded:
             final = [r for _, r in replies if r.final or not r.ok]
             failed = sum(1 for r in final if r.error_type in FAILURES)
