@@ -158,8 +158,12 @@ class Sender:
         where it is refused, XACK + XDEL. Called by ModelQueue.ensure_group, after the group exists."""
         if self._detected:
             return
+        client: Any = self.redis
+        if (router := nodes.router_of(client)) is not None:   # the stream's node: RedisCluster itself refuses an
+            await router.ensure()                              # unknown command before any node is asked
+            client = router.client(router.node_of(self.stream))
         try:
-            await self.redis.execute_command("XACKDEL", self.stream, keys.GROUP, "IDS", 1, "0-1")
+            await client.execute_command("XACKDEL", self.stream, keys.GROUP, "IDS", 1, "0-1")
             self.ack_script = _ACKDEL
         except ResponseError:   # unknown command (before Redis 8.2, Valkey 8), or denied by an ACL
             self.ack_script = _ACK
