@@ -260,6 +260,7 @@ class Sender:
             # round trip, as on one Redis; waiting cost a second write per batch: +25-50 % of the worker's broker
             # CPU per request, bench/bench_broker_calls.py). Not in durable mode: its WAIT must come before the ack.
             acked = asyncio.gather(*(batcher.submit(script, args, 2) for script, args in acks))
+            batcher.flush()
             both = asyncio.gather(written, acked)
             both.add_done_callback(lambda both: _chain_both(both, done))
             self.sending.add(done)
@@ -285,6 +286,7 @@ class Sender:
             marked = batcher.submit(_MARK, marks, 1, replicated=True)
             marked.add_done_callback(lambda marked: then_ack(written))
 
+        batcher.flush()
         written.add_done_callback(then_mark if marks else then_ack)
         self.sending.add(done)
         done.add_done_callback(self.sending.discard)
@@ -292,9 +294,9 @@ class Sender:
 
     async def ack_with(self, reads: roundtrip.HeldConnection, read: Sequence[Any]) -> Any:
         """The acks due, then `read`, in one round trip on `reads` (a held connection to the request stream's node:
-        the reader's): the read's raw reply. Each send is
-        done with its acks' replies, or failed with the first refusal or the connection's error (then its entries
-        stay pending on this consumer: the worker claims them back, worker/shell.py)."""
+        the reader's): the read's raw reply. Each send is done with its acks' replies, or failed with the first
+        refusal or the connection's error (then its entries stay pending on this consumer: the worker claims them
+        back, worker/shell.py)."""
         due = self._take_due()
         commands = [("EVAL", script, 2, *args) for acks, _, _ in due for script, args in acks]
         try:
