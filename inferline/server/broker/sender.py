@@ -63,14 +63,23 @@ return gone
 """
 
 # The same with Redis 8.2's XACKDEL (acknowledge and delete, one command for all the ids), where the server has it
-# (`Sender.detect`): its answer per id is 1 when the entry was deleted, so the bytes are counted off as above.
+# (`Sender.detect`): its answer per id is 1 when the entry was deleted, so the bytes are counted off as above. A
+# server without it (an older replica promoted, a downgrade after the worker asked) refuses it without running it:
+# then the pair, as in _ACK.
 _ACKDEL = """
 local ids = {}
 for i = 2, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
-local done = redis.call('XACKDEL', KEYS[1], ARGV[1], 'IDS', #ids, unpack(ids))
+local done = redis.pcall('XACKDEL', KEYS[1], ARGV[1], 'IDS', #ids, unpack(ids))
 local gone = 0
-for j = 1, #done do
-  if done[j] == 1 then gone = gone + tonumber(ARGV[2 * j + 1]) end
+if done.err then
+  for i = 2, #ARGV, 2 do
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then gone = gone + tonumber(ARGV[i + 1]) end
+  end
+else
+  for j = 1, #done do
+    if done[j] == 1 then gone = gone + tonumber(ARGV[2 * j + 1]) end
+  end
 end
 if gone > 0 and redis.call('DECRBY', KEYS[2], gone) < 0 then redis.call('SET', KEYS[2], 0) end
 return gone
