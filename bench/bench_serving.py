@@ -105,7 +105,7 @@ class Bare:
 
     @staticmethod
     def delivery(i: int, body: bytes) -> Any:
-        from inferline.server.broker.consumer import Delivery
+        from inferline.server.broker.delivery import Delivery
         from inferline.server.protocol import OP_V2, Envelope, encode_payload, now_ms
 
         return Delivery(f"0-{i}".encode(), Envelope(f"bare-{i}", "nowhere", now_ms() + 3_600_000, OP_V2),

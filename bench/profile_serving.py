@@ -13,7 +13,8 @@ alternately and compare the spread.
 
 --cluster starts a Redis Cluster on loopback (tests/redis_cluster.py: 3 primaries, 3 replicas) and runs the gateway
 and worker against it in cluster mode (INFERLINE_BROKER__CLUSTER=true); Redis's own CPU is then not counted. Compare
-it with plain runs, alternating.
+it with plain runs, alternating. The gateway's id is random, so its reply stream lands on the model's node in about
+one run of three: each run says whether it did.
 
 --profile attaches `py-spy record --pid` (pip install py-spy) to the gateway and the worker for each run (sampling
 at --rate Hz, idle time left out) and turns the samples into µs per request: a function's samples / rate / requests.
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -93,6 +95,21 @@ def report(name: str, raw: Path, rate: int, requests: float, top: int) -> None:
         print(f"    {na * per:6.1f} {fa[:58]:58} | {nb * per:6.1f} {fb[:58]}")
 
 
+def same_node(tmp: Path, cluster: Any, model: str) -> str:
+    """Whether the gateway's reply stream (its id is in gateway.log) and the model's request stream share a node:
+    cluster mode's figures differ between the two (bench/RESULTS.md)."""
+    from redis.crc import key_slot
+
+    from inferline.server.broker import keys
+
+    found = re.search(r"gateway up id=(\S+)", (tmp / "gateway.log").read_text(errors="replace"))
+    if found is None:
+        return "unknown"
+    reply, request = keys.reply_stream(found.group(1)), keys.request_stream(model)
+    same = cluster.primary_of_slot(key_slot(reply.encode())) == cluster.primary_of_slot(key_slot(request.encode()))
+    return "yes" if same else "no"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("noop", "cnn", "torch_cnn"), default="noop")
@@ -149,6 +166,8 @@ def main() -> None:
                         proc.wait(timeout=args.duration + 30)
                         report(p, out, args.rate, r["req_s"] * args.duration, args.top)
         finally:
+            if args.cluster:   # the worker's ack rides its next read when the two streams are on different nodes
+                print(f"gateway's reply stream on the model's node: {same_node(tmp, nodes, args.model)}")
             served.close()
     print(json.dumps({k: [{m: round(v, 2) for m, v in r.items()} for r in rs] for k, rs in results.items()}))
 

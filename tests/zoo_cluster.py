@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from inferline.server.broker.consumer import Delivery
+from inferline.server.broker.delivery import Delivery
 from inferline.server.config import ModelSpec
 from inferline.server.model import Model, Signature, signature
 from inferline.server.protocol import OP_PREDICT, OP_V2, Envelope, Reply, encode_payload, now_ms

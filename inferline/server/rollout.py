@@ -12,7 +12,7 @@ same; broker/fleet.py):
    version's lane, exactly (a shared counter, enqueue.py). Its window opens: the first `window_requests` answers or
    `window_s` seconds. The new version's workers count their answers and failures (5xx-type: internal errors and
    dead letters, never a caller's bad input) and, the moment failures pass `max_failure_rate` of the window, set the
-   share back to 0 in the same Redis step (consumer.py's guard): the rollback needs no poll to begin.
+   share back to 0 in the same Redis step (sender.py's guard): the rollback needs no poll to begin.
 3. `POST .../promote` moves a canary to `rolling`. Once the window closed within the threshold, `draining`: when the
    old lane is empty (every request on it answered, by the old workers), the deployment stops wanting old workers:
    the supervisor sends them SIGTERM, they finish the batch in hand, answer it and exit 0. Then the split is cleared

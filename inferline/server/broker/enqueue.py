@@ -1,12 +1,12 @@
 """The gateway's side of a model's request stream: `Enqueuer` puts requests on it, one pipelined round trip for all
 the requests of one event-loop tick, the queue cap checked atomically in the same script. The worker's side (reading,
-answering, acknowledging) is consumer.py.
+answering, acknowledging) is consumer.py with sender.py.
 
 A request is one stream entry, its payload inline: the worker gets everything in the read that finds it
 (a payload under its own key cost one more round trip per batch, ~0.17 ms of every lone request here).
 Streams have no per-entry TTL, but entry ids are arrival times (Redis's clock): every enqueue trims, with XADD's MINID,
 the entries that arrived longer ago than the model's timeout plus a grace, so a request nobody answered
-expires. An answered one is deleted at once (by its worker, consumer.py).
+expires. An answered one is deleted at once (by its worker, sender.py).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from inferline.server.protocol import ENVELOPE_FIELDS, PAYLOAD_FIELD, Envelope
 # values in protocol.ENVELOPE_FIELDS order.
 # Returns the queue length (all streams) before the add, or FULL_ENTRIES / FULL_BYTES when the queue is at that cap for
 # this priority (nothing written). The gateway's reply stream is not touched here (it hashes to another slot on a
-# Cluster): its gateway keeps it (replies.py), and a worker's reply makes it again if Redis lost it (consumer.py).
+# Cluster): its gateway keeps it (replies.py), and a worker's reply makes it again if Redis lost it (sender.py).
 # The trim threshold comes from Redis's own clock, the one its entry ids come from: a gateway whose clock is
 # ahead would otherwise trim fresh entries, its own new one included.
 # The byte cap reads the counters that this script raises by each payload's length and the workers' acknowledge script
-# (consumer.py) lowers when the entry is deleted: exact, where MEMORY USAGE sampled 5 entries (16 small requests queued
+# (sender.py) lowers when the entry is deleted: exact, where MEMORY USAGE sampled 5 entries (16 small requests queued
 # first hid 400 MB behind them under a 128 MiB cap). One way out of the stream is not counted down: an entry XADD's
 # MINID trims (nobody answered it within its timeout and a grace). That drift only over-counts (refusing early, never
 # admitting more than the cap), and the counter is cleared whenever an enqueue finds all the model's streams empty,

@@ -88,7 +88,7 @@ def lane_version(stream: str | bytes, model: str) -> str:
 
 def queued_bytes(model: str) -> str:
     """Counter: the payload bytes of the entries on all of the model's request streams (every version's and priority
-    lane), kept exact by the scripts that add (enqueue.py) and delete (consumer.py) them. Spelt as the common stream's
+    lane), kept exact by the scripts that add (enqueue.py) and delete (sender.py) them. Spelt as the common stream's
     name plus a suffix, so it hashes to the stream's slot whatever hash tag the stream's name carries (both are
     touched by one script)."""
     return f"{request_stream(model)}:bytes"
@@ -146,7 +146,7 @@ def answered(model: str) -> str:
     """Sorted set: the request-stream entry ids a model's workers answered lately (scored by when, epoch ms; trimmed
     to the model's timeout), written only with durable enqueue (broker.min_replicas_ack). A failover can lose the
     acknowledgement of an answered entry and deliver it again: a worker that finds it here acknowledges it without
-    running it (consumer.py)."""
+    running it (sender.py)."""
     return f"{PREFIX}:answered:{_model(model)}"
 
 
@@ -181,7 +181,7 @@ def routing(model: str) -> str:
     """Hash: the traffic split of a rollout, read by the enqueue script (enqueue.py) in the stream's slot: `a` (the
     old version), `b` (the new one), `share` (percent of requests to b, 0..100), `n` (the requests split so far: n
     mod 100 < share goes to b, an exact share over every 100 requests of all gateways), and while the rollout's
-    window is open `limit` (failures of b that trip the automatic rollback, checked by b's workers: consumer.py)
+    window is open `limit` (failures of b that trip the automatic rollback, checked by b's workers: sender.py)
     and `tripped` (why it tripped). Absent outside a rollout: every request goes to the common stream."""
     return f"{PREFIX}:route:{_model(model)}"
 
@@ -252,17 +252,17 @@ def enqueue_keys(model: str, split: bool = True) -> list[str]:
 
 
 def ack_keys(model: str, version: str = "", priority: str = "normal") -> list[str]:
-    """The acknowledge script's KEYS (consumer.py): the stream the entries are on, the model's byte counter."""
+    """The acknowledge script's KEYS (sender.py): the stream the entries are on, the model's byte counter."""
     return [request_stream(model, version, priority), queued_bytes(model)]
 
 
 def guard_keys(model: str, version: str) -> list[str]:
-    """The rollout guard's KEYS (consumer.py): the version's counters and the model's traffic split."""
+    """The rollout guard's KEYS (sender.py): the version's counters and the model's traffic split."""
     return [version_stats(model, version), routing(model)]
 
 
 def dead_letter_keys(model: str) -> list[str]:
-    """What a dead-lettering touches (consumer.py): the request and dead-letter streams, the kept payloads, the
+    """What a dead-lettering touches (claims.py): the request and dead-letter streams, the kept payloads, the
     model's stats."""
     return [request_stream(model), dead_letter_stream(model), dead_payloads(model), stats(model)]
 

@@ -1,5 +1,5 @@
 """A gateway's reply inbox: the one stream every worker answers that gateway's requests on (each send one entry per
-gateway, consumer.py), read here with a blocking XREAD on a held connection."""
+gateway, sender.py), read here with a blocking XREAD on a held connection."""
 
 from __future__ import annotations
 

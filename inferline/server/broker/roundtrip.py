@@ -80,11 +80,13 @@ class HeldConnection:
         others still ran). Raises the connection's error (ConnectionError, TimeoutError) when the round trip failed,
         after the client's Retry (a broken connection is reconnected and the commands written again, once). On a
         Cluster a MOVED is followed (the slot map read again), an ASK answered on the node named, a TRYAGAIN
-        waited out, each as bounded as nodes.py says; past the bound the refusal is the reply."""
+        waited out, each as bounded as nodes.py says, and only the refused commands are sent again (the others ran:
+        a worker's acks go in its read's round trip, sender.py); past the bound the refusal is the reply."""
         if self.router is None:
             return await self._run(commands)
         router = self.router
-        results: list[Any] = []
+        results: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))   # the commands not run yet (refused with a redirect)
         for _ in range(nodes.MAX_REDIRECTS + 1):
             await router.ensure()
             assert self.key is not None
@@ -97,23 +99,33 @@ class HeldConnection:
                 await self.close()
                 self.redis = client
             try:
-                results = await self._run(commands)
+                got = await self._run([commands[i] for i in todo])
             except (RedisError, OSError):
                 router.refresh_soon()   # the node died or failed over: find who serves the stream now
                 raise
-            hop = next((h for h in map(nodes.redirect, results) if h is not None), None)
+            hop = None
+            refused = []
+            for i, result in zip(todo, got, strict=True):
+                results[i] = result
+                if (h := nodes.redirect(result)) is not None:
+                    hop = hop or h
+                    refused.append(i)
             if hop is None:
                 return results
+            todo = refused
             kind, slot, node = hop
             router.redirects[kind] += 1
             if kind == "MOVED":
                 router.moved(slot, node)
-            elif kind == "ASK":   # the stream is half-way to `node`: read it there, once
+            elif kind == "ASK":   # the stream is half-way to `node`: send there, once, each command after an ASKING
                 asked = HeldConnection(router.client(node))
                 try:
-                    return (await asked.run([("ASKING",), *commands]))[1:]
+                    got = await asked.run([c for i in todo for c in (("ASKING",), commands[i])])
                 finally:
                     await asked.close()
+                for i, result in zip(todo, got[1::2], strict=True):
+                    results[i] = result
+                return results
             else:
                 await asyncio.sleep(nodes.TRYAGAIN_WAIT_S)
         return results

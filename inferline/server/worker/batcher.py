@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from inferline.server.broker.consumer import Delivery
+from inferline.server.broker.delivery import Delivery
 
 POLL_S = 0.0005   # between reads while a busy batch fills
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from inferline.server import tracing
 from inferline.server.broker.client import BROKER_ERRORS
-from inferline.server.broker.consumer import Delivery
+from inferline.server.broker.delivery import Delivery
 from inferline.server.errors import InferlineError, InputError
 from inferline.server.logs import RepeatingError
 from inferline.server.model import Model

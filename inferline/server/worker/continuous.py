@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from inferline.server import tracing
 from inferline.server.broker.client import BROKER_ERRORS
-from inferline.server.broker.consumer import Delivery
+from inferline.server.broker.delivery import Delivery
 from inferline.server.errors import (
     Cancelled,
     DeadlineExceeded,

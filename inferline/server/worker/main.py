@@ -28,8 +28,9 @@ from inferline.server import logs, tracing
 from inferline.server.broker import fleet
 from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import connect
-from inferline.server.broker.consumer import Durable, ModelQueue
+from inferline.server.broker.consumer import ModelQueue
 from inferline.server.broker.registry import Registry
+from inferline.server.broker.sender import Durable
 from inferline.server.config import ConfigError, ModelSpec, Settings, spec_from_env
 from inferline.server.model import LanguageModel, Model, signature
 from inferline.server.protocol import ModelInfo, WorkerStatus

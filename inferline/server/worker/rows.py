@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from inferline.server.broker.consumer import Delivery
+from inferline.server.broker.delivery import Delivery
 from inferline.server.errors import InferlineError, InputError, MalformedInput, describe_validation, typed
 from inferline.server.limits import MAX_ROWS, MAX_SERIES, MAX_TEXT_CHARS
 from inferline.server.model import Model, signature

@@ -37,7 +37,8 @@ from typing import Any, Protocol
 from inferline.server.broker import keys
 from inferline.server.broker.cancels import Cancels
 from inferline.server.broker.client import BROKER_ERRORS
-from inferline.server.broker.consumer import Delivery, ModelQueue, OrphanPosition
+from inferline.server.broker.consumer import ModelQueue
+from inferline.server.broker.delivery import Delivery, OrphanPosition
 from inferline.server.broker.registry import Registry
 from inferline.server.config import ModelSpec
 from inferline.server.errors import Cancelled, DeadlineExceeded
@@ -121,7 +122,7 @@ class Shell:
         self._beat_landed = 0.0    # monotonic time of this worker's last beat that Redis took
         self._steady_since = 0.0   # ... and of the first of the unbroken run of beats it ends (STEADY_GAP_S apart)
         # A read failed (its socket timed out, the connection broke): Redis may have delivered entries all the same,
-        # which nothing here holds. The next take() claims them back first (ModelQueue.orphans).
+        # which nothing here holds. The next take() claims them back first (ModelQueue.orphans: claims.py).
         self._lost_read = False
         self._orphans_after: OrphanPosition = None   # where the next look for them goes on (None: from the start)
         # ids cancelled before this worker held them -> when (ms), oldest first. A caller may reuse an id (its own
@@ -207,7 +208,7 @@ class Shell:
         """Send answers, then acknowledge and delete `done`, which are no longer held from here: answering is the
         only way a delivery is released, and it releases that delivery alone (answering it again releases nothing,
         and another delivery under the same request id stays held). The sends are written to Redis at once, in the
-        order made (tokens of one step before the next's, replies before acks: ModelQueue.send), and not waited
+        order made (tokens of one step before the next's, replies before acks: sender.py), and not waited
         for, so the next batch or step runs while Redis answers; a crash before they land redelivers instead of
         losing. A caller waits only while too many sends are unanswered; then callers take turns (a cancel answered
         from the cancel reader while a step answers), none is dropped."""

@@ -35,7 +35,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from inferline.server.broker.client import connect
-from inferline.server.broker.consumer import Delivery, ModelQueue
+from inferline.server.broker.consumer import ModelQueue
+from inferline.server.broker.delivery import Delivery
 from inferline.server.broker.registry import Registry
 from inferline.server.errors import DeadlineExceeded
 from inferline.server.protocol import Reply
