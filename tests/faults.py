@@ -20,6 +20,7 @@ import pytest
 
 from inferline.server.broker import embedded
 
+STEADY_S = 1.0         # the load runs this long before a fault (hundreds of requests at 16 clients)
 GRACE_S = 2.0          # an answer later than its deadline by more than this counts as lost
 PAUSE_AFTER_REFUSAL_S = 0.1
 

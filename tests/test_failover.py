@@ -18,7 +18,7 @@ import redis
 
 from inferline.server.broker import embedded
 from tests.conftest import Cluster, wait_for
-from tests.faults import Row, first_ok_after, printed_rows, run_load
+from tests.faults import STEADY_S, Row, first_ok_after, printed_rows, run_load
 from tests.test_faults import ECHO, echo_body
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -65,7 +65,7 @@ def test_kill_9_primary_under_load(acks: int, tmp_path: Path, rows: list[Row]) -
         marks: dict[str, float] = {}
 
         async def fault() -> None:
-            await asyncio.sleep(3)
+            await asyncio.sleep(STEADY_S)
             primary.kill()
             marks["killed"] = time.monotonic()
             await asyncio.to_thread(wait_for, lambda: _master_port(ask) in ports, 30, "a replica promoted")
@@ -79,7 +79,7 @@ def test_kill_9_primary_under_load(acks: int, tmp_path: Path, rows: list[Row]) -
             marks["replicated"] = time.monotonic()
 
         outcomes = asyncio.run(run_load(lambda i: ("echo", url, echo_body(i, 0.005)), {"echo": DEADLINE_S},
-                                        CLIENTS, 16, fault))
+                                        CLIENTS, 14, fault))
         lost = [o for o in outcomes if o.status in (504, "lost")]
         assert {o.status for o in outcomes} <= {200, 503, 504, "lost"}, {o.status for o in outcomes}
         # durable: answered again once a replica is back (promotion, then the old primary's restart and sync)
@@ -157,7 +157,7 @@ def test_kill_9_cluster_primary_of_a_models_stream(acks: int, tmp_path: Path, ro
             marks: dict[str, float] = {}
 
             async def fault() -> None:
-                await asyncio.sleep(3)
+                await asyncio.sleep(STEADY_S)
                 nodes.kill(owner)
                 marks["killed"] = time.monotonic()
                 await asyncio.to_thread(wait_for, lambda: _owner(nodes, slot) not in (owner, 0), 30,
@@ -168,7 +168,7 @@ def test_kill_9_cluster_primary_of_a_models_stream(acks: int, tmp_path: Path, ro
                 marks["replicated"] = time.monotonic()
 
             outcomes = asyncio.run(run_load(lambda i: ("echo", url, echo_body(i, 0.005)), {"echo": DEADLINE_S},
-                                            CLIENTS, 16, fault))
+                                            CLIENTS, 14, fault))
         finally:
             cluster.close()
     lost = [o for o in outcomes if o.status in (504, "lost")]
