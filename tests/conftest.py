@@ -231,7 +231,8 @@ def cluster(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> Iterator[Cluste
 # Each set saves its start-up (workers loading tensorflow and torch models: 15-25 s on 2 cores) for every module but
 # the first. The modules must leave the set as they found it (nothing here resets it).
 SHARED = {"zoo": ("tests.test_serving", "tests.test_triton", "tests.test_malformed"),
-          "deployment": ("tests.test_client", "tests.test_openapi")}
+          "deployment": ("tests.test_client", "tests.test_openapi"),
+          "gpt2": ("tests.test_generation_serving", "tests.test_openai_chat")}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -314,16 +315,20 @@ GPT2_CONTEXT = 256   # n_positions of the quick build (inferline/zoo/gpt2/train.
 
 
 @pytest.fixture(scope="module")
-def served_gpt2(redis_url: str, quick_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One gateway and one generation worker serving the quick gpt2 (task "generate") for a whole test module."""
-    with redis.Redis.from_url(redis_url) as client:
-        client.flushdb()
-    cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation"))
-    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, timeout_s=60)
-    cluster.start_gateway()
-    cluster.start_worker("gpt2")
-    yield cluster
-    cluster.close()
+def served_gpt2(request: pytest.FixtureRequest, redis_url: str, quick_gpt2: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One gateway and one generation worker serving the quick gpt2 (task "generate"), shared (SHARED["gpt2"])."""
+    def start(stack: contextlib.ExitStack) -> Cluster:
+        with redis.Redis.from_url(redis_url) as client:
+            client.flushdb()
+        cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation"))
+        stack.callback(cluster.close)
+        cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, timeout_s=60)
+        cluster.start_gateway()
+        cluster.start_worker("gpt2")
+        return cluster
+
+    yield from shared(request, "gpt2", start)
 
 
 @pytest.fixture(scope="module")
