@@ -231,7 +231,7 @@ def cluster(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> Iterator[Cluste
 # Each set saves its start-up (workers loading tensorflow and torch models: 15-25 s on 2 cores) for every module but
 # the first. The modules must leave the set as they found it (nothing here resets it).
 SHARED = {"zoo": ("tests.test_serving", "tests.test_triton", "tests.test_malformed"),
-          "deployment": ("tests.test_client", "tests.test_openapi"),
+          "deployment": ("tests.test_client", "tests.test_openapi", "tests.test_contract"),
           "gpt2": ("tests.test_generation_serving", "tests.test_openai_chat")}
 
 

@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from inferline.server.broker import embedded
 from tests.conftest import ROOT, Cluster, child_env
 from tests.served import cli_process, wait_ready
-from tests.zoo_cluster import Direct, direct, predict_v2, start_zoo
+from tests.zoo_cluster import Direct, direct, predict_v2
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -128,19 +128,13 @@ def test_a_tensor_only_row_checked_per_column_still_names_a_bad_row(served: str)
 
 # The transformer zoo model, written only against the contract -------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def transformer_zoo(redis_url: str, quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_zoo(redis_url, quick_store, tmp_path_factory.mktemp("transformer"), models=("transformer",))
-    yield cluster
-    cluster.close()
-
-
-def test_transformer_on_its_task_route_and_v2(transformer_zoo: Cluster, quick_store: Path) -> None:
+def test_transformer_on_its_task_route_and_v2(deployment: Cluster, quick_store: Path) -> None:
+    """On the shared SDK deployment (tests/conftest.py), which serves it as start_zoo does."""
     model: Direct = direct(quick_store, "transformer")
     metrics = model.manifest["metrics"]
     assert metrics["accuracy"] > metrics["majority_baseline"]
     texts = ["I love this, what a wonderful day", "worst service ever, never again", "thanks so much"]
-    with httpx.Client(base_url=transformer_zoo.url, timeout=30) as http:
+    with httpx.Client(base_url=deployment.url, timeout=30) as http:
         one = http.post("/classify-text", json={"text": texts[0]}).json()
         (want,) = model.model.predict([model.signature.request(text=texts[0])])   # type: ignore[misc]
         assert one == {"model": "transformer", "version": model.version, "label": want.label,
