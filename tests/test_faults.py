@@ -26,7 +26,17 @@ import redis
 
 from inferline.server.broker import embedded, keys
 from tests.conftest import GPT2_PROMPTS, ROOT, Cluster, child_env, live_workers, wait_for
-from tests.faults import GRACE_S, STEADY_S, Outcome, PrivateRedis, Row, first_ok_after, printed_rows, run_load
+from tests.faults import (
+    GRACE_S,
+    STEADY_S,
+    Outcome,
+    PrivateRedis,
+    Row,
+    first_ok_after,
+    printed_rows,
+    run_load,
+    start_sentinel,
+)
 from tests.test_up import alive, children, cmdline
 
 pytestmark = pytest.mark.timeout(300)
@@ -379,28 +389,22 @@ def test_a_poison_generation_request_leaves_its_batch_mates_alone(served: Cluste
 
 # --- Sentinel failover --------------------------------------------------------------------------------------------
 
-def sentinel_binary() -> list[str]:
+def sentinel_binary() -> str:
     found = shutil.which("redis-sentinel")
     if found:
-        return [found]
+        return found
     pytest.skip("redis-sentinel is not installed (scripts/test.sh installs Debian's redis-sentinel where it can)")
 
 
 def test_sentinel_failover(tmp_path: Path, rows: list[Row]) -> None:
     """A primary, its replica and one sentinel (quorum 1). The gateway and worker reach Redis through
     redis+sentinel://; the primary is killed under load: the replica is promoted and serving resumes on it."""
-    command = sentinel_binary()
+    binary = sentinel_binary()
     primary = PrivateRedis(tmp_path / "primary")
     primary.start()
     replica = PrivateRedis(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.plan.port)])
     replica.start()
-    sentinel_port = embedded.free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"sentinel monitor main 127.0.0.1 {primary.plan.port} 1\n"
-                    "sentinel down-after-milliseconds main 1000\nsentinel failover-timeout main 5000\n")
-    sentinel = subprocess.Popen([*command, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    sentinel, sentinel_port = start_sentinel(tmp_path, primary.plan.port, binary)
     ask = redis.Redis(port=sentinel_port, socket_timeout=2)
     cluster = Cluster(primary.tcp_url, tmp_path)
     try:
