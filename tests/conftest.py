@@ -185,6 +185,18 @@ class Cluster:
 
         wait_for(ready, timeout_s, "every model ready")
 
+    def start_all(self, gateway: dict[str, Any] | None, timeout_s: float) -> None:
+        """The gateway and one worker per spec, loading in parallel, until every model is ready; on a failure
+        everything started is killed and the error raised (with the end of an exited worker's log)."""
+        try:
+            self.start_gateway(gateway)
+            for name in list(self.specs):
+                self.start_worker(name, wait=False)
+            self.wait_until_serving(timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
     def start_gateway(self, gateway: dict[str, Any] | None = None) -> str:
         """Start the gateway on a free port; `gateway` sets [gateway] keys (e.g. max_body_bytes)."""
         config = self.tmp / "inferline.toml"
