@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,29 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inferline.server.broker import embedded  # noqa: E402
-
-MODEL = '''
-import os
-import time
-from pydantic import BaseModel
-from inferline import Model
-
-
-class Number(BaseModel):
-    x: int
-
-
-class Plus(BaseModel):
-    y: int
-
-
-class Slow(Model):
-    max_batch_size = 1
-
-    def predict(self, batch: list[Number]) -> list[Plus]:
-        time.sleep(float(os.environ.get("BENCH_SLEEP_MS", "80")) / 1000)
-        return [Plus(y=n.x + 1) for n in batch]
-'''
+from tests.served import SLOW_MODEL, cli_process, wait_ready  # noqa: E402
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -116,7 +92,7 @@ async def drive(url: str, burst: int, trickle_per_s: float) -> dict[str, Any]:
 def run(args: argparse.Namespace, enabled: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
-        (where / "slow_model.py").write_text(MODEL)
+        (where / "slow_model.py").write_text(SLOW_MODEL)
         port = embedded.free_port()
         config = where / "inferline.toml"
         config.write_text(
@@ -127,28 +103,10 @@ def run(args: argparse.Namespace, enabled: bool) -> dict[str, Any]:
             f'max_replicas = {args.max_replicas}, target_queue_s = 1, up_delay_s = 1, down_delay_s = 5 }}\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFERLINE_") and k != "REDIS_URL"}
         env.update(PYTHONPATH=str(ROOT), INFERLINE_CONFIG=str(config), BENCH_SLEEP_MS=str(args.sleep_ms))
-        with (where / "up.log").open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "up", "--no-build"], cwd=where,
-                                    env=env, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit((where / "up.log").read_text()[-3000:])
-                try:
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
+        with cli_process(["up", "--no-build"], where, env, where / "up.log", stop_s=60) as proc:
+            wait_ready(proc, where / "up.log", [url])
             return asyncio.run(drive(url, args.burst, args.trickle))
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def main() -> None:

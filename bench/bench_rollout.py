@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inferline.server.broker import embedded, keys  # noqa: E402
+from tests.served import Load, cli_process, wait_ready  # noqa: E402
 from tests.test_rollouts import BEHAVIOUR, MODEL  # noqa: E402
 
 
@@ -45,42 +44,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-class Load:
-    def __init__(self, url: str, clients: int) -> None:
-        self.url = url
-        self.clients = clients
-        self.samples: list[tuple[float, float, int]] = []   # (end, seconds, status)
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(k,), daemon=True) for k in range(clients)]
-
-    def run(self, k: int) -> None:
-        with httpx.Client(timeout=60) as http:
-            i = k
-            while not self.stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    status = http.post(self.url + "/v1/models/echo/predict", json={"x": i}).status_code
-                except httpx.HTTPError:
-                    status = 0
-                self.samples.append((time.monotonic(), time.perf_counter() - t0, status))
-                i += self.clients
-
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-    def phase(self, name: str, start: float, end: float) -> str:
-        rows = [s for s in self.samples if start <= s[0] < end]
-        ms = [s[1] * 1000 for s in rows]
-        failed = sum(1 for s in rows if s[2] != 200)
-        rate = len(rows) / max(end - start, 1e-9)
-        return (f"{name:<22} {end - start:6.1f} s {len(rows):7d} req {rate:7.0f} req/s  failed {failed:4d}  "
-                f"p50 {statistics.median(ms) if ms else float('nan'):6.1f} ms  p99 {percentile(ms, 0.99):6.1f} ms")
+def phase(load: Load, name: str, start: float, end: float) -> str:
+    rows = [a for a in load.answers if start <= a.at < end]
+    ms = [a.seconds * 1000 for a in rows]
+    failed = sum(1 for a in rows if a.status != 200)
+    rate = len(rows) / max(end - start, 1e-9)
+    return (f"{name:<22} {end - start:6.1f} s {len(rows):7d} req {rate:7.0f} req/s  failed {failed:4d}  "
+            f"p50 {statistics.median(ms) if ms else float('nan'):6.1f} ms  p99 {percentile(ms, 0.99):6.1f} ms")
 
 
 def rollout(url: str, version: str) -> tuple[float, float, str]:
@@ -110,44 +80,24 @@ def serving_bench(args: argparse.Namespace) -> None:
                       'replicas = 1\n')
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "INFERLINE_CONFIG": str(config), "PYTHONUNBUFFERED": "1"}
     url = f"http://127.0.0.1:{port}"
-    with (where / "up.log").open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "up", "--no-build"], cwd=where, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise SystemExit("inferline up did not get ready:\n" + (where / "up.log").read_text()[-2000:])
-        load = Load(url, args.clients)
-        load.start()
-        time.sleep(1.0)   # warm-up, not measured
-        t0 = time.monotonic()
-        time.sleep(args.steady)
-        t1 = time.monotonic()
-        r_start, r_end, outcome = rollout(url, "2")
-        time.sleep(1.0)
-        t2 = time.monotonic()
-        time.sleep(args.steady)
-        t3 = time.monotonic()
-        b_start, b_end, back = rollout(url, "1")
-        load.close()
+    with cli_process(["up", "--no-build"], where, env, where / "up.log") as proc:
+        wait_ready(proc, where / "up.log", [url])
+        with Load([url], "echo", clients=args.clients, warm=0) as load:
+            time.sleep(1.0)   # warm-up, not measured
+            t0 = time.monotonic()
+            time.sleep(args.steady)
+            t1 = time.monotonic()
+            r_start, r_end, outcome = rollout(url, "2")
+            time.sleep(1.0)
+            t2 = time.monotonic()
+            time.sleep(args.steady)
+            t3 = time.monotonic()
+            b_start, b_end, back = rollout(url, "1")
         print(f"rollout bench: {args.clients} clients, one worker per version, echo model (CPU), this machine")
-        print(load.phase("steady (version 1)", t0, t1))
-        print(load.phase(f"rollout 1 -> 2 ({outcome})", r_start, r_end))
-        print(load.phase("steady (version 2)", t2, t3))
-        print(load.phase(f"rollback 2 -> 1 ({back})", b_start, b_end))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        print(phase(load, "steady (version 1)", t0, t1))
+        print(phase(load, f"rollout 1 -> 2 ({outcome})", r_start, r_end))
+        print(phase(load, "steady (version 2)", t2, t3))
+        print(phase(load, f"rollback 2 -> 1 ({back})", b_start, b_end))
 
 
 def _script_at(commit: str) -> str:

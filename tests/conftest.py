@@ -3,6 +3,7 @@ gateway process, and quick builds of the demo models. Nothing here mocks what we
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -185,6 +186,18 @@ class Cluster:
 
         wait_for(ready, timeout_s, "every model ready")
 
+    def start_all(self, gateway: dict[str, Any] | None, timeout_s: float) -> None:
+        """The gateway and one worker per spec, loading in parallel, until every model is ready; on a failure
+        everything started is killed and the error raised (with the end of an exited worker's log)."""
+        try:
+            self.start_gateway(gateway)
+            for name in list(self.specs):
+                self.start_worker(name, wait=False)
+            self.wait_until_serving(timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
     def start_gateway(self, gateway: dict[str, Any] | None = None) -> str:
         """Start the gateway on a free port; `gateway` sets [gateway] keys (e.g. max_body_bytes)."""
         config = self.tmp / "inferline.toml"
@@ -225,21 +238,110 @@ def cluster(redis_url: str, rdb: redis.Redis, tmp_path: Path) -> Iterator[Cluste
     c.close()
 
 
+# --------------------------------------------------------------------------------- process sets shared by modules
+# A set of real processes that several modules use as it is starts once, for the first of them, and stops after the
+# last (those modules run one after another: pytest_collection_modifyitems), at the latest when the session ends.
+# Each set saves its start-up (workers loading tensorflow and torch models: 15-25 s on 2 cores) for every module but
+# the first. The modules must leave the set as they found it (nothing here resets it).
+SHARED = {"zoo": ("tests.test_serving", "tests.test_triton", "tests.test_malformed"),
+          "deployment": ("tests.test_client", "tests.test_openapi", "tests.test_contract"),
+          "gpt2": ("tests.test_generation_serving", "tests.test_openai_chat")}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules of each SHARED group run one after another, where the group's first one stood."""
+    group_of = {module: modules[0] for modules in SHARED.values() for module in modules}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(group_of.get(item.module.__name__, item.module.__name__) if isinstance(item, pytest.Function)
+                         else item.nodeid, i)
+
+    def place(i_item: tuple[int, pytest.Item]) -> tuple[int, int, int]:
+        i, item = i_item
+        if not isinstance(item, pytest.Function):
+            return first[item.nodeid], 0, i
+        module = item.module.__name__
+        if module not in group_of:
+            return first[module], 0, i
+        return first[group_of[module]], next(m for m in SHARED.values() if module in m).index(module), i
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=place)]
+
+
+@pytest.fixture(scope="session")
+def shared_sets() -> Iterator[dict[str, tuple[Any, contextlib.ExitStack]]]:
+    sets: dict[str, tuple[Any, contextlib.ExitStack]] = {}
+    yield sets
+    for _, stack in sets.values():
+        stack.close()
+
+
+def shared(request: pytest.FixtureRequest, name: str, start: Callable[[contextlib.ExitStack], Any]) -> Iterator[Any]:
+    """SHARED[name]'s set, for a module fixture: start(stack) makes it, pushing what stops it on the stack, unless it
+    runs already; it stops after the last module of the group that this session runs."""
+    sets: dict[str, tuple[Any, contextlib.ExitStack]] = request.getfixturevalue("shared_sets")
+    if name not in sets:
+        with contextlib.ExitStack() as stack:   # a start that raises stops what it had started
+            started = start(stack)
+            sets[name] = (started, stack.pop_all())
+    yield sets[name][0]
+    users = [item.module.__name__ for item in request.session.items
+             if isinstance(item, pytest.Function) and item.module.__name__ in SHARED[name]]
+    if users and users[-1] == request.module.__name__:
+        sets.pop(name)[1].close()
+
+
+@pytest.fixture(scope="module")
+def zoo(request: pytest.FixtureRequest, redis_url: str, quick_store: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The classic zoo (tests/zoo_cluster.py: cnn, lstm, sentiment), one worker each, and a gateway; a 20 ms batch
+    window, so that concurrent requests are batched (test_serving)."""
+    from tests.zoo_cluster import start_zoo
+
+    def start(stack: contextlib.ExitStack) -> Cluster:
+        cluster = start_zoo(redis_url, quick_store, tmp_path_factory.mktemp("zoo"), max_batch_delay_ms=20)
+        stack.callback(cluster.close)
+        return cluster
+
+    yield from shared(request, "zoo", start)
+
+
+@pytest.fixture(scope="module")
+def deployment(request: pytest.FixtureRequest, quick_store: Path, quick_gpt2: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """tests/sdk_cluster.py's deployment (every route served), on a Redis of its own: no flushdb of a module that
+    runs between its users reaches it."""
+    from tests.sdk_cluster import start_deployment
+
+    def start(stack: contextlib.ExitStack) -> Cluster:
+        tmp = tmp_path_factory.mktemp("sdk")
+        cluster = start_deployment(stack.enter_context(embedded.redis_server(tmp / "redis")), quick_store,
+                                   quick_gpt2, tmp)
+        stack.callback(cluster.close)
+        return cluster
+
+    yield from shared(request, "deployment", start)
+
+
 # --------------------------------------------------------------------------------- the quick gpt2, served
 GPT2_CONTEXT = 256   # n_positions of the quick build (inferline/zoo/gpt2/train.py QUICK)
 
 
 @pytest.fixture(scope="module")
-def served_gpt2(redis_url: str, quick_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One gateway and one generation worker serving the quick gpt2 (task "generate") for a whole test module."""
-    with redis.Redis.from_url(redis_url) as client:
-        client.flushdb()
-    cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation"))
-    cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, timeout_s=60)
-    cluster.start_gateway()
-    cluster.start_worker("gpt2")
-    yield cluster
-    cluster.close()
+def served_gpt2(request: pytest.FixtureRequest, redis_url: str, quick_gpt2: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One gateway and one generation worker serving the quick gpt2 (task "generate"), shared (SHARED["gpt2"])."""
+    def start(stack: contextlib.ExitStack) -> Cluster:
+        with redis.Redis.from_url(redis_url) as client:
+            client.flushdb()
+        cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation"))
+        stack.callback(cluster.close)
+        cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, timeout_s=60)
+        cluster.start_gateway()
+        cluster.start_worker("gpt2")
+        return cluster
+
+    yield from shared(request, "gpt2", start)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,10 @@ class Cluster:
         args = [REDIS_SERVER, *ports, "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                 "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 "--dir", str(d), "--save", "", "--appendonly", "no", "--daemonize", "no",
+                # A replica's first sync at once (not after the default 5 s wait for more replicas to share it), and
+                # the primary's replication PING every second (default 10): CLUSTER SLOTS lists a replica only once
+                # its offset has moved past 0, which on an idle primary only that PING does (wait_ok waited ~10 s).
+                "--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1",
                 "--logfile", str(d / "redis.log")]
         if self.acl is not None:
             args += ["--aclfile", self.acl]

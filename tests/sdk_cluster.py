@@ -40,20 +40,11 @@ def start_deployment(redis_url: str, store: Path, gpt2_store: Path, tmp: Path) -
     """Every model's worker live and /readyz 200, or the cluster closed and the worker's log raised."""
     cluster = Deployment(redis_url, tmp)
     cluster.client.flushdb()
-    try:
-        for name in ZOO:
-            cluster.spec(name, artifact=str(store / name), task=TASKS[name])
-        cluster.spec("gpt2", artifact=str(gpt2_store / "gpt2"), task="generate", max_batch_size=8, timeout_s=60)
-        cluster.spec("echo", model=ECHO)
-        cluster.spec("capped", model=ECHO, max_batch_size=1, queue_cap=1, timeout_s=30)
-        cluster.spec("poison", model=ECHO, visibility_timeout_s=0.5, max_tries=2, timeout_s=60)
-        cluster.start_gateway({"retry_after_s": 1})
-        names = list(cluster.specs)
-        for name in names:
-            cluster.start_worker(name, wait=False)
-
-        cluster.wait_until_serving(240)
-    except BaseException:
-        cluster.close()
-        raise
+    for name in ZOO:
+        cluster.spec(name, artifact=str(store / name), task=TASKS[name])
+    cluster.spec("gpt2", artifact=str(gpt2_store / "gpt2"), task="generate", max_batch_size=8, timeout_s=60)
+    cluster.spec("echo", model=ECHO)
+    cluster.spec("capped", model=ECHO, max_batch_size=1, queue_cap=1, timeout_s=30)
+    cluster.spec("poison", model=ECHO, visibility_timeout_s=0.5, max_tries=2, timeout_s=60)
+    cluster.start_all({"retry_after_s": 1}, 240)
     return cluster

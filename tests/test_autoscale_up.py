@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,30 +19,10 @@ import pytest
 
 from inferline.server.broker import embedded
 from tests.conftest import child_env, wait_for
+from tests.served import SLOW_MODEL, Load, cli_process, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-MODEL = '''
-import time
-from pydantic import BaseModel
-from inferline import Model
-
-
-class Number(BaseModel):
-    x: int
-
-
-class Plus(BaseModel):
-    y: int
-
-
-class Slow(Model):
-    max_batch_size = 1
-
-    def predict(self, batch: list[Number]) -> list[Plus]:
-        time.sleep(0.08)
-        return [Plus(y=n.x + 1) for n in batch]
-'''
 CEILING = min(3, os.cpu_count() or 1)   # autoscaler.machine_ceiling on CPU: the cores over one thread a replica
 
 
@@ -74,7 +51,7 @@ def model_table(name: str, where: Path, replicas: int, timeout_s: float, **autos
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     where = tmp_path_factory.mktemp("autoscale")
-    (where / "slow_model.py").write_text(MODEL)
+    (where / "slow_model.py").write_text(SLOW_MODEL)
     port = embedded.free_port()
     config = where / "inferline.toml"
     config.write_text(
@@ -84,68 +61,34 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         + model_table("lazy", where, 1, 60, min_replicas=0, max_replicas=1, up_delay_s=0, down_delay_s=2)
         + model_table("hasty", where, 0, 0.3, min_replicas=0, max_replicas=1, up_delay_s=0, down_delay_s=2))
     with embedded.redis_server(where / "redis") as redis_url:
-        env = child_env(REDIS_URL=redis_url, INFERLINE_CONFIG=str(config))
         log = where / "up.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "up", "--no-build"], cwd=where,
-                                    env=env, stdout=out, stderr=subprocess.STDOUT)
+        env = child_env(REDIS_URL=redis_url, INFERLINE_CONFIG=str(config))
+        with cli_process(["up", "--no-build"], where, env, log) as proc:
             fleet = Up(f"http://127.0.0.1:{port}", log, proc)
-            try:
-                def ready() -> bool:
-                    assert proc.poll() is None, log.read_text()[-3000:]
-                    try:
-                        return httpx.get(fleet.url + "/readyz", timeout=2).status_code == 200
-                    except httpx.HTTPError:
-                        return False
-                wait_for(ready, 120, "inferline up ready")
-                yield fleet
-            finally:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            wait_ready(proc, log, [fleet.url])
+            yield fleet
 
 
 def test_an_overload_scales_up_drains_and_returns_to_the_minimum(up: Up) -> None:
-    answers: list[tuple[int, int, Any]] = []   # (x, status, body)
-    stop = threading.Event()
     peak = [1]
 
-    def client(k: int) -> None:
-        with httpx.Client(timeout=90) as http:
-            i = k
-            while not stop.is_set():
-                try:
-                    r = http.post(up.url + "/v1/models/busy/predict", json={"x": i})
-                    answers.append((i, r.status_code, r.json()))
-                except httpx.HTTPError as exc:
-                    answers.append((i, 0, repr(exc)))
-                i += 24
+    def scaled() -> bool:
+        peak[0] = max(peak[0], up.live("busy"))
+        return peak[0] >= CEILING
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(24)]   # ~2x one replica
-    for t in threads:
-        t.start()
-    try:
-        def scaled() -> bool:
-            peak[0] = max(peak[0], up.live("busy"))
-            return peak[0] >= CEILING
+    with Load([up.url], "busy", clients=24, warm=0) as load:   # ~2x one replica
         wait_for(scaled, 60, f"busy scaled to {CEILING} live replicas")
         time.sleep(3)   # the overload goes on at the ceiling a while (the load, not an assertion)
         peak[0] = max(peak[0], up.live("busy"))
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=90)
     wait_for(lambda: up.live("busy") == 1, 60, "busy back to 1 replica after the load")
     wait_for(lambda: re.search(r"worker busy#\d drained \(exit 0\)", up.log.read_text()), 30, "scale-in drained")
     assert peak[0] <= CEILING
-    assert answers and all(status == 200 and body["y"] == x + 1 for x, status, body in answers), \
-        [a for a in answers if a[1] != 200][:5]
+    assert load.answers and not load.failed(), load.failed()[:5]
+    assert all(a.body["y"] == a.x + 1 for a in load.answers)
     moves = up.decisions("busy")
     assert moves and moves[0][1] > 1 and moves[-1][1] == 1, moves
     assert all(to <= CEILING for _, to in moves), moves   # never above min(max_replicas, the machine's ceiling)
-    print(f"\nROW autoscale busy: {len(answers)} answered, 0 failed; moves {moves}")
+    print(f"\nROW autoscale busy: {len(load.answers)} answered, 0 failed; moves {moves}")
 
 
 def test_idle_scales_to_zero_and_a_request_wakes_it(up: Up) -> None:

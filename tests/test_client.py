@@ -44,19 +44,11 @@ from inferline.client.types import ChatCompletion, Completion
 from inferline.server.schemas import responses as wire
 from tests.conftest import ROOT, child_env
 from tests.runtimes import EchoAnswer
-from tests.sdk_cluster import Deployment, start_deployment
+from tests.sdk_cluster import Deployment
 from tests.zoo_cluster import TEXTS
 
 pytestmark = pytest.mark.timeout(300)
 SERIES = [5.0, 11, 16, 23, 36, 58, 29, 20, 10, 8, 3, 0, 0, 2, 11, 27, 47, 63, 60, 39, 28, 26, 22, 11]
-
-
-@pytest.fixture(scope="module")
-def deployment(redis_url: str, quick_store: Path, quick_gpt2: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    cluster = start_deployment(redis_url, quick_store, quick_gpt2, tmp_path_factory.mktemp("sdk"))
-    yield cluster
-    cluster.close()
 
 
 @pytest.fixture(scope="module")

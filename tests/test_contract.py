@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +16,9 @@ import pytest
 import tritonclient.http as triton
 
 from inferline.server.broker import embedded
-from tests.conftest import ROOT, Cluster, child_env, wait_for
-from tests.zoo_cluster import Direct, direct, predict_v2, start_zoo
+from tests.conftest import ROOT, Cluster, child_env
+from tests.served import cli_process, wait_ready
+from tests.zoo_cluster import Direct, direct, predict_v2
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -43,29 +41,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (where / "models").mkdir()
     (where / "models" / "__init__.py").write_text('raise ImportError("inferline imported the user\'s own models")\n')
     port = embedded.free_port()
-    log = (where / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "serve", "digits.py:TinyCNN",
-                             "--port", str(port)],
-                            cwd=where, env=child_env(PYTHONPATH=str(ROOT)), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert proc.poll() is None, (where / "serve.log").read_text()[-3000:]
-        try:
-            return httpx.get(url + "/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, 120, "inferline serve ready")
+    log = where / "serve.log"
+    with cli_process(["serve", "digits.py:TinyCNN", "--port", str(port)], where, child_env(PYTHONPATH=str(ROOT)),
+                     log) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(proc, log, [url])
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def tiny_cnn() -> Any:
@@ -147,19 +128,13 @@ def test_a_tensor_only_row_checked_per_column_still_names_a_bad_row(served: str)
 
 # The transformer zoo model, written only against the contract -------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def transformer_zoo(redis_url: str, quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_zoo(redis_url, quick_store, tmp_path_factory.mktemp("transformer"), models=("transformer",))
-    yield cluster
-    cluster.close()
-
-
-def test_transformer_on_its_task_route_and_v2(transformer_zoo: Cluster, quick_store: Path) -> None:
+def test_transformer_on_its_task_route_and_v2(deployment: Cluster, quick_store: Path) -> None:
+    """On the shared SDK deployment (tests/conftest.py), which serves it as start_zoo does."""
     model: Direct = direct(quick_store, "transformer")
     metrics = model.manifest["metrics"]
     assert metrics["accuracy"] > metrics["majority_baseline"]
     texts = ["I love this, what a wonderful day", "worst service ever, never again", "thanks so much"]
-    with httpx.Client(base_url=transformer_zoo.url, timeout=30) as http:
+    with httpx.Client(base_url=deployment.url, timeout=30) as http:
         one = http.post("/classify-text", json={"text": texts[0]}).json()
         (want,) = model.model.predict([model.signature.request(text=texts[0])])   # type: ignore[misc]
         assert one == {"model": "transformer", "version": model.version, "label": want.label,

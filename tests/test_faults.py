@@ -26,7 +26,17 @@ import redis
 
 from inferline.server.broker import embedded, keys
 from tests.conftest import GPT2_PROMPTS, ROOT, Cluster, child_env, live_workers, wait_for
-from tests.faults import GRACE_S, Outcome, PrivateRedis, Row, first_ok_after, printed_rows, run_load
+from tests.faults import (
+    GRACE_S,
+    STEADY_S,
+    Outcome,
+    PrivateRedis,
+    Row,
+    first_ok_after,
+    printed_rows,
+    run_load,
+    start_sentinel,
+)
 from tests.test_up import alive, children, cmdline
 
 pytestmark = pytest.mark.timeout(300)
@@ -95,7 +105,7 @@ def test_kill_9_batch_worker_its_requests_are_claimed_at_once(echo_cluster: Clus
 
     async def fault() -> None:
         nonlocal killed_at
-        await asyncio.sleep(3)
+        await asyncio.sleep(STEADY_S)
         entries = await asyncio.to_thread(
             wait_for, lambda: client.xpending_range(stream, keys.GROUP, "-", "+", 100, consumername=victim_id), 10,
             "the victim holding requests")
@@ -106,7 +116,7 @@ def test_kill_9_batch_worker_its_requests_are_claimed_at_once(echo_cluster: Clus
             if fields:
                 held.append(fields[0][1][b"id"].decode())
 
-    outcomes = asyncio.run(run_load(lambda i: ("echo", url, echo_body(i, 0.2)), {"echo": deadline}, CLIENTS, 15,
+    outcomes = asyncio.run(run_load(lambda i: ("echo", url, echo_body(i, 0.2)), {"echo": deadline}, CLIENTS, 13,
                                     fault))
     by_id = {o.request_id: o for o in outcomes}
     assert held, "the victim held no request when it was killed"
@@ -139,7 +149,7 @@ def test_kill_9_gateway_loses_only_what_it_held(echo_cluster: Cluster, rows: lis
     successor: list[subprocess.Popen[bytes]] = []
 
     async def fault() -> None:
-        await asyncio.sleep(3)
+        await asyncio.sleep(STEADY_S)
         assert echo_cluster.gateway is not None
         echo_cluster.gateway.kill()
         marks["killed"] = time.monotonic()
@@ -158,7 +168,7 @@ def test_kill_9_gateway_loses_only_what_it_held(echo_cluster: Cluster, rows: lis
 
     try:
         outcomes = asyncio.run(run_load(lambda i: ("echo", url, echo_body(i, 0.05)), {"echo": ECHO_DEADLINE_S},
-                                        CLIENTS, 12, fault))
+                                        CLIENTS, 10, fault))
     finally:
         for proc in successor:
             proc.kill()
@@ -247,7 +257,7 @@ def redis_fault(served: Cluster, rows: list[Row], name: str, duration_s: float, 
     before = log_sizes(served)
 
     async def fault() -> None:
-        await asyncio.sleep(3)
+        await asyncio.sleep(STEADY_S)
         back.append(await act())
 
     outcomes = asyncio.run(run_load(mixed(served.url), DEADLINES, CLIENTS, duration_s, fault))
@@ -268,7 +278,7 @@ def test_redis_killed_and_restarted_empty(served: Cluster, fault_redis: PrivateR
         fault_redis.start()   # same URL, no data: groups, reply streams, metadata are all gone
         return time.monotonic()
 
-    redis_fault(served, rows, "Redis kill -9, restarted empty after 1 s", 14, act)
+    redis_fault(served, rows, "Redis kill -9, restarted empty after 1 s", 12, act)
 
 
 def test_flushall_under_load(served: Cluster, fault_redis: PrivateRedis, rows: list[Row]) -> None:
@@ -276,7 +286,7 @@ def test_flushall_under_load(served: Cluster, fault_redis: PrivateRedis, rows: l
         await asyncio.to_thread(redis.Redis.from_url(fault_redis.url).flushall)
         return time.monotonic()
 
-    redis_fault(served, rows, "FLUSHALL under load", 12, act)
+    redis_fault(served, rows, "FLUSHALL under load", 10, act)
 
 
 def test_redis_stopped_10_s(served: Cluster, fault_redis: PrivateRedis, rows: list[Row]) -> None:
@@ -294,7 +304,7 @@ def test_redis_stopped_10_s(served: Cluster, fault_redis: PrivateRedis, rows: li
         fault_redis.resume()
         return time.monotonic()
 
-    redis_fault(served, rows, "Redis SIGSTOP 10 s", 20, act)
+    redis_fault(served, rows, "Redis SIGSTOP 10 s", 18, act)
     ((seconds, response),) = readyz
     assert response.status_code == 503 and seconds < 4
     assert response.json()["redis"] == "unreachable: TimeoutError" and "redis" in response.json()["error"]
@@ -379,28 +389,22 @@ def test_a_poison_generation_request_leaves_its_batch_mates_alone(served: Cluste
 
 # --- Sentinel failover --------------------------------------------------------------------------------------------
 
-def sentinel_binary() -> list[str]:
+def sentinel_binary() -> str:
     found = shutil.which("redis-sentinel")
     if found:
-        return [found]
+        return found
     pytest.skip("redis-sentinel is not installed (scripts/test.sh installs Debian's redis-sentinel where it can)")
 
 
 def test_sentinel_failover(tmp_path: Path, rows: list[Row]) -> None:
     """A primary, its replica and one sentinel (quorum 1). The gateway and worker reach Redis through
     redis+sentinel://; the primary is killed under load: the replica is promoted and serving resumes on it."""
-    command = sentinel_binary()
+    binary = sentinel_binary()
     primary = PrivateRedis(tmp_path / "primary")
     primary.start()
     replica = PrivateRedis(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.plan.port)])
     replica.start()
-    sentinel_port = embedded.free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"sentinel monitor main 127.0.0.1 {primary.plan.port} 1\n"
-                    "sentinel down-after-milliseconds main 1000\nsentinel failover-timeout main 5000\n")
-    sentinel = subprocess.Popen([*command, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    sentinel, sentinel_port = start_sentinel(tmp_path, primary.plan.port, binary)
     ask = redis.Redis(port=sentinel_port, socket_timeout=2)
     cluster = Cluster(primary.tcp_url, tmp_path)
     try:
@@ -412,7 +416,7 @@ def test_sentinel_failover(tmp_path: Path, rows: list[Row]) -> None:
         marks: dict[str, float] = {}
 
         async def fault() -> None:
-            await asyncio.sleep(3)
+            await asyncio.sleep(STEADY_S)
             primary.kill()
             marks["killed"] = time.monotonic()
             await asyncio.to_thread(
@@ -421,7 +425,7 @@ def test_sentinel_failover(tmp_path: Path, rows: list[Row]) -> None:
             marks["promoted"] = time.monotonic()
 
         outcomes = asyncio.run(run_load(lambda i: ("echo", url, echo_body(i, 0.02)), {"echo": ECHO_DEADLINE_S},
-                                        CLIENTS, 16, fault))
+                                        CLIENTS, 14, fault))
         assert_within_deadlines(outcomes, {"echo": ECHO_DEADLINE_S})
         assert {o.status for o in outcomes} <= {200, 503, 504}
         recovered = first_ok_after(outcomes, "echo", marks["promoted"])

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Cluster, live_workers
-from tests.zoo_cluster import MODELS, start_zoo
+from tests.zoo_cluster import MODELS
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -253,9 +253,13 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def zoo(redis_url: str, quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_zoo(redis_url, quick_store, tmp_path_factory.mktemp("malformed"),
-                        gateway={"max_body_bytes": MAX_BODY})
+def zoo(zoo: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The shared zoo's workers (tests/conftest.py) behind a gateway of this module's own: max_body_bytes =
+    MAX_BODY."""
+    cluster = Cluster(zoo.redis_url, tmp_path_factory.mktemp("malformed"))
+    cluster.specs = dict(zoo.specs)
+    cluster.start_gateway({"max_body_bytes": MAX_BODY})
+    cluster.wait_until_serving(60)
     yield cluster
     cluster.close()
 

@@ -8,7 +8,6 @@ import base64
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -23,20 +22,12 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 from inferline.client.tensors import encode_request
-from tests.sdk_cluster import Deployment, start_deployment
+from tests.sdk_cluster import Deployment
 from tests.zoo_cluster import TEXTS
 
 pytestmark = pytest.mark.timeout(300)
 JSON = "application/json"
 SERIES = [5.0, 11, 16, 23, 36, 58, 29, 20, 10, 8, 3, 0, 0, 2, 11, 27, 47, 63, 60, 39, 28, 26, 22, 11]
-
-
-@pytest.fixture(scope="module")
-def deployment(redis_url: str, quick_store: Path, quick_gpt2: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    cluster = start_deployment(redis_url, quick_store, quick_gpt2, tmp_path_factory.mktemp("openapi"))
-    yield cluster
-    cluster.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 
 from inferline.server.broker import embedded
 from tests.conftest import ROOT, child_env, wait_for
+from tests.served import Load, cli_process, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -94,49 +93,17 @@ class Fleet:
         return {v["version"]: v for v in echo["versions"]}
 
 
-@dataclass
-class Load:
-    """CLIENTS threads, each sending {"x": i} to the gateways in turn until stopped; every answer is kept."""
+def under_load(fleet: Fleet, both: bool = True) -> Load:
+    """CLIENTS closed-loop clients on the echo model, over both gateways (or the first)."""
+    return Load([fleet.url, fleet.url2] if both else [fleet.url], "echo", clients=CLIENTS)
 
-    urls: list[str]
-    answers: list[tuple[float, int, str, dict[str, Any], int]] = field(default_factory=list)   # t, status, header...
-    stop_flag: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
 
-    def run(self, k: int) -> None:
-        with httpx.Client(timeout=60) as http:
-            i = k
-            while not self.stop_flag.is_set():
-                url = self.urls[i % len(self.urls)]
-                try:
-                    r = http.post(url + "/v1/models/echo/predict", json={"x": i})
-                    self.answers.append((time.monotonic(), r.status_code, r.headers.get("x-model-version", ""),
-                                         r.json(), i))
-                except httpx.HTTPError as exc:   # counted as a failure
-                    self.answers.append((time.monotonic(), 0, "", {"error": repr(exc)}, i))
-                i += CLIENTS
-
-    def __enter__(self) -> Load:
-        self.threads = [threading.Thread(target=self.run, args=(k,), daemon=True) for k in range(CLIENTS)]
-        for t in self.threads:
-            t.start()
-        wait_for(lambda: len(self.answers) >= 20, 30, "load answered")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-    def failed(self) -> list[Any]:
-        return [a for a in self.answers if a[1] != 200]
-
-    def check_answers(self) -> None:
-        """Every 200 names its version in the header and the body, and has that version's output."""
-        for _, status, header, body, x in self.answers:
-            if status == 200:
-                assert header == body["version"], (header, body)
-                assert body["y"] == x + BEHAVIOUR[header]["add"], (x, body)
+def check_answers(load: Load) -> None:
+    """Every 200 names its version in the header and the body, and has that version's output."""
+    for a in load.answers:
+        if a.status == 200:
+            assert a.version == a.body["version"], a
+            assert a.body["y"] == a.x + BEHAVIOUR[a.version]["add"], a
 
 
 @pytest.fixture(scope="module")
@@ -156,30 +123,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with embedded.redis_server(where / "redis") as redis_url:
         env = child_env(REDIS_URL=redis_url, INFERLINE_CONFIG=str(config))
         up_log = where / "up.log"
-        with up_log.open("wb") as out, (where / "gateway2.log").open("wb") as out2:
-            proc = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "up", "--no-build"], cwd=where,
-                                    env=env, stdout=out, stderr=subprocess.STDOUT)
-            second = subprocess.Popen([sys.executable, "-m", "inferline.server.cli", "gateway", "--port", str(port2)],
-                                      cwd=where, env=env, stdout=out2, stderr=subprocess.STDOUT)
+        with cli_process(["up", "--no-build"], where, env, up_log) as proc, \
+                cli_process(["gateway", "--port", str(port2)], where, env, where / "gateway2.log"):
             fleet = Fleet(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port2}", up_log, proc)
-            try:
-                def ready() -> bool:
-                    assert proc.poll() is None, up_log.read_text()[-3000:]
-                    try:
-                        return all(httpx.get(u + "/readyz", timeout=2).status_code == 200
-                                   for u in (fleet.url, fleet.url2))
-                    except httpx.HTTPError:
-                        return False
-                wait_for(ready, 120, "inferline up and a second gateway ready")
-                yield fleet
-            finally:
-                for p in (second, proc):
-                    p.send_signal(signal.SIGINT)
-                for p in (second, proc):
-                    try:
-                        p.wait(timeout=40)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+            wait_ready(proc, up_log, [fleet.url, fleet.url2])
+            yield fleet
 
 
 def drained(fleet: Fleet, version: str) -> None:
@@ -200,34 +148,34 @@ def test_the_pinned_version_serves_and_names_itself(fleet: Fleet) -> None:
 
 
 def test_rollout_and_rollback_under_load_fail_no_request(fleet: Fleet) -> None:
-    with Load([fleet.url, fleet.url2]) as load:
+    with under_load(fleet) as load:
         started = time.monotonic()
         assert fleet.rollout("2")["state"] == "starting"
         state = fleet.settled("done", "rolled_back")
         assert state["state"] == "done", state
         done_at = time.monotonic()
-        wait_for(lambda: sum(1 for a in load.answers if a[0] > done_at) >= 50, 30, "answers after the rollout")
+        wait_for(lambda: len(load.since(done_at)) >= 50, 30, "answers after the rollout")
     assert not load.failed(), load.failed()[:5]
-    load.check_answers()
+    check_answers(load)
     print(f"\nROW rollout 1 -> 2 under load: {len(load.answers)} requests, {len(load.failed())} failed; done "
           f"{done_at - started:.1f} s after the POST")
-    before = [a[2] for a in load.answers if a[0] < started]
-    after = [a[2] for a in load.answers if a[0] > done_at]
+    before = [a.version for a in load.answers if a.at < started]
+    after = [a.version for a in load.since(done_at)]
     assert set(before) == {"1"} and set(after) == {"2"}, (set(before), set(after))
     drained(fleet, "1")
     assert fleet.versions()["2"]["live"] and "1" not in fleet.versions()
 
     # the CLI's rollback: back to 1, under load, the same
-    with Load([fleet.url, fleet.url2]) as load:
+    with under_load(fleet) as load:
         cli = subprocess.run([sys.executable, "-m", "inferline.server.cli", "rollback", "echo", "--url", fleet.url,
                               "--wait"], env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0, cli.stdout + cli.stderr
         assert "2 -> 1 done" in cli.stdout, cli.stdout
         done_at = time.monotonic()
-        wait_for(lambda: sum(1 for a in load.answers if a[0] > done_at) >= 50, 30, "answers after the rollback")
+        wait_for(lambda: len(load.since(done_at)) >= 50, 30, "answers after the rollback")
     assert not load.failed(), load.failed()[:5]
-    load.check_answers()
-    assert {a[2] for a in load.answers if a[0] > done_at} == {"1"}
+    check_answers(load)
+    assert {a.version for a in load.since(done_at)} == {"1"}
     drained(fleet, "2")
 
 
@@ -258,11 +206,11 @@ def test_a_canary_gets_its_share_on_both_gateways_and_promote_moves_all(fleet: F
 
 
 def test_a_version_that_fails_most_requests_rolls_back_by_itself(fleet: Fleet) -> None:
-    with Load([fleet.url, fleet.url2]) as load:
+    with under_load(fleet) as load:
         fleet.rollout("3")
         state = fleet.settled("rolled_back")
         back_at = time.monotonic()
-        wait_for(lambda: sum(1 for a in load.answers if a[0] > back_at) >= 50, 30, "answers after the rollback")
+        wait_for(lambda: len(load.since(back_at)) >= 50, 30, "answers after the rollback")
     assert state["automatic_rollback"] and "failed" in state["reason"] and "5%" in state["reason"], state
     failed = load.failed()
     print(f"\nROW automatic rollback (predict fails 9 in 10): {len(load.answers)} requests, {len(failed)} failed; "
@@ -270,24 +218,24 @@ def test_a_version_that_fails_most_requests_rolls_back_by_itself(fleet: Fleet) -
     # The guard trips in the same Redis step as the failure that passes 5% of the 200-request window (10): what
     # fails beyond that was already on version 3's lane, at most one request per client and one batch.
     assert 0 < len(failed) <= 10 + 2 * CLIENTS, len(failed)
-    assert all(a[1] == 500 for a in failed), failed[:3]
-    assert {a[2] for a in load.answers if a[0] > back_at} == {"2"}
+    assert all(a.status == 500 for a in failed), failed[:3]
+    assert {a.version for a in load.since(back_at)} == {"2"}
     assert state["failures"]["3"] > 10
-    load.check_answers()
+    check_answers(load)
     metrics = httpx.get(fleet.url + "/metrics", timeout=10).text
     assert 'inferline_automatic_rollbacks_total{model="echo"} 1.0' in metrics
     drained(fleet, "3")
 
 
 def test_a_version_that_cannot_load_gets_no_traffic_and_rolls_back(fleet: Fleet) -> None:
-    with Load([fleet.url]) as load:
+    with under_load(fleet, both=False) as load:
         fleet.rollout("4")
         state = fleet.settled("rolled_back")
     assert state["automatic_rollback"] and "cannot load: its weights are corrupt" in state["reason"], state
     assert not load.failed(), load.failed()[:5]
     print(f"\nROW automatic rollback (setup raises): {len(load.answers)} requests, {len(load.failed())} failed; "
           f"{(state['finished_ms'] - state['started_ms']) / 1000:.1f} s to rolled_back: {state['reason']}")
-    assert {a[2] for a in load.answers} == {"2"}
+    assert {a.version for a in load.answers} == {"2"}
     metrics = httpx.get(fleet.url + "/metrics", timeout=10).text
     assert 'inferline_automatic_rollbacks_total{model="echo"} 2.0' in metrics
 
@@ -300,21 +248,21 @@ def test_scale_up_down_to_zero_and_back_under_load(fleet: Fleet) -> None:
         r = fleet.admin("POST", "/admin/models/echo/scale", {"replicas": n})
         assert r.status_code == 200 and r.json()["replicas"] == n and r.json()["version"] == "2", r.text
 
-    with Load([fleet.url, fleet.url2]) as load:
+    with under_load(fleet) as load:
         scale(3)
         wait_for(lambda: live() == 3, 60, "3 live replicas")
         scale(0)
         wait_for(lambda: live() == 0, 60, "no live replica")
         parked_at = time.monotonic()
         time.sleep(1.0)   # requests now wait in the queue, not refused
-        assert not [a for a in load.answers if a[0] > parked_at + 0.5], "answered with no replica"
+        assert not load.since(parked_at + 0.5), "answered with no replica"
         scale(1)
         wait_for(lambda: live() == 1, 60, "a replica back")
         back_at = time.monotonic()
-        wait_for(lambda: sum(1 for a in load.answers if a[0] > back_at) >= 50, 30, "answers after scaling back")
+        wait_for(lambda: len(load.since(back_at)) >= 50, 30, "answers after scaling back")
     assert not load.failed(), load.failed()[:5]   # the drained workers answered what they held; the parked ones too
-    load.check_answers()
-    slowest = max(b[0] - a[0] for a, b in zip(load.answers, load.answers[1:], strict=False))
+    check_answers(load)
+    slowest = max(b.at - a.at for a, b in zip(load.answers, load.answers[1:], strict=False))
     print(f"\nROW scale 1 -> 3 -> 0 -> 1 under load: {len(load.answers)} requests, {len(load.failed())} failed; "
           f"longest gap between answers {slowest:.1f} s (the time at 0 replicas)")
     bad = fleet.admin("POST", "/admin/models/echo/scale", {"replicas": -1})

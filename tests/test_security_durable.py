@@ -24,6 +24,7 @@ from inferline.server.broker import embedded
 from inferline.server.gateway.throttle import BURST
 from tests.conftest import Cluster, child_env, wait_for
 from tests.security_cluster import ECHO, bearer, create_key, start_gateway
+from tests.served import wait_ready
 from tests.test_up import alive, children, cmdline, process_tree
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,15 +50,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]
     log = tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     with process_tree(["serve", ECHO, "--name", "echo", "--port", str(port)], tmp_path, log, child_env()) as proc:
-
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                return httpx.get(url + "/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, "inferline serve up")
+        wait_ready(proc, log, [url], 60, path="/healthz")
         yield proc, url, tmp_path
 
 

@@ -26,7 +26,6 @@ from tests.zoo_cluster import (
     direct,
     predict_task,
     predict_v2,
-    start_zoo,
     v2_expected,
 )
 
@@ -34,14 +33,6 @@ pytestmark = pytest.mark.timeout(240)
 
 
 # Fixtures ------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def zoo(redis_url: str, quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    # A 20 ms window: under concurrent load the workers gather batches (test_concurrent_...).
-    cluster = start_zoo(redis_url, quick_store, tmp_path_factory.mktemp("serving"), max_batch_delay_ms=20)
-    yield cluster
-    cluster.close()
-
 
 def require_request_id(response: httpx.Response) -> None:
     assert response.headers.get("x-request-id"), f"{response.request.method} {response.request.url} has no x-request-id"

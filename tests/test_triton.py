@@ -13,18 +13,11 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import Cluster
-from tests.zoo_cluster import TEXTS, Direct, direct, predict_v2, start_zoo
+from tests.zoo_cluster import TEXTS, Direct, direct, predict_v2
 
 pytestmark = pytest.mark.timeout(240)
 
 MODELS = ("cnn", "sentiment")
-
-
-@pytest.fixture(scope="module")
-def zoo(redis_url: str, quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_zoo(redis_url, quick_store, tmp_path_factory.mktemp("triton"), models=MODELS)
-    yield cluster
-    cluster.close()
 
 
 @pytest.fixture(scope="module")

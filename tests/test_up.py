@@ -20,6 +20,7 @@ import redis
 
 from inferline.server.broker import embedded
 from tests.conftest import ROOT, child_env, live_workers, wait_for
+from tests.served import wait_ready
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -97,16 +98,8 @@ def up(quick_store: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byt
 
 def test_up_serves_restarts_a_killed_worker_and_stops_cleanly(up: tuple[subprocess.Popen[bytes], str, Path]) -> None:
     proc, url, log = up
-
-    def ready() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(url + "/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     started = time.monotonic()
-    wait_for(ready, 120, "inferline up ready")
+    wait_ready(proc, log, [url])
     print(f"ready in {time.monotonic() - started:.1f} s")
     match = re.search(r"started a private Redis at ((?:redis|unix)://\S+)", log.read_text())
     assert match, log.read_text()
@@ -178,14 +171,7 @@ def test_up_rotates_the_access_log_at_its_size(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     logs = tmp_path / ".inferline" / "logs"
     try:
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                return httpx.get(url + "/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, "inferline up's gateway")
+        wait_ready(proc, log, [url], 60, path="/healthz")
         with httpx.Client(timeout=10) as client:
             for _ in range(300):
                 assert client.get(url + "/healthz").status_code == 200

@@ -37,17 +37,9 @@ def start_zoo(redis_url: str, store: Path, tmp: Path, models: tuple[str, ...] = 
     The caller closes it."""
     cluster = Cluster(redis_url, tmp)
     cluster.client.flushdb()
-    try:
-        for name in models:
-            cluster.spec(name, artifact=str(store / name), task=TASKS[name], **spec)
-        cluster.start_gateway(gateway)
-        for name in models:
-            cluster.start_worker(name, wait=False)
-
-        cluster.wait_until_serving(180)
-    except BaseException:
-        cluster.close()
-        raise
+    for name in models:
+        cluster.spec(name, artifact=str(store / name), task=TASKS[name], **spec)
+    cluster.start_all(gateway, 180)
     return cluster
 
 
