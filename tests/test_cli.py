@@ -5,6 +5,7 @@ show the live models; down stops it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -158,8 +159,18 @@ def test_top_in_a_terminal_shows_each_model(up: Up) -> None:
                 break
     finally:
         os.kill(pid, 2)
-        os.waitpid(pid, 0)
+        # Read the terminal until top has exited: a top caught writing a frame into a full pseudo-terminal flushes
+        # the rest on its way out, and would wait for ever for a reader (a real terminal always reads).
+        stop_by = time.monotonic() + 20
+        while (ended := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < stop_by:
+            with contextlib.suppress(OSError):
+                while select.select([fd], [], [], 0.05)[0]:
+                    os.read(fd, 65536)
+        if ended == (0, 0):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
         os.close(fd)
+    assert ended != (0, 0) and os.waitstatus_to_exitcode(ended[1]) == 0, "top did not exit 0 within 20 s of Ctrl-C"
     assert frame.startswith("inferline top"), screen[-3000:]
     rows = top_rows(frame)
     assert {"lstm", "cnn", "gpt2"} <= set(rows), frame
