@@ -26,6 +26,7 @@ class RecordingTransport(asyncio.Transport):
         self.writes: list[bytes] = []
         self.closed = False
         self.peer = peer
+        self.protocol: Any = None   # what serve() connected it to, for later reads
 
     def write(self, data: Any) -> None:
         self.writes.append(bytes(data))
@@ -51,6 +52,7 @@ def serve(app: Any, request: bytes, protocol_class: Any = None, peer: str = "127
     config.load()
     protocol = (protocol_class or protocol_for(GatewaySettings()))(config, ServerState(), app_state={})
     transport = RecordingTransport(peer)
+    transport.protocol = protocol
     protocol.connection_made(transport)
     if request:
         protocol.data_received(request)
@@ -135,6 +137,33 @@ def test_a_stalled_body_is_answered_408_in_its_routes_shape_then_closed() -> Non
         error = orjson.loads(body)["error"]   # the OpenAI family's shape
         assert error["param"] == "body" and "gateway.body_timeout_s" in error["message"], error
         assert whole.writes[0].startswith(b"HTTP/1.1 200") and not whole.closed   # its body came in time
+
+    asyncio.run(main())
+
+
+async def refuse_big_unread(scope: Any, receive: Any, send: Any) -> None:
+    """413 for /big without reading its body (as the body bound does); 200 for anything else."""
+    if scope["path"] != "/big":
+        await answer_ok(scope, receive, send)
+        return
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"no"})
+
+
+def test_a_body_still_coming_after_its_answer_is_not_the_next_requests_headers() -> None:
+    """A kept-alive connection whose request was answered before its body ended (a 413): the rest of that body,
+    however long, is not counted against the next request's header bound (it was: the next request got a 431)."""
+    async def main() -> None:
+        size = 4 * GatewaySettings().max_header_bytes
+        transport = serve(refuse_big_unread, b"POST /big HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size
+                          + b"x" * 100)
+        await asyncio.sleep(0.05)
+        assert transport.writes[0].startswith(b"HTTP/1.1 413"), transport.writes
+        protocol = transport.protocol
+        protocol.data_received(b"x" * (size - 100))   # the rest of the refused body, after its answer
+        protocol.data_received(REQUEST)
+        await asyncio.sleep(0.05)
+        assert [w[:12] for w in transport.writes] == [b"HTTP/1.1 413", b"HTTP/1.1 200"], transport.writes
 
     asyncio.run(main())
 

@@ -212,11 +212,16 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self.in_body = False
+        if self.requests == 0:     # answered before its body ended (a 413, say): what comes next is a new request
+            self.in_headers = True
         self._disarm_body()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        self.in_headers = True     # the timer is armed by the next request's first byte
+        # The timer is armed by the next request's first byte. A request answered before its body ended still has
+        # body to come: those bytes are not the next request's headers (counted as such, a kept-alive client's next
+        # request met a 431), so the headers begin when that body ends (on_message_complete).
+        self.in_headers = not self.in_body
         self.header_bytes = 0
         self.requests = max(0, self.requests - 1)
         if self.requests == 0 and self.admitted and not self.transport.is_closing():
