@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,7 +271,7 @@ class Sender:
             acked = asyncio.gather(*(batcher.submit(script, args, 2) for script, args in acks))
             batcher.flush()
             both = asyncio.gather(written, acked)
-            both.add_done_callback(lambda both: _chain_both(both, done))
+            both.add_done_callback(lambda both: _chain(both, done, lambda pair: _after(*pair)))
             self.sending.add(done)
             done.add_done_callback(self.sending.discard)
             return done
@@ -339,7 +339,8 @@ class Sender:
         assert self.batcher is not None
         for acks, done, written in self._take_due():
             acked = asyncio.gather(*(self.batcher.submit(script, args, 2) for script, args in acks))
-            acked.add_done_callback(functools.partial(_chain, done=done, written=written))
+            prefixed: Callable[[list[Any]], list[Any]] = functools.partial(_after, written)
+            acked.add_done_callback(functools.partial(_chain, done=done, results=prefixed))
 
     async def drain(self) -> None:
         """Wait until everything sent is run by Redis, or failed."""
@@ -375,24 +376,18 @@ class Sender:
         return [d for d, score in zip(deliveries, scores, strict=True) if score is None]
 
 
-def _chain_both(both: asyncio.Future[Any], done: asyncio.Future[list[Any]]) -> None:
+def _chain(source: asyncio.Future[Any], done: asyncio.Future[list[Any]],
+           results: Callable[[Any], list[Any]]) -> None:
+    """Settle a send's `done` from the future its last step ran in: its error, or results(its result)."""
     if done.done():
         return
-    if both.cancelled():
+    if source.cancelled():
         done.set_exception(RuntimeError("send cancelled"))
-    elif (error := both.exception()) is not None:
+    elif (error := source.exception()) is not None:
         done.set_exception(error)
     else:
-        written, acked = both.result()
-        done.set_result([*written, *acked])
+        done.set_result(results(source.result()))
 
 
-def _chain(acked: asyncio.Future[Any], done: asyncio.Future[list[Any]], written: list[Any]) -> None:
-    if done.done():
-        return
-    if acked.cancelled():
-        done.set_exception(RuntimeError("send cancelled"))
-    elif (error := acked.exception()) is not None:
-        done.set_exception(error)
-    else:
-        done.set_result([*written, *acked.result()])
+def _after(written: list[Any], acked: list[Any]) -> list[Any]:
+    return [*written, *acked]
