@@ -33,15 +33,18 @@ def test_priority_rules() -> None:
     assert [lane_cap(8, p) for p in keys.PRIORITIES] == [10, 8, 4]   # high over the cap, low half of it
 
 
-async def timed_posts(url: str, n: int, lane: str, sleep_s: float, start: float = 0.0) -> list[tuple[int, float]]:
-    """n requests at once on `lane`, after `start` seconds: (status, seconds to answer) each."""
+async def timed_posts(url: str, n: int, lane: str, sleep_s: float,
+                      start: float = 0.0) -> list[tuple[int, float, float]]:
+    """n requests at once on `lane`, after `start` seconds: (status, seconds to answer, perf_counter when answered)
+    each."""
     await asyncio.sleep(start)
 
-    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, float]:
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, float, float]:
         began = time.perf_counter()
         r = await client.post(url, json=v2_body(i, sleep_s=sleep_s), headers={"x-priority": lane})
         assert r.status_code != 200 or r.headers["x-priority"] == lane, r.headers
-        return r.status_code, time.perf_counter() - began
+        done = time.perf_counter()
+        return r.status_code, done - began, done
 
     async with httpx.AsyncClient(timeout=120) as client:
         return await asyncio.gather(*[one(client, i) for i in range(n)])
@@ -55,18 +58,23 @@ def test_high_jumps_a_low_backlog_from_another_gateway_and_low_is_all_served(clu
     first = cluster.start_gateway()
     second = start_gateway(cluster, "second")
     cluster.start_worker("echo")
+    for gateway in (first, second):   # warm: a gateway's first request (connections, the model's record) is not timed
+        assert httpx.post(gateway + INFER.format("echo"), json=v2_body(1), timeout=30).status_code == 200
 
-    async def both() -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    async def both() -> tuple[list[tuple[int, float, float]], list[tuple[int, float, float]]]:
         return await asyncio.gather(timed_posts(first + INFER.format("echo"), 40, "low", 0.05),
                                     timed_posts(second + INFER.format("echo"), 8, "high", 0.05, start=0.3))
 
     low, high = asyncio.run(both())
-    assert [s for s, _ in low] == [200] * 40 and [s for s, _ in high] == [200] * 8   # every low one answered
-    low_median = statistics.median(t for _, t in low)
-    high_median = statistics.median(t for _, t in high)
-    print(f"high median {high_median * 1e3:.0f} ms, low median {low_median * 1e3:.0f} ms, low max "
-          f"{max(t for _, t in low) * 1e3:.0f} ms")
-    assert high_median < low_median / 2, (high_median, low_median)
+    assert [s for s, *_ in low] == [200] * 40 and [s for s, *_ in high] == [200] * 8   # every low one answered
+    # Judged by order, not by latency (a loaded machine stretches every latency alike, CI's once made high's median
+    # 0.56 of low's): when the highs arrive ~34 lows wait; with priority the 8 highs take at most 11 batches (every
+    # 4th read takes low first), so ~25 lows or more are answered after the last high; first in, first out: none.
+    last_high = max(done for *_, done in high)
+    lows_after = sum(done > last_high for *_, done in low)
+    print(f"high median {statistics.median(t for _, t, _ in high) * 1e3:.0f} ms, low median "
+          f"{statistics.median(t for _, t, _ in low) * 1e3:.0f} ms, {lows_after} of 40 lows answered after every high")
+    assert lows_after >= 20, lows_after
 
 
 @pytest.mark.slow
