@@ -11,6 +11,8 @@ cluster tests share one per module, and a failover test can kill a node (`kill`,
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import shutil
 import signal
 import socket
@@ -38,22 +40,34 @@ def cluster_support() -> str | None:
     return None
 
 
+# Cluster nodes listen below Linux's ephemeral range (32768-60999 by default), bus ports (+10000) included, so that
+# no outgoing connection or OS-chosen listener can hold a port between its choice and the node's start; each
+# pytest-xdist worker draws from its own part of the range.
+PORTS = range(20000, 22768)
+
+
 def free_ports(n: int) -> list[int]:
-    """n free loopback ports whose cluster bus ports (+10000) look free too."""
+    """n free loopback ports whose cluster bus ports (+10000) are free too, from this test process's part of PORTS."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), worker + 1)
+    share = len(PORTS) // workers
+    mine = PORTS[worker * share:(worker + 1) * share]
     ports: list[int] = []
     while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535 or port in ports:
+        port = random.choice(mine)
+        if port in ports or not all(_free(p) for p in (port, port + 10000)):
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
         ports.append(port)
     return ports
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
