@@ -32,4 +32,6 @@ fi
 # Lint and types first (seconds; about a minute for mypy's first run): what the suite keeps clean stays clean.
 ruff check .
 mypy
-exec python -m pytest -q -p no:cacheprovider "$@"
+# Two test processes (pytest-xdist), a module or a shared set of processes at a time (tests/conftest.py): the tests
+# wait on real processes much of the time, so two of them fill 2 cores (~8 min where one took ~13). `-n 0`: one.
+exec python -m pytest -q -p no:cacheprovider -n 2 "$@"

@@ -89,24 +89,34 @@ def rdb(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+def built_store(tmp_path_factory: pytest.TempPathFactory, name: str, models: list[str]) -> Path:
+    """A store holding quick builds of `models`, made once per run: INFERLINE_TEST_STORE reuses one across runs;
+    pytest-xdist's workers share one (the first builds it, under a lock, while the others wait)."""
+    from filelock import FileLock
+
+    from inferline.zoo.build import build_missing
+
+    if os.environ.get("INFERLINE_TEST_STORE"):
+        store = Path(os.environ["INFERLINE_TEST_STORE"])
+    else:
+        root = tmp_path_factory.getbasetemp()
+        store = (root.parent if "PYTEST_XDIST_WORKER" in os.environ else root) / name   # the run's, not the worker's
+    store.mkdir(exist_ok=True)
+    with FileLock(str(store) + ".lock"):
+        build_missing(store, models, quick=True)
+    return store
+
+
 @pytest.fixture(scope="session")
 def quick_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Quick (seconds-long) builds of the classic demo models, shared by the whole session."""
-    from inferline.zoo.build import build_missing
-
-    store = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("store"))
-    build_missing(store, ["cnn", "lstm", "sentiment", "transformer"], quick=True)
-    return store
+    return built_store(tmp_path_factory, "store", ["cnn", "lstm", "sentiment", "transformer"])
 
 
 @pytest.fixture(scope="session")
 def quick_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding a quick gpt2 build, made once per session (INFERLINE_TEST_STORE reuses one across runs)."""
-    from inferline.zoo.build import build_missing
-
-    store = Path(os.environ.get("INFERLINE_TEST_STORE") or tmp_path_factory.mktemp("gpt2-store"))
-    build_missing(store, ["gpt2"], quick=True)
-    return store
+    """A store holding a quick gpt2 build, made once per session."""
+    return built_store(tmp_path_factory, "gpt2-store", ["gpt2"])
 
 
 # Prompts of many lengths for the gpt2 tests (engine and served).
@@ -268,6 +278,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = [item for _, item in sorted(enumerate(items), key=place)]
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With pytest-xdist (scripts/test.sh: -n 2), a worker takes a whole module at a time, or a whole SHARED group:
+    a module's tests share its fixtures (and some run in order), a group's modules share one set of processes.
+    (pytest-xdist's loadgroup would do it by marks, but under pytest 9 its group names no longer reach the
+    scheduler.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    group_of = {module.replace(".", "/") + ".py": name for name, modules in SHARED.items() for module in modules}
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return group_of.get(path, path)
+
+    return ByModule(config, log)
+
+
 @pytest.fixture(scope="session")
 def shared_sets() -> Iterator[dict[str, tuple[Any, contextlib.ExitStack]]]:
     sets: dict[str, tuple[Any, contextlib.ExitStack]] = {}
@@ -292,14 +320,17 @@ def shared(request: pytest.FixtureRequest, name: str, start: Callable[[contextli
 
 
 @pytest.fixture(scope="module")
-def zoo(request: pytest.FixtureRequest, redis_url: str, quick_store: Path,
+def zoo(request: pytest.FixtureRequest, quick_store: Path,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The classic zoo (tests/zoo_cluster.py: cnn, lstm, sentiment), one worker each, and a gateway; a 20 ms batch
-    window, so that concurrent requests are batched (test_serving)."""
+    window, so that concurrent requests are batched (test_serving). On a Redis of its own, like every shared set:
+    a module that flushes the session's Redis, or counts its keys, never meets the set's workers."""
     from tests.zoo_cluster import start_zoo
 
     def start(stack: contextlib.ExitStack) -> Cluster:
-        cluster = start_zoo(redis_url, quick_store, tmp_path_factory.mktemp("zoo"), max_batch_delay_ms=20)
+        tmp = tmp_path_factory.mktemp("zoo")
+        cluster = start_zoo(stack.enter_context(embedded.redis_server(tmp / "redis")), quick_store, tmp,
+                            max_batch_delay_ms=20)
         stack.callback(cluster.close)
         return cluster
 
@@ -328,13 +359,13 @@ GPT2_CONTEXT = 256   # n_positions of the quick build (inferline/zoo/gpt2/train.
 
 
 @pytest.fixture(scope="module")
-def served_gpt2(request: pytest.FixtureRequest, redis_url: str, quick_gpt2: Path,
+def served_gpt2(request: pytest.FixtureRequest, quick_gpt2: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One gateway and one generation worker serving the quick gpt2 (task "generate"), shared (SHARED["gpt2"])."""
+    """One gateway and one generation worker serving the quick gpt2 (task "generate"), shared (SHARED["gpt2"]), on a
+    Redis of its own."""
     def start(stack: contextlib.ExitStack) -> Cluster:
-        with redis.Redis.from_url(redis_url) as client:
-            client.flushdb()
-        cluster = Cluster(redis_url, tmp_path_factory.mktemp("generation"))
+        tmp = tmp_path_factory.mktemp("generation")
+        cluster = Cluster(stack.enter_context(embedded.redis_server(tmp / "redis")), tmp)
         stack.callback(cluster.close)
         cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=16, timeout_s=60)
         cluster.start_gateway()
