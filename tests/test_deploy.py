@@ -98,6 +98,7 @@ def exported_metrics() -> dict[str, set[str]]:
     metrics.latency.labels("m", "/r").observe(0.1)
     for histogram in (metrics.queue_wait, metrics.compute, metrics.ttft, metrics.tpot):
         histogram.labels("m").observe(0.1)
+    metrics.cache.labels("m", "hit").inc()
     metrics.broker.update({"m": ModelHealth(workers=[("w-1", WorkerStatus(1, "h", "cpu", "1", 0))],
                                             stats={"inferline_served_requests_total": 1.0})})
     names: dict[str, set[str]] = {}
@@ -177,15 +178,17 @@ def test_dashboard_covers_requests_latency_queues_workers_and_batches() -> None:
                    "inferline_generated_tokens_total", "inferline_time_to_first_token_seconds_bucket",
                    "inferline_time_per_output_token_seconds_bucket", 'status=~"5.."', "inferline_rejected_total",
                    "inferline_waiting_requests", "inferline_in_flight_requests", "inferline_oldest_waiting_age_seconds",
-                   "inferline_drain_rate", "inferline_desired_replicas", "inferline_busy_replicas"):
+                   "inferline_drain_rate", "inferline_desired_replicas", "inferline_busy_replicas",
+                   'inferline_cache_requests_total{model=~"$model", result="hit"}'):
         assert needle in exprs, needle
 
 
 def test_ratio_panels_read_0_not_no_data_on_a_healthy_system() -> None:
-    """A 5xx ratio has no 5xx series to divide while all is well: each falls back to 0 (Grafana's "No data" reads
-    like a broken panel). Refusals need no fallback: their series start at 0 (GatewayMetrics)."""
-    ratios = [e for e in dashboard_exprs() if 'status=~"5.."' in e]
-    assert len(ratios) >= 2
+    """A 5xx ratio has no 5xx series to divide while all is well, nor a cache's hit ratio before its first hit: each
+    falls back to 0 (Grafana's "No data" reads like a broken panel). Refusals need no fallback: their series start
+    at 0 (GatewayMetrics)."""
+    ratios = [e for e in dashboard_exprs() if 'status=~"5.."' in e or 'result="hit"' in e]
+    assert len(ratios) >= 3
     for expr in ratios:
         assert "or vector(0)" in expr or "* 0)" in expr, expr
     names = exported_metrics()

@@ -6,6 +6,7 @@ request id and no payload. The deploy files read against a real Prometheus are i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -353,7 +354,7 @@ def as_measure(expr: str) -> str:
 def test_prometheus_reads_every_dashboard_and_alert_expression(cluster: Cluster, quick_gpt2: Path,
                                                                tmp_path: Path) -> None:
     binary = prometheus_binary()
-    cluster.spec("echo", model=ECHO, max_batch_size=8)
+    cluster.spec("echo", model=ECHO, max_batch_size=8, cache={"ttl_s": 60, "max_bytes": 1 << 20})
     cluster.spec("gpt2", artifact=str(quick_gpt2 / "gpt2"), task="generate", max_batch_size=8, timeout_s=120)
     url = cluster.start_gateway()
     cluster.start_worker("echo")
@@ -383,11 +384,14 @@ def test_prometheus_reads_every_dashboard_and_alert_expression(cluster: Cluster,
 
         wait_for(ready, 60, "prometheus ready")
 
+        values = itertools.count()   # echo's cache: new values miss (and are batched), the one repeated hits
+
         async def traffic(rounds: int) -> None:
             async with httpx.AsyncClient(timeout=120) as client:
                 for _ in range(rounds):
                     await asyncio.gather(
-                        *[client.post(url + "/v2/models/echo/infer", json=v2_body(j)) for j in range(8)],
+                        *[client.post(url + "/v2/models/echo/infer", json=v2_body(next(values))) for _ in range(8)],
+                        client.post(url + "/v2/models/echo/infer", json=v2_body(-1)),
                         client.post(url + "/v2/models/echo/infer", json=v2_body(1, reject=True)),
                         client.post(url + "/v2/models/echo/infer", json=v2_body(1, **{"raise": True})),   # a 500
                         client.post(url + "/generate", json={"inputs": "The function", "parameters": {
