@@ -79,6 +79,7 @@ def test_up_says_up_only_when_ready_and_shows_each_model_loading(up: Up) -> None
         assert states and "ready (1/1 live" in lines[states[-1]], lines
         assert states[-1] < banner   # every model ready before the banner
     assert any("loading (0/1 live)" in line for line in lines[:banner])   # progress shown while they load
+    assert not [line for line in lines if "HTTP Request:" in line]   # not httpx's line per readiness poll
 
 
 def test_version_and_config_after_the_command(up: Up) -> None:

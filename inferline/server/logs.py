@@ -210,6 +210,9 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level or os.environ.get("INFERLINE_LOG_LEVEL", "INFO"), handlers=[handler])
+    # httpx logs each request it makes at INFO: `inferline up`'s readiness polls printed two lines a second while
+    # models loaded. What a process's own calls did is in its own lines; httpx's warnings still show.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     global _OUTPUT
     if handler in logging.getLogger().handlers:   # basicConfig leaves logging alone when it was set up already
         _OUTPUT = (handler, handler.stream, fmt)
