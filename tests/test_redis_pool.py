@@ -107,10 +107,14 @@ def test_abandoned_streaming_completions_do_not_grow_the_gateways_pool(cluster: 
     while time.monotonic() < deadline:
         peak = max(peak, redis_connections(pid, cluster.redis_url))
         time.sleep(0.02)
-    print(f"gateway Redis connections: {before} before, {peak} at most after {ABANDONED} x n=8 abandoned")
+    cancels = cluster.client.xlen(keys.cancel_stream("gpt2"))
+    print(f"gateway Redis connections: {before} before, {peak} at most after {ABANDONED} x n=8 abandoned; "
+          f"{cancels} cancels")
     assert peak <= REDIS_CONNECTIONS, (before, peak)
     assert peak - before <= 4, (before, peak)   # the cancels went out on connections the gateway already held
-    assert cluster.client.xlen(keys.cancel_stream("gpt2")) >= ABANDONED, "the cancels were published"
+    # Every sequence still generating is told to stop (a few may have ended on their own): a cancel lost to
+    # Python 3.11's wait_for left a stream running to its last token, and this count at 136 of 240 under load.
+    assert cancels >= 200, f"{cancels} of {8 * ABANDONED} cancels published"
     with httpx.Client(timeout=60) as client:   # and the gateway still serves
         assert client.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 4}).status_code \
             == 200

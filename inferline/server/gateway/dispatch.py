@@ -291,19 +291,26 @@ class Dispatcher:
         inbox: asyncio.Queue[Reply] = asyncio.Queue()
         self.waiters[request_id] = inbox
         deadline = asyncio.get_running_loop().time() + timeout
+        # asyncio.timeout_at, not wait_for: on Python 3.11 wait_for returns the result when a cancel arrives just as
+        # its awaitable finishes (a token landing as the client leaves), losing the cancel; the stream then ran on
+        # to its last token, its workers generating for no one, and never told them to drop it.
         try:
             try:   # the deadline covers the enqueue too (call() has its timer for that)
-                await asyncio.wait_for(self._enqueue(spec, request_id, op, encode_payload(params)), timeout)
+                async with asyncio.timeout_at(deadline):
+                    await self._enqueue(spec, request_id, op, encode_payload(params))
             except TimeoutError:
                 raise DeadlineExceeded(f"request {request_id} to model {model} could not be queued within "
                                        f"{timeout:g} s") from None
             while True:
-                left = deadline - asyncio.get_running_loop().time()
-                try:
-                    reply = await asyncio.wait_for(inbox.get(), max(left, 0.001))
-                except TimeoutError:
-                    raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
-                                           f"{timeout:g} s{self.starting(model)}") from None
+                if inbox.empty():
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            reply = await inbox.get()
+                    except TimeoutError:
+                        raise DeadlineExceeded(f"request {request_id} to model {model} did not finish within "
+                                               f"{timeout:g} s{self.starting(model)}") from None
+                else:   # tokens that came together (a step's, or a slow reader's backlog): no timer for each
+                    reply = inbox.get_nowait()
                 self.answered_by(reply)   # the first reply, before any byte of the answer is sent
                 if reply.final or not reply.ok:
                     self.observe(spec.name, reply)
