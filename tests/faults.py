@@ -25,14 +25,15 @@ GRACE_S = 2.0          # an answer later than its deadline by more than this cou
 PAUSE_AFTER_REFUSAL_S = 0.1
 
 
-def start_sentinel(tmp: Path, primary_port: int, binary: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
-    """One Sentinel (quorum 1) watching the primary on primary_port as "main" (down after 1 s, failover timeout 5 s),
-    its config in tmp; returns the process and its port. binary: a redis-sentinel; without, the server binary in
-    sentinel mode (no separate package needed). The caller kills it."""
+def start_sentinel(tmp: Path, primary_port: int, binary: str | None = None,
+                   down_after_ms: int = 1000) -> tuple[subprocess.Popen[bytes], int]:
+    """One Sentinel (quorum 1) watching the primary on primary_port as "main" (down after down_after_ms, failover
+    timeout 5 s), its config in tmp; returns the process and its port. binary: a redis-sentinel; without, the server
+    binary in sentinel mode (no separate package needed). The caller kills it."""
     port = embedded.free_port()
     conf = tmp / "sentinel.conf"
     conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp}\nsentinel monitor main 127.0.0.1 {primary_port} 1\n"
-                    "sentinel down-after-milliseconds main 1000\nsentinel failover-timeout main 5000\n")
+                    f"sentinel down-after-milliseconds main {down_after_ms}\nsentinel failover-timeout main 5000\n")
     command = [binary, str(conf)] if binary else [embedded.find_redis_server(), str(conf), "--sentinel"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, port
